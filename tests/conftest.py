@@ -1,0 +1,91 @@
+"""Shared fixtures. Guest images are built once per session; every test gets its own work folder and checks
+that nothing is left behind (no QEMU, no job folder)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vjobs.site import SiteConfig, site_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the session: the built-in image and release images are built once. Set
+    VJOBS_TEST_CACHE to keep it across sessions while developing."""
+    kept = os.environ.get("VJOBS_TEST_CACHE")
+    return Path(kept) if kept else tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def built_image(cache_dir):
+    from vjobs.guest.image import build_default_image
+
+    return build_default_image(cache_dir)
+
+
+@pytest.fixture
+def make_site(tmp_path, cache_dir):
+    """A site config (as the TOML would give it) with this test's work folder and the session's cache."""
+    def make(**settings) -> SiteConfig:
+        document = {"cache_dir": str(cache_dir), "work_dir": str(tmp_path / "work"), **settings}
+        return site_from_dict(document, source="test site")
+    return make
+
+
+@pytest.fixture
+def make_job(tmp_path):
+    """Writes a job file (and returns its path); ``inputs``/``release`` dicts of name -> text become folders."""
+    def make(command, *, inputs=None, release=None, mount="/opt/release", **fields) -> Path:
+        document = {"id": fields.pop("id", "t1"), "command": command, **fields}
+        if inputs is not None:
+            document["inputs"] = str(_tree(tmp_path / "inputs", inputs))
+        if release is not None:
+            document["release"] = {"path": str(_tree(tmp_path / "release", release)), "mount": mount}
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps(document))
+        return path
+    return make
+
+
+def _tree(root: Path, files: dict) -> Path:
+    root.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.fixture
+def fake_image(tmp_path):
+    """A catalogue entry with real files and their real sums, for tests that never boot it."""
+    files = {}
+    for name in ("kernel", "initramfs"):
+        path = tmp_path / "img" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(name.encode() * 100)
+        files[name] = str(path)
+        files[f"{name}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def qemu_processes(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-a", "-f", marker], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "qemu-system" in line]
+
+
+@pytest.fixture
+def assert_clean_host(tmp_path):
+    """After the test: no QEMU of this test's jobs runs and the work folder holds no job folder."""
+    yield
+    work = tmp_path / "work"
+    leftovers = [p.name for p in work.iterdir()] if work.exists() else []
+    assert leftovers == [], f"job folders left behind: {leftovers}"
+    assert qemu_processes(str(tmp_path)) == []

@@ -1,0 +1,27 @@
+"""vjobs: run a grid batch job inside a virtual machine, with all I/O on the host.
+
+The Python API a pilot calls::
+
+    import vjobs
+    result = vjobs.run("job.json", outdir="out/")      # or a dict, or a vjobs.Job
+    if result.status == "succeeded": ...
+    for verdict in vjobs.probe(): print(verdict.driver, verdict.usable, verdict.reason)
+
+Everything vjobs reports on purpose is a ``vjobs.VjobsError`` (see vjobs/errors.py); ``run`` itself does
+not raise those: it returns a ``Result`` whose ``status`` and ``error`` say what happened.
+"""
+
+__version__ = "0.1.0"
+
+from .api import host_context, probe, run, validate  # noqa: E402
+from .driver import Capabilities, Driver, VM  # noqa: E402
+from .errors import (Cancelled, DriverError, DriverNotFound, ImageError, InvalidJob, InvalidSite,  # noqa: E402
+                     LimitExceeded, NoUsableDriver, SetupError, VjobsError, VMError, WalltimeExceeded)
+from .job import Job, load_job  # noqa: E402
+from .result import Result  # noqa: E402
+from .site import SiteConfig, load_site  # noqa: E402
+
+__all__ = ["run", "probe", "validate", "host_context", "load_job", "load_site", "Job", "SiteConfig", "Result",
+           "Capabilities", "Driver", "VM", "VjobsError", "SetupError", "InvalidJob", "InvalidSite",
+           "LimitExceeded", "ImageError", "DriverError", "DriverNotFound", "NoUsableDriver", "VMError",
+           "WalltimeExceeded", "Cancelled", "__version__"]

@@ -1,0 +1,83 @@
+"""The functions a pilot calls; the CLI is a thin layer over them."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .container import VMContainer
+from .driver import Capabilities, Driver, HostContext
+from .errors import VjobsError
+from .host import boot_id
+from .images import built_in_image
+from .job import Job, job_from_dict, load_job
+from .plugins import probe_all
+from .result import Result, utc_now
+from .site import SiteConfig, load_site
+
+JobLike = Job | Mapping[str, Any] | str | os.PathLike
+SiteLike = SiteConfig | str | os.PathLike | None
+
+
+def host_context(site: SiteConfig, progress: Callable[[str], None] = lambda message: None) -> HostContext:
+    @functools.cache
+    def default_boot_image():
+        return built_in_image(site.cache_dir, progress).boot
+
+    return HostContext(cache_dir=site.cache_dir, work_dir=site.work_dir, boot_id=boot_id(),
+                       default_boot_image=default_boot_image, progress=progress)
+
+
+def _site(site: SiteLike) -> SiteConfig:
+    return site if isinstance(site, SiteConfig) else load_site(site)
+
+
+def _job(job: JobLike) -> Job:
+    if isinstance(job, Job):
+        return job
+    if isinstance(job, Mapping):
+        return job_from_dict(job)
+    return load_job(job)
+
+
+def validate(job: JobLike) -> Job:
+    """The validated job; raises ``InvalidJob`` naming the field (as a JSON pointer) when it is not."""
+    return _job(job)
+
+
+def default_outdir(job_id: str) -> Path:
+    return Path.cwd() / "vjobs-out" / job_id
+
+
+def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = None, outdir: str | os.PathLike | None = None,
+        progress: Callable[[str], None] = lambda message: None) -> Result:
+    """Run ``job`` in a VM and return its ``Result`` (also written to ``outdir/result.json``). Never raises a
+    ``VjobsError``: a job or site that is not fit to run gives a result with status ``setup_error``."""
+    try:
+        site_config = _site(site)
+        the_job = _job(job)
+    except VjobsError as error:
+        job_id = Path(str(job)).stem if isinstance(job, (str, os.PathLike)) else "unknown"
+        result = Result(job_id=job_id)
+        return _setup_failure(result, error, Path(outdir) if outdir else default_outdir(job_id))
+    target = Path(outdir) if outdir else default_outdir(the_job.id)
+    container = VMContainer(the_job, site_config, host_context(site_config, progress), target, driver=driver)
+    return container.run()
+
+
+def _setup_failure(result: Result, error: VjobsError, outdir: Path) -> Result:
+    from . import __version__
+
+    result.status, result.error = error.status, {"code": error.code, "message": str(error)}
+    result.vjobs_version, result.started_at, result.ended_at = __version__, utc_now(), utc_now()
+    result.timings["total"] = 0.0
+    result.write(outdir / "result.json")
+    return result
+
+
+def probe(site: SiteLike = None, progress: Callable[[str], None] = lambda message: None) -> list[Capabilities]:
+    """Every installed driver's verdict on this host."""
+    site_config = _site(site)
+    return probe_all(site_config, host_context(site_config, progress))

@@ -1,0 +1,73 @@
+"""The deep probe: boot the built-in guest for real, with a short deadline, and remember the verdict for
+this host boot.
+
+Why: on some hosts /dev/kvm opens, KVM_CREATE_VM works and libvirt advertises KVM, yet every Linux guest
+hangs at boot (docs/host-notes.md). Only a real boot tells. Drivers that offer hardware acceleration call
+``boot_check`` with a function that creates a VM the way they would for a job.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from .driver import VM, Check, HostContext, Stop, VMSpec, deadline_in
+from .host import new_owner
+
+PROBE_MARKER = b"vjobs-agent: probe ok"
+
+
+def boot_check(host: HostContext, key: str, create_vm: Callable[[VMSpec], VM], deadline_s: float) -> Check:
+    """``key`` names what is checked (e.g. ``kvm-qemu:///system-kvm``); the verdict is cached per host boot."""
+    cache = host.cache_dir / "probes" / (key.replace("/", "_").replace(":", "_") + ".json")
+    cached = _read(cache)
+    if cached and cached.get("boot_id") == host.boot_id:
+        return Check(f"boot {key}", cached["ok"], cached["detail"] + " (cached for this host boot)")
+    ok, detail = _boot_once(host, key, create_vm, deadline_s)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"boot_id": host.boot_id, "ok": ok, "detail": detail}))
+    return Check(f"boot {key}", ok, detail)
+
+
+def _boot_once(host: HostContext, key: str, create_vm: Callable[[VMSpec], VM], deadline_s: float) \
+        -> tuple[bool, str]:
+    host.progress(f"deep probe: booting the built-in guest ({key}), deadline {deadline_s:.0f} s")
+    boot = host.default_boot_image()
+    host.work_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="probe-", dir=host.work_dir))
+    owner = new_owner("probe")
+    spec = VMSpec(name=f"vjobs-probe-{owner.run_id}", vcpus=1, memory_mib=256,
+                  boot=replace(boot, cmdline=boot.cmdline + " vjobs.probe"), disks=(),
+                  console_log=folder / "console.log", network=False, owner=owner, workdir=folder)
+    started = time.monotonic()
+    vm = None
+    try:
+        vm = create_vm(spec)
+        vm.start()
+        stop = vm.wait_until_stopped(deadline_in(deadline_s))
+        seconds = time.monotonic() - started
+        console = spec.console_log.read_bytes() if spec.console_log.exists() else b""
+        if stop is Stop.POWEROFF and PROBE_MARKER in console:
+            return True, f"a guest booted and powered off in {seconds:.1f} s"
+        if stop is Stop.DEADLINE:
+            return False, (f"a guest did not finish booting within {deadline_s:.0f} s "
+                           f"({len(console)} bytes of console output): guests hang here")
+        return False, f"the guest stopped ({stop.value}) without reporting in after {seconds:.1f} s"
+    except Exception as exc:  # whatever went wrong, it is the verdict, not a crash of the probe
+        return False, f"could not boot a guest: {type(exc).__name__}: {exc}"
+    finally:
+        if vm is not None:
+            vm.destroy()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

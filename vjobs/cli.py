@@ -1,0 +1,156 @@
+"""The ``vjobs`` command. Exit status of ``vjobs run``: the payload's own when it ran to the end, else
+
+    200  setup_error   invalid job or site config, a limit exceeded, an image or disk that cannot be built
+    201  no driver     no installed driver can run VMs here (or the pinned one cannot): run without a VM
+    202  vm_error      the VM failed to boot, crashed, or returned no or unsafe results
+    203  timeout       the payload ran past walltime_s; the VM was killed
+    204  cancelled     SIGTERM, SIGHUP or Ctrl-C reached vjobs; the VM was killed
+      2  usage         the command line itself is wrong
+
+Other commands exit 0 on success and 1 when what they report is a failure (an invalid job, no usable driver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import __version__, api
+from .errors import DriverError, VjobsError
+from .gc import collect_garbage
+from .plugins import installed_drivers
+
+EXIT_FOR_STATUS = {"setup_error": 200, "vm_error": 202, "timeout": 203, "cancelled": 204}
+
+
+def _progress(quiet: bool) -> Callable[[str], None]:
+    if quiet or not sys.stderr.isatty():
+        return lambda message: None
+    return lambda message: print(f"vjobs: {message}", file=sys.stderr, flush=True)
+
+
+def cmd_run(args) -> int:
+    result = api.run(args.job, site=args.site, driver=args.driver, outdir=args.outdir,
+                     progress=_progress(args.json))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_summary(result, args)
+    if result.status in ("succeeded", "failed"):
+        return result.exit_code
+    if result.error and result.error["code"] in ("no_usable_driver", "driver_not_found"):
+        return DriverError.exit_code
+    return EXIT_FOR_STATUS[result.status]
+
+
+def _print_summary(result, args) -> None:
+    where = Path(args.outdir) if args.outdir else api.default_outdir(result.job_id)
+    line = f"job {result.job_id}: {result.status}"
+    if result.exit_code is not None:
+        line += f" (exit {result.exit_code})"
+    if result.driver:
+        line += f" on {result.driver}"
+    line += f" in {result.timings.get('total', 0):.1f} s"
+    print(line)
+    if result.error:
+        print(f"  error [{result.error['code']}]: {result.error['message']}", file=sys.stderr)
+    for output in result.outputs:
+        print(f"  output {output['path']} ({output['size']} bytes)")
+    for rejected in result.rejected_outputs:
+        print(f"  not returned: {rejected['path']}: {rejected['reason']}")
+    print(f"  result: {where / 'result.json'}")
+
+
+def cmd_validate(args) -> int:
+    job = api.validate(args.job)
+    print(f"{args.job}: valid job {job.id!r}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    verdicts = api.probe(args.site, progress=_progress(args.json))
+    if args.json:
+        print(json.dumps([v.to_json() for v in verdicts], indent=2))
+    else:
+        for verdict in verdicts:
+            mark = "usable" if verdict.usable else "not usable"
+            print(f"{verdict.driver}: {mark}: {verdict.reason}")
+            if verdict.acceleration or verdict.acceleration_reason:
+                print(f"  acceleration: {verdict.acceleration or 'none'}: {verdict.acceleration_reason}")
+            for check in verdict.checks:
+                print(f"  [{'ok' if check.ok else 'no'}] {check.name}: {check.detail}")
+    return 0 if any(v.usable for v in verdicts) else 1
+
+
+def cmd_drivers(args) -> int:
+    for driver in installed_drivers():
+        state = "loads" if driver.load_error is None else f"broken: {driver.load_error}"
+        print(f"{driver.name}\t{driver.target}\t{driver.distribution or '?'}\t{state}")
+    return 0
+
+
+def cmd_image_build(args) -> int:
+    from .guest.image import build_default_image
+
+    site = api.load_site(args.site)
+    manifest = build_default_image(site.cache_dir, _progress(args.json), force=args.force)
+    if args.json:
+        print(json.dumps(manifest.to_json(), indent=2))
+    else:
+        print(f"default image: kernel {manifest.kernel} ({manifest.kernel_version}), initramfs {manifest.initramfs}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    site = api.load_site(args.site)
+    for line in collect_garbage(site, api.host_context(site)):
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vjobs", description="Run grid batch jobs inside virtual machines.",
+                                     epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vjobs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, handler, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = command("run", cmd_run, "run a job in a VM; exits with the payload's exit status")
+    run.add_argument("job", help="job file (JSON, schemas/job.schema.json)")
+    run.add_argument("--driver", help="use this driver (overrides the site's pin and preference)")
+    run.add_argument("--outdir", help="where result.json, stdout, stderr, console.log and outputs/ go "
+                                      "(default ./vjobs-out/JOB_ID)")
+    run.add_argument("--json", action="store_true", help="print result.json; no progress messages")
+    validate = command("validate", cmd_validate, "check a job file against the schema and the host")
+    validate.add_argument("job")
+    probe = command("probe", cmd_probe, "say for every installed driver whether it can run VMs here, and why")
+    probe.add_argument("--json", action="store_true")
+    command("drivers", cmd_drivers, "list installed drivers (entry points in vjobs.drivers)")
+    image = command("image", None, "manage the built-in guest image")
+    image_commands = image.add_subparsers(dest="image_command", required=True)
+    build = image_commands.add_parser("build", help="build the built-in default image (no-op when up to date)")
+    build.set_defaults(handler=cmd_image_build)
+    build.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    build.add_argument("--json", action="store_true")
+    command("gc", cmd_gc, "remove VMs and files left by vjobs processes that are gone")
+    for sub in (run, validate, probe, build, commands.choices["drivers"], commands.choices["gc"]):
+        sub.add_argument("--site", help="site config (TOML); default $VJOBS_SITE or /etc/vjobs/site.toml")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except VjobsError as error:
+        print(f"vjobs: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

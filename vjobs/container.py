@@ -1,0 +1,294 @@
+"""The VM execution container: one job, one VM, one lifecycle, teardown guaranteed.
+
+    probe -> prepare (image, disks) -> attach -> boot (own deadline, retried) -> run (wall time) -> collect
+          -> teardown (always: after an error in any phase, a timeout, Ctrl-C or SIGTERM)
+
+The container owns everything job-specific on the host: the job folder under ``work_dir`` (disks, console
+logs, sockets), the VMs it created, and the result written to the output folder. Drivers only turn a
+``VMSpec`` into a running VM and back (vjobs/driver.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from . import __version__
+from .collect import GuestResults, read_results
+from .disks import JobDisks, prepare_disks
+from .driver import VM, Driver, HostContext, Stop, VMSpec, deadline_in
+from .errors import BootTimeout, Cancelled, VjobsError, VMError, WalltimeExceeded
+from .host import new_owner
+from .images import ResolvedImage, resolve_image
+from .job import Job
+from .plugins import choose_driver
+from .result import Result, utc_now
+from .site import SiteConfig
+
+CONSOLE_TAIL_BYTES = 2000
+
+
+class VMContainer:
+    def __init__(self, job: Job, site: SiteConfig, host: HostContext, outdir: Path, *,
+                 driver: str | Driver | None = None):
+        """``driver``: a driver name to pin, a ready ``Driver`` object to use, or None to probe and choose."""
+        self.job, self.site, self.host, self.outdir = job, site, host, Path(outdir)
+        self.driver_choice = driver
+        self.owner = new_owner(job.id)
+        self.folder = site.work_dir / f"{job.id}-{self.owner.run_id}"
+        self.vms: list[VM] = []
+        self.consoles: list[Path] = []
+        self.result = Result(job_id=job.id, vjobs_version=__version__, started_at=utc_now())
+        self._started = time.monotonic()
+
+    # --- the lifecycle ---------------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        with _signals_cancel() as guard:
+            try:
+                self._run_phases()
+            except VjobsError as error:
+                self._fail(error)
+            except KeyboardInterrupt:
+                self._fail(Cancelled("interrupted (Ctrl-C); the VM was stopped and its files removed"))
+            finally:
+                guard.hold()  # a second SIGTERM must not cut the teardown short
+                with self._phase("teardown"):
+                    self._teardown()
+                self._finish()
+        return self.result
+
+    def _run_phases(self) -> None:
+        with self._phase("probe"):
+            driver, verdict = choose_driver(self.site, self.host, self.driver_choice)
+            self.result.driver = driver.name
+            self.result.provenance.update(probe=verdict.to_json(), hypervisor=driver.version(),
+                                          driver_version=_distribution_version(driver))
+        with self._phase("prepare"):
+            self.site.check_limits(self.job)
+            image = resolve_image(self.job.image, self.site, self.host.progress)
+            self._record_image(image)
+            self.folder.mkdir(parents=True)
+            (self.folder / "owner.json").write_text(json.dumps(self.owner.as_labels()))
+            disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
+                                  self.host.progress)
+            self.result.provenance["release_sha256"] = disks.release_sha256
+        vm = self._boot(driver, image, disks)
+        with self._phase("run"):
+            self.host.progress(f"job {self.job.id} running (wall time {self.job.walltime_s} s)")
+            stop = vm.wait_until_stopped(deadline_in(self.job.walltime_s))
+            if stop is Stop.DEADLINE:
+                raise WalltimeExceeded(f"job {self.job.id} ran past its wall time of {self.job.walltime_s} s; "
+                                       "the VM was killed")
+        with self._phase("collect"):
+            self._collect(vm, disks, stop)
+
+    def _boot(self, driver: Driver, image: ResolvedImage, disks: JobDisks) -> VM:
+        """Boot with a deadline of its own, separate from the wall time: a guest that hangs silently while
+        booting (it happens under TCG) is killed and booted once more, then it is a VM error."""
+        attempts = 1 + self.site.boot_retries
+        for attempt in range(1, attempts + 1):
+            with self._phase("attach"):
+                vm = driver.create(self._spec(image, disks, attempt))
+                self.vms.append(vm)
+            with self._phase("boot"):
+                vm.start()
+                self.result.provenance["boot_attempts"] = attempt
+                if self._wait_for_agent(vm, deadline_in(self.site.boot_timeout_s)):
+                    return vm
+                vm.destroy()
+                self.host.progress(f"boot attempt {attempt} of {attempts}: the guest did not report in within "
+                                   f"{self.site.boot_timeout_s} s")
+        raise BootTimeout(f"the guest did not boot within {self.site.boot_timeout_s} s, {attempts} times; "
+                          f"console: {self._console_tail()!r}")
+
+    def _wait_for_agent(self, vm: VM, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            if vm.agent_started():
+                return True
+            stop = vm.wait_until_stopped(min(deadline, time.monotonic() + 0.1))
+            if stop is not Stop.DEADLINE:
+                if vm.agent_started():
+                    return True  # it ran and already stopped: the run phase will see that at once
+                raise VMError(f"the guest stopped ({stop.value}) before its agent started; "
+                              f"console: {self._console_tail()!r}", code="boot_failed")
+        return vm.agent_started()
+
+    def _collect(self, vm: VM, disks: JobDisks, stop: Stop) -> None:
+        incoming = self.folder / "results"
+        try:
+            results = read_results(vm.fetch_disk(disks.io), incoming, disks.io.path.stat().st_size)
+        except VMError as error:
+            if stop is Stop.CRASH and error.code == "no_results":
+                raise VMError(f"the guest crashed before it wrote results; console: {self._console_tail()!r}",
+                              code="guest_crashed") from error
+            raise
+        self._publish(incoming, results)
+        agent_error = results.status.get("error")
+        if agent_error:
+            raise VMError(self._agent_error_message(agent_error, results.status), code=agent_error)
+        exit_code = results.exit_code
+        if exit_code is None:
+            raise VMError(f"the guest's results carry no exit status; console: {self._console_tail()!r}",
+                          code="no_results")
+        self.result.exit_code = exit_code
+        self.result.status = "succeeded" if exit_code == 0 else "failed"
+        _add_guest_timing(self.result.timings, results.status)
+
+    def _agent_error_message(self, code: str, status: dict[str, str]) -> str:
+        if code == "output_too_large":
+            return (f"the job's outputs, stdout and stderr came to {status.get('output_bytes')} bytes, more than "
+                    f"/resources/output_mib allows ({status.get('output_limit_bytes')} bytes): nothing but the "
+                    "tails of stdout and stderr came back; raise output_mib or match fewer files")
+        return f"the guest agent reported {code}; console: {self._console_tail()!r}"
+
+    # --- files -----------------------------------------------------------------------------------------
+
+    def _spec(self, image: ResolvedImage, disks: JobDisks, attempt: int) -> VMSpec:
+        console = self.folder / f"console.{attempt}.log"
+        self.consoles.append(console)
+        vm_folder = self.folder / f"vm.{attempt}"
+        vm_folder.mkdir()
+        job_disks = disks.all() + ((image.base,) if image.base else ())
+        return VMSpec(name=f"vjobs-{self.job.id}-{self.owner.run_id}", vcpus=self.job.resources.vcpus,
+                      memory_mib=self.job.resources.memory_mib, boot=image.boot, disks=job_disks,
+                      console_log=console, network=self.job.network and self.site.allow_network,
+                      owner=self.owner, workdir=vm_folder)
+
+    def _publish(self, incoming: Path, results: GuestResults) -> None:
+        """Move the extracted results into the output folder, replacing those of an earlier run."""
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        for name in ("outputs", "stdout", "stderr"):
+            target = self.outdir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+            if (incoming / name).exists():
+                (incoming / name).rename(target)
+        self.result.stdout = str(self.outdir / "stdout") if results.stdout else None
+        self.result.stderr = str(self.outdir / "stderr") if results.stderr else None
+        self.result.outputs = [vars(output) for output in results.outputs]
+        self.result.rejected_outputs = results.rejected
+
+    def _save_console(self) -> None:
+        logs = [path for path in self.consoles if path.exists()]
+        if not logs:
+            return
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        target = self.outdir / "console.log"
+        with open(target, "wb") as merged:
+            for number, path in enumerate(logs, 1):
+                if len(logs) > 1:
+                    merged.write(f"\n===== vjobs: boot attempt {number} =====\n".encode())
+                merged.write(path.read_bytes())
+        self.result.console_log = str(target)
+
+    def _console_tail(self) -> str:
+        for path in reversed(self.consoles):
+            if path.exists():
+                return path.read_bytes()[-CONSOLE_TAIL_BYTES:].decode(errors="replace").strip()
+        return ""
+
+    # --- outcome ---------------------------------------------------------------------------------------
+
+    def _fail(self, error: VjobsError) -> None:
+        self.result.status = error.status
+        self.result.error = {"code": error.code, "message": str(error)}
+        self.result.exit_code = None
+
+    def _teardown(self) -> None:
+        """Destroy every VM this run created and remove the job folder. Each step runs even when an earlier
+        one failed; a failure is recorded, never raised over the job's own outcome."""
+        problems = []
+        for vm in self.vms:
+            try:
+                vm.destroy()
+            except Exception as exc:
+                problems.append(f"destroying {vm.spec.name}: {exc}")
+        try:
+            self._save_console()
+        except OSError as exc:
+            problems.append(f"saving the console log: {exc}")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder.exists():
+            problems.append(f"could not remove {self.folder}")
+        if problems and self.result.error is None:
+            self.result.status = "vm_error"
+            self.result.error = {"code": "teardown_failed", "message": "; ".join(problems)}
+
+    def _finish(self) -> None:
+        self.result.timings["total"] = round(time.monotonic() - self._started, 3)
+        self.result.ended_at = utc_now()
+        self.result.write(self.outdir / "result.json")
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            spent = time.monotonic() - started
+            self.result.timings[name] = round(self.result.timings.get(name, 0.0) + spent, 3)
+
+    def _record_image(self, image: ResolvedImage) -> None:
+        self.result.provenance.update(image=image.name, kernel_sha256=image.kernel_sha256,
+                                      initramfs_sha256=image.initramfs_sha256, base_sha256=image.base_sha256)
+
+
+def _add_guest_timing(timings: dict[str, float], status: dict[str, str]) -> None:
+    try:
+        timings["guest_payload"] = round(float(status["ended_s"]) - float(status["started_s"]), 3)
+    except (KeyError, ValueError):
+        pass
+
+
+def _distribution_version(driver: Driver) -> str | None:
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    top = type(driver).__module__.split(".")[0]
+    for distribution in packages_distributions().get(top, []):
+        with contextlib.suppress(PackageNotFoundError):
+            return f"{distribution} {version(distribution)}"
+    return None
+
+
+class _SignalGuard:
+    """SIGTERM (the batch system's way to end a job) raises ``Cancelled`` in the main thread, once; after
+    ``hold()`` further signals are noted but ignored so that teardown runs to its end."""
+
+    def __init__(self):
+        self.holding = False
+
+    def handle(self, signum, _frame) -> None:
+        if not self.holding:
+            self.holding = True
+            raise Cancelled(f"{signal.Signals(signum).name} received; the VM was stopped and its files removed")
+
+    def hold(self) -> None:
+        self.holding = True
+
+
+@contextlib.contextmanager
+def _signals_cancel() -> Iterator[_SignalGuard]:
+    guard = _SignalGuard()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard  # only the main thread may own signal handlers; the caller's own handling applies
+        return
+    previous = {sig: signal.signal(sig, guard.handle) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous_int = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda s, f: guard.handle(s, f))
+    try:
+        yield guard
+    finally:
+        for sig, handler in {**previous, signal.SIGINT: previous_int}.items():
+            signal.signal(sig, handler)
+
+
+

@@ -1,0 +1,205 @@
+"""Build a job's block devices on the host, with real tools, as files in the job's folder.
+
+- release: squashfs (or erofs) of the release folder, read-only, cached by the tree's fingerprint so the
+  next job with the same release reuses the image;
+- scratch: ext4 made by ``mke2fs -d`` (no root, no mount): ``work/`` holds the inputs and is the job's
+  working directory, ``vjobs/`` receives stdout and stderr;
+- io: a raw disk of ``output_mib`` that starts with the job (a tar the agent reads) and that the agent
+  overwrites with the results (a tar the host reads without mounting).
+See vjobs/guest/agent.sh for the other side.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .driver import Disk
+from .errors import LimitExceeded, SetupError
+from .images import sha256_file
+from .job import Job
+
+IO_MARKER = "VJOBS-IO-DISK"
+HEAD_BYTES = 65536  # the agent recognises a disk by the sha256 of this many leading bytes
+MIB = 1 << 20
+RELEASE_TOOLS = {
+    "squashfs": lambda source, target: ["mksquashfs", str(source), str(target), "-comp", "lz4", "-noappend",
+                                        "-no-xattrs", "-all-root", "-no-progress", "-quiet"],
+    "erofs": lambda source, target: ["mkfs.erofs", "-zlz4", "--all-root", "-x", "-1", str(target), str(source)],
+}
+
+
+@dataclass(frozen=True)
+class JobDisks:
+    io: Disk
+    scratch: Disk
+    release: Disk | None
+    release_sha256: str | None
+
+    def all(self) -> tuple[Disk, ...]:
+        return (self.io, self.scratch) + ((self.release,) if self.release else ())
+
+
+def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str,
+                  progress: Callable[[str], None]) -> JobDisks:
+    release, release_sha256 = None, None
+    if job.release:
+        image, release_sha256 = release_image(job.release.path, cache_dir / "releases", release_format, progress)
+        release = Disk("release", image, "raw", readonly=True, cache_key=release_sha256)
+    scratch = Disk("scratch", build_scratch(job, folder), "raw", readonly=False)
+    io_disk = Disk("io", build_io_disk(job, folder, scratch, release, release_format), "raw", readonly=False)
+    return JobDisks(io_disk, scratch, release, release_sha256)
+
+
+def run_tool(argv: list[str], what: str, folder: Path) -> None:
+    """Run a disk-building tool; a failure says what was built where, and calls a full disk a full disk."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise SetupError(f"{argv[0]} is not installed; it builds the {what} (install squashfs-tools, "
+                         "erofs-utils and e2fsprogs, see the README)", code="tool_missing") from exc
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        text = " / ".join(message)
+        if "space" in text.lower():
+            raise SetupError(f"disk full while building the {what} in {folder}: {text}; free space there or "
+                             "point cache_dir/work_dir in the site config elsewhere", code="disk_full")
+        raise SetupError(f"building the {what} failed ({argv[0]} exit {done.returncode}): {text}",
+                         code="disk_build_failed")
+
+
+def head_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read(HEAD_BYTES)).hexdigest()
+
+
+# --- release -------------------------------------------------------------------------------------------
+
+def tree_fingerprint(root: Path) -> str:
+    """A key for the tree's content from names, types, modes, sizes and mtimes: rsync's quick check. Reading
+    every byte of a multi-GB release on every job would cost more than building the image."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = os.path.join(folder, name)
+            info = os.lstat(path)
+            link = os.readlink(path) if os.path.islink(path) else ""
+            digest.update(f"{os.path.relpath(path, root)}\0{info.st_mode}\0{info.st_size}\0"
+                          f"{info.st_mtime_ns}\0{link}\n".encode())
+    return digest.hexdigest()
+
+
+def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str], None]) -> tuple[Path, str]:
+    """The cached read-only image of ``source``: built once (under a lock), reused after. Returns the image
+    and its sha256."""
+    cache.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{fmt}\0{tree_fingerprint(source)}".encode()).hexdigest()[:32]
+    image, sidecar = cache / f"{key}.{fmt}", cache / f"{key}.json"
+    with open(cache / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if image.exists() and sidecar.exists():
+            os.utime(image)  # lets a cache cleaner evict the least recently used
+            return image, json.loads(sidecar.read_text())["sha256"]
+        progress(f"building the {fmt} release image of {source}")
+        started = time.monotonic()
+        partial = cache / f"{key}.{os.getpid()}.partial"
+        try:
+            run_tool(RELEASE_TOOLS[fmt](source, partial), f"{fmt} image of the release {source}", cache)
+            digest = sha256_file(partial)
+            sidecar.write_text(json.dumps({"source": str(source), "format": fmt, "sha256": digest}))
+            os.replace(partial, image)
+        finally:
+            partial.unlink(missing_ok=True)
+        progress(f"release image built in {time.monotonic() - started:.1f} s ({image.stat().st_size // MIB} MiB)")
+        return image, digest
+
+
+# --- scratch -------------------------------------------------------------------------------------------
+
+def build_scratch(job: Job, folder: Path) -> Path:
+    staging = folder / "scratch-root"
+    (staging / "vjobs").mkdir(parents=True)
+    if job.inputs:
+        shutil.copytree(job.inputs, staging / "work", symlinks=True, copy_function=_link_or_copy)
+    else:
+        (staging / "work").mkdir()
+    used, files = _tree_usage(staging)
+    size_kib = (used + used // 8 + files * 4096 + job.resources.scratch_mib * MIB + 16 * MIB) // 1024
+    image = folder / "scratch.ext4"
+    run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L", "vjobs-scratch",
+              "-E", "root_owner=0:0", "-d", str(staging), str(image), f"{size_kib}k"],
+             f"scratch disk of job {job.id} ({size_kib // 1024} MiB)", folder)
+    shutil.rmtree(staging)
+    return image
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    # A hard link costs nothing and mke2fs only reads it; across file systems we copy.
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _tree_usage(root: Path) -> tuple[int, int]:
+    used = files = 0
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
+            used += os.lstat(os.path.join(folder, name)).st_size
+            files += 1
+    return used, files
+
+
+# --- io ------------------------------------------------------------------------------------------------
+
+def build_io_disk(job: Job, folder: Path, scratch: Disk, release: Disk | None, release_format: str) -> Path:
+    settings = {"SCRATCH_HEAD": head_sha256(scratch.path),
+                "RELEASE_HEAD": head_sha256(release.path) if release else "",
+                "RELEASE_MOUNT": job.release.mount if job.release else "",
+                "RELEASE_FSTYPE": release_format}
+    members = {
+        IO_MARKER: "vjobs io disk 1\n",
+        "job/settings": "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items()),
+        "job/env.sh": "".join(f"export {key}={shlex.quote(value)}\n" for key, value in job.env.items()),
+        "job/command.sh": "exec " + " ".join(shlex.quote(arg) for arg in job.command) + "\n",
+        "job/outputs": "".join(f"{pattern}\n" for pattern in job.outputs),
+    }
+    payload = _tar_bytes(members)
+    size = job.resources.output_mib * MIB
+    if len(payload) > size:
+        raise LimitExceeded(f"job {job.id}: the job's command and env take {len(payload)} bytes, more than "
+                            f"/resources/output_mib ({job.resources.output_mib} MiB); raise output_mib")
+    image = folder / "io.raw"
+    try:
+        with open(image, "wb") as handle:
+            handle.write(payload)
+            handle.truncate(size)  # sparse: the rest reads as zeros
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise SetupError(f"disk full while writing the io disk in {folder}", code="disk_full") from exc
+        raise
+    return image
+
+
+def _tar_bytes(members: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

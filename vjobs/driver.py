@@ -1,0 +1,196 @@
+"""The driver interface: the one place where the contract between the core and a hypervisor is written down.
+
+A driver is a plugin found through the ``vjobs.drivers`` entry-point group (see ``vjobs.plugins``). It has two
+parts, both small:
+
+``Driver`` (one per host and site config)
+    ``probe()``              -> ``Capabilities``: can this host run VMs with me, and with what? Never raises for
+                                "no"; says why in ``reason`` and the individual ``checks``.
+    ``create(spec)``         -> ``VM``: define a VM from a ``VMSpec`` and attach its disks. Nothing runs yet.
+    ``collect_garbage(is_orphan)`` remove VMs and disks that vjobs created for processes that are gone.
+
+``VM`` (one per boot attempt)
+    ``start()``               boot it; returns once the hypervisor accepted it.
+    ``agent_started()``       has the guest agent announced itself (``AGENT_UP_MARKER`` on the console)?
+    ``wait_until_stopped(deadline)`` block until the guest stops or ``time.monotonic()`` passes ``deadline``;
+                              return a ``Stop``.
+    ``fetch_disk(disk)``      a local file holding the disk's bytes as the guest left them (for a driver whose
+                              disks live elsewhere: download it). The core reads results from it, never mounts it.
+    ``destroy()``             kill the guest and remove what ``create`` made. Idempotent, must not raise when
+                              things are already gone: the core calls it in every outcome, sometimes twice.
+
+Everything else (job validation, building disks, deadlines, retries, result files, signals) is the core's.
+Example of a spec a driver receives::
+
+    VMSpec(name="vjobs-job42-1a2b3c", vcpus=1, memory_mib=512,
+           boot=BootImage(kernel=Path(".../vmlinuz"), initramfs=Path(".../initramfs.cpio"),
+                          cmdline="quiet panic=-1"),
+           disks=(Disk("io", Path(".../io.raw"), "raw", readonly=False),
+                  Disk("scratch", Path(".../scratch.ext4"), "raw", readonly=False),
+                  Disk("release", Path(".../release-<key>.squashfs"), "raw", readonly=True, cache_key="<key>")),
+           console_log=Path(".../console.log"), network=False, owner=Owner(job_id="job42", pid=1234, ...))
+
+Disks come in this order and should be attached in it; the guest agent does not rely on order or device
+names (it recognises each disk by its content), so ``vd*``, ``xvd*`` and ``sd*`` all work. Every disk names
+its format; a driver must pass it on and never let the hypervisor guess one. ``readonly`` disks must be
+attached read-only at the device level, not just mounted so.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+#: The guest agent prints this line on its console once it runs; see vjobs/guest/agent.sh.
+AGENT_UP_MARKER = b"vjobs-agent: up"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a VM belongs to, recorded with it so that ``vjobs gc`` removes only what a dead vjobs left."""
+
+    job_id: str
+    pid: int
+    boot_id: str
+    hostname: str
+    run_id: str  # unique per vjobs run: the VM's name ends with it
+
+    def as_labels(self) -> dict[str, str]:
+        return {"vjobs.job_id": self.job_id, "vjobs.pid": str(self.pid), "vjobs.boot_id": self.boot_id,
+                "vjobs.hostname": self.hostname, "vjobs.run_id": self.run_id}
+
+
+@dataclass(frozen=True)
+class Disk:
+    role: str  # "io" (job in, results out), "scratch" (working directory), "release", "base"
+    path: Path
+    format: str  # "raw" or "qcow2"
+    readonly: bool
+    cache_key: str | None = None  # same key, same bytes: a driver that copies disks may reuse a copy
+
+
+@dataclass(frozen=True)
+class BootImage:
+    kernel: Path
+    initramfs: Path
+    cmdline: str  # without console=: each driver adds the console its platform has
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    name: str
+    vcpus: int
+    memory_mib: int
+    boot: BootImage
+    disks: tuple[Disk, ...]
+    console_log: Path
+    network: bool
+    owner: Owner
+    workdir: Path  # a host folder for this VM's own files; the core removes it after destroy()
+
+
+class Stop(enum.Enum):
+    POWEROFF = "poweroff"  # the guest shut itself down
+    CRASH = "crash"  # the guest reset, panicked or the hypervisor process died
+    DEADLINE = "deadline"  # still running when the deadline passed
+
+
+@dataclass(frozen=True)
+class Check:
+    """One step of a probe: what was checked, whether it passed, and what was seen."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a probe found. Typed, so that ``vjobs probe --json`` has the same fields for every driver."""
+
+    driver: str
+    usable: bool
+    reason: str  # one line: why usable or not
+    acceleration: str | None = None  # "kvm", "tcg", "xen-pv", ...
+    acceleration_reason: str = ""
+    hypervisor: str | None = None  # name and version, e.g. "QEMU 7.2.19"
+    read_only_disks: bool = True
+    disk_formats: tuple[str, ...] = ("raw",)
+    network: bool = False
+    max_vcpus: int | None = None
+    max_memory_mib: int | None = None
+    checks: tuple[Check, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["disk_formats"] = list(self.disk_formats)
+        data["checks"] = [vars(c) for c in self.checks]
+        return data
+
+
+@dataclass
+class HostContext:
+    """What the core lends every driver: where files go, which host boot this is, the built-in guest."""
+
+    cache_dir: Path
+    work_dir: Path
+    boot_id: str
+    default_boot_image: Callable[[], BootImage]  # builds the built-in image on first use (make-style)
+    progress: Callable[[str], None] = field(default=lambda message: None)
+
+
+class VM(abc.ABC):
+    def __init__(self, spec: VMSpec):
+        self.spec = spec
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def wait_until_stopped(self, deadline: float) -> Stop: ...
+
+    @abc.abstractmethod
+    def fetch_disk(self, disk: Disk) -> Path: ...
+
+    @abc.abstractmethod
+    def destroy(self) -> None: ...
+
+    def agent_started(self) -> bool:
+        """Default: the console log is a host file that holds the agent's marker."""
+        try:
+            return AGENT_UP_MARKER in self.spec.console_log.read_bytes()
+        except FileNotFoundError:
+            return False
+
+
+class Driver(abc.ABC):
+    """Base class of every driver; ``settings`` is the site config's ``[drivers.NAME]`` table."""
+
+    name: str = ""  # the entry-point name; set by vjobs.plugins when it loads the driver
+
+    def __init__(self, settings: Mapping[str, Any], host: HostContext):
+        self.settings = dict(settings)
+        self.host = host
+
+    @abc.abstractmethod
+    def probe(self) -> Capabilities: ...
+
+    @abc.abstractmethod
+    def create(self, spec: VMSpec) -> VM: ...
+
+    def version(self) -> str | None:
+        """The hypervisor's name and version for a result's provenance; drivers override when they know."""
+        return None
+
+    def collect_garbage(self, is_orphan: Callable[[Mapping[str, str]], bool]) -> list[str]:
+        """Remove what this driver made outside the core's work folders for owners that ``is_orphan``
+        says are gone; return a line for each thing removed. Drivers that make nothing outside them keep this."""
+        return []
+
+
+def deadline_in(seconds: float) -> float:
+    return time.monotonic() + seconds

@@ -1,0 +1,153 @@
+"""The qemu_user driver: no daemon, no root (when the files are readable), one QEMU process per VM.
+
+Site settings (``[drivers.qemu_user]``): ``binary``, ``accel`` (``tcg`` default, ``kvm``, or ``auto``: KVM
+when a real guest boots under it on this host, else TCG), ``machine`` (``microvm`` default, ``q35``, ``pc``),
+``tb_size_mib``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from ... import qemu
+from ...bootcheck import boot_check
+from ...driver import VM, Capabilities, Check, Driver, Stop, VMSpec
+from ...errors import VMError
+
+KVM_DEVICE = "/dev/kvm"
+KVM_BOOT_DEADLINE_S = 15.0  # a healthy KVM host boots the built-in guest in well under a second
+QMP_CONNECT_TIMEOUT_S = 15.0
+
+
+class QemuUserDriver(Driver):
+    def _setting(self, key: str, default):
+        return self.settings.get(key, default)
+
+    @property
+    def binary(self) -> str:
+        return self._setting("binary", qemu.DEFAULT_BINARY)
+
+    def version(self) -> str | None:
+        try:
+            return qemu.version(self.binary)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    def probe(self) -> Capabilities:
+        found = shutil.which(self.binary)
+        if not found:
+            return Capabilities(self.name, False, f"{self.binary} not found on PATH: install qemu-system-x86",
+                                checks=(Check("binary", False, f"{self.binary} not on PATH"),))
+        version = self.version()
+        if version is None:
+            return Capabilities(self.name, False, f"{found} -version fails: the QEMU install is broken",
+                                checks=(Check("binary", False, f"{found} -version failed"),))
+        checks = [Check("binary", True, f"{found}: {version}")]
+        accel, why = self._choose_acceleration(checks)
+        usable = accel is not None
+        reason = f"{version}, {accel} acceleration" if usable else why
+        return Capabilities(self.name, usable, reason, acceleration=accel, acceleration_reason=why,
+                            hypervisor=version, read_only_disks=True, disk_formats=("raw", "qcow2"),
+                            network=False, max_vcpus=os.cpu_count(), checks=tuple(checks))
+
+    def _choose_acceleration(self, checks: list[Check]) -> tuple[str | None, str]:
+        wanted = self._setting("accel", "tcg")
+        if wanted == "tcg":
+            return "tcg", "TCG (software emulation) as configured: works everywhere, slower CPU"
+        kvm_check = self._kvm_check()
+        checks.append(kvm_check)
+        if kvm_check.ok:
+            return "kvm", f"KVM: {kvm_check.detail}"
+        if wanted == "auto":
+            return "tcg", f"TCG, because KVM is not usable: {kvm_check.detail}"
+        return None, f"KVM acceleration was asked for (accel = \"kvm\") but is not usable: {kvm_check.detail}"
+
+    def _kvm_check(self) -> Check:
+        if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+            return Check("kvm", False, f"{KVM_DEVICE} is missing or not read-writable by uid {os.getuid()}")
+        key = f"qemu_user-{self._setting('machine', 'microvm')}-kvm"
+        return boot_check(self.host, key, lambda spec: self._new_vm(spec, "kvm"), KVM_BOOT_DEADLINE_S)
+
+    def create(self, spec: VMSpec) -> VM:
+        accel = self._setting("accel", "tcg")
+        if accel != "tcg":
+            accel = "kvm" if self._kvm_check().ok else "tcg"
+        return self._new_vm(spec, accel)
+
+    def _new_vm(self, spec: VMSpec, accel: str) -> "QemuUserVM":
+        machine = qemu.QemuMachine(self._setting("machine", "microvm"), accel, self._setting("tb_size_mib", 64))
+        return QemuUserVM(spec, self.binary, machine)
+
+
+class QemuUserVM(VM):
+    def __init__(self, spec: VMSpec, binary: str, machine: qemu.QemuMachine):
+        super().__init__(spec)
+        self.binary = binary
+        self.machine = machine
+        self.process: subprocess.Popen | None = None
+        self.monitor: QEMUMonitorProtocol | None = None
+        self.shutdown_reason: str | None = None
+
+    def start(self) -> None:
+        spec = self.spec
+        socket_path = spec.workdir / "qmp.sock"
+        self.monitor = QEMUMonitorProtocol(str(socket_path), server=True)
+        argv = qemu.qemu_argv(binary=self.binary, name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+                              kernel=spec.boot.kernel, initramfs=spec.boot.initramfs,
+                              cmdline=f"{spec.boot.cmdline} console=ttyS0", disks=spec.disks,
+                              console_log=spec.console_log, machine=self.machine, qmp_socket=socket_path)
+        self.process = qemu.spawn(argv, spec.workdir / "qemu.log")
+        try:
+            self.monitor.accept(QMP_CONNECT_TIMEOUT_S)
+        except Exception as exc:
+            raise VMError(f"QEMU did not start: {self._qemu_log_tail() or exc}", code="hypervisor_failed") from exc
+
+    def wait_until_stopped(self, deadline: float) -> Stop:
+        while self.shutdown_reason is None:
+            if self.process.poll() is not None:
+                self._next_event(0.2)  # what QEMU said just before it exited
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Stop.DEADLINE
+            self._next_event(min(remaining, 0.5))
+        self.process.wait()
+        return Stop.POWEROFF if self.shutdown_reason == "guest-shutdown" else Stop.CRASH
+
+    def _next_event(self, wait: float) -> bool:
+        """Wait up to ``wait`` s for a QMP event; False when the monitor is closed."""
+        try:
+            event = self.monitor.pull_event(wait=wait)
+        except TimeoutError:
+            return True
+        except Exception:  # EOF or a reset socket: QEMU has exited
+            return False
+        if event and event.get("event") == "SHUTDOWN":
+            self.shutdown_reason = event.get("data", {}).get("reason", "unknown")
+        elif event and event.get("event") == "GUEST_PANICKED":
+            self.shutdown_reason = "guest-panic"
+        return True
+
+    def fetch_disk(self, disk):
+        return disk.path  # QEMU wrote straight into the host file
+
+    def destroy(self) -> None:
+        if self.process is not None:
+            qemu.kill(self.process)
+        if self.monitor is not None:
+            try:
+                self.monitor.close()
+            except Exception:
+                pass  # the other end is gone: nothing to close politely
+            self.monitor = None
+
+    def _qemu_log_tail(self) -> str:
+        try:
+            return (self.spec.workdir / "qemu.log").read_text(errors="replace").strip()[-500:]
+        except OSError:
+            return ""

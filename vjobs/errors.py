@@ -1,0 +1,98 @@
+"""The exceptions vjobs raises, and the result status and exit code each one stands for.
+
+Catch ``VjobsError`` for everything vjobs reports on purpose; anything else is a bug in vjobs.
+
+    VjobsError
+    ├── SetupError            status "setup_error": the job, the site config or the host is not fit to run it
+    │   ├── InvalidJob        a job file that is not JSON or breaks schemas/job.schema.json
+    │   ├── InvalidSite       a site config that is not TOML or breaks schemas/site.schema.json
+    │   ├── LimitExceeded     the job asks for more than the site allows
+    │   └── ImageError        unknown image, missing file, checksum mismatch, failed image build
+    ├── DriverError           status "vm_error": the chosen driver cannot run VMs here
+    │   ├── DriverNotFound    no installed driver of that name
+    │   └── NoUsableDriver    every candidate's probe said no (a pilot runs the job without a VM)
+    ├── VMError               status "vm_error": the VM did not boot, crashed, or returned no or unsafe results
+    │   └── BootTimeout       the guest agent did not report in before the boot deadline
+    ├── WalltimeExceeded      status "timeout": the payload ran past walltime_s; the VM was killed
+    └── Cancelled             status "cancelled": SIGTERM or Ctrl-C reached vjobs; the VM was killed
+
+Each class names the result ``status`` it leads to and the ``exit_code`` that ``vjobs run`` exits with, so
+that a pilot can tell a vjobs failure from the payload's own exit status without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class VjobsError(Exception):
+    """Base class: ``code`` is a stable machine-readable tag, ``str(err)`` says what happened and what to do."""
+
+    status = "setup_error"
+    exit_code = 200
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        if code:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class SetupError(VjobsError):
+    status, exit_code, code = "setup_error", 200, "setup_error"
+
+
+class InvalidJob(SetupError):
+    code = "invalid_job"
+
+
+class InvalidSite(SetupError):
+    code = "invalid_site"
+
+
+class LimitExceeded(SetupError):
+    code = "limit_exceeded"
+
+
+class ImageError(SetupError):
+    code = "image_error"
+
+
+class DriverError(VjobsError):
+    status, exit_code, code = "vm_error", 201, "driver_error"
+
+
+class DriverNotFound(DriverError):
+    code = "driver_not_found"
+
+
+class NoUsableDriver(DriverError):
+    code = "no_usable_driver"
+
+
+class VMError(VjobsError):
+    status, exit_code, code = "vm_error", 202, "vm_error"
+
+
+class BootTimeout(VMError):
+    code = "boot_timeout"
+
+
+class WalltimeExceeded(VjobsError):
+    status, exit_code, code = "timeout", 203, "walltime_exceeded"
+
+
+class Cancelled(VjobsError):
+    status, exit_code, code = "cancelled", 204, "cancelled"
+
+
+#: Exit codes of ``vjobs run`` other than the payload's own; documented in the README.
+EXIT_CODES = {
+    "setup_error": SetupError.exit_code,
+    "no_usable_driver": DriverError.exit_code,
+    "vm_error": VMError.exit_code,
+    "timeout": WalltimeExceeded.exit_code,
+    "cancelled": Cancelled.exit_code,
+}

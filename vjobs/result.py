@@ -1,0 +1,58 @@
+"""The result of a job run, as returned by the Python API and written to ``result.json``
+(schemas/result.schema.json)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import schemas
+
+
+@dataclass
+class Result:
+    job_id: str
+    status: str = "setup_error"
+    exit_code: int | None = None
+    driver: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    rejected_outputs: list[dict[str, str]] = field(default_factory=list)
+    stdout: str | None = None
+    stderr: str | None = None
+    console_log: str | None = None
+    error: dict[str, str] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    vjobs_version: str = ""
+    started_at: str = ""
+    ended_at: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: Path) -> None:
+        """Atomically, so a reader never sees half a file; checked against the schema first."""
+        document = self.to_json()
+        problem = schemas.problem("result", document)
+        if problem:  # a bug in vjobs, not in the job: say so loudly
+            raise AssertionError(f"vjobs produced a result that breaks result.schema.json: {problem}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(temporary, path)
+
+    @classmethod
+    def read(cls, path: Path) -> "Result":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,120 @@
+"""Site config: a TOML file the worker node's admins write (schemas/site.schema.json). No file works too.
+
+Found, first match wins: ``--site FILE``, ``$VJOBS_SITE``, ``/etc/vjobs/site.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import schemas
+from .errors import InvalidSite, LimitExceeded
+from .job import Job
+
+SYSTEM_SITE_FILE = Path("/etc/vjobs/site.toml")
+DEFAULT_PREFERENCE = ("xen", "kvm", "qemu_user")
+
+
+@dataclass(frozen=True)
+class CatalogueImage:
+    kernel: Path
+    kernel_sha256: str
+    initramfs: Path
+    initramfs_sha256: str
+    cmdline: str = "panic=-1 quiet loglevel=3"
+    base: Path | None = None
+    base_format: str | None = None
+    base_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    source: str = "built-in defaults"
+    pinned_driver: str | None = None
+    preference: tuple[str, ...] = DEFAULT_PREFERENCE
+    cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
+    work_dir: Path = field(default_factory=lambda: _default_work_dir())
+    boot_timeout_s: float = 60.0
+    boot_retries: int = 1
+    allow_network: bool = False
+    release_format: str = "squashfs"
+    limits: Mapping[str, float] = field(default_factory=dict)
+    images: Mapping[str, CatalogueImage] = field(default_factory=dict)
+    drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def driver_settings(self, name: str) -> Mapping[str, Any]:
+        return self.drivers.get(name, {})
+
+    def check_limits(self, job: Job) -> None:
+        """Refuse a job that asks for more than the site allows, naming the field and the limit."""
+        asked = {**vars(job.resources), "walltime_s": job.walltime_s}
+        for name, limit in self.limits.items():
+            if asked[name] > limit:
+                pointer = "/walltime_s" if name == "walltime_s" else f"/resources/{name}"
+                raise LimitExceeded(f"job {job.id}: {pointer} = {asked[name]} is above this site's limit of "
+                                    f"{limit} (limits.{name} in {self.source}); ask for less")
+        if job.network and not self.allow_network:
+            raise LimitExceeded(f"job {job.id}: /network: this site gives guests no network "
+                                f"(allow_network in {self.source} is false)")
+
+
+def _default_cache_dir() -> Path:
+    if os.getuid() == 0:
+        return Path("/var/cache/vjobs")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vjobs"
+
+
+def _default_work_dir() -> Path:
+    return Path(os.environ.get("TMPDIR", "/var/tmp")) / f"vjobs-{os.getuid()}"
+
+
+def find_site_file(explicit: str | os.PathLike | None = None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("VJOBS_SITE"):
+        return Path(os.environ["VJOBS_SITE"])
+    return SYSTEM_SITE_FILE if SYSTEM_SITE_FILE.is_file() else None
+
+
+def load_site(explicit: str | os.PathLike | None = None) -> SiteConfig:
+    path = find_site_file(explicit)
+    if path is None:
+        return SiteConfig()
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise InvalidSite(f"cannot read site config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidSite(f"{path}: not valid TOML: {exc}") from exc
+    return site_from_dict(document, base_dir=path.resolve().parent, source=str(path))
+
+
+def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
+                   source: str = "site config") -> SiteConfig:
+    problem = schemas.problem("site", document)
+    if problem:
+        raise InvalidSite(f"{source}: {problem}")
+    base_dir = base_dir or Path.cwd()
+    options: dict[str, Any] = {"source": source}
+    if "driver" in document:
+        options["pinned_driver"] = document["driver"]
+    if "prefer" in document:
+        options["preference"] = tuple(document["prefer"])
+    for key in ("cache_dir", "work_dir"):
+        if key in document:
+            options[key] = base_dir / document[key]
+    for key in ("boot_timeout_s", "boot_retries", "allow_network", "release_format", "limits", "drivers"):
+        if key in document:
+            options[key] = document[key]
+    options["images"] = {name: _catalogue_image(entry, base_dir) for name, entry in
+                         document.get("images", {}).items()}
+    return SiteConfig(**options)
+
+
+def _catalogue_image(entry: Mapping[str, Any], base_dir: Path) -> CatalogueImage:
+    paths = {key: base_dir / entry[key] for key in ("kernel", "initramfs", "base") if key in entry}
+    return CatalogueImage(**{**entry, **paths})
