@@ -59,7 +59,10 @@ def _tree(root: Path, files: dict) -> Path:
     root.mkdir(exist_ok=True)
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
+        if isinstance(text, bytes):
+            (root / name).write_bytes(text)
+        else:
+            (root / name).write_text(text)
     return root
 
 

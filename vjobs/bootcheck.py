@@ -41,6 +41,7 @@ def _boot_once(host: HostContext, key: str, create_vm: Callable[[VMSpec], VM], d
     host.work_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="probe-", dir=host.work_dir))
     owner = new_owner("probe")
+    (folder / "owner.json").write_text(json.dumps(owner.as_labels()))  # so that `vjobs gc` knows it
     spec = VMSpec(name=f"vjobs-probe-{owner.run_id}", vcpus=1, memory_mib=256,
                   boot=replace(boot, cmdline=boot.cmdline + " vjobs.probe"), disks=(),
                   console_log=folder / "console.log", network=False, owner=owner, workdir=folder)

@@ -155,9 +155,8 @@ class VMContainer:
         self.consoles.append(console)
         vm_folder = self.folder / f"vm.{attempt}"
         vm_folder.mkdir()
-        job_disks = disks.all() + ((image.base,) if image.base else ())
         return VMSpec(name=f"vjobs-{self.job.id}-{self.owner.run_id}", vcpus=self.job.resources.vcpus,
-                      memory_mib=self.job.resources.memory_mib, boot=image.boot, disks=job_disks,
+                      memory_mib=self.job.resources.memory_mib, boot=image.boot, disks=disks.all(),
                       console_log=console, network=self.job.network and self.site.allow_network,
                       owner=self.owner, workdir=vm_folder)
 
@@ -239,7 +238,7 @@ class VMContainer:
 
     def _record_image(self, image: ResolvedImage) -> None:
         self.result.provenance.update(image=image.name, kernel_sha256=image.kernel_sha256,
-                                      initramfs_sha256=image.initramfs_sha256, base_sha256=image.base_sha256)
+                                      initramfs_sha256=image.initramfs_sha256)
 
 
 def _add_guest_timing(timings: dict[str, float], status: dict[str, str]) -> None:

@@ -66,7 +66,7 @@ class Owner:
 
 @dataclass(frozen=True)
 class Disk:
-    role: str  # "io" (job in, results out), "scratch" (working directory), "release", "base"
+    role: str  # "io" (job in, results out), "scratch" (working directory), "release"
     path: Path
     format: str  # "raw" or "qcow2"
     readonly: bool

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .driver import BootImage, Disk
+from .driver import BootImage
 from .errors import ImageError
 from .site import SiteConfig
 
@@ -18,10 +18,8 @@ from .site import SiteConfig
 class ResolvedImage:
     name: str
     boot: BootImage
-    base: Disk | None
     kernel_sha256: str
     initramfs_sha256: str
-    base_sha256: str | None = None
 
 
 def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) -> ResolvedImage:
@@ -33,21 +31,17 @@ def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) 
         raise ImageError(f"/image: {name!r} is not in this site's catalogue ({site.source}); known: {known}")
     checked = _ChecksumCache(site.cache_dir / "checksums.json")
     for label, path, expected in (("kernel", entry.kernel, entry.kernel_sha256),
-                                  ("initramfs", entry.initramfs, entry.initramfs_sha256),
-                                  ("base", entry.base, entry.base_sha256)):
-        if path is not None:
-            checked.verify(f"images.{name}.{label}", path, expected)
-    base = Disk("base", entry.base, entry.base_format, readonly=True, cache_key=entry.base_sha256) \
-        if entry.base else None
-    return ResolvedImage(name, BootImage(entry.kernel, entry.initramfs, entry.cmdline), base,
-                         entry.kernel_sha256, entry.initramfs_sha256, entry.base_sha256)
+                                  ("initramfs", entry.initramfs, entry.initramfs_sha256)):
+        checked.verify(f"images.{name}.{label}", path, expected)
+    return ResolvedImage(name, BootImage(entry.kernel, entry.initramfs, entry.cmdline),
+                         entry.kernel_sha256, entry.initramfs_sha256)
 
 
 def built_in_image(cache_dir: Path, progress: Callable[[str], None]) -> ResolvedImage:
     from .guest.image import build_default_image  # deferred: building pulls in apt and the cpio writer
 
     manifest = build_default_image(cache_dir, progress)
-    return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline), None,
+    return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline),
                          manifest.kernel_sha256, manifest.initramfs_sha256)
 
 
@@ -60,7 +54,7 @@ def sha256_file(path: Path) -> str:
 
 
 class _ChecksumCache:
-    """Remembers a file's sha256 by (inode, size, mtime) so a multi-GB base image is hashed once, not per job."""
+    """Remembers a file's sha256 by (inode, size, mtime) so a large file is hashed once, not per job."""
 
     def __init__(self, path: Path):
         self.path = path

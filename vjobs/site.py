@@ -26,9 +26,6 @@ class CatalogueImage:
     initramfs: Path
     initramfs_sha256: str
     cmdline: str = "panic=-1 quiet loglevel=3"
-    base: Path | None = None
-    base_format: str | None = None
-    base_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,5 +113,5 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
 
 
 def _catalogue_image(entry: Mapping[str, Any], base_dir: Path) -> CatalogueImage:
-    paths = {key: base_dir / entry[key] for key in ("kernel", "initramfs", "base") if key in entry}
+    paths = {key: base_dir / entry[key] for key in ("kernel", "initramfs")}
     return CatalogueImage(**{**entry, **paths})

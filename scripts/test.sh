@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, VM-booting tests included, with the services the tests need started before
+# and stopped after (libvirtd and virtlogd; the XAPI stand-in is started by the tests themselves).
+#   scripts/test.sh [pytest arguments]        e.g. scripts/test.sh -m "not vm" for the fast tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.ci/libvirt.sh up
+trap '.ci/libvirt.sh down' EXIT
+.venv/bin/python -m pytest -ra "$@"

@@ -1,0 +1,46 @@
+"""qemu_user specifics: its probe, a missing QEMU, a guest that hangs while booting."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+import vjobs
+from vjobs.guest.cpio import CpioWriter
+
+
+def test_probe_says_tcg(make_site):
+    verdict = next(v for v in vjobs.probe(make_site()) if v.driver == "qemu_user")
+    assert verdict.usable and verdict.acceleration == "tcg" and verdict.hypervisor.startswith("QEMU ")
+
+
+def test_missing_qemu_is_a_clear_error(make_site, make_job, tmp_path, assert_clean_host):
+    site = make_site(driver="qemu_user", drivers={"qemu_user": {"binary": "/nonexistent/qemu-system-x86_64"}})
+    result = vjobs.run(make_job(["true"]), site=site, outdir=tmp_path / "out")
+    assert result.status == "vm_error" and result.error["code"] == "no_usable_driver"
+    assert "not found" in result.error["message"] and "install qemu-system-x86" in result.error["message"]
+
+
+@pytest.fixture
+def silent_image(tmp_path, built_image):
+    """The built-in kernel with an /init that never says a word: a boot that hangs silently."""
+    initramfs = tmp_path / "silent.cpio"
+    with open(initramfs, "wb") as handle:
+        writer = CpioWriter(handle)
+        writer.add_file("init", b"#!/bin/busybox sh\n/bin/busybox sleep 3600\n", mode=0o755)
+        writer.add_file("bin/busybox", open("/bin/busybox", "rb").read(), mode=0o755)
+        writer.close()
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"kernel": str(built_image.kernel), "kernel_sha256": digest(built_image.kernel),
+            "initramfs": str(initramfs), "initramfs_sha256": digest(initramfs)}
+
+
+@pytest.mark.vm
+def test_silent_boot_hang_is_retried_once_then_vm_error(make_site, make_job, silent_image, tmp_path,
+                                                         assert_clean_host):
+    site = make_site(driver="qemu_user", boot_timeout_s=6, images={"silent": silent_image})
+    result = vjobs.run(make_job(["true"], image="silent"), site=site, outdir=tmp_path / "out")
+    assert result.status == "vm_error" and result.error["code"] == "boot_timeout"
+    assert result.provenance["boot_attempts"] == 2
+    assert "boot attempt 2" in (tmp_path / "out" / "console.log").read_text()
