@@ -1,0 +1,273 @@
+"""The xen driver: each job's disks become VDIs in a storage repository, the VM is a PV guest booted
+straight from the image's kernel and initramfs, and everything it creates is tagged for ``vjobs gc``.
+
+XAPI calls used (the closing note of issue 4 lists them too):
+  session.login_with_password / logout, session.get_this_host, host.get_record, host.compute_free_memory,
+  SR.get_by_name_label, SR.get_record, VDI.create / destroy / get_all_records / set_read_only /
+  add_to_other_config, VBD.create, VM.create / start / hard_shutdown / destroy / get_record /
+  get_power_state / get_all_records / get_VBDs, VBD.get_record, console.get_record, event.from,
+  HTTP PUT /import_raw_vdi, HTTP GET /export_raw_vdi, HTTP CONNECT /console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+from ...driver import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
+from ...errors import VMError
+from .xapi import Xapi, xapi_errors
+
+MIB = 1 << 20
+TAG = "vjobs"
+RELEASE_KEY = "vjobs.release_sha256"
+COMPLETE = "vjobs.complete"
+NULL_REF = "OpaqueRef:NULL"
+XEN_CAPABILITIES = Path("/proc/xen/capabilities")
+
+
+class XenDriver(Driver):
+    def probe(self) -> Capabilities:
+        checks = [self._dom0_check()]
+        if not checks[0].ok and self.settings.get("require_dom0", True):
+            return self._verdict(False, checks[0].detail, checks)
+        try:
+            with Xapi(self.settings) as xapi, xapi_errors("probe", xapi.url):
+                checks.append(Check("login", True, f"logged in to {xapi.url} as {xapi.username}"))
+                host = xapi.api.session.get_this_host(xapi.handle)
+                record = xapi.api.host.get_record(host)
+                free = int(xapi.api.host.compute_free_memory(host)) // MIB
+                version = record.get("software_version", {})
+                hypervisor = f"Xen {version.get('xen', '?')}, {version.get('product_brand', 'XAPI')} " \
+                             f"{version.get('product_version', '?')}"
+                capabilities = record.get("capabilities", [])
+                pv = any(c.startswith("xen-") for c in capabilities)
+                checks.append(Check("host", pv, f"{record.get('name_label')}: {hypervisor}; capabilities "
+                                                f"{' '.join(capabilities)}; {free} MiB free"))
+                checks.append(self._sr_check(xapi))
+        except Exception as exc:  # any failure is the verdict
+            checks.append(Check("xapi", False, str(exc)))
+            return self._verdict(False, str(exc), checks)
+        usable = all(check.ok for check in checks[1:])
+        reason = hypervisor if usable else next(c.detail for c in checks[1:] if not c.ok)
+        return self._verdict(usable, reason, checks, hypervisor=hypervisor, max_memory_mib=free)
+
+    def _verdict(self, usable: bool, reason: str, checks: list[Check], **fields) -> Capabilities:
+        return Capabilities(self.name, usable, reason, acceleration="xen-pv" if usable else None,
+                            acceleration_reason="Xen paravirtualised guest (PV direct kernel boot)" if usable else "",
+                            read_only_disks=True, disk_formats=("raw",), checks=tuple(checks), **fields)
+
+    def _dom0_check(self) -> Check:
+        try:
+            in_dom0 = "control_d" in XEN_CAPABILITIES.read_text()
+        except OSError:
+            in_dom0 = False
+        if in_dom0:
+            return Check("dom0", True, "running in dom0: the image's kernel paths are valid for XAPI")
+        return Check("dom0", False, f"not running in a Xen dom0 ({XEN_CAPABILITIES} says no or is absent): "
+                                    "XAPI reads PV kernels from dom0's files (set [drivers.xen] "
+                                    "require_dom0 = false if the same paths exist on the XAPI host)")
+
+    def _sr_check(self, xapi: Xapi) -> Check:
+        name = self.settings.get("sr")
+        found = xapi.api.SR.get_by_name_label(name) if name else []
+        if not found:
+            return Check("sr", False, f"storage repository {name!r} not found: set [drivers.xen] sr to the name "
+                                      "label of an SR of the pool")
+        record = xapi.api.SR.get_record(found[0])
+        free = (int(record["physical_size"]) - int(record["physical_utilisation"])) // MIB
+        return Check("sr", free > 0, f"SR {name!r}: {free} MiB free")
+
+    def version(self) -> str | None:
+        return None  # the hypervisor's version comes with the probe verdict
+
+    def create(self, spec: VMSpec) -> VM:
+        return XenVM(spec, self.settings, self.host.cache_dir)
+
+    def collect_garbage(self, is_orphan: Callable[[Mapping[str, str]], bool]) -> list[str]:
+        removed = []
+        with Xapi(self.settings) as xapi, xapi_errors("gc", xapi.url):
+            for ref, record in xapi.api.VM.get_all_records().items():
+                if TAG in record.get("tags", []) and is_orphan(record.get("other_config", {})):
+                    _destroy_vm(xapi, ref)
+                    removed.append(f"destroyed VM {record['name_label']}")
+            for ref, record in xapi.api.VDI.get_all_records().items():
+                labels = record.get("other_config", {})
+                if "vjobs.run_id" in labels and is_orphan(labels):
+                    with contextlib.suppress(Exception):
+                        xapi.api.VDI.destroy(ref)
+                        removed.append(f"destroyed VDI {record['name_label']}")
+        return removed
+
+
+class XenVM(VM):
+    def __init__(self, spec: VMSpec, settings: Mapping, cache_dir: Path):
+        super().__init__(spec)
+        self.xapi = Xapi(settings)
+        self.sr_name = settings.get("sr")
+        self.cache_dir = cache_dir
+        self.vm: str | None = None
+        self.vdis: dict[str, str] = {}  # disk role -> VDI ref, for the disks this VM owns
+        self.console_thread: threading.Thread | None = None
+        self.console_stream = None
+        self.labels = spec.owner.as_labels()
+
+    # --- create and attach -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.xapi.__enter__()
+        with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
+            sr = self._sr()
+            self.vm = self.xapi.api.VM.create(self._vm_record())
+            for position, disk in enumerate(self.spec.disks):
+                vdi = self._release_vdi(sr, disk) if disk.cache_key else self._job_vdi(sr, disk)
+                self.xapi.api.VBD.create(self._vbd_record(vdi, position, disk.readonly))
+            self.xapi.api.VM.start(self.vm, False, False)
+        self._follow_console()
+
+    def _sr(self) -> str:
+        found = self.xapi.api.SR.get_by_name_label(self.sr_name) if self.sr_name else []
+        if not found:
+            raise VMError(f"storage repository {self.sr_name!r} not found: set [drivers.xen] sr to the name "
+                          "label of an SR of the pool", code="xapi_sr_missing")
+        return found[0]
+
+    def _vm_record(self) -> dict:
+        spec = self.spec
+        memory = str(spec.memory_mib * MIB)
+        return {
+            "name_label": spec.name, "name_description": f"vjobs job {spec.owner.job_id}", "user_version": "1",
+            "is_a_template": False, "affinity": NULL_REF,
+            "memory_static_max": memory, "memory_dynamic_max": memory, "memory_dynamic_min": memory,
+            "memory_static_min": memory, "VCPUs_params": {}, "VCPUs_max": str(spec.vcpus),
+            "VCPUs_at_startup": str(spec.vcpus), "actions_after_shutdown": "destroy",
+            "actions_after_reboot": "destroy", "actions_after_crash": "destroy",
+            "PV_bootloader": "", "PV_kernel": str(spec.boot.kernel), "PV_ramdisk": str(spec.boot.initramfs),
+            "PV_args": f"{spec.boot.cmdline} console=hvc0", "PV_bootloader_args": "", "PV_legacy_args": "",
+            "HVM_boot_policy": "", "HVM_boot_params": {}, "HVM_shadow_multiplier": 1.0, "platform": {},
+            "PCI_bus": "", "other_config": self.labels, "recommendations": "", "xenstore_data": {},
+            "ha_always_run": False, "ha_restart_priority": "", "tags": [TAG], "blocked_operations": {},
+            "protection_policy": NULL_REF, "is_snapshot_from_vmpp": False, "appliance": NULL_REF,
+            "start_delay": "0", "shutdown_delay": "0", "order": "0", "suspend_SR": NULL_REF, "version": "0",
+            "generation_id": "", "hardware_platform_version": "0", "has_vendor_device": False,
+            "domain_type": "pv",
+        }
+
+    def _vbd_record(self, vdi: str, position: int, readonly: bool) -> dict:
+        return {"VM": self.vm, "VDI": vdi, "userdevice": str(position), "bootable": False,
+                "mode": "RO" if readonly else "RW", "type": "Disk", "empty": False, "other_config": self.labels,
+                "qos_algorithm_type": "", "qos_algorithm_params": {}, "unpluggable": False}
+
+    def _new_vdi(self, sr: str, disk: Disk, other_config: dict) -> str:
+        size = disk.path.stat().st_size
+        return self.xapi.api.VDI.create({
+            "name_label": f"{self.spec.name}-{disk.role}", "name_description": f"vjobs {disk.role} disk",
+            "SR": sr, "virtual_size": str(size), "type": "user", "sharable": False, "read_only": False,
+            "other_config": other_config, "xenstore_data": {}, "sm_config": {}, "tags": [TAG]})
+
+    def _job_vdi(self, sr: str, disk: Disk) -> str:
+        vdi = self._new_vdi(sr, disk, self.labels)
+        self.vdis[disk.role] = vdi  # recorded before the upload, so destroy() removes a half-uploaded one
+        self.xapi.import_raw_vdi(vdi, disk.path)
+        return vdi
+
+    def _release_vdi(self, sr: str, disk: Disk) -> str:
+        """The release's VDI, uploaded once per release per pool and found again by its content hash. A
+        local lock keeps two jobs on this host from uploading the same release at once."""
+        lock_path = self.cache_dir / "xen" / f"release-{disk.cache_key}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for ref, record in self.xapi.api.VDI.get_all_records().items():
+                config = record.get("other_config", {})
+                if record.get("SR") == sr and config.get(RELEASE_KEY) == disk.cache_key and config.get(COMPLETE):
+                    return ref
+            vdi = self._new_vdi(sr, disk, {RELEASE_KEY: disk.cache_key})
+            try:
+                self.xapi.import_raw_vdi(vdi, disk.path)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    self.xapi.api.VDI.destroy(vdi)
+                raise
+            self.xapi.api.VDI.set_read_only(vdi, True)
+            self.xapi.api.VDI.add_to_other_config(vdi, COMPLETE, "true")
+            return vdi
+
+    # --- run ---------------------------------------------------------------------------------------------
+
+    def _follow_console(self) -> None:
+        """Copy the guest's text console into the local console log, so that the boot check and the result
+        see it as with any other driver."""
+        consoles = self.xapi.api.VM.get_record(self.vm).get("consoles", [])
+        records = [self.xapi.api.console.get_record(ref) for ref in consoles]
+        text = [r for r in records if r.get("protocol") == "vt100"]
+        if not text:
+            return
+        stream, first = self.xapi.open_console(text[0]["location"])
+        self.console_stream = stream
+        self.console_thread = threading.Thread(target=self._copy_console, args=(stream, first), daemon=True)
+        self.console_thread.start()
+
+    def _copy_console(self, stream, first: bytes) -> None:
+        with open(self.spec.console_log, "ab", buffering=0) as log:
+            log.write(first)
+            with contextlib.suppress(OSError):
+                while chunk := stream.recv(65536):
+                    log.write(chunk)
+
+    def wait_until_stopped(self, deadline: float) -> Stop:
+        """Sleep in ``event.from`` until XAPI reports the VM halted or the deadline passes."""
+        token = ""
+        with xapi_errors(f"waiting for {self.spec.name}", self.xapi.url):
+            while True:
+                if self.xapi.api.VM.get_power_state(self.vm) == "Halted":
+                    return self._how_it_stopped()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return Stop.DEADLINE
+                answer = getattr(self.xapi.api.event, "from")(["vm"], token, float(min(remaining, 30.0)))
+                token = answer["token"]
+
+    def _how_it_stopped(self) -> Stop:
+        config = self.xapi.api.VM.get_record(self.vm).get("other_config", {})
+        # XAPI notes why the domain last went down; the agent only ever powers off, so anything else is a crash.
+        reason = config.get("last_shutdown_reason", "halted")
+        return Stop.POWEROFF if reason in ("halted", "clean_shutdown", "poweroff") else Stop.CRASH
+
+    def fetch_disk(self, disk: Disk) -> Path:
+        local = self.spec.workdir / f"{disk.role}.downloaded"
+        self.xapi.export_raw_vdi(self.vdis[disk.role], local, disk.path.stat().st_size)
+        return local
+
+    def destroy(self) -> None:
+        if self.xapi.session is None and self.vm is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.vm is not None:
+                _destroy_vm(self.xapi, self.vm)
+        for vdi in self.vdis.values():
+            with contextlib.suppress(Exception):
+                self.xapi.api.VDI.destroy(vdi)
+        self.vm, self.vdis = None, {}
+        if self.console_stream is not None:
+            with contextlib.suppress(OSError):
+                self.console_stream.close()
+        if self.console_thread is not None:
+            self.console_thread.join(5)
+        self.xapi.logout()
+
+
+def _destroy_vm(xapi: Xapi, vm: str) -> None:
+    """Hard shutdown if needed, then the VM and its VBDs (the VDIs are the caller's to judge)."""
+    if xapi.api.VM.get_power_state(vm) != "Halted":
+        with contextlib.suppress(Exception):
+            xapi.api.VM.hard_shutdown(vm)
+    for vbd in xapi.api.VM.get_VBDs(vm):
+        with contextlib.suppress(Exception):
+            xapi.api.VBD.destroy(vbd)
+    xapi.api.VM.destroy(vm)
+
