@@ -23,8 +23,9 @@ from .driver import Disk
 
 DEFAULT_BINARY = "qemu-system-x86_64"
 
-# microvm at its defaults hangs silently in about 1 boot in 12 under TCG here; with the legacy PIT, PIC and
-# RTC it did not hang in 30 boots (docs/host-notes.md).
+# q35 is the default: under TCG on a loaded host, microvm (even with the legacy PIT, PIC and RTC) hung
+# silently in 1 to 5 boots of 6 here, the kernel failing to calibrate its TSC with no HPET or PM timer to
+# fall back on; q35 has both and booted every time, about 0.5 s slower (docs/benchmarks.md).
 MACHINES = {
     "microvm": ("microvm,pit=on,pic=on,rtc=on", "virtio-blk-device"),
     "q35": ("q35", "virtio-blk-pci"),
@@ -36,7 +37,7 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True)
 class QemuMachine:
-    name: str = "microvm"
+    name: str = "q35"
     accel: str = "tcg"  # "tcg" or "kvm"
     tb_size_mib: int | None = 64  # bounds TCG's translation cache, which otherwise dominates QEMU's memory
 

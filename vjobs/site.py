@@ -35,7 +35,7 @@ class SiteConfig:
     preference: tuple[str, ...] = DEFAULT_PREFERENCE
     cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
     work_dir: Path = field(default_factory=lambda: _default_work_dir())
-    boot_timeout_s: float = 60.0
+    boot_timeout_s: float = 30.0
     boot_retries: int = 1
     allow_network: bool = False
     release_format: str = "squashfs"

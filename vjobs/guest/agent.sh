@@ -69,6 +69,20 @@ record() { echo "$1=$2" >> "$status"; }
 record agent_version 1
 record booted_s "$booted"
 
+newline='
+'
+# Writes a tar of the paths in /run/vjobs/list (relative to /scratch) to $1. busybox tar has no -T, so the
+# list becomes arguments: one per line, no word splitting on spaces, no globbing.
+tar_list() {
+    target=$1
+    set -f
+    IFS=$newline
+    set -- $(cat /run/vjobs/list)
+    unset IFS
+    set +f
+    tar -cf "$target" -C /scratch "$@"
+}
+
 # Writes the results onto the io disk and powers off; $1 is an error code or empty.
 deliver() {
     [ -n "$1" ] && record error "$1"
@@ -79,7 +93,7 @@ deliver() {
         [ -f "/scratch/vjobs/$stream" ] && echo "vjobs/$stream" >> /run/vjobs/list
     done
     [ -f /run/vjobs/outputs ] && cat /run/vjobs/outputs >> /run/vjobs/list
-    size=$(tar -cf - -C /scratch -T /run/vjobs/list 2>/dev/null | wc -c)
+    size=$(tar_list - 2>/dev/null | wc -c)
     if [ "$size" -gt "$IO_DISK_BYTES" ]; then
         record error output_too_large
         record output_bytes "$size"
@@ -92,7 +106,7 @@ deliver() {
         printf 'vjobs/status\nvjobs/stdout\nvjobs/stderr\n' > /run/vjobs/list
         say "error: outputs are $size bytes, more than the $IO_DISK_BYTES the output disk holds"
     fi
-    tar -cf "$io" -C /scratch -T /run/vjobs/list || say "error: writing results to $io failed"
+    tar_list "$io" || say "error: writing results to $io failed"
     sync
     say "results written to $io"
     finish
@@ -140,8 +154,6 @@ cd /scratch/work
 
 # Outputs: shell globs relative to the working directory, one per line; a matched folder comes back whole.
 : > /run/vjobs/outputs
-newline='
-'
 while IFS= read -r pattern; do
     IFS=$newline
     for match in $pattern; do

@@ -1,7 +1,7 @@
 """The qemu_user driver: no daemon, no root (when the files are readable), one QEMU process per VM.
 
 Site settings (``[drivers.qemu_user]``): ``binary``, ``accel`` (``tcg`` default, ``kvm``, or ``auto``: KVM
-when a real guest boots under it on this host, else TCG), ``machine`` (``microvm`` default, ``q35``, ``pc``),
+when a real guest boots under it on this host, else TCG), ``machine`` (``q35`` default, ``microvm``, ``pc``),
 ``tb_size_mib``.
 """
 
@@ -70,7 +70,7 @@ class QemuUserDriver(Driver):
     def _kvm_check(self) -> Check:
         if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
             return Check("kvm", False, f"{KVM_DEVICE} is missing or not read-writable by uid {os.getuid()}")
-        key = f"qemu_user-{self._setting('machine', 'microvm')}-kvm"
+        key = f"qemu_user-{self._setting('machine', 'q35')}-kvm"
         return boot_check(self.host, key, lambda spec: self._new_vm(spec, "kvm"), KVM_BOOT_DEADLINE_S)
 
     def create(self, spec: VMSpec) -> VM:
@@ -80,7 +80,7 @@ class QemuUserDriver(Driver):
         return self._new_vm(spec, accel)
 
     def _new_vm(self, spec: VMSpec, accel: str) -> "QemuUserVM":
-        machine = qemu.QemuMachine(self._setting("machine", "microvm"), accel, self._setting("tb_size_mib", 64))
+        machine = qemu.QemuMachine(self._setting("machine", "q35"), accel, self._setting("tb_size_mib", 64))
         return QemuUserVM(spec, self.binary, machine)
 
 

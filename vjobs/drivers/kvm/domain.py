@@ -1,0 +1,114 @@
+"""The libvirt domain description of a ``VMSpec``, built with ElementTree, and the vjobs owner labels it
+carries in ``<metadata>`` (read back by ``vjobs gc``)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from ...driver import VMSpec
+
+#: The namespace of vjobs' element in a domain's <metadata>; libvirt keys metadata by it.
+NAMESPACE_URI = "https://vjobs.invalid/owner/1"
+NAMESPACE_PREFIX = "vjobs"
+ET.register_namespace(NAMESPACE_PREFIX, NAMESPACE_URI)
+
+_OWNER = f"{{{NAMESPACE_URI}}}owner"
+_LABEL = f"{{{NAMESPACE_URI}}}label"
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """What the site config decides about every domain, as opposed to what the job decides (the spec)."""
+
+    virt_type: str = "kvm"  # "kvm" or "qemu" (TCG)
+    machine: str = "q35"  # "q35" or "pc"; libvirt has no microvm
+    tb_cache_mib: int | None = 64  # bounds TCG's translation cache, which otherwise dominates QEMU's memory
+    network: str | None = None  # a libvirt network to attach when the job may use the network
+
+
+def domain_xml(spec: VMSpec, settings: DomainSettings) -> str:
+    domain = ET.Element("domain", type=settings.virt_type)
+    _text(domain, "name", spec.name)
+    domain.append(owner_metadata(spec.owner.as_labels()))
+    _text(domain, "memory", str(spec.memory_mib), unit="MiB")
+    _text(domain, "vcpu", str(spec.vcpus))
+    domain.append(_os(spec, settings.machine))
+    domain.append(_features(settings))
+    _text(domain, "clock", None, offset="utc")
+    # A reset is how a panicking guest (panic=-1) ends: it must end the domain too, never boot it again.
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _text(domain, event, "destroy")
+    domain.append(_devices(spec, settings))
+    return ET.tostring(domain, encoding="unicode")
+
+
+def _os(spec: VMSpec, machine: str) -> ET.Element:
+    os_element = ET.Element("os")
+    _text(os_element, "type", "hvm", arch="x86_64", machine=machine)
+    _text(os_element, "kernel", str(spec.boot.kernel))
+    _text(os_element, "initrd", str(spec.boot.initramfs))
+    _text(os_element, "cmdline", f"{spec.boot.cmdline} console=ttyS0")
+    return os_element
+
+
+def _features(settings: DomainSettings) -> ET.Element:
+    features = ET.Element("features")
+    ET.SubElement(features, "acpi")  # without ACPI, the guest's poweroff halts instead of ending the domain
+    if settings.virt_type == "qemu" and settings.tb_cache_mib:
+        tcg = ET.SubElement(features, "tcg")
+        _text(tcg, "tb-cache", str(settings.tb_cache_mib), unit="MiB")
+    return features
+
+
+def _devices(spec: VMSpec, settings: DomainSettings) -> ET.Element:
+    devices = ET.Element("devices")
+    for index, disk in enumerate(spec.disks):
+        element = ET.SubElement(devices, "disk", type="file", device="disk")
+        # The format is named so that libvirt and QEMU never probe it: a guest could otherwise write a qcow2
+        # header into a raw disk and make QEMU open host files on the next boot. Writable disks are scratch
+        # space the host reads only after QEMU ended, so guest flushes need not reach the platter.
+        ET.SubElement(element, "driver", name="qemu", type=disk.format,
+                      cache="writethrough" if disk.readonly else "unsafe")
+        ET.SubElement(element, "source", file=str(disk.path))
+        ET.SubElement(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+        if disk.readonly:
+            ET.SubElement(element, "readonly")
+    if spec.network and settings.network:
+        interface = ET.SubElement(devices, "interface", type="network")
+        ET.SubElement(interface, "source", network=settings.network)
+        ET.SubElement(interface, "model", type="virtio")
+    serial = ET.SubElement(devices, "serial", type="file")
+    ET.SubElement(serial, "source", path=str(spec.console_log), append="off")
+    ET.SubElement(serial, "target", port="0")
+    # libvirt would otherwise add a USB controller and a memory balloon nobody uses: less to emulate
+    ET.SubElement(devices, "controller", type="usb", model="none")
+    ET.SubElement(devices, "memballoon", model="none")
+    return devices
+
+
+def owner_metadata(labels: dict[str, str]) -> ET.Element:
+    metadata = ET.Element("metadata")
+    metadata.append(owner_element(labels))
+    return metadata
+
+
+def owner_element(labels: dict[str, str]) -> ET.Element:
+    owner = ET.Element(_OWNER)
+    for key, value in sorted(labels.items()):
+        _text(owner, _LABEL, value, name=key)
+    return owner
+
+
+def parse_owner(xml: str) -> dict[str, str]:
+    """The labels of an owner element, as ``virDomainGetMetadata`` returns it."""
+    owner = ET.fromstring(xml)
+    if owner.tag != _OWNER:
+        return {}
+    return {label.get("name", ""): label.text or "" for label in owner.iter(_LABEL)}
+
+
+def _text(parent: ET.Element, tag: str, text: str | None, **attributes: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attributes)
+    element.text = text
+    return element
