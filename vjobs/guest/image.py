@@ -1,0 +1,267 @@
+"""The built-in guest image: Debian's cloud kernel and busybox-static, from the package registry, with the
+vjobs agent (agent.sh) as the initramfs's /init.
+
+Nothing is installed on the host: the packages are fetched with ``apt-get download`` and unpacked with
+``dpkg -x`` into a temporary folder. The cloud kernel flavour is used because it is LZ4-compressed (TCG
+decompresses it quickly: about 2 s to /init, see HOST_FACTS.md) and has CONFIG_XEN_PV and CONFIG_PVH, so
+one kernel serves QEMU, libvirt and Xen PV guests. Its block and filesystem drivers are modules; the
+initramfs carries the ones the agent needs, in dependency order, in /etc/vjobs/modules.
+
+``make``-style: the image lives in ``CACHE/images/default-KEY`` where KEY hashes what the build depends
+on (this builder, the agent, the module list, the command line, the package names). A second build with
+the same inputs only checks the files; ``force=True`` fetches the packages again (a newer kernel, say)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ImageError
+from .cpio import CpioWriter
+
+BUILDER_VERSION = 1
+KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the current versioned kernel
+BUSYBOX_PACKAGE = "busybox-static"
+# The modules the agent loads; their dependencies are added. virtio_pci for q35/pc, virtio_mmio for
+# microvm, xen_blkfront for Xen PV; ext4 is built into the cloud kernel.
+MODULE_ROOTS = ("virtio_pci", "virtio_mmio", "virtio_blk", "squashfs", "erofs", "xen_blkfront")
+# No "quiet": a kernel that hangs or panics should say where on the console log the user gets.
+CMDLINE = "panic=-1 loglevel=4"
+AGENT = Path(__file__).with_name("agent.sh")
+
+
+@dataclass(frozen=True)
+class ImageManifest:
+    kernel: Path
+    initramfs: Path
+    cmdline: str
+    kernel_sha256: str
+    initramfs_sha256: str
+    kernel_package: str
+    kernel_version: str
+    busybox_version: str
+    agent_sha256: str
+    modules: tuple[str, ...]
+    inputs_key: str
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.update(kernel=str(self.kernel), initramfs=str(self.initramfs), modules=list(self.modules))
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ImageManifest":
+        return cls(**{**data, "kernel": Path(data["kernel"]), "initramfs": Path(data["initramfs"]),
+                      "modules": tuple(data["modules"])})
+
+
+def inputs_key() -> str:
+    recipe = json.dumps([BUILDER_VERSION, KERNEL_PACKAGE, BUSYBOX_PACKAGE, MODULE_ROOTS, CMDLINE,
+                         _sha256(AGENT.read_bytes())])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
+def default_image_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "images" / f"default-{inputs_key()}"
+
+
+def load_default_image(cache_dir: Path) -> ImageManifest | None:
+    """The built image if it is there and intact, else None."""
+    folder = default_image_dir(cache_dir)
+    try:
+        manifest = ImageManifest.from_json(json.loads((folder / "manifest.json").read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    for path, expected in ((manifest.kernel, manifest.kernel_sha256),
+                           (manifest.initramfs, manifest.initramfs_sha256)):
+        try:
+            if _sha256(path.read_bytes()) != expected:
+                return None
+        except OSError:
+            return None
+    return manifest
+
+
+def build_default_image(cache_dir: Path, progress: Callable[[str], None] = lambda message: None,
+                        force: bool = False) -> ImageManifest:
+    folder = default_image_dir(cache_dir)
+    if not force and (manifest := load_default_image(cache_dir)):
+        return manifest
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / "default.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two pilots starting at once build once
+        if not force and (manifest := load_default_image(cache_dir)):
+            return manifest
+        try:
+            with tempfile.TemporaryDirectory(prefix=".build-", dir=folder.parent) as scratch:
+                manifest = _build(Path(scratch), folder, progress)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise ImageError(f"disk full while building the guest image in {folder.parent}: free space "
+                                 "or point cache_dir in the site config elsewhere", code="disk_full") from exc
+            raise ImageError(f"cannot build the guest image in {folder.parent}: {exc}") from exc
+        _remove_stale_builds(folder)
+        progress(f"guest image ready: {folder}")
+        return manifest
+
+
+def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> ImageManifest:
+    downloads = scratch / "downloads"
+    downloads.mkdir()
+    progress(f"guest image: fetching {KERNEL_PACKAGE} and {BUSYBOX_PACKAGE} with apt-get download")
+    meta = _download(KERNEL_PACKAGE, downloads)
+    kernel_package = _versioned_kernel(meta)
+    kernel_deb = _download(kernel_package, downloads)
+    busybox_deb = _download(BUSYBOX_PACKAGE, downloads)
+    unpacked = scratch / "root"
+    for deb in (kernel_deb, busybox_deb):
+        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], f"unpack {deb.name}")
+
+    vmlinuz = _one(unpacked.glob("boot/vmlinuz-*"), f"no boot/vmlinuz-* in {kernel_deb.name}")
+    kernel_version = vmlinuz.name.removeprefix("vmlinuz-")
+    modules = _module_closure(unpacked / "lib" / "modules" / kernel_version)
+    progress(f"guest image: kernel {kernel_version}, modules {' '.join(m.stem for m in modules)}")
+
+    output = scratch / "image"
+    output.mkdir()
+    shutil.copyfile(vmlinuz, output / "vmlinuz")
+    busybox = unpacked / "bin" / "busybox"
+    _write_initramfs(output / "initramfs.cpio", busybox.read_bytes(), modules)
+    manifest = ImageManifest(
+        kernel=folder / "vmlinuz", initramfs=folder / "initramfs.cpio", cmdline=CMDLINE,
+        kernel_sha256=_sha256((output / "vmlinuz").read_bytes()),
+        initramfs_sha256=_sha256((output / "initramfs.cpio").read_bytes()),
+        kernel_package=kernel_package, kernel_version=kernel_version,
+        busybox_version=_deb_field(busybox_deb, "Version"), agent_sha256=_sha256(AGENT.read_bytes()),
+        modules=tuple(m.stem for m in modules), inputs_key=inputs_key())
+    (output / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    if folder.exists():  # force: replace it whole, never leave a half-written image where readers look
+        shutil.rmtree(folder)
+    os.rename(output, folder)
+    return manifest
+
+
+def _write_initramfs(path: Path, busybox: bytes, modules: list[Path]) -> None:
+    with open(path, "wb") as handle:
+        cpio = CpioWriter(handle)
+        for name in ("bin", "dev", "etc", "etc/vjobs", "lib", "lib/modules", "proc", "sys", "run", "tmp",
+                     "root", "scratch"):
+            cpio.add_dir(name)
+        cpio.add_char_device("dev/console", 5, 1)  # the kernel opens it for /init before devtmpfs exists
+        cpio.add_char_device("dev/null", 1, 3, mode=0o666)
+        cpio.add_file("bin/busybox", busybox, mode=0o755)
+        cpio.add_file("init", AGENT.read_bytes(), mode=0o755)
+        for module in modules:
+            cpio.add_file(f"lib/modules/{module.name}", module.read_bytes())
+        cpio.add_file("etc/vjobs/modules", "".join(f"{m.name}\n" for m in modules).encode())
+        cpio.close()
+
+
+def _module_closure(module_dir: Path) -> list[Path]:
+    """The root modules and what they depend on, each after its dependencies. A root built into the kernel
+    (modules.builtin) is left out; one that is neither a module nor built in is an error."""
+    available = {_module_name(path): path for path in module_dir.rglob("*.ko")}
+    builtin_file = module_dir / "modules.builtin"
+    builtin = {_module_name(Path(line)) for line in builtin_file.read_text().split()} if builtin_file.exists() else set()
+    ordered: list[Path] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in builtin or any(path.stem == name or _module_name(path) == name for path in ordered):
+            return
+        if name in chain:
+            raise ImageError(f"guest image: module dependency cycle {' -> '.join(chain + (name,))}")
+        path = available.get(name)
+        if path is None:
+            raise ImageError(f"guest image: the kernel in {module_dir} has no module {name!r}, built in or not")
+        for dependency in _depends(path):
+            visit(dependency, chain + (name,))
+        ordered.append(path)
+
+    for root in MODULE_ROOTS:
+        visit(root, ())
+    return ordered
+
+
+def _module_name(path: Path) -> str:
+    return path.name.removesuffix(".ko").replace("-", "_")
+
+
+def _depends(module: Path) -> list[str]:
+    return _depends_from_bytes(module.read_bytes())
+
+
+def _depends_from_bytes(module: bytes) -> list[str]:
+    """Read from the module's own .modinfo strings, so no depmod or modinfo is needed on the host."""
+    found = re.search(rb"(?:^|\0)depends=([^\0]*)\0", module)
+    names = found.group(1).decode() if found else ""
+    return [name.replace("-", "_") for name in names.split(",") if name]
+
+
+def _download(package: str, folder: Path) -> Path:
+    before = set(folder.iterdir())
+    command = ["apt-get", "download", "-q", package]
+    try:
+        attempt = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+        if attempt.returncode != 0 and os.geteuid() == 0:
+            # A fresh machine may have no package lists yet, or stale ones that name deleted files.
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            attempt = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise ImageError("the built-in guest image is made from Debian packages, and apt-get was not found: "
+                         "build it on a Debian/Ubuntu host, or list your own images in the site config") from exc
+    if attempt.returncode != 0:
+        raise ImageError(f"apt-get download {package} failed: {attempt.stderr.strip()[-500:]}; check the "
+                         "package sources (run apt-get update as root)")
+    return _one(set(folder.iterdir()) - before, f"apt-get download {package} wrote no .deb")
+
+
+def _versioned_kernel(meta_deb: Path) -> str:
+    for dependency in _deb_field(meta_deb, "Depends").split(","):
+        name = dependency.strip().split(" ")[0]
+        if name.startswith("linux-image-"):
+            return name
+    raise ImageError(f"{meta_deb.name} depends on no linux-image-* package")
+
+
+def _deb_field(deb: Path, name: str) -> str:
+    return _run(["dpkg-deb", "-f", str(deb), name], f"read {name} of {deb.name}").strip()
+
+
+def _run(argv: list[str], what: str) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise ImageError(f"cannot {what}: {argv[0]} not found (install dpkg)") from exc
+    if done.returncode != 0:
+        if "No space left" in done.stderr:
+            raise OSError(errno.ENOSPC, done.stderr.strip())
+        raise ImageError(f"cannot {what}: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def _one(paths, message: str) -> Path:
+    paths = sorted(paths)
+    if len(paths) != 1:
+        raise ImageError(message if not paths else f"{message} (found {len(paths)})")
+    return paths[0]
+
+
+def _remove_stale_builds(current: Path) -> None:
+    """Images built from older recipes (another agent version, say) are never used again."""
+    for other in current.parent.glob("default-*"):
+        if other != current and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
