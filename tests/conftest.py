@@ -92,3 +92,44 @@ def assert_clean_host(tmp_path):
     leftovers = [p.name for p in work.iterdir()] if work.exists() else []
     assert leftovers == [], f"job folders left behind: {leftovers}"
     assert qemu_processes(str(tmp_path)) == []
+
+
+LIBVIRT_URI = os.environ.get("VJOBS_TEST_LIBVIRT_URI", "qemu:///system")
+
+
+def libvirt_reachable(uri: str = LIBVIRT_URI) -> str | None:
+    """None when libvirtd answers at ``uri``, else why not."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _context, _error: None, None)
+    try:
+        libvirt.open(uri).close()
+    except libvirt.libvirtError as exc:
+        return f"libvirtd at {uri}: {exc.get_error_message()}"
+    return None
+
+
+def vjobs_domains_of(pid: int, uri: str = LIBVIRT_URI) -> list[str]:
+    """Names of the libvirt domains that vjobs started from process ``pid``."""
+    import libvirt
+
+    from vjobs.drivers.kvm.driver import owner_labels
+
+    conn = libvirt.open(uri)
+    try:
+        return [dom.name() for dom in conn.listAllDomains() if owner_labels(dom).get("vjobs.pid") == str(pid)]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def libvirt_site(make_site):
+    """A site pinned to the kvm driver with TCG (KVM cannot boot guests here), against a real libvirtd.
+    scripts/test.sh starts libvirtd and sets VJOBS_REQUIRE_LIBVIRT, so in CI an absent libvirtd fails."""
+    why_not = libvirt_reachable()
+    if why_not:
+        if os.environ.get("VJOBS_REQUIRE_LIBVIRT"):
+            pytest.fail(f"{why_not} (scripts/test.sh should have started it)")
+        pytest.skip(f"{why_not}: start it with .ci/libvirt.sh up")
+    yield make_site(driver="kvm", drivers={"kvm": {"uri": LIBVIRT_URI, "virt_type": "qemu"}})
+    assert vjobs_domains_of(os.getpid()) == [], "libvirt domains left behind"

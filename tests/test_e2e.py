@@ -17,11 +17,12 @@ import vjobs
 pytestmark = pytest.mark.vm
 
 
-@pytest.fixture(params=["qemu_user"])
+@pytest.fixture(params=["qemu_user", pytest.param("kvm", marks=pytest.mark.libvirt)])
 def driver_site(request, make_site, built_image):
     """(driver name, site config) for each driver set-up under test."""
     name = request.param
-    setups = {"qemu_user": lambda: make_site(driver="qemu_user")}
+    setups = {"qemu_user": lambda: make_site(driver="qemu_user"),
+              "kvm": lambda: request.getfixturevalue("libvirt_site")}
     return name, setups[name]()
 
 

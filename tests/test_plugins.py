@@ -17,7 +17,7 @@ DEMO = Path(__file__).parent / "plugins" / "demo_driver"
 def demo_env(tmp_path_factory):
     """An environment where the demo driver package is installed (into its own folder, by pip)."""
     target = tmp_path_factory.mktemp("demo-site-packages")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "--target", str(target), str(DEMO)], check=True)
     return {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
@@ -47,7 +47,7 @@ def test_installed_driver_runs_a_job(demo_env, make_job, cache_dir, built_image,
     site = tmp_path / "site.toml"
     site.write_text(f'driver = "demo"\ncache_dir = "{cache_dir}"\n'
                     f'work_dir = "{tmp_path / "work"}"\n')
-    job = make_job(["sh", "-c", "echo from-demo; grep -c virtio_pci /proc/modules"])
+    job = make_job(["sh", "-c", "echo from-demo; grep -c '^virtio_pci ' /proc/modules"])
     done = vjobs_cli(demo_env, "run", str(job), "--site", str(site), "--outdir", str(tmp_path / "out"), "--json")
     result = json.loads(done.stdout)
     assert result["driver"] == "demo" and result["status"] == "succeeded", done.stderr

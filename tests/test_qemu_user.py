@@ -28,6 +28,7 @@ def silent_image(tmp_path, built_image):
     initramfs = tmp_path / "silent.cpio"
     with open(initramfs, "wb") as handle:
         writer = CpioWriter(handle)
+        writer.add_dir("bin")
         writer.add_file("init", b"#!/bin/busybox sh\n/bin/busybox sleep 3600\n", mode=0o755)
         writer.add_file("bin/busybox", open("/bin/busybox", "rb").read(), mode=0o755)
         writer.close()

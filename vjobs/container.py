@@ -55,8 +55,9 @@ class VMContainer:
                 self._run_phases()
             except VjobsError as error:
                 self._fail(error)
-            except KeyboardInterrupt:
-                self._fail(Cancelled("interrupted (Ctrl-C); the VM was stopped and its files removed"))
+            except KeyboardInterrupt as interrupt:  # Ctrl-C, or _Terminated from the signal guard
+                self._fail(Cancelled(f"{interrupt.args[0] if interrupt.args else 'SIGINT'} received; "
+                                     "the VM was stopped and its files removed"))
             finally:
                 guard.hold()  # a second SIGTERM must not cut the teardown short
                 with self._phase("teardown"):
@@ -258,8 +259,13 @@ def _distribution_version(driver: Driver) -> str | None:
     return None
 
 
+class _Terminated(KeyboardInterrupt):
+    """Raised in the main thread by a signal. A KeyboardInterrupt, not an Exception, so that no
+    ``except Exception`` on the way (ours, asyncio's callback runner, a library's) can swallow it."""
+
+
 class _SignalGuard:
-    """SIGTERM (the batch system's way to end a job) raises ``Cancelled`` in the main thread, once; after
+    """SIGTERM (the batch system's way to end a job) raises ``_Terminated`` in the main thread, once; after
     ``hold()`` further signals are noted but ignored so that teardown runs to its end."""
 
     def __init__(self):
@@ -268,7 +274,7 @@ class _SignalGuard:
     def handle(self, signum, _frame) -> None:
         if not self.holding:
             self.holding = True
-            raise Cancelled(f"{signal.Signals(signum).name} received; the VM was stopped and its files removed")
+            raise _Terminated(signal.Signals(signum).name)
 
     def hold(self) -> None:
         self.holding = True

@@ -75,8 +75,12 @@ def translate(exc: libvirt.libvirtError, action: str, uri: str) -> VjobsError:
     return VMError(f"{action}: libvirt at {uri} failed: {message} (libvirt error {code})", code="libvirt_error")
 
 
-def _system_errno(exc: libvirt.libvirtError) -> int | None:
-    return exc.get_int1() if exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR else None
+def _socket_errno(exc: libvirt.libvirtError, message: str) -> int | None:
+    """The errno of a failed connect() to libvirt's socket; None for any other error (a domain's own files
+    can fail with the same errno, and then the advice about the daemon would be wrong)."""
+    if exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR and "connect socket" in message:
+        return exc.get_int1()
+    return None
 
 
 def is_gone(exc: libvirt.libvirtError) -> bool:
@@ -88,14 +92,15 @@ def is_gone(exc: libvirt.libvirtError) -> bool:
 _ADVICE: list[tuple[Callable[[libvirt.libvirtError, str], bool], str, str]] = [
     (lambda exc, msg: "virtlogd" in msg, "virtlogd_unreachable",
      "virtlogd is not running: start it as root (`virtlogd -d`, or `systemctl start virtlogd`)"),
-    (lambda exc, msg: _system_errno(exc) == errno.EACCES
+    (lambda exc, msg: _socket_errno(exc, msg) == errno.EACCES
      or exc.get_error_code() in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_UNAVAILABLE),
      "permission_denied",
      "permission denied on libvirt's socket: run vjobs as root or as a member of the socket's group "
      "(usually `libvirt`), or use uri = \"qemu:///session\""),
-    (lambda exc, msg: _system_errno(exc) in (errno.ENOENT, errno.ECONNREFUSED), "libvirtd_unreachable",
+    (lambda exc, msg: _socket_errno(exc, msg) in (errno.ENOENT, errno.ECONNREFUSED), "libvirtd_unreachable",
      f"libvirtd is not running there: {START_ADVICE}"),
-    (lambda exc, msg: exc.get_error_code() == libvirt.VIR_ERR_NO_CONNECT or "URI" in msg, "libvirt_uri_invalid",
+    (lambda exc, msg: exc.get_error_code() == libvirt.VIR_ERR_NO_CONNECT
+     or (exc.get_error_code() == libvirt.VIR_ERR_INTERNAL_ERROR and "URI" in msg), "libvirt_uri_invalid",
      "no libvirt driver takes this URI: fix [drivers.kvm] uri in the site config (e.g. qemu:///system)"),
     (lambda exc, msg: exc.get_error_code() in (libvirt.VIR_ERR_DOM_EXIST, libvirt.VIR_ERR_OPERATION_FAILED)
      and "already exists" in msg, "domain_exists",

@@ -36,9 +36,12 @@ def domain_xml(spec: VMSpec, settings: DomainSettings) -> str:
     domain.append(_os(spec, settings.machine))
     domain.append(_features(settings))
     _text(domain, "clock", None, offset="utc")
-    # A reset is how a panicking guest (panic=-1) ends: it must end the domain too, never boot it again.
-    for event in ("on_poweroff", "on_reboot", "on_crash"):
-        _text(domain, event, "destroy")
+    # A reset is how a panicking guest (panic=-1) ends. With on_reboot=destroy libvirt reports it exactly
+    # like a clean power-off, so the domain restarts instead: the REBOOT event tells KvmVM that it was a
+    # crash, and KvmVM destroys the domain before the rebooted guest gets anywhere.
+    _text(domain, "on_poweroff", "destroy")
+    _text(domain, "on_reboot", "restart")
+    _text(domain, "on_crash", "destroy")
     domain.append(_devices(spec, settings))
     return ET.tostring(domain, encoding="unicode")
 

@@ -1,0 +1,299 @@
+"""The kvm driver: each job runs in a transient libvirt domain, watched through libvirt's domain events.
+
+Site settings (``[drivers.kvm]``): ``uri`` (``qemu:///system`` default, or ``qemu:///session``),
+``virt_type`` (``kvm`` default, or ``qemu`` for TCG, as Nova's libvirt driver has it), ``machine`` (``q35``
+default, or ``pc``; libvirt has no microvm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import xml.etree.ElementTree as ET
+from typing import Callable, Mapping
+
+import libvirt
+
+from ...bootcheck import boot_check
+from ...driver import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
+from ...errors import VjobsError, VMError
+from . import connection
+from .connection import libvirt_errors
+from .domain import NAMESPACE_URI, DomainSettings, domain_xml, parse_owner
+
+# How long the deep probe waits for the built-in guest: a healthy KVM host boots it in well under a second;
+# TCG through libvirt took about 4-5 s here (kernel decompression and boot, plus libvirt's start and stop).
+BOOT_DEADLINE_S = {"kvm": 15.0, "qemu": 60.0}
+ACCELERATION = {"kvm": "kvm", "qemu": "tcg"}
+NETWORK = "default"  # the libvirt network a job that may use the network is attached to
+RECONNECT_S = 30.0  # how long destroy() waits for a restarted libvirtd to answer again
+
+
+class KvmDriver(Driver):
+    @property
+    def uri(self) -> str:
+        return self.settings.get("uri", "qemu:///system")
+
+    @property
+    def virt_type(self) -> str:
+        return self.settings.get("virt_type", "kvm")
+
+    @property
+    def machine(self) -> str:
+        return self.settings.get("machine", "q35")
+
+    def version(self) -> str | None:
+        try:
+            with connection.connection(self.uri) as conn, libvirt_errors("version", self.uri):
+                return _versions(conn)
+        except VjobsError:
+            return None
+
+    def create(self, spec: VMSpec) -> VM:
+        settings = DomainSettings(virt_type=self.virt_type, machine=self.machine, network=NETWORK)
+        return KvmVM(spec, self.uri, domain_xml(spec, settings))
+
+    # --- probe -------------------------------------------------------------------------------------------
+
+    def probe(self) -> Capabilities:
+        checks: list[Check] = []
+        try:
+            with connection.connection(self.uri) as conn, libvirt_errors("probe", self.uri):
+                hypervisor = _versions(conn)
+                checks.append(Check("libvirtd", True, f"{self.uri}: {hypervisor}"))
+                checks.append(self._capabilities_check(conn))
+                limits = self._domain_capabilities(conn, checks) if checks[-1].ok else {}
+                network = _network_active(conn)
+        except VjobsError as error:
+            checks.append(Check("libvirtd", False, str(error)))
+            return Capabilities(self.name, False, str(error), checks=tuple(checks))
+        if all(check.ok for check in checks):
+            checks.append(boot_check(self.host, f"kvm-{self.uri}-{self.virt_type}", self.create,
+                                     BOOT_DEADLINE_S[self.virt_type]))
+        return self._verdict(checks, hypervisor, network, limits)
+
+    def _verdict(self, checks: list[Check], hypervisor: str, network: bool, limits: dict) -> Capabilities:
+        failed = next((check for check in checks if not check.ok), None)
+        accel = ACCELERATION[self.virt_type] if failed is None else None
+        why = self._acceleration_reason(checks, failed)
+        reason = f"{hypervisor} at {self.uri}, {accel} acceleration" if failed is None else why
+        return Capabilities(self.name, failed is None, reason, acceleration=accel, acceleration_reason=why,
+                            hypervisor=hypervisor, read_only_disks=True, disk_formats=("raw", "qcow2"),
+                            network=network, checks=tuple(checks), **limits)
+
+    def _acceleration_reason(self, checks: list[Check], failed: Check | None) -> str:
+        if self.virt_type == "qemu":
+            what = "TCG (software emulation) through libvirt, as configured (virt_type = \"qemu\")"
+            return f"{what}: {checks[-1].detail}" if failed is None else f"{what}, but {failed.detail}"
+        if failed is None:
+            return f"KVM: {checks[-1].detail}"
+        advertised = " although libvirt advertises KVM" if checks[1].ok else ""
+        return (f"KVM was asked for (virt_type = \"kvm\") but cannot run guests here{advertised}: "
+                f"{failed.detail}; set [drivers.kvm] virt_type = \"qemu\" to use TCG through libvirt")
+
+    def _capabilities_check(self, conn: libvirt.virConnect) -> Check:
+        caps = ET.fromstring(conn.getCapabilities())
+        types = sorted({domain.get("type") for domain in
+                        caps.findall("./guest[os_type='hvm']/arch[@name='x86_64']/domain")})
+        ok = self.virt_type in types
+        detail = f"x86_64 hvm guests of domain types {', '.join(types) or 'none'}"
+        if not ok:
+            detail += f": no <domain type='{self.virt_type}'/> (for kvm: /dev/kvm missing or not usable by libvirtd)"
+        return Check("capabilities", ok, detail)
+
+    def _domain_capabilities(self, conn: libvirt.virConnect, checks: list[Check]) -> dict:
+        try:
+            caps = ET.fromstring(conn.getDomainCapabilities(None, "x86_64", self.machine, self.virt_type))
+        except libvirt.libvirtError as exc:
+            checks.append(Check("domain capabilities", False, f"machine {self.machine!r} under {self.virt_type}: "
+                                                              f"{exc.get_error_message()}"))
+            return {}
+        buses = {value.text for value in caps.findall("./devices/disk/enum[@name='bus']/value")}
+        max_vcpus = int(caps.find("vcpu").get("max", "1"))
+        host_cpus, host_mib = conn.getInfo()[2], conn.getInfo()[1]
+        checks.append(Check("domain capabilities", "virtio" in buses,
+                            f"machine {caps.findtext('machine')}, up to {max_vcpus} vCPUs, disk buses "
+                            f"{', '.join(sorted(buses))}"))
+        return {"max_vcpus": min(max_vcpus, host_cpus), "max_memory_mib": host_mib}
+
+    # --- garbage -----------------------------------------------------------------------------------------
+
+    def collect_garbage(self, is_orphan: Callable[[Mapping[str, str]], bool]) -> list[str]:
+        removed = []
+        with connection.connection(self.uri) as conn, libvirt_errors("gc", self.uri):
+            for dom in conn.listAllDomains():
+                labels = owner_labels(dom)
+                if labels and is_orphan(labels):
+                    _destroy_quietly(dom)
+                    removed.append(f"destroyed domain {dom.name()} on {self.uri} (job {labels.get('vjobs.job_id')}, "
+                                   f"pid {labels.get('vjobs.pid')})")
+        return removed
+
+
+class KvmVM(VM):
+    """One transient domain. Its own connection carries the event callbacks, so that closing it ends them."""
+
+    def __init__(self, spec: VMSpec, uri: str, xml: str):
+        super().__init__(spec)
+        self.uri, self.xml = uri, xml
+        self.conn: libvirt.virConnect | None = None
+        self.dom: libvirt.virDomain | None = None
+        self.callbacks: list[int] = []
+        self.changed = threading.Condition()
+        self.stop: Stop | None = None  # set by the event thread once the domain is gone
+        self.reset = False  # the guest reset itself (a panic with panic=-1, or reboot)
+        self.lost: str | None = None  # why the connection to libvirtd closed
+
+    def start(self) -> None:
+        self.conn = connection.open_connection(self.uri)
+        with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
+            self.conn.registerCloseCallback(self._on_close, None)
+            # Registered for every domain, before the domain exists: a guest that ends at once is not missed.
+            self.callbacks = [
+                self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
+                self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None)]
+            self.dom = self.conn.createXML(self.xml, 0)
+
+    # --- waiting: the event thread records, the caller's thread waits --------------------------------------
+
+    def wait_until_stopped(self, deadline: float) -> Stop:
+        with self.changed:
+            while self.stop is None and self.lost is None:
+                if self.reset:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return Stop.DEADLINE
+                self.changed.wait(remaining)
+        if self.stop is not None:
+            return self.stop
+        if self.lost is not None:
+            raise VMError(f"lost the connection to libvirtd at {self.uri} while domain {self.spec.name} ran "
+                          f"({self.lost}): was libvirtd restarted or stopped? The domain is destroyed once libvirtd "
+                          f"answers again; if it does not, {connection.START_ADVICE}", code="hypervisor_lost")
+        # libvirt reports a reset under on_reboot=destroy exactly like a power-off, so the domain restarts on
+        # a reset instead, and is destroyed here before the rebooted guest gets anywhere.
+        self._destroy_domain()
+        return self.wait_until_stopped(deadline)
+
+    def _on_lifecycle(self, _conn, dom, event: int, detail: int, _opaque) -> None:
+        if dom.name() != self.spec.name:
+            return
+        stop = _stop_for(event, detail)
+        if stop is not None:
+            with self.changed:
+                self.stop = Stop.CRASH if self.reset else stop
+                self.changed.notify_all()
+
+    def _on_reboot(self, _conn, dom, _opaque) -> None:
+        if dom.name() == self.spec.name:
+            with self.changed:
+                self.reset = True
+                self.changed.notify_all()
+
+    def _on_close(self, _conn, reason: int, _opaque) -> None:
+        with self.changed:
+            self.lost = _CLOSE_REASONS.get(reason, f"close reason {reason}")
+            self.changed.notify_all()
+
+    # --- the end ---------------------------------------------------------------------------------------
+
+    def fetch_disk(self, disk: Disk):
+        return disk.path  # QEMU, started by libvirtd on this host, wrote straight into the host file
+
+    def destroy(self) -> None:
+        if self.conn is None:
+            return
+        try:
+            if self.dom is not None and self.stop is None:
+                if self.lost is None:
+                    self._destroy_domain()
+                else:
+                    self._destroy_after_reconnect()
+        finally:
+            self._close()
+
+    def _destroy_domain(self) -> None:
+        with libvirt_errors(f"destroying domain {self.spec.name}", self.uri):
+            _destroy_quietly(self.dom)
+
+    def _destroy_after_reconnect(self) -> None:
+        """libvirtd went away while the domain ran; a restarted libvirtd takes its running domains back."""
+        give_up = time.monotonic() + RECONNECT_S
+        while True:
+            try:
+                with connection.connection(self.uri) as conn, libvirt_errors("reconnecting", self.uri):
+                    return self._destroy_ours(conn)
+            except VMError as error:
+                if time.monotonic() > give_up:
+                    raise VMError(f"could not destroy domain {self.spec.name}: {error}; `vjobs gc` removes it "
+                                  "once libvirtd runs again", code="hypervisor_lost") from error
+            time.sleep(0.5)  # bounded retry while a restarted libvirtd comes up: it sends no event before
+
+    def _destroy_ours(self, conn: libvirt.virConnect) -> None:
+        try:
+            dom = conn.lookupByName(self.spec.name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            raise
+        if owner_labels(dom).get("vjobs.run_id") == self.spec.owner.run_id:
+            _destroy_quietly(dom)
+
+    def _close(self) -> None:
+        conn, self.conn, self.dom = self.conn, None, None
+        with contextlib.suppress(libvirt.libvirtError):
+            for callback in self.callbacks:
+                conn.domainEventDeregisterAny(callback)
+            conn.unregisterCloseCallback()
+        connection.close_quietly(conn)
+
+
+_CLOSE_REASONS = {libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",
+                  libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
+                  libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "libvirtd stopped answering keepalives",
+                  libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by vjobs"}
+
+
+def _stop_for(event: int, detail: int) -> Stop | None:
+    """The ``Stop`` a lifecycle event means, or None while the domain still runs."""
+    if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
+        return Stop.CRASH
+    if event != libvirt.VIR_DOMAIN_EVENT_STOPPED:
+        return None
+    # STOPPED_DESTROYED that vjobs did not ask for: someone killed QEMU; FAILED: QEMU died
+    return Stop.POWEROFF if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN else Stop.CRASH
+
+
+def owner_labels(dom: libvirt.virDomain) -> dict[str, str]:
+    """vjobs' owner labels of a domain; empty for a domain that is not vjobs'."""
+    try:
+        return parse_owner(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE_URI))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
+            return {}
+        raise
+
+
+def _destroy_quietly(dom: libvirt.virDomain) -> None:
+    try:
+        dom.destroy()
+    except libvirt.libvirtError as exc:
+        if not connection.is_gone(exc):
+            raise
+
+
+def _versions(conn: libvirt.virConnect) -> str:
+    return f"libvirt {_dotted(conn.getLibVersion())}, {conn.getType()} {_dotted(conn.getVersion())}"
+
+
+def _dotted(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def _network_active(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.networkLookupByName(NETWORK).isActive())
+    except libvirt.libvirtError:
+        return False
