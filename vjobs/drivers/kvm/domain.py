@@ -104,11 +104,16 @@ def owner_element(labels: dict[str, str]) -> ET.Element:
 
 
 def parse_owner(xml: str) -> dict[str, str]:
-    """The labels of an owner element, as ``virDomainGetMetadata`` returns it."""
+    """The labels of an owner element, as ``virDomainGetMetadata`` returns it: libvirt hands the element
+    back without its namespace (the namespace was the key of the lookup), so local names are compared."""
     owner = ET.fromstring(xml)
-    if owner.tag != _OWNER:
+    if _local(owner.tag) != "owner":
         return {}
-    return {label.get("name", ""): label.text or "" for label in owner.iter(_LABEL)}
+    return {label.get("name", ""): label.text or "" for label in owner if _local(label.tag) == "label"}
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
 
 
 def _text(parent: ET.Element, tag: str, text: str | None, **attributes: str) -> ET.Element:

@@ -89,6 +89,8 @@ class XenDriver(Driver):
         return XenVM(spec, self.settings, self.host.cache_dir)
 
     def collect_garbage(self, is_orphan: Callable[[Mapping[str, str]], bool]) -> list[str]:
+        if not self.settings.get("password_file"):
+            return []  # no pool configured: nothing of vjobs' can be there
         removed = []
         with Xapi(self.settings) as xapi, xapi_errors("gc", xapi.url):
             for ref, record in xapi.api.VM.get_all_records().items():
