@@ -133,3 +133,32 @@ def libvirt_site(make_site):
         pytest.skip(f"{why_not}: start it with .ci/libvirt.sh up")
     yield make_site(driver="kvm", drivers={"kvm": {"uri": LIBVIRT_URI, "virt_type": "qemu"}})
     assert vjobs_domains_of(os.getpid()) == [], "libvirt domains left behind"
+
+
+@pytest.fixture
+def xapi_standin(tmp_path):
+    """A XAPI stand-in of this test's own (real XML-RPC on loopback; started VMs are QEMU TCG guests).
+    After the test: no VM, VBD or job VDI is left in it (a release VDI is kept on purpose)."""
+    from vjobs.testing.xapi_standin import XapiStandin
+
+    with XapiStandin(tmp_path / "xapi", password="pool-secret") as standin:
+        yield standin
+        left = {cls: len(standin.store.objects[cls]) for cls in ("VM", "VBD")}
+        job_vdis = [r["name_label"] for r in standin.store.objects["VDI"].values()
+                    if "vjobs.release_sha256" not in r["other_config"]]
+        assert left == {"VM": 0, "VBD": 0} and job_vdis == [], f"left in the pool: {left}, {job_vdis}"
+
+
+@pytest.fixture
+def xen_settings(xapi_standin, tmp_path):
+    password_file = tmp_path / "xapi-password"
+    password_file.write_text("pool-secret\n")
+    password_file.chmod(0o600)
+    return {"url": xapi_standin.url, "username": "root", "password_file": str(password_file),
+            "sr": "vjobs-sr", "require_dom0": False}
+
+
+@pytest.fixture
+def xen_site(make_site, xen_settings):
+    """A site pinned to the xen driver, pointed at the XAPI stand-in (not in dom0: require_dom0 = false)."""
+    return make_site(driver="xen", drivers={"xen": xen_settings})

@@ -17,12 +17,13 @@ import vjobs
 pytestmark = pytest.mark.vm
 
 
-@pytest.fixture(params=["qemu_user", pytest.param("kvm", marks=pytest.mark.libvirt)])
+@pytest.fixture(params=["qemu_user", pytest.param("kvm", marks=pytest.mark.libvirt), "xen"])
 def driver_site(request, make_site, built_image):
     """(driver name, site config) for each driver set-up under test."""
     name = request.param
     setups = {"qemu_user": lambda: make_site(driver="qemu_user"),
-              "kvm": lambda: request.getfixturevalue("libvirt_site")}
+              "kvm": lambda: request.getfixturevalue("libvirt_site"),
+              "xen": lambda: request.getfixturevalue("xen_site")}
     return name, setups[name]()
 
 

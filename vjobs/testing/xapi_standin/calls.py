@@ -1,0 +1,302 @@
+"""The XAPI calls the stand-in implements. Each method ``cls__name`` answers the XML-RPC method ``cls.name``;
+the session reference, XAPI's first argument, is checked by the dispatcher and not passed on.
+
+Implemented: session.login_with_password / logout / get_this_host; host.get_record / compute_free_memory;
+SR.get_by_name_label; VDI.create / destroy / set_read_only / add_to_other_config /
+remove_from_other_config; VBD.create / destroy; VM.create / start / hard_shutdown / destroy /
+get_power_state / get_VBDs; console (records only); event.from; and for every class get_record,
+get_all, get_all_records, get_by_uuid, get_by_name_label. See model.py for what is simplified."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Callable
+
+from ...driver import Disk
+from .model import MIB, NULL_REF, Faults, Stats, Store, XapiFailure, record_for_wire
+from .runner import GuestRunner
+
+SESSION_FREE_CALLS = {"session.login_with_password"}
+
+
+class Calls:
+    def __init__(self, store: Store, state_dir: Path, username: str, password: str, sr_name: str,
+                 sr_size_mib: int, host_memory_mib: int, url: Callable[[], str]):
+        self.store, self.state_dir = store, state_dir
+        self.username, self.password = username, password
+        self.faults, self.stats = Faults(), Stats()
+        self.url = url
+        self.runners: dict[str, GuestRunner] = {}
+        self.sr_dir = state_dir / "sr"
+        self.sr_dir.mkdir(parents=True, exist_ok=True)
+        self.host = store.add("host", {
+            "name_label": socket.gethostname(), "hostname": socket.gethostname(), "address": "127.0.0.1",
+            "API_version_major": "2", "API_version_minor": "21", "enabled": True,
+            "software_version": {"product_brand": "XAPI stand-in (vjobs tests)", "product_version": "0",
+                                 "xen": "none (guests run as QEMU TCG)"},
+            "capabilities": ["xen-3.0-x86_64"], "memory_total": host_memory_mib * MIB, "resident_VMs": []})
+        self.sr = store.add("SR", {"name_label": sr_name, "name_description": "stand-in SR (raw files)",
+                                   "type": "ext", "content_type": "user", "shared": False,
+                                   "physical_size": sr_size_mib * MIB, "physical_utilisation": 0,
+                                   "virtual_allocation": 0, "VDIs": [], "other_config": {}})
+
+    # --- session -----------------------------------------------------------------------------------------
+
+    def session__login_with_password(self, username, password, version="", originator=""):
+        if (username, password) != (self.username, self.password):
+            raise XapiFailure("SESSION_AUTHENTICATION_FAILED", username, "Authentication failure")
+        return self.store.add("session", {"this_user": username, "originator": originator,
+                                          "this_host": self.host})
+
+    def session__logout(self, session):
+        self.store.remove("session", session)
+        return ""
+
+    def session__get_this_host(self, session, _session_again):
+        return self.host
+
+    def check_session(self, session) -> None:
+        if session not in self.store.objects["session"]:
+            raise XapiFailure("SESSION_INVALID", session)
+
+    # --- host, SR ----------------------------------------------------------------------------------------
+
+    def host__compute_free_memory(self, host):
+        with self.store.lock:
+            used = sum(int(vm["memory_static_max"]) for vm in self.store.objects["VM"].values()
+                       if vm["power_state"] == "Running")
+            return int(self.store.get("host", host)["memory_total"]) - used
+
+    def _sr_free(self) -> int:
+        record = self.store.get("SR", self.sr)
+        return int(record["physical_size"]) - int(record["physical_utilisation"])
+
+    # --- VDI ---------------------------------------------------------------------------------------------
+
+    def VDI__create(self, record):
+        size = int(record.get("virtual_size", 0))
+        with self.store.lock:
+            self.store.get("SR", record.get("SR", NULL_REF))
+            if size > self._sr_free():
+                raise XapiFailure("SR_FULL", size, self._sr_free())
+            sr = self.store.get("SR", self.sr)
+            fields = {"name_label": "", "name_description": "", "type": "user", "sharable": False,
+                      "read_only": False, "other_config": {}, "xenstore_data": {}, "sm_config": {}, "tags": []}
+            fields.update(record)
+            fields.update(virtual_size=size, physical_utilisation=size, VBDs=[], managed=True, missing=False)
+            ref = self.store.add("VDI", fields)
+            path = self.vdi_path(ref)
+            with open(path, "wb") as handle:
+                handle.truncate(size)
+            self.store.modify("SR", self.sr, VDIs=sr["VDIs"] + [ref],
+                              physical_utilisation=int(sr["physical_utilisation"]) + size)
+            return ref
+
+    def vdi_path(self, ref: str) -> Path:
+        return self.sr_dir / f"{self.store.get('VDI', ref)['uuid']}.raw"
+
+    def VDI__destroy(self, vdi):
+        with self.store.lock:
+            record = self.store.get("VDI", vdi)
+            vbds = [self.store.get("VBD", vbd) for vbd in record["VBDs"]]
+            if any(vbd["currently_attached"] for vbd in vbds):
+                raise XapiFailure("VDI_IN_USE", vdi, "destroy")
+            for vbd in list(record["VBDs"]):
+                self.VBD__destroy(vbd)
+            self.vdi_path(vdi).unlink(missing_ok=True)
+            sr = self.store.get("SR", self.sr)
+            self.store.modify("SR", self.sr, VDIs=[r for r in sr["VDIs"] if r != vdi],
+                              physical_utilisation=int(sr["physical_utilisation"]) - int(record["virtual_size"]))
+            self.store.remove("VDI", vdi)
+            return ""
+
+    def VDI__set_read_only(self, vdi, value):
+        self.store.modify("VDI", vdi, read_only=bool(value))
+        return ""
+
+    def VDI__add_to_other_config(self, vdi, key, value):
+        with self.store.lock:
+            config = dict(self.store.get("VDI", vdi)["other_config"])
+            if key in config:
+                raise XapiFailure("MAP_DUPLICATE_KEY", "VDI", "other_config", vdi, key)
+            self.store.modify("VDI", vdi, other_config={**config, key: value})
+            return ""
+
+    def VDI__remove_from_other_config(self, vdi, key):
+        with self.store.lock:
+            config = dict(self.store.get("VDI", vdi)["other_config"])
+            config.pop(key, None)
+            self.store.modify("VDI", vdi, other_config=config)
+            return ""
+
+    # --- VBD ---------------------------------------------------------------------------------------------
+
+    def VBD__create(self, record):
+        with self.store.lock:
+            vm, vdi = self.store.get("VM", record["VM"]), self.store.get("VDI", record["VDI"])
+            if vm["power_state"] != "Halted":
+                raise XapiFailure("VM_BAD_POWER_STATE", record["VM"], "halted", vm["power_state"].lower())
+            if vdi["read_only"] and record.get("mode") != "RO":
+                raise XapiFailure("VDI_READONLY", record["VDI"])
+            devices = {self.store.get("VBD", vbd)["userdevice"] for vbd in vm["VBDs"]}
+            if record["userdevice"] in devices:
+                raise XapiFailure("DEVICE_ALREADY_EXISTS", record["userdevice"])
+            ref = self.store.add("VBD", {**record, "currently_attached": False, "device": ""})
+            self.store.modify("VM", record["VM"], VBDs=vm["VBDs"] + [ref])
+            self.store.modify("VDI", record["VDI"], VBDs=vdi["VBDs"] + [ref])
+            return ref
+
+    def VBD__destroy(self, vbd):
+        with self.store.lock:
+            record = self.store.get("VBD", vbd)
+            if record["currently_attached"]:
+                raise XapiFailure("DEVICE_ALREADY_ATTACHED", vbd)
+            for cls, owner in (("VM", record["VM"]), ("VDI", record["VDI"])):
+                if owner in self.store.objects[cls]:
+                    refs = self.store.get(cls, owner)["VBDs"]
+                    self.store.modify(cls, owner, VBDs=[r for r in refs if r != vbd])
+            self.store.remove("VBD", vbd)
+            return ""
+
+    # --- VM ----------------------------------------------------------------------------------------------
+
+    def VM__create(self, record):
+        for required in ("name_label", "memory_static_max", "VCPUs_max", "PV_kernel"):
+            if required not in record:
+                raise XapiFailure("FIELD_TYPE_ERROR", required)
+        fields = {"other_config": {}, "tags": [], "PV_args": "", "PV_ramdisk": "",
+                  "VCPUs_at_startup": record["VCPUs_max"]}
+        fields.update(record)
+        fields.update(power_state="Halted", VBDs=[], consoles=[], domid="-1", resident_on=NULL_REF,
+                      is_control_domain=False)
+        return self.store.add("VM", fields)
+
+    def VM__get_power_state(self, vm):
+        return self.store.get("VM", vm)["power_state"]
+
+    def VM__start(self, vm, start_paused, force):
+        with self.store.lock:
+            record = self.store.get("VM", vm)
+            if record["power_state"] != "Halted":
+                raise XapiFailure("VM_BAD_POWER_STATE", vm, "halted", record["power_state"].lower())
+            if self.faults.fail_next_start:
+                code, self.faults.fail_next_start = self.faults.fail_next_start, None
+                raise XapiFailure(code, vm)
+            needed, free = int(record["memory_static_max"]), self.host__compute_free_memory(self.host)
+            if needed > free:
+                raise XapiFailure("HOST_NOT_ENOUGH_FREE_MEMORY", needed, free)
+            for key in ("PV_kernel", "PV_ramdisk"):
+                if record[key] and not os.access(record[key], os.R_OK):
+                    raise XapiFailure("BOOTLOADER_FAILED", vm, f"cannot read {key} {record[key]}")
+            runner = self._runner(vm, record)
+            self.store.modify("VM", vm, power_state="Running")  # before QEMU: VM.start is one call
+        try:
+            runner.start()
+        except BaseException as exc:
+            self._halted(vm, "crashed")
+            raise XapiFailure("INTERNAL_ERROR", f"the stand-in could not start QEMU: {exc}") from exc
+        with self.store.lock:
+            console = self.store.add("console", {"protocol": "vt100", "VM": vm, "other_config": {}})
+            self.store.modify("console", console, location=f"{self.url()}/console?ref={console}")
+            self.store.modify("VM", vm, consoles=[console], domid=str(len(self.runners)), resident_on=self.host)
+            return ""
+
+    def _runner(self, vm: str, record: dict) -> GuestRunner:
+        disks = []
+        for vbd in sorted(record["VBDs"], key=lambda ref: int(self.store.get("VBD", ref)["userdevice"])):
+            vbd_record = self.store.get("VBD", vbd)
+            vdi = self.store.get("VDI", vbd_record["VDI"])
+            readonly = vbd_record["mode"] == "RO" or vdi["read_only"]
+            disks.append(Disk(f"xvd{chr(ord('a') + int(vbd_record['userdevice']))}",
+                              self.vdi_path(vbd_record["VDI"]), "raw", readonly))
+            self.store.modify("VBD", vbd, currently_attached=True)
+        workdir = self.state_dir / "vms" / record["uuid"][:8]
+        shutil.rmtree(workdir, ignore_errors=True)
+        runner = GuestRunner(record["name_label"], int(record["VCPUs_at_startup"]),
+                             int(record["memory_static_max"]) // MIB, Path(record["PV_kernel"]),
+                             Path(record["PV_ramdisk"]), record["PV_args"], disks, workdir,
+                             on_halted=lambda reason: self._halted(vm, reason))
+        self.runners[vm] = runner
+        return runner
+
+    def _halted(self, vm: str, reason: str) -> None:
+        with self.store.lock:
+            record = self.store.objects["VM"].get(vm)
+            if record is None or record["power_state"] == "Halted":
+                return
+            for vbd in record["VBDs"]:
+                self.store.modify("VBD", vbd, currently_attached=False)
+            for console in record["consoles"]:
+                self.store.remove("console", console)
+            self.store.modify("VM", vm, power_state="Halted", consoles=[], domid="-1", resident_on=NULL_REF,
+                              other_config={**record["other_config"], "last_shutdown_reason": reason})
+
+    def VM__hard_shutdown(self, vm):
+        record = self.store.get("VM", vm)
+        if record["power_state"] != "Running":
+            raise XapiFailure("VM_BAD_POWER_STATE", vm, "running", record["power_state"].lower())
+        runner = self.runners.get(vm)
+        if runner is not None:
+            runner.hard_stop()
+        self._halted(vm, "hard_shutdown")
+        return ""
+
+    def VM__destroy(self, vm):
+        with self.store.lock:
+            record = self.store.get("VM", vm)
+            if record["power_state"] != "Halted":
+                raise XapiFailure("VM_BAD_POWER_STATE", vm, "halted", record["power_state"].lower())
+            for vbd in list(record["VBDs"]):
+                self.VBD__destroy(vbd)
+            self.store.remove("VM", vm)
+        runner = self.runners.pop(vm, None)
+        if runner is not None:
+            shutil.rmtree(runner.spec.workdir, ignore_errors=True)
+        return ""
+
+    def VM__get_VBDs(self, vm):
+        return self.store.get("VM", vm)["VBDs"]
+
+    # --- events ------------------------------------------------------------------------------------------
+
+    def event__from(self, classes, token, timeout):
+        answer = self.store.events_from(list(classes), str(token), float(timeout))
+        for event in answer["events"]:
+            event["snapshot"] = record_for_wire(event["snapshot"])
+        return answer
+
+    # --- the generic accessors every class has ----------------------------------------------------------
+
+    def generic(self, cls: str, name: str, args: list):
+        objects = self.store.objects[cls]
+        with self.store.lock:
+            if name == "get_record":
+                return record_for_wire(self.store.get(cls, args[0]))
+            if name == "get_all":
+                return list(objects)
+            if name == "get_all_records":
+                return {ref: record_for_wire(record) for ref, record in objects.items()}
+            if name == "get_by_uuid":
+                for ref, record in objects.items():
+                    if record["uuid"] == args[0]:
+                        return ref
+                raise XapiFailure("UUID_INVALID", cls, args[0])
+            if name == "get_by_name_label":
+                return [ref for ref, record in objects.items() if record.get("name_label") == args[0]]
+            if name.startswith("get_"):
+                record = self.store.get(cls, args[0])
+                field = name[len("get_"):]
+                if field in record:
+                    value = record[field]
+                    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        raise XapiFailure("MESSAGE_METHOD_UNKNOWN", f"{cls}.{name}")
+
+    # --- shutting the stand-in down ---------------------------------------------------------------------
+
+    def stop_all_guests(self) -> None:
+        for runner in list(self.runners.values()):
+            runner.hard_stop()
+

@@ -1,0 +1,85 @@
+"""Runs a started stand-in VM as a real QEMU TCG guest, through vjobs' own qemu_user driver (loaded like any
+plugin), so that the job really runs. One thread per VM does every QEMU operation (start, wait, kill):
+QMP's client is bound to the thread that made it."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from ...driver import BootImage, Disk, HostContext, Owner, Stop, VMSpec
+from ...host import boot_id
+from ...plugins import load_driver
+from ...site import SiteConfig
+
+START_TIMEOUT_S = 60.0
+
+
+class GuestRunner:
+    """``start()`` returns once QEMU runs (or raises what stopped it); ``on_halted(reason)`` is called from
+    the runner's thread when the guest is gone: ``halted``, ``crashed`` or ``hard_shutdown``."""
+
+    def __init__(self, name: str, vcpus: int, memory_mib: int, kernel: Path, ramdisk: Path, args: str,
+                 disks: list[Disk], workdir: Path, on_halted: Callable[[str], None]):
+        workdir.mkdir(parents=True, exist_ok=True)
+        # Xen's PV console is hvc0; the QEMU guest's is its serial port, which qemu_user names itself.
+        cmdline = re.sub(r"\bconsole=hvc0\b", "", args).strip()
+        owner = Owner(job_id=name, pid=os.getpid(), boot_id=boot_id(), hostname=socket.gethostname(),
+                      run_id=workdir.name[:8])
+        self.spec = VMSpec(name=f"xapi-standin-{workdir.name[:8]}", vcpus=vcpus, memory_mib=memory_mib,
+                           boot=BootImage(kernel, ramdisk, cmdline), disks=tuple(disks),
+                           console_log=workdir / "console.log", network=False, owner=owner, workdir=workdir)
+        self.on_halted = on_halted
+        self.started = threading.Event()
+        self.stop_requested = threading.Event()
+        self.start_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=self.spec.name, daemon=True)
+
+    @property
+    def console_log(self) -> Path:
+        return self.spec.console_log
+
+    def start(self) -> None:
+        self.thread.start()
+        if not self.started.wait(START_TIMEOUT_S):
+            self.hard_stop()
+            raise RuntimeError("QEMU did not start")
+        if self.start_error is not None:
+            raise self.start_error
+
+    def hard_stop(self) -> None:
+        """Kill the guest and wait until the runner has reported it halted."""
+        self.stop_requested.set()
+        self.thread.join(30)
+
+    def _run(self) -> None:
+        workdir = self.spec.workdir
+        host = HostContext(cache_dir=workdir / "cache", work_dir=workdir, boot_id=boot_id(),
+                           default_boot_image=_no_default_image)
+        try:
+            vm = load_driver("qemu_user", SiteConfig(), host).create(self.spec)
+            vm.start()
+        except BaseException as exc:  # reported to VM.start's caller
+            self.start_error = exc
+            self.started.set()
+            return
+        self.started.set()
+        reason = "hard_shutdown"
+        try:
+            while not self.stop_requested.is_set():
+                stop = vm.wait_until_stopped(time.monotonic() + 0.5)
+                if stop is not Stop.DEADLINE:
+                    reason = "halted" if stop is Stop.POWEROFF else "crashed"
+                    break
+        finally:
+            vm.destroy()
+            self.on_halted(reason)
+
+
+def _no_default_image() -> BootImage:
+    raise RuntimeError("the stand-in boots the VM's own PV kernel only")
