@@ -2,15 +2,18 @@
 """What does running a job in a VM cost here? Run by hand (it boots many VMs); results go into
 docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/run_overhead.py [--runs 5] [--driver qemu_user] [--site FILE]
+    .venv/bin/python benchmarks/run_overhead.py [--runs 5] [--site FILE]     the site's own driver choice
+    .venv/bin/python benchmarks/run_overhead.py --all-drivers [--runs 5]     qemu_user, kvm (TCG through
+                                       libvirtd at qemu:///system) and xen (against the XAPI stand-in)
 
-Prints, for the example job: wall time per phase (median of --runs); and for a CPU-bound payload
-(sha256 of 64 MiB, same busybox binary on host and in guest): host time, guest time, and their ratio.
+Prints, per driver set-up: the example job's wall time per phase (median of --runs), and for a CPU-bound
+payload (sha256 of 64 MiB, the same busybox on host and in guest) host time, guest time and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -18,61 +21,97 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import vjobs
+from vjobs.site import SiteConfig, site_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_PAYLOAD = "dd if=/dev/zero bs=1M count=64 2>/dev/null | busybox sha256sum"
+PHASES = ("probe", "prepare", "attach", "boot", "run", "guest_payload", "collect", "teardown", "total")
 
 
-def run_job(document: dict, args, outdir: Path) -> vjobs.Result:
-    result = vjobs.run(document, site=args.site, driver=args.driver, outdir=outdir)
+def run_job(document: dict, site: SiteConfig, outdir: Path) -> vjobs.Result:
+    result = vjobs.run(document, site=site, outdir=outdir)
     if result.status != "succeeded":
-        sys.exit(f"benchmark job failed: {result.status} {result.error}")
+        sys.exit(f"benchmark job failed on {result.driver}: {result.status} {result.error}")
     return result
 
 
-def phases(args) -> None:
-    job = json.loads((REPO / "examples/hello/job.json").read_text())
+def example_job() -> dict:
     base = REPO / "examples/hello"
+    job = json.loads((base / "job.json").read_text())
     job["inputs"], job["release"]["path"] = str(base / job["inputs"]), str(base / job["release"]["path"])
+    return job
+
+
+def phases(site: SiteConfig, runs: int, scratch: Path) -> dict[str, float]:
     samples: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for number in range(args.runs):
-            timings = run_job(job, args, Path(scratch) / str(number)).timings
-            for phase, seconds in timings.items():
-                samples.setdefault(phase, []).append(seconds)
-    print(f"example job, {args.runs} runs, median seconds per phase:")
-    for phase in ("probe", "prepare", "attach", "boot", "run", "guest_payload", "collect", "teardown", "total"):
+    for number in range(runs):
+        for phase, seconds in run_job(example_job(), site, scratch / f"example{number}").timings.items():
+            samples.setdefault(phase, []).append(seconds)
+    print(f"  example job, {runs} runs, seconds per phase: median (min-max)")
+    for phase in PHASES:
         if phase in samples:
-            print(f"  {phase:14s} {statistics.median(samples[phase]):7.3f}   "
-                  f"(min {min(samples[phase]):.3f}, max {max(samples[phase]):.3f})")
+            values = samples[phase]
+            print(f"    {phase:14s} {statistics.median(values):7.3f}   ({min(values):.3f}-{max(values):.3f})")
+    return {phase: statistics.median(values) for phase, values in samples.items()}
 
 
-def cpu_overhead(args) -> None:
+def cpu_ratio(site: SiteConfig, runs: int, scratch: Path) -> float:
     host_times = []
-    for _ in range(args.runs):
+    for _ in range(runs):
         started = time.monotonic()
         subprocess.run(["sh", "-c", CPU_PAYLOAD], check=True, capture_output=True)
         host_times.append(time.monotonic() - started)
     guest_times = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for number in range(args.runs):
-            job = {"id": "cpu", "command": ["sh", "-c", CPU_PAYLOAD], "walltime_s": 600}
-            guest_times.append(run_job(job, args, Path(scratch) / str(number)).timings["guest_payload"])
+    for number in range(runs):
+        job = {"id": "cpu", "command": ["sh", "-c", CPU_PAYLOAD], "walltime_s": 600}
+        guest_times.append(run_job(job, site, scratch / f"cpu{number}").timings["guest_payload"])
     host, guest = statistics.median(host_times), statistics.median(guest_times)
-    print(f"CPU-bound payload ({CPU_PAYLOAD!r}), median of {args.runs}:")
-    print(f"  host {host:.3f} s, guest {guest:.3f} s, guest/host ratio {guest / host:.2f}")
+    print(f"  CPU-bound payload, median of {runs}: host {host:.3f} s, guest {guest:.3f} s, "
+          f"guest/host {guest / host:.2f}")
+    return guest / host
+
+
+@contextlib.contextmanager
+def driver_setups(args, scratch: Path) -> Iterator[list[tuple[str, SiteConfig]]]:
+    if not args.all_drivers:
+        yield [("site's choice", vjobs.load_site(args.site))]
+        return
+    from vjobs.testing.xapi_standin import XapiStandin
+
+    common = {"cache_dir": str(vjobs.load_site(args.site).cache_dir), "work_dir": str(scratch / "work")}
+    password = scratch / "xapi-password"
+    password.write_text("secret\n")
+    with XapiStandin(scratch / "xapi") as standin:
+        yield [
+            ("qemu_user", site_from_dict({**common, "driver": "qemu_user"})),
+            ("kvm (libvirt, virt_type qemu)", site_from_dict({**common, "driver": "kvm",
+                                                              "drivers": {"kvm": {"virt_type": "qemu"}}})),
+            ("xen (XAPI stand-in)", site_from_dict({**common, "driver": "xen", "drivers": {"xen": {
+                "url": standin.url, "password_file": str(password), "sr": "vjobs-sr", "require_dom0": False}}})),
+        ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--driver", default=None)
     parser.add_argument("--site", default=None)
+    parser.add_argument("--all-drivers", action="store_true")
     args = parser.parse_args()
-    phases(args)
-    cpu_overhead(args)
+    summary = []
+    with tempfile.TemporaryDirectory() as folder, driver_setups(args, Path(folder)) as setups:
+        for label, site in setups:
+            print(f"{label}:")
+            scratch = Path(folder) / label.split()[0]
+            medians = phases(site, args.runs, scratch)
+            summary.append((label, medians, cpu_ratio(site, args.runs, scratch)))
+    print("\nsummary (medians, seconds):")
+    print(f"  {'driver':32s} {'total':>7s} {'boot':>7s} {'run':>7s} {'teardown':>9s} {'cpu ratio':>10s}")
+    for label, medians, ratio in summary:
+        print(f"  {label:32s} {medians['total']:7.2f} {medians['boot']:7.2f} {medians['run']:7.2f} "
+              f"{medians['teardown']:9.2f} {ratio:10.2f}")
 
 
 if __name__ == "__main__":
