@@ -78,7 +78,7 @@ def cmd_probe(args) -> int:
         for verdict in verdicts:
             mark = "usable" if verdict.usable else "not usable"
             print(f"{verdict.driver}: {mark}: {verdict.reason}")
-            if verdict.acceleration or verdict.acceleration_reason:
+            if verdict.acceleration_reason and verdict.acceleration_reason != verdict.reason:
                 print(f"  acceleration: {verdict.acceleration or 'none'}: {verdict.acceleration_reason}")
             for check in verdict.checks:
                 print(f"  [{'ok' if check.ok else 'no'}] {check.name}: {check.detail}")
