@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 
+import pytest
+
+from vjobs.errors import ImageError
 from vjobs.guest import image
 from vjobs.guest.cpio import CpioWriter
 
@@ -68,3 +72,17 @@ def test_damaged_image_is_rebuilt(built_image, cache_dir, tmp_path):
     rebuilt = image.build_default_image(own_cache)
     assert rebuilt.initramfs_sha256 == first.initramfs_sha256
     assert not list((own_cache / "images").glob(".build-*"))
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_full_while_building_the_image_is_a_clear_error_and_leaves_nothing(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(full)], check=True)
+    try:
+        with pytest.raises(ImageError) as failure:
+            image.build_default_image(full)
+        assert failure.value.code == "disk_full" and str(full) in str(failure.value)
+        assert [p.name for p in (full / "images").iterdir()] == ["default.lock"]
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

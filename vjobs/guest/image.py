@@ -212,6 +212,7 @@ def _download(package: str, folder: Path) -> Path:
     command = ["apt-get", "download", "-q", package]
     try:
         attempt = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+        _raise_if_disk_full(attempt.stderr)
         if attempt.returncode != 0 and os.geteuid() == 0:
             # A fresh machine may have no package lists yet, or stale ones that name deleted files.
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
@@ -243,10 +244,15 @@ def _run(argv: list[str], what: str) -> str:
     except FileNotFoundError as exc:
         raise ImageError(f"cannot {what}: {argv[0]} not found (install dpkg)") from exc
     if done.returncode != 0:
-        if "No space left" in done.stderr:
-            raise OSError(errno.ENOSPC, done.stderr.strip())
+        _raise_if_disk_full(done.stderr)
         raise ImageError(f"cannot {what}: {done.stderr.strip()[-500:]}")
     return done.stdout
+
+
+def _raise_if_disk_full(stderr: str) -> None:
+    """A tool's "No space left on device" becomes ENOSPC, which build_default_image reports as disk_full."""
+    if "No space left on device" in stderr:
+        raise OSError(errno.ENOSPC, stderr.strip()[-300:])
 
 
 def _one(paths, message: str) -> Path:
