@@ -28,9 +28,16 @@ configure_qemu() {
     done
 }
 
-start() {  # start NAME: virtlogd or libvirtd, daemonised; they write /run/NAME.pid themselves
+start() {  # start NAME: virtlogd or libvirtd, in the background; they write /run/NAME.pid themselves
     running "$1" && return 0
-    "$1" -d
+    if [[ $1 == libvirtd ]]; then
+        # libvirtd daemonises each QEMU, which then belongs to the nearest child subreaper, or PID 1. PID 1
+        # on these machines is not an init that reaps promptly: every domain's QEMU stayed a zombie for
+        # about 1.6 s and libvirt waited for it at each destroy. tini -s makes a reaping subreaper of ours.
+        setsid tini -s -- libvirtd </dev/null >/dev/null 2>&1 &
+    else
+        "$1" -d
+    fi
     mkdir -p "$STATE" && touch "$STATE/$1"
 }
 

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(qemu-system-x86 qemu-utils busybox-static squashfs-tools erofs-utils e2fsprogs cpio
-          libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-venv python3-dev)
+          libvirt-daemon-system libvirt-clients libvirt-dev pkg-config tini gcc python3-venv python3-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
