@@ -45,3 +45,13 @@ def test_silent_boot_hang_is_retried_once_then_vm_error(make_site, make_job, sil
     assert result.status == "vm_error" and result.error["code"] == "boot_timeout"
     assert result.provenance["boot_attempts"] == 2
     assert "boot attempt 2" in (tmp_path / "out" / "console.log").read_text()
+
+
+@pytest.mark.vm
+def test_qemu_that_exits_at_start_is_reported_with_its_own_message(make_site, make_job, fake_image, tmp_path,
+                                                                   assert_clean_host):
+    """A kernel file QEMU cannot load: QEMU exits before the guest exists, and says why."""
+    site = make_site(driver="qemu_user", images={"broken": fake_image})
+    result = vjobs.run(make_job(["true"], image="broken"), site=site, outdir=tmp_path / "out")
+    assert result.status == "vm_error" and result.error["code"] == "hypervisor_failed"
+    assert "QEMU exited at start" in result.error["message"] and "kernel" in result.error["message"].lower()

@@ -67,8 +67,11 @@ def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Pa
             "-chardev", f"file,id=console,path={_escape(str(console_log))}", "-serial", "chardev:console",
             "-nic", "none"]
     argv += drive_args(disks, block_device)
-    if qmp_socket is not None:  # QEMU dials our listening socket: no race on when its socket appears
-        argv += ["-chardev", f"socket,id=qmp,path={_escape(str(qmp_socket))}", "-mon", "chardev=qmp,mode=control"]
+    if qmp_socket is not None:
+        # QEMU listens and starts paused (-S): the guest runs only after the monitor is connected and says
+        # "cont", so no event is missed, and a QEMU that dies at once is seen at once (see connect_monitor).
+        argv += ["-chardev", f"socket,id=qmp,path={_escape(str(qmp_socket))},server=on,wait=off",
+                 "-mon", "chardev=qmp,mode=control", "-S"]
     return argv
 
 

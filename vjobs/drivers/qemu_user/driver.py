@@ -96,16 +96,32 @@ class QemuUserVM(VM):
     def start(self) -> None:
         spec = self.spec
         socket_path = spec.workdir / "qmp.sock"
-        self.monitor = QEMUMonitorProtocol(str(socket_path), server=True)
         argv = qemu.qemu_argv(binary=self.binary, name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
                               kernel=spec.boot.kernel, initramfs=spec.boot.initramfs,
                               cmdline=f"{spec.boot.cmdline} console=ttyS0", disks=spec.disks,
                               console_log=spec.console_log, machine=self.machine, qmp_socket=socket_path)
         self.process = qemu.spawn(argv, spec.workdir / "qemu.log")
-        try:
-            self.monitor.accept(QMP_CONNECT_TIMEOUT_S)
-        except Exception as exc:
-            raise VMError(f"QEMU did not start: {self._qemu_log_tail() or exc}", code="hypervisor_failed") from exc
+        self.monitor = self._connect_monitor(socket_path)
+        self.monitor.cmd("cont")
+
+    def _connect_monitor(self, socket_path) -> QEMUMonitorProtocol:
+        """Connect to QEMU's QMP socket once it listens. A bounded retry, because a socket that does not
+        exist yet sends no notice; it ends at once when QEMU exits (a bad option, an unreadable file)."""
+        give_up = time.monotonic() + QMP_CONNECT_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise VMError(f"QEMU exited at start: {self._qemu_log_tail() or 'no message'}",
+                              code="hypervisor_failed")
+            monitor = QEMUMonitorProtocol(str(socket_path))
+            try:
+                monitor.connect()
+                return monitor
+            except Exception as exc:  # ConnectError, wrapping the socket's own OSError
+                monitor.close()
+                if time.monotonic() > give_up:
+                    raise VMError(f"QEMU's monitor did not answer within {QMP_CONNECT_TIMEOUT_S:.0f} s: {exc}",
+                                  code="hypervisor_failed") from exc
+            time.sleep(0.02)
 
     def wait_until_stopped(self, deadline: float) -> Stop:
         while self.shutdown_reason is None:
