@@ -55,3 +55,38 @@ def test_qemu_that_exits_at_start_is_reported_with_its_own_message(make_site, ma
     result = vjobs.run(make_job(["true"], image="broken"), site=site, outdir=tmp_path / "out")
     assert result.status == "vm_error" and result.error["code"] == "hypervisor_failed"
     assert "QEMU exited at start" in result.error["message"] and "kernel" in result.error["message"].lower()
+
+
+@pytest.fixture
+def host_web_server(tmp_path):
+    """An HTTP server on the host's loopback, serving one file: what a job with a network fetches."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "calibration.txt").write_text("constants from the conditions database\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.mark.vm
+def test_job_that_asks_for_a_network_gets_one_when_the_site_allows(make_site, make_job, host_web_server, tmp_path,
+                                                                  assert_clean_host):
+    # 10.0.2.2 is the host as QEMU's user-mode network shows it to the guest
+    job = make_job(["wget", "-q", "-O", "-", f"http://10.0.2.2:{host_web_server}/calibration.txt"], network=True)
+    result = vjobs.run(job, site=make_site(driver="qemu_user", allow_network=True), outdir=tmp_path / "out")
+    assert result.status == "succeeded", (result.error, (tmp_path / "out" / "console.log").read_text())
+    assert (tmp_path / "out" / "stdout").read_text() == "constants from the conditions database\n"
+
+
+@pytest.mark.vm
+def test_job_without_network_has_no_interface(make_site, make_job, tmp_path, assert_clean_host):
+    result = vjobs.run(make_job(["sh", "-c", "ls /sys/class/net"]), site=make_site(driver="qemu_user"),
+                       outdir=tmp_path / "out")
+    assert result.status == "succeeded"
+    assert (tmp_path / "out" / "stdout").read_text() == "lo\n"

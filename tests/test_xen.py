@@ -165,3 +165,12 @@ def test_killed_pilot_is_cleaned_from_the_pool_by_gc_and_nothing_else(xen_settin
         session.xenapi.VM.destroy(other_vm)
         session.xenapi.VDI.destroy(other_vdi)
         session.xenapi.session.logout()
+
+
+def test_job_that_asks_for_a_network_is_refused_clearly(make_site, xen_settings, make_job, tmp_path,
+                                                        assert_clean_host):
+    """The xen driver attaches no VIFs (yet): a job that needs a network must not run without one."""
+    site = make_site(driver="xen", allow_network=True, drivers={"xen": xen_settings})
+    result = vjobs.run(make_job(["true"], network=True), site=site, outdir=tmp_path / "out")
+    assert result.status == "setup_error" and result.error["code"] == "limit_exceeded"
+    assert "/network" in result.error["message"] and "xen driver gives its guests none" in result.error["message"]

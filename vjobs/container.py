@@ -23,7 +23,7 @@ from . import __version__
 from .collect import GuestResults, read_results
 from .disks import JobDisks, prepare_disks
 from .driver import VM, Driver, HostContext, Stop, VMSpec, deadline_in
-from .errors import BootTimeout, Cancelled, VjobsError, VMError, WalltimeExceeded
+from .errors import BootTimeout, Cancelled, LimitExceeded, VjobsError, VMError, WalltimeExceeded
 from .host import new_owner
 from .images import ResolvedImage, resolve_image
 from .job import Job
@@ -73,6 +73,10 @@ class VMContainer:
                                           driver_version=_distribution_version(driver))
         with self._phase("prepare"):
             self.site.check_limits(self.job)
+            if self.job.network and not verdict.network:
+                raise LimitExceeded(f"job {self.job.id}: /network: the job asks for a network and the site allows "
+                                    f"it, but the {driver.name} driver gives its guests none here; run it where "
+                                    "`vjobs probe` shows a network, or without /network")
             image = resolve_image(self.job.image, self.site, self.host.progress)
             self._record_image(image)
             self.folder.mkdir(parents=True)

@@ -169,7 +169,8 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, release: Disk | None, r
     settings = {"SCRATCH_HEAD": head_sha256(scratch.path),
                 "RELEASE_HEAD": head_sha256(release.path) if release else "",
                 "RELEASE_MOUNT": job.release.mount if job.release else "",
-                "RELEASE_FSTYPE": release_format}
+                "RELEASE_FSTYPE": release_format,
+                "NETWORK": "1" if job.network else ""}  # the site's allow_network was checked before
     members = {
         IO_MARKER: "vjobs io disk 1\n",
         "job/settings": "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items()),

@@ -54,7 +54,7 @@ def drive_args(disks: Sequence[Disk], device: str) -> list[str]:
 
 def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Path, initramfs: Path,
               cmdline: str, disks: Sequence[Disk], console_log: Path, machine: QemuMachine,
-              qmp_socket: Path | None = None) -> list[str]:
+              qmp_socket: Path | None = None, network: bool = False) -> list[str]:
     machine_option, block_device = MACHINES[machine.name]
     accel = machine.accel
     if accel == "tcg" and machine.tb_size_mib:
@@ -64,8 +64,10 @@ def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Pa
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel", str(kernel), "-initrd", str(initramfs), "-append", cmdline,
-            "-chardev", f"file,id=console,path={_escape(str(console_log))}", "-serial", "chardev:console",
-            "-nic", "none"]
+            "-chardev", f"file,id=console,path={_escape(str(console_log))}", "-serial", "chardev:console"]
+    # The job's network, when it asked and the site allows: QEMU's user-mode stack (slirp), which needs no
+    # privileges and gives the guest outbound connections as the vjobs user, nothing inbound.
+    argv += ["-nic", f"user,model={block_device.replace('-blk-', '-net-')}" if network else "none"]
     argv += drive_args(disks, block_device)
     if qmp_socket is not None:
         # QEMU listens and starts paused (-S): the guest runs only after the monitor is connected and says

@@ -33,8 +33,9 @@ BUILDER_VERSION = 1
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the current versioned kernel
 BUSYBOX_PACKAGE = "busybox-static"
 # The modules the agent loads; their dependencies are added. virtio_pci for q35/pc, virtio_mmio for
-# microvm, xen_blkfront for Xen PV; ext4 is built into the cloud kernel.
-MODULE_ROOTS = ("virtio_pci", "virtio_mmio", "virtio_blk", "squashfs", "erofs", "xen_blkfront")
+# microvm, xen_blkfront for Xen PV, virtio_net for jobs that ask for a network; ext4 is built into the
+# cloud kernel.
+MODULE_ROOTS = ("virtio_pci", "virtio_mmio", "virtio_blk", "squashfs", "erofs", "xen_blkfront", "virtio_net")
 # No "quiet": a kernel that hangs or panics should say where on the console log the user gets.
 CMDLINE = "panic=-1 loglevel=4"
 AGENT = Path(__file__).with_name("agent.sh")

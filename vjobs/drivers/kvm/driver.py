@@ -78,9 +78,14 @@ class KvmDriver(Driver):
         accel = ACCELERATION[self.virt_type] if failed is None else None
         why = self._acceleration_reason(checks, failed)
         reason = f"{hypervisor} at {self.uri}, {accel} acceleration" if failed is None else why
+        # Informational: a host without the network still runs every job that does not ask for one.
+        network_check = Check("network", network, f"libvirt network {NETWORK!r} is active: jobs that ask for a "
+                                                  "network are attached to it" if network else
+                              f"libvirt network {NETWORK!r} is not active: jobs that ask for a network are "
+                              f"refused (`virsh net-start {NETWORK}` enables them)")
         return Capabilities(self.name, failed is None, reason, acceleration=accel, acceleration_reason=why,
                             hypervisor=hypervisor, read_only_disks=True, disk_formats=("raw", "qcow2"),
-                            network=network, checks=tuple(checks), **limits)
+                            network=network, checks=(*checks, network_check), **limits)
 
     def _acceleration_reason(self, checks: list[Check], failed: Check | None) -> str:
         if self.virt_type == "qemu":

@@ -47,13 +47,24 @@ class QemuUserDriver(Driver):
         if version is None:
             return Capabilities(self.name, False, f"{found} -version fails: the QEMU install is broken",
                                 checks=(Check("binary", False, f"{found} -version failed"),))
-        checks = [Check("binary", True, f"{found}: {version}")]
+        checks = [Check("binary", True, f"{found}: {version}"), self._network_check()]
         accel, why = self._choose_acceleration(checks)
         usable = accel is not None
         reason = f"{version}, {accel} acceleration" if usable else why
         return Capabilities(self.name, usable, reason, acceleration=accel, acceleration_reason=why,
                             hypervisor=version, read_only_disks=True, disk_formats=("raw", "qcow2"),
-                            network=False, max_vcpus=os.cpu_count(), checks=tuple(checks))
+                            network=checks[1].ok, max_vcpus=os.cpu_count(), checks=tuple(checks))
+
+    def _network_check(self) -> Check:
+        """A job that asks for a network gets QEMU's user-mode stack, if this QEMU was built with it."""
+        try:
+            backends = subprocess.run([self.binary, "-netdev", "help"], capture_output=True, text=True,
+                                      timeout=10).stdout.split()
+        except (OSError, subprocess.SubprocessError) as exc:
+            return Check("network", False, f"cannot list QEMU's network backends: {exc}")
+        if "user" in backends:
+            return Check("network", True, "user-mode networking (slirp) for jobs that ask for a network")
+        return Check("network", False, "this QEMU has no user-mode networking (slirp): jobs get no network")
 
     def _choose_acceleration(self, checks: list[Check]) -> tuple[str | None, str]:
         wanted = self._setting("accel", "tcg")
@@ -99,7 +110,8 @@ class QemuUserVM(VM):
         argv = qemu.qemu_argv(binary=self.binary, name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
                               kernel=spec.boot.kernel, initramfs=spec.boot.initramfs,
                               cmdline=f"{spec.boot.cmdline} console=ttyS0", disks=spec.disks,
-                              console_log=spec.console_log, machine=self.machine, qmp_socket=socket_path)
+                              console_log=spec.console_log, machine=self.machine, qmp_socket=socket_path,
+                              network=spec.network)
         self.process = qemu.spawn(argv, spec.workdir / "qemu.log")
         self.monitor = self._connect_monitor(socket_path)
         self.monitor.cmd("cont")
