@@ -139,7 +139,9 @@ def build_scratch(job: Job, folder: Path) -> Path:
     used, files = _tree_usage(staging)
     size_kib = (used + used // 8 + files * 4096 + job.resources.scratch_mib * MIB + 16 * MIB) // 1024
     image = folder / "scratch.ext4"
-    run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L", "vjobs-scratch",
+    # 4 KiB blocks: one block group per 128 MiB instead of per 8 MiB, so a fresh scratch disk is a few
+    # non-zero blocks (a sparse xen upload of an empty 80 MiB scratch disk: 4 MiB instead of 14 MiB).
+    run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^has_journal", "-m", "0", "-L", "vjobs-scratch",
               "-E", "root_owner=0:0", "-d", str(staging), str(image), f"{size_kib}k"],
              f"scratch disk of job {job.id} ({size_kib // 1024} MiB)", folder)
     shutil.rmtree(staging)

@@ -6,7 +6,7 @@ XAPI calls used (the closing note of issue 4 lists them too):
   SR.get_by_name_label, SR.get_record, VDI.create / destroy / get_all_records / set_read_only /
   add_to_other_config, VBD.create, VM.create / start / hard_shutdown / destroy / get_record /
   get_power_state / get_all_records / get_VBDs, VBD.get_record, console.get_record, event.from,
-  HTTP PUT /import_raw_vdi, HTTP GET /export_raw_vdi, HTTP CONNECT /console.
+  HTTP PUT /import_raw_vdi (format=vhd: sparse; or raw), HTTP GET /export_raw_vdi, HTTP CONNECT /console.
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class XenVM(VM):
         super().__init__(spec)
         self.xapi = Xapi(settings)
         self.sr_name = settings.get("sr")
+        self.upload_format = settings.get("upload_format", "vhd")
         self.cache_dir = cache_dir
         self.vm: str | None = None
         self.vdis: dict[str, str] = {}  # disk role -> VDI ref, for the disks this VM owns
@@ -174,7 +175,7 @@ class XenVM(VM):
     def _job_vdi(self, sr: str, disk: Disk) -> str:
         vdi = self._new_vdi(sr, disk, self.labels)
         self.vdis[disk.role] = vdi  # recorded before the upload, so destroy() removes a half-uploaded one
-        self.xapi.import_raw_vdi(vdi, disk.path)
+        self.xapi.import_vdi(vdi, disk.path, self.upload_format)
         return vdi
 
     def _release_vdi(self, sr: str, disk: Disk) -> str:
@@ -190,7 +191,7 @@ class XenVM(VM):
                     return ref
             vdi = self._new_vdi(sr, disk, {RELEASE_KEY: disk.cache_key})
             try:
-                self.xapi.import_raw_vdi(vdi, disk.path)
+                self.xapi.import_vdi(vdi, disk.path, self.upload_format)
             except Exception:
                 with contextlib.suppress(Exception):
                     self.xapi.api.VDI.destroy(vdi)

@@ -1,10 +1,11 @@
 """The stand-in's HTTP front: XML-RPC on POST / (XAPI's result format), and XAPI's HTTP handlers
-PUT /import_raw_vdi, GET /export_raw_vdi, CONNECT /console. Loopback only; a test stand-in, not a server
+PUT /import_raw_vdi (format=raw or vhd), GET /export_raw_vdi, CONNECT /console. Loopback only; a test stand-in, not a server
 to expose."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -17,6 +18,7 @@ from .calls import SESSION_FREE_CALLS, Calls
 from .model import Store, XapiFailure
 
 CHUNK = 1 << 20
+VHD_OVERHEAD = 8 << 20  # headers, BAT and bitmaps of a VHD stream on top of the disk's own size
 
 
 class XapiStandin:
@@ -102,6 +104,18 @@ class XapiStandin:
         return session in self.store.objects["session"]
 
 
+def _vhd_into_raw(vhd: Path, raw: Path) -> str | None:
+    """Write a received VHD's contents into the VDI's raw file with qemu-img (an independent VHD reader:
+    XAPI uses its own vhd-tool); the VHD's own size field counts, not its CHS geometry."""
+    try:
+        done = subprocess.run(["qemu-img", "convert", "-n", "--image-opts",
+                               f"driver=vpc,force_size_calc=current_size,file.filename={vhd}", "-O", "raw",
+                               str(raw)], capture_output=True, text=True)
+        return None if done.returncode == 0 else done.stderr.strip()[-300:]
+    finally:
+        vhd.unlink(missing_ok=True)
+
+
 class _Handler(BaseHTTPRequestHandler):
     standin: XapiStandin
     protocol_version = "HTTP/1.1"
@@ -148,14 +162,19 @@ class _Handler(BaseHTTPRequestHandler):
         vdi, path = found
         length = int(self.headers.get("Content-Length", -1))
         record = self.standin.store.get("VDI", vdi)
-        if length < 0 or length > int(record["virtual_size"]):
+        upload_format = self._query().get("format", "raw")
+        if upload_format not in ("raw", "vhd"):
+            return self._reply(400, f"unsupported format {upload_format}".encode())
+        limit = int(record["virtual_size"]) + (VHD_OVERHEAD if upload_format == "vhd" else 0)
+        if length < 0 or length > limit:
             return self._reply(400, f"VDI_IO_ERROR: {length} bytes for a VDI of {record['virtual_size']}".encode())
+        target = path.with_suffix(".vhd") if upload_format == "vhd" else path
         faults, label = self.standin.faults, record["name_label"]
         cut_after = None
         if faults.cut_upload_after_bytes is not None and faults.cut_upload_of in label:
             cut_after, faults.cut_upload_after_bytes = faults.cut_upload_after_bytes, None
         received = 0
-        with open(path, "r+b") as handle:
+        with open(target, "r+b" if target == path else "wb") as handle:
             while received < length:
                 chunk = self.rfile.read(min(CHUNK, length - received))
                 if not chunk:
@@ -170,6 +189,10 @@ class _Handler(BaseHTTPRequestHandler):
         if received < length:
             self.close_connection = True
             return
+        if upload_format == "vhd":
+            problem = _vhd_into_raw(target, path)
+            if problem:
+                return self._reply(500, f"VDI_IO_ERROR: {problem}".encode())
         self._reply(200)
 
     def do_GET(self) -> None:
