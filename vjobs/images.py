@@ -29,7 +29,7 @@ def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) 
     if entry is None:
         known = ", ".join(sorted({*site.images, "default"}))
         raise ImageError(f"/image: {name!r} is not in this site's catalogue ({site.source}); known: {known}")
-    checked = _ChecksumCache(site.cache_dir / "checksums.json")
+    checked = ChecksumCache(site.cache_dir / "checksums.json")
     for label, path, expected in (("kernel", entry.kernel, entry.kernel_sha256),
                                   ("initramfs", entry.initramfs, entry.initramfs_sha256)):
         checked.verify(f"images.{name}.{label}", path, expected)
@@ -53,7 +53,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _ChecksumCache:
+class ChecksumCache:
     """Remembers a file's sha256 by (inode, size, mtime) so a large file is hashed once, not per job."""
 
     def __init__(self, path: Path):

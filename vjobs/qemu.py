@@ -71,7 +71,7 @@ def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Pa
     argv += drive_args(disks, block_device)
     if qmp_socket is not None:
         # QEMU listens and starts paused (-S): the guest runs only after the monitor is connected and says
-        # "cont", so no event is missed, and a QEMU that dies at once is seen at once (see connect_monitor).
+        # "cont", so no event is missed, and a QEMU that dies at once is seen at once (QemuUserVM._connect_monitor).
         argv += ["-chardev", f"socket,id=qmp,path={_escape(str(qmp_socket))},server=on,wait=off",
                  "-mon", "chardev=qmp,mode=control", "-S"]
     return argv

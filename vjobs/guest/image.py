@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ImageError
+from ..images import ChecksumCache, sha256_file
 from .cpio import CpioWriter
 
 BUILDER_VERSION = 1
@@ -77,19 +78,20 @@ def default_image_dir(cache_dir: Path) -> Path:
 
 
 def load_default_image(cache_dir: Path) -> ImageManifest | None:
-    """The built image if it is there and intact, else None."""
+    """The built image if it is there and intact, else None. Checked on every job, through the same
+    checksum cache as the site's catalogue: a file is hashed again only when its inode, size or mtime
+    changed."""
     folder = default_image_dir(cache_dir)
     try:
         manifest = ImageManifest.from_json(json.loads((folder / "manifest.json").read_text()))
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    for path, expected in ((manifest.kernel, manifest.kernel_sha256),
-                           (manifest.initramfs, manifest.initramfs_sha256)):
-        try:
-            if _sha256(path.read_bytes()) != expected:
-                return None
-        except OSError:
-            return None
+    checked = ChecksumCache(Path(cache_dir) / "checksums.json")
+    try:
+        checked.verify("built-in image kernel", manifest.kernel, manifest.kernel_sha256)
+        checked.verify("built-in image initramfs", manifest.initramfs, manifest.initramfs_sha256)
+    except ImageError:
+        return None
     return manifest
 
 
@@ -140,8 +142,8 @@ def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> Imag
     _write_initramfs(output / "initramfs.cpio", busybox.read_bytes(), modules)
     manifest = ImageManifest(
         kernel=folder / "vmlinuz", initramfs=folder / "initramfs.cpio", cmdline=CMDLINE,
-        kernel_sha256=_sha256((output / "vmlinuz").read_bytes()),
-        initramfs_sha256=_sha256((output / "initramfs.cpio").read_bytes()),
+        kernel_sha256=sha256_file(output / "vmlinuz"),
+        initramfs_sha256=sha256_file(output / "initramfs.cpio"),
         kernel_package=kernel_package, kernel_version=kernel_version,
         busybox_version=_deb_field(busybox_deb, "Version"), agent_sha256=_sha256(AGENT.read_bytes()),
         modules=tuple(m.stem for m in modules), inputs_key=inputs_key())

@@ -116,7 +116,7 @@ class KvmDriver(Driver):
             return {}
         buses = {value.text for value in caps.findall("./devices/disk/enum[@name='bus']/value")}
         max_vcpus = int(caps.find("vcpu").get("max", "1"))
-        host_cpus, host_mib = conn.getInfo()[2], conn.getInfo()[1]
+        _model, host_mib, host_cpus, *_ = conn.getInfo()
         checks.append(Check("domain capabilities", "virtio" in buses,
                             f"machine {caps.findtext('machine')}, up to {max_vcpus} vCPUs, disk buses "
                             f"{', '.join(sorted(buses))}"))

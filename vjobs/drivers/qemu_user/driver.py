@@ -7,6 +7,7 @@ when a real guest boots under it on this host, else TCG), ``machine`` (``q35`` d
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -57,14 +58,7 @@ class QemuUserDriver(Driver):
 
     def _network_check(self) -> Check:
         """A job that asks for a network gets QEMU's user-mode stack, if this QEMU was built with it."""
-        try:
-            backends = subprocess.run([self.binary, "-netdev", "help"], capture_output=True, text=True,
-                                      timeout=10).stdout.split()
-        except (OSError, subprocess.SubprocessError) as exc:
-            return Check("network", False, f"cannot list QEMU's network backends: {exc}")
-        if "user" in backends:
-            return Check("network", True, "user-mode networking (slirp) for jobs that ask for a network")
-        return Check("network", False, "this QEMU has no user-mode networking (slirp): jobs get no network")
+        return _user_network_check(shutil.which(self.binary) or self.binary)
 
     def _choose_acceleration(self, checks: list[Check]) -> tuple[str | None, str]:
         wanted = self._setting("accel", "tcg")
@@ -179,3 +173,15 @@ class QemuUserVM(VM):
             return (self.spec.workdir / "qemu.log").read_text(errors="replace").strip()[-500:]
         except OSError:
             return ""
+
+
+@functools.lru_cache(maxsize=None)  # a pilot that runs job after job asks its QEMU once
+def _user_network_check(binary: str) -> Check:
+    try:
+        backends = subprocess.run([binary, "-netdev", "help"], capture_output=True, text=True,
+                                  timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Check("network", False, f"cannot list QEMU's network backends: {exc}")
+    if "user" in backends:
+        return Check("network", True, "user-mode networking (slirp) for jobs that ask for a network")
+    return Check("network", False, "this QEMU has no user-mode networking (slirp): jobs get no network")

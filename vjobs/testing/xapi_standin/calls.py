@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...driver import Disk
-from .model import MIB, NULL_REF, Faults, Stats, Store, XapiFailure, record_for_wire
+from .model import API_VERSION, MIB, NULL_REF, Faults, Stats, Store, XapiFailure, record_for_wire
 from .runner import GuestRunner
 
 SESSION_FREE_CALLS = {"session.login_with_password"}
@@ -34,7 +34,7 @@ class Calls:
         self.sr_dir.mkdir(parents=True, exist_ok=True)
         self.host = store.add("host", {
             "name_label": socket.gethostname(), "hostname": socket.gethostname(), "address": "127.0.0.1",
-            "API_version_major": "2", "API_version_minor": "21", "enabled": True,
+            "API_version_major": API_VERSION[0], "API_version_minor": API_VERSION[1], "enabled": True,
             "software_version": {"product_brand": "XAPI stand-in (vjobs tests)", "product_version": "0",
                                  "xen": "none (guests run as QEMU TCG)"},
             "capabilities": ["xen-3.0-x86_64"], "memory_total": host_memory_mib * MIB, "resident_VMs": []})
@@ -290,8 +290,7 @@ class Calls:
                 record = self.store.get(cls, args[0])
                 field = name[len("get_"):]
                 if field in record:
-                    value = record[field]
-                    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+                    return record[field]  # the dispatcher sends an int as XAPI's int64 string
         raise XapiFailure("MESSAGE_METHOD_UNKNOWN", f"{cls}.{name}")
 
     # --- shutting the stand-in down ---------------------------------------------------------------------

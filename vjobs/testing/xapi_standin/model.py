@@ -20,8 +20,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MIB = 1 << 20
 NULL_REF = "OpaqueRef:NULL"
@@ -141,5 +140,3 @@ def record_for_wire(record: dict) -> dict:
     return {key: str(value) if isinstance(value, int) and not isinstance(value, bool) else value
             for key, value in record.items()}
 
-
-Handler = Callable[..., Any]
