@@ -145,7 +145,7 @@ def xapi_standin(tmp_path):
         yield standin
         left = {cls: len(standin.store.objects[cls]) for cls in ("VM", "VBD")}
         job_vdis = [r["name_label"] for r in standin.store.objects["VDI"].values()
-                    if "vjobs.release_sha256" not in r["other_config"]]
+                    if "vjobs.content_key" not in r["other_config"]]
         assert left == {"VM": 0, "VBD": 0} and job_vdis == [], f"left in the pool: {left}, {job_vdis}"
 
 

@@ -27,7 +27,7 @@ def xen_verdict(make_site, settings):
 
 
 def release_vdis(standin) -> list[dict]:
-    return [r for r in standin.store.objects["VDI"].values() if "vjobs.release_sha256" in r["other_config"]]
+    return [r for r in standin.store.objects["VDI"].values() if "vjobs.content_key" in r["other_config"]]
 
 
 def test_probe_reports_the_host_and_the_sr(make_site, xen_settings):

@@ -94,14 +94,60 @@ def cmd_drivers(args) -> int:
 
 def cmd_image_build(args) -> int:
     from .guest.image import build_default_image
+    from .rootfs import debian
 
     site = api.load_site(args.site)
-    manifest = build_default_image(site.cache_dir, _progress(args.json), force=args.force)
-    if args.json:
-        print(json.dumps(manifest.to_json(), indent=2))
+    progress = _progress(args.json)
+    if args.name == "default":
+        manifest = build_default_image(site.cache_dir, progress, force=args.force)
+        summary = f"default image: kernel {manifest.kernel} ({manifest.kernel_version}), initramfs {manifest.initramfs}"
+        document = manifest.to_json()
     else:
-        print(f"default image: kernel {manifest.kernel} ({manifest.kernel_version}), initramfs {manifest.initramfs}")
+        base = debian.build(site.cache_dir, progress, force=args.force)
+        build_default_image(site.cache_dir, progress)  # its boot image
+        summary = (f"{base.name} image: {base.rootfs} ({base.size >> 20} MiB, {len(base.packages)} packages, "
+                   f"python3 {base.python_version()}), sha256 {base.rootfs_sha256}")
+        document = vars(base)
+    print(json.dumps(document, indent=2) if args.json else summary)
     return 0
+
+
+def cmd_image_inspect(args) -> int:
+    from .images import sha256_file
+    from .rootfs.inspect import inspect_rootfs
+
+    path = Path(args.file).resolve()
+    info = inspect_rootfs(path, str(path))
+    progress = _progress(args.json)
+    progress(f"hashing {path} ({path.stat().st_size >> 20} MiB)")
+    digest = sha256_file(path)
+    if args.json:
+        print(json.dumps({"path": str(path), "sha256": digest, "size": path.stat().st_size, **info.to_json()},
+                         indent=2))
+        return 0
+    print(f"# {path}: {info.describe()}; {path.stat().st_size} bytes on the host, {info.virtual_size} "
+          "bytes for the guest")
+    print(f"[images.{args.name or _image_name(path)}]")
+    print(f'rootfs = "{path}"')
+    print(f'rootfs_sha256 = "{digest}"')
+    return 0
+
+
+def _image_name(path: Path) -> str:
+    stem = path.name.split(".")[0]
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in stem)[:64] or "image"
+
+
+def cmd_image_list(args) -> int:
+    from .images import catalogue_states
+
+    rows = catalogue_states(api.load_site(args.site))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['name']}\t{row['kind']}\t{row['state']}\t{row['detail']}")
+    return 0 if all(row["state"] in ("ok", "not built") for row in rows) else 1
 
 
 def cmd_gc(args) -> int:
@@ -133,14 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     probe = command("probe", cmd_probe, "say for every installed driver whether it can run VMs here, and why")
     probe.add_argument("--json", action="store_true")
     command("drivers", cmd_drivers, "list installed drivers (entry points in vjobs.drivers)")
-    image = command("image", None, "manage the built-in guest image")
+    image = command("image", None, "build, inspect and list guest images")
     image_commands = image.add_subparsers(dest="image_command", required=True)
-    build = image_commands.add_parser("build", help="build the built-in default image (no-op when up to date)")
+    build = image_commands.add_parser("build", help="build a built-in image: default (busybox) or debian12 "
+                                                    "(Debian 12 with Python 3); a no-op when up to date")
     build.set_defaults(handler=cmd_image_build)
+    build.add_argument("name", nargs="?", default="default", choices=["default", "debian12"])
     build.add_argument("--force", action="store_true", help="rebuild even when up to date")
     build.add_argument("--json", action="store_true")
+    inspect = image_commands.add_parser("inspect", help="check a root file system image as vjobs would and "
+                                                        "print its catalogue stanza")
+    inspect.set_defaults(handler=cmd_image_inspect)
+    inspect.add_argument("file")
+    inspect.add_argument("--name", help="the catalogue name to print (default: from the file name)")
+    inspect.add_argument("--json", action="store_true")
+    listing = image_commands.add_parser("list", help="the site's catalogue and the built-in images, each "
+                                                     "with its state")
+    listing.set_defaults(handler=cmd_image_list)
+    listing.add_argument("--json", action="store_true")
     command("gc", cmd_gc, "remove VMs and files left by vjobs processes that are gone")
-    for sub in (run, validate, probe, build, commands.choices["drivers"], commands.choices["gc"]):
+    for sub in (run, validate, probe, build, listing, commands.choices["drivers"], commands.choices["gc"]):
         sub.add_argument("--site", help="site config (TOML); default $VJOBS_SITE or /etc/vjobs/site.toml")
     return parser
 

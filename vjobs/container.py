@@ -21,7 +21,7 @@ from typing import Iterator
 
 from . import __version__
 from .collect import GuestResults, read_results
-from .disks import JobDisks, prepare_disks
+from .disks import BaseDisk, JobDisks, prepare_disks
 from .driver import VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from .errors import BootTimeout, Cancelled, LimitExceeded, VjobsError, VMError, WalltimeExceeded
 from .host import new_owner
@@ -29,6 +29,7 @@ from .images import ResolvedImage, resolve_image
 from .job import Job
 from .plugins import choose_driver
 from .result import Result, utc_now
+from .rootfs import disk_for as rootfs_disk_for
 from .site import SiteConfig
 
 CONSOLE_TAIL_BYTES = 2000
@@ -78,11 +79,12 @@ class VMContainer:
                                     f"it, but the {driver.name} driver gives its guests none here; run it where "
                                     "`vjobs probe` shows a network, or without /network")
             image = resolve_image(self.job.image, self.site, self.host.progress)
-            self._record_image(image)
+            self.result.provenance.update(image.provenance())
+            base = self._base_disk(image, verdict.disk_formats)
             self.folder.mkdir(parents=True)
             (self.folder / "owner.json").write_text(json.dumps(self.owner.as_labels()))
             disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
-                                  self.host.progress)
+                                  self.host.progress, base)
             self.result.provenance["release_sha256"] = disks.release_sha256
         vm = self._boot(driver, image, disks)
         with self._phase("run"):
@@ -241,9 +243,11 @@ class VMContainer:
             spent = time.monotonic() - started
             self.result.timings[name] = round(self.result.timings.get(name, 0.0) + spent, 3)
 
-    def _record_image(self, image: ResolvedImage) -> None:
-        self.result.provenance.update(image=image.name, kernel_sha256=image.kernel_sha256,
-                                      initramfs_sha256=image.initramfs_sha256)
+    def _base_disk(self, image: ResolvedImage, formats: tuple[str, ...]) -> BaseDisk | None:
+        if image.rootfs is None:
+            return None
+        disk = rootfs_disk_for(image.rootfs, formats, self.site.cache_dir, self.host.progress)
+        return BaseDisk(disk, image.rootfs.info, self.site.payload_user)
 
 
 def _add_guest_timing(timings: dict[str, float], status: dict[str, str]) -> None:

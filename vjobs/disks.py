@@ -5,8 +5,10 @@
 - scratch: ext4 made by ``mke2fs -d`` (no root, no mount): ``work/`` holds the inputs and is the job's
   working directory, ``vjobs/`` receives stdout and stderr;
 - io: a raw disk of ``output_mib`` that starts with the job (a tar the agent reads) and that the agent
-  overwrites with the results (a tar the host reads without mounting).
-See vjobs/guest/agent.sh for the other side.
+  overwrites with the results (a tar the host reads without mounting);
+- rootfs: the site's base image, passed through as it is (vjobs/rootfs/), read-only; the io disk tells
+  the agent how to find and mount it.
+See vjobs/guest/agent/ for the other side.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .driver import Disk
 from .errors import LimitExceeded, SetupError
 from .images import sha256_file
 from .job import Job
+
+if TYPE_CHECKING:
+    from .rootfs.inspect import RootfsInfo
 
 IO_MARKER = "VJOBS-IO-DISK"
 HEAD_BYTES = 65536  # the agent recognises a disk by the sha256 of this many leading bytes
@@ -42,25 +47,35 @@ RELEASE_TOOLS = {
 
 
 @dataclass(frozen=True)
+class BaseDisk:
+    """The base image as the guest gets it: the disk, and what the agent needs to mount it."""
+
+    disk: Disk
+    info: RootfsInfo
+    payload_user: str = "root"
+
+
+@dataclass(frozen=True)
 class JobDisks:
     io: Disk
     scratch: Disk
     release: Disk | None
     release_sha256: str | None
+    rootfs: Disk | None = None
 
     def all(self) -> tuple[Disk, ...]:
-        return (self.io, self.scratch) + ((self.release,) if self.release else ())
+        return tuple(disk for disk in (self.io, self.scratch, self.release, self.rootfs) if disk)
 
 
 def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str,
-                  progress: Callable[[str], None]) -> JobDisks:
+                  progress: Callable[[str], None], base: BaseDisk | None = None) -> JobDisks:
     release, release_sha256 = None, None
     if job.release:
         image, release_sha256 = release_image(job.release.path, cache_dir / "releases", release_format, progress)
         release = Disk("release", image, "raw", readonly=True, cache_key=release_sha256)
     scratch = Disk("scratch", build_scratch(job, folder), "raw", readonly=False)
-    io_disk = Disk("io", build_io_disk(job, folder, scratch, release, release_format), "raw", readonly=False)
-    return JobDisks(io_disk, scratch, release, release_sha256)
+    io_disk = Disk("io", build_io_disk(job, folder, scratch, release, release_format, base), "raw", readonly=False)
+    return JobDisks(io_disk, scratch, release, release_sha256, base.disk if base else None)
 
 
 def run_tool(argv: list[str], what: str, folder: Path) -> None:
@@ -167,12 +182,19 @@ def _tree_usage(root: Path) -> tuple[int, int]:
 
 # --- io ------------------------------------------------------------------------------------------------
 
-def build_io_disk(job: Job, folder: Path, scratch: Disk, release: Disk | None, release_format: str) -> Path:
+def build_io_disk(job: Job, folder: Path, scratch: Disk, release: Disk | None, release_format: str,
+                  base: BaseDisk | None = None) -> Path:
     settings = {"SCRATCH_HEAD": head_sha256(scratch.path),
                 "RELEASE_HEAD": head_sha256(release.path) if release else "",
                 "RELEASE_MOUNT": job.release.mount if job.release else "",
                 "RELEASE_FSTYPE": release_format,
-                "NETWORK": "1" if job.network else ""}  # the site's allow_network was checked before
+                "NETWORK": "1" if job.network else "",  # the site's allow_network was checked before
+                "WORKDIR": job.workdir,
+                # A qcow2's head as the guest sees it, not the file's: inspect.py read it through qemu-img.
+                "ROOTFS_HEAD": base.info.guest_head_sha256 if base else "",
+                "ROOTFS_FSTYPE": base.info.filesystem if base else "",
+                "ROOTFS_PARTITION": str(base.info.partition or "") if base else "",
+                "PAYLOAD_USER": base.payload_user if base else "root"}
     members = {
         IO_MARKER: "vjobs io disk 1\n",
         "job/settings": "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items()),

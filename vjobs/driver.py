@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-#: The guest agent prints this line on its console once it runs; see vjobs/guest/agent.sh.
+#: The guest agent prints this line on its console once it runs; see vjobs/guest/agent/.
 AGENT_UP_MARKER = b"vjobs-agent: up"
 
 
@@ -66,7 +66,7 @@ class Owner:
 
 @dataclass(frozen=True)
 class Disk:
-    role: str  # "io" (job in, results out), "scratch" (working directory), "release"
+    role: str  # "io" (job in, results out), "scratch" (working directory), "release", "rootfs" (base image)
     path: Path
     format: str  # "raw" or "qcow2"
     readonly: bool

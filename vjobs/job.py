@@ -11,6 +11,10 @@ from typing import Any, Mapping
 from . import schemas
 from .errors import InvalidJob
 
+DEFAULT_WORKDIR = "/work"
+# Guest paths the agent mounts itself: a working directory there would be hidden or would hide them.
+RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev", "/run", "/tmp")
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -38,6 +42,7 @@ class Job:
     walltime_s: float = 3600
     image: str = "default"
     network: bool = False
+    workdir: str = DEFAULT_WORKDIR  # the working directory's path in the guest
 
 
 def load_job(path: str | os.PathLike) -> Job:
@@ -73,8 +78,28 @@ def job_from_dict(document: Any, *, base_dir: Path | None = None, source: str = 
         walltime_s=document.get("walltime_s", 3600),
         image=document.get("image", "default"),
         network=document.get("network", False),
+        workdir=document.get("workdir", DEFAULT_WORKDIR),
     )
+    _check_guest_paths(job, source)
     return job
+
+
+def _check_guest_paths(job: Job, source: str) -> None:
+    """The working directory and the release mount must not hide each other or what the agent mounts."""
+    for pointer, path in (("/workdir", job.workdir), ("/release/mount", job.release.mount if job.release else None)):
+        if path is None:
+            continue
+        if path.rstrip("/") == "" or any(_within(path, reserved) for reserved in RESERVED_GUEST_PATHS):
+            raise InvalidJob(f"{source}: {pointer}: {path!r} is reserved in the guest (/, "
+                             f"{', '.join(RESERVED_GUEST_PATHS)} and what is under them); choose another path")
+    if job.release and (_within(job.workdir, job.release.mount) or _within(job.release.mount, job.workdir)):
+        raise InvalidJob(f"{source}: /workdir {job.workdir!r} and /release/mount {job.release.mount!r} overlap; "
+                         "one would hide the other")
+
+
+def _within(path: str, folder: str) -> bool:
+    path, folder = path.rstrip("/") or "/", folder.rstrip("/") or "/"
+    return path == folder or path.startswith(folder + "/")
 
 
 def _host_dir(value: str | None, base_dir: Path, source: str, pointer: str) -> Path | None:

@@ -21,11 +21,16 @@ DEFAULT_PREFERENCE = ("xen", "kvm", "qemu_user")
 
 @dataclass(frozen=True)
 class CatalogueImage:
-    kernel: Path
-    kernel_sha256: str
-    initramfs: Path
-    initramfs_sha256: str
+    """An image the admins allow: their own boot image (kernel and initramfs speaking the vjobs agent
+    protocol), a root file system booted by the built-in boot image, or both."""
+
+    kernel: Path | None = None
+    kernel_sha256: str | None = None
+    initramfs: Path | None = None
+    initramfs_sha256: str | None = None
     cmdline: str = "panic=-1 quiet loglevel=3"
+    rootfs: Path | None = None
+    rootfs_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class SiteConfig:
     boot_retries: int = 1
     allow_network: bool = False
     release_format: str = "squashfs"
+    payload_user: str = "root"  # or "unprivileged": see docs/base-images.md
     limits: Mapping[str, float] = field(default_factory=dict)
     images: Mapping[str, CatalogueImage] = field(default_factory=dict)
     drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -104,7 +110,8 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
     for key in ("cache_dir", "work_dir"):
         if key in document:
             options[key] = base_dir / document[key]
-    for key in ("boot_timeout_s", "boot_retries", "allow_network", "release_format", "limits", "drivers"):
+    for key in ("boot_timeout_s", "boot_retries", "allow_network", "release_format", "payload_user", "limits",
+                "drivers"):
         if key in document:
             options[key] = document[key]
     options["images"] = {name: _catalogue_image(entry, base_dir) for name, entry in
@@ -113,5 +120,5 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
 
 
 def _catalogue_image(entry: Mapping[str, Any], base_dir: Path) -> CatalogueImage:
-    paths = {key: base_dir / entry[key] for key in ("kernel", "initramfs")}
+    paths = {key: base_dir / entry[key] for key in ("kernel", "initramfs", "rootfs") if key in entry}
     return CatalogueImage(**{**entry, **paths})

@@ -1,5 +1,5 @@
 """The built-in guest image: Debian's cloud kernel and busybox-static, from the package registry, with the
-vjobs agent (agent.sh) as the initramfs's /init.
+vjobs agent (agent/: a small /init and its ordered stage scripts) in the initramfs.
 
 Nothing is installed on the host: the packages are fetched with ``apt-get download`` and unpacked with
 ``dpkg -x`` into a temporary folder. The cloud kernel flavour is used because it is LZ4-compressed (TCG
@@ -30,16 +30,31 @@ from ..errors import ImageError
 from ..images import ChecksumCache, sha256_file
 from .cpio import CpioWriter
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the current versioned kernel
 BUSYBOX_PACKAGE = "busybox-static"
 # The modules the agent loads; their dependencies are added. virtio_pci for q35/pc, virtio_mmio for
-# microvm, xen_blkfront for Xen PV, virtio_net for jobs that ask for a network; ext4 is built into the
-# cloud kernel.
-MODULE_ROOTS = ("virtio_pci", "virtio_mmio", "virtio_blk", "squashfs", "erofs", "xen_blkfront", "virtio_net")
+# microvm, xen_blkfront for Xen PV, virtio_net for jobs that ask for a network, overlay for base images;
+# ext4 is built into the cloud kernel.
+MODULE_ROOTS = ("virtio_pci", "virtio_mmio", "virtio_blk", "squashfs", "erofs", "xen_blkfront", "virtio_net",
+                "overlay")
 # No "quiet": a kernel that hangs or panics should say where on the console log the user gets.
 CMDLINE = "panic=-1 loglevel=4"
-AGENT = Path(__file__).with_name("agent.sh")
+AGENT = Path(__file__).with_name("agent")
+
+
+def agent_files() -> dict[str, bytes]:
+    """The agent as initramfs paths -> contents: /init, its helpers, its stages in the order they run."""
+    files = {"init": (AGENT / "init").read_bytes(),
+             "etc/vjobs/lib.sh": (AGENT / "lib.sh").read_bytes(),
+             "etc/vjobs/payload-ns.sh": (AGENT / "payload-ns.sh").read_bytes()}
+    for stage in sorted((AGENT / "stages").glob("*.sh")):
+        files[f"etc/vjobs/stages/{stage.name}"] = stage.read_bytes()
+    return files
+
+
+def agent_sha256() -> str:
+    return _sha256(json.dumps({name: _sha256(data) for name, data in agent_files().items()}).encode())
 
 
 @dataclass(frozen=True)
@@ -69,7 +84,7 @@ class ImageManifest:
 
 def inputs_key() -> str:
     recipe = json.dumps([BUILDER_VERSION, KERNEL_PACKAGE, BUSYBOX_PACKAGE, MODULE_ROOTS, CMDLINE,
-                         _sha256(AGENT.read_bytes())])
+                         agent_sha256()])
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
@@ -145,7 +160,7 @@ def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> Imag
         kernel_sha256=sha256_file(output / "vmlinuz"),
         initramfs_sha256=sha256_file(output / "initramfs.cpio"),
         kernel_package=kernel_package, kernel_version=kernel_version,
-        busybox_version=_deb_field(busybox_deb, "Version"), agent_sha256=_sha256(AGENT.read_bytes()),
+        busybox_version=_deb_field(busybox_deb, "Version"), agent_sha256=agent_sha256(),
         modules=tuple(m.stem for m in modules), inputs_key=inputs_key())
     (output / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     if folder.exists():  # force: replace it whole, never leave a half-written image where readers look
@@ -157,13 +172,14 @@ def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> Imag
 def _write_initramfs(path: Path, busybox: bytes, modules: list[Path]) -> None:
     with open(path, "wb") as handle:
         cpio = CpioWriter(handle)
-        for name in ("bin", "dev", "etc", "etc/vjobs", "lib", "lib/modules", "proc", "sys", "run", "tmp",
-                     "root", "scratch"):
+        for name in ("bin", "dev", "etc", "etc/vjobs", "etc/vjobs/stages", "lib", "lib/modules", "proc", "sys",
+                     "run", "tmp", "root", "scratch", "mnt"):
             cpio.add_dir(name)
         cpio.add_char_device("dev/console", 5, 1)  # the kernel opens it for /init before devtmpfs exists
         cpio.add_char_device("dev/null", 1, 3, mode=0o666)
         cpio.add_file("bin/busybox", busybox, mode=0o755)
-        cpio.add_file("init", AGENT.read_bytes(), mode=0o755)
+        for name, data in agent_files().items():
+            cpio.add_file(name, data, mode=0o755 if name == "init" else 0o644)
         for module in modules:
             cpio.add_file(f"lib/modules/{module.name}", module.read_bytes())
         cpio.add_file("etc/vjobs/modules", "".join(f"{m.name}\n" for m in modules).encode())

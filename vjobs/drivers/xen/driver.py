@@ -24,7 +24,7 @@ from .xapi import Xapi, xapi_errors
 
 MIB = 1 << 20
 TAG = "vjobs"
-RELEASE_KEY = "vjobs.release_sha256"
+SHARED_KEY = "vjobs.content_key"  # on VDIs shared by jobs: the release and base images
 COMPLETE = "vjobs.complete"
 NULL_REF = "OpaqueRef:NULL"
 XEN_CAPABILITIES = Path("/proc/xen/capabilities")
@@ -127,7 +127,7 @@ class XenVM(VM):
             sr = self._sr()
             self.vm = self.xapi.api.VM.create(self._vm_record())
             for position, disk in enumerate(self.spec.disks):
-                vdi = self._release_vdi(sr, disk) if disk.cache_key else self._job_vdi(sr, disk)
+                vdi = self._shared_vdi(sr, disk) if disk.cache_key else self._job_vdi(sr, disk)
                 self.xapi.api.VBD.create(self._vbd_record(vdi, position, disk.readonly))
             self.xapi.api.VM.start(self.vm, False, False)
         self._follow_console()
@@ -178,18 +178,19 @@ class XenVM(VM):
         self.xapi.import_vdi(vdi, disk.path, self.upload_format)
         return vdi
 
-    def _release_vdi(self, sr: str, disk: Disk) -> str:
-        """The release's VDI, uploaded once per release per pool and found again by its content hash. A
-        local lock keeps two jobs on this host from uploading the same release at once."""
-        lock_path = self.cache_dir / "xen" / f"release-{disk.cache_key}.lock"
+    def _shared_vdi(self, sr: str, disk: Disk) -> str:
+        """A read-only VDI shared by jobs (a release, a base image), uploaded once per content per pool and
+        found again by its ``cache_key``. A local lock keeps two jobs on this host from uploading the same
+        content at once."""
+        lock_path = self.cache_dir / "xen" / f"shared-{disk.cache_key}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             for ref, record in self.xapi.api.VDI.get_all_records().items():
                 config = record.get("other_config", {})
-                if record.get("SR") == sr and config.get(RELEASE_KEY) == disk.cache_key and config.get(COMPLETE):
+                if record.get("SR") == sr and config.get(SHARED_KEY) == disk.cache_key and config.get(COMPLETE):
                     return ref
-            vdi = self._new_vdi(sr, disk, {RELEASE_KEY: disk.cache_key})
+            vdi = self._new_vdi(sr, disk, {SHARED_KEY: disk.cache_key})
             try:
                 self.xapi.import_vdi(vdi, disk.path, self.upload_format)
             except Exception:

@@ -1,0 +1,90 @@
+# Helpers shared by the agent's stages. Sourced by /init; POSIX sh as busybox runs it.
+
+say() { echo "vjobs-agent: $*" > /dev/console; }
+finish() { sync; poweroff -f; reboot -f; }
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+status=/run/vjobs/status
+record() { echo "$1=$2" >> "$status"; }
+
+newline='
+'
+
+block_devices() {
+    for path in /sys/block/vd* /sys/block/xvd* /sys/block/sd*; do
+        [ -e "$path" ] && echo "/dev/${path##*/}"
+    done
+}
+
+# Any disk but io is found by the hash of its head, as the host recorded it.
+find_disk() {
+    for device in $(block_devices); do
+        [ "$(head -c 65536 "$device" 2>/dev/null | sha256sum | cut -d' ' -f1)" = "$1" ] && {
+            echo "$device"; return 0; }
+    done
+    return 1
+}
+
+# Disks appear asynchronously after the block drivers load: wait for them, with a bound.
+wait_disk() {
+    tries=0
+    while [ $tries -lt 100 ]; do
+        find_disk "$1" && return 0
+        sleep 0.05
+        tries=$((tries + 1))
+    done
+    return 1
+}
+
+# Waits (bounded) for a device node, e.g. a partition the kernel is still scanning.
+wait_node() {
+    tries=0
+    while [ ! -b "$1" ] && [ $tries -lt 100 ]; do
+        sleep 0.05
+        tries=$((tries + 1))
+    done
+    [ -b "$1" ]
+}
+
+# Writes a tar of the paths in /run/vjobs/list (relative to /scratch) to $1. busybox tar has no -T, so the
+# list becomes arguments: one per line, no word splitting on spaces, no globbing.
+tar_list() {
+    target=$1
+    set -f
+    IFS=$newline
+    set -- $(cat /run/vjobs/list)
+    unset IFS
+    set +f
+    tar -cf "$target" -C /scratch "$@"
+}
+
+# Writes the results onto the io disk and powers off; $1 is an error code or empty. If the results would
+# not fit on the device, only vjobs/status (error=output_too_large) and the tails of stdout and stderr are
+# written: a clear error instead of a silently cut archive.
+deliver() {
+    [ -n "$1" ] && record error "$1"
+    mkdir -p /scratch/vjobs
+    cp "$status" /scratch/vjobs/status
+    echo vjobs/status > /run/vjobs/list
+    for stream in stdout stderr; do
+        [ -f "/scratch/vjobs/$stream" ] && echo "vjobs/$stream" >> /run/vjobs/list
+    done
+    [ -f /run/vjobs/outputs ] && cat /run/vjobs/outputs >> /run/vjobs/list
+    size=$(tar_list - 2>/dev/null | wc -c)
+    if [ "$size" -gt "$IO_DISK_BYTES" ]; then
+        record error output_too_large
+        record output_bytes "$size"
+        record output_limit_bytes "$IO_DISK_BYTES"
+        cp "$status" /scratch/vjobs/status
+        for stream in stdout stderr; do
+            [ -f "/scratch/vjobs/$stream" ] && tail -c 65536 "/scratch/vjobs/$stream" > "/scratch/vjobs/$stream.tail" \
+                && mv "/scratch/vjobs/$stream.tail" "/scratch/vjobs/$stream"
+        done
+        printf 'vjobs/status\nvjobs/stdout\nvjobs/stderr\n' > /run/vjobs/list
+        say "error: outputs are $size bytes, more than the $IO_DISK_BYTES the output disk holds"
+    fi
+    tar_list "$io" || say "error: writing results to $io failed"
+    sync
+    say "results written to $io"
+    finish
+}

@@ -1,0 +1,46 @@
+# PID 1 of the payload's own PID and mount namespaces (started by stage 70 with unshare). It assembles
+# the payload's root, starts the payload as its child, and exits with the payload's status; when it
+# exits, the kernel kills whatever the payload left running in the namespace.
+#   $1: the root: /newroot (the overlay over the base image) or / (the initramfs itself)
+# Mounts made here exist only in this namespace: nothing the payload sees hides the agent's files.
+root=$1
+. /run/vjobs/job/settings
+fail() {  # the agent reports this as payload_setup_failed, not as the payload's own exit status
+    echo "$*" > /scratch/vjobs/payload_setup_error
+    exit 125
+}
+bind() {  # source, target inside the root
+    mkdir -p "$root$2" && mount --bind "$1" "$root$2" || fail "cannot bind $1 at $2"
+}
+
+mount -t proc proc "$root/proc" || fail "cannot mount /proc"
+if [ "$root" != / ]; then
+    mount --rbind /sys "$root/sys" || fail "cannot bind /sys"
+    mount --rbind /dev "$root/dev" || fail "cannot bind /dev"
+fi
+mount -t tmpfs -o mode=0755,size=16m run "$root/run" || fail "cannot mount /run"
+bind /scratch/vjobs/launch /run/vjobs
+bind /scratch/tmp /tmp
+bind /scratch/work "$WORKDIR"
+[ -n "$RELEASE_HEAD" ] && bind /mnt/release "$RELEASE_MOUNT"
+
+path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+if [ "$root" = / ]; then
+    env -i PATH="$path" HOME=/root LANG=C.UTF-8 USER=root sh /run/vjobs/payload.sh &
+else
+    # The overlay becomes this namespace's root (switch_root's move, then chroot): pivot_root cannot
+    # leave an initramfs, and after the move not even a root payload that escapes the chroot sees the
+    # agent's files, the base's mount or the scratch disk's other folders.
+    if [ "$PAYLOAD_USER" = unprivileged ] && [ ! -x "$root/usr/bin/setpriv" ]; then
+        fail "payload_user = unprivileged needs setpriv (util-linux) in the base image"
+    fi
+    cd "$root" && mount --move . / || fail "cannot make the overlay the payload's root"
+    if [ "$PAYLOAD_USER" = unprivileged ]; then
+        env -i PATH="$path" HOME=/tmp LANG=C.UTF-8 USER=nobody chroot . /usr/bin/setpriv --reuid=65534 \
+            --regid=65534 --clear-groups --no-new-privs --inh-caps=-all --bounding-set=-all \
+            /bin/sh /run/vjobs/payload.sh &
+    else
+        env -i PATH="$path" HOME=/root LANG=C.UTF-8 USER=root chroot . /bin/sh /run/vjobs/payload.sh &
+    fi
+fi
+wait $!

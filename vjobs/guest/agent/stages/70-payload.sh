@@ -1,0 +1,26 @@
+# The payload: in its own PID and mount namespaces (so whatever it leaves running ends with it), in the
+# base image when there is one, with a clean environment: the job's env over a sane default.
+launch=/scratch/vjobs/launch
+mkdir -p "$launch"
+cp "$job/env.sh" "$job/command.sh" "$launch/"
+cat > "$launch/payload.sh" <<SCRIPT
+cd "$WORKDIR" || exit 125
+. /run/vjobs/env.sh
+exec /bin/sh /run/vjobs/command.sh
+SCRIPT
+if [ "$PAYLOAD_USER" = unprivileged ]; then
+    chown -R 65534:65534 /scratch/work
+fi
+
+cd /scratch/work
+record started_s "$(uptime_s)"
+say "running the payload"
+unshare --mount --pid --fork --propagation private sh /etc/vjobs/payload-ns.sh "$root" \
+    < /dev/null > /scratch/vjobs/stdout 2> /scratch/vjobs/stderr
+payload_status=$?
+record ended_s "$(uptime_s)"
+if [ -s /scratch/vjobs/payload_setup_error ]; then
+    record detail "$(cat /scratch/vjobs/payload_setup_error)"
+    deliver payload_setup_failed
+fi
+record exit_code $payload_status

@@ -1,0 +1,2 @@
+# The results onto the io disk, then power off.
+deliver ""

@@ -1,0 +1,103 @@
+"""Root file system images: the operating system a site's admins provide, booted by every job, never written.
+
+- ``inspect``: recognise an image from its own bytes and refuse what is unsafe or unmountable;
+- ``debian``: the built-in Debian 12 base (``"image": "debian12"``), made with mmdebstrap.
+
+On the way to a job (``load_rootfs``): the file's sha256 is checked against the catalogue (hashed once per
+inode, size and mtime), then its inspection is read from a cache keyed by that sha256, so a job pays for
+neither after the first. A driver that cannot attach the image's container format (xen takes raw only)
+gets a raw copy made once per image (``disk_for``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..driver import Disk
+from ..errors import ImageError
+from ..images import ChecksumCache
+from .inspect import RootfsInfo, inspect_rootfs
+
+INSPECTION_VERSION = 1  # bump when inspect.py learns something that changes its verdicts
+
+
+@dataclass(frozen=True)
+class RootfsImage:
+    path: Path
+    sha256: str
+    info: RootfsInfo
+
+    def provenance(self) -> dict:
+        return {"rootfs_sha256": self.sha256, "rootfs_filesystem": self.info.filesystem,
+                "rootfs_container": self.info.container}
+
+
+def load_rootfs(path: Path, sha256: str, cache_dir: Path, label: str) -> RootfsImage:
+    """A catalogue's rootfs, checked: present, readable, the sha256 the catalogue says, a safe format.
+    A file is inspected before it is hashed, so a wrong one is refused without reading all of it."""
+    path = Path(path)
+    record = Path(cache_dir) / "rootfs" / f"{sha256}.v{INSPECTION_VERSION}.json"
+    info = _read_inspection(record)
+    if info is None:
+        info = inspect_rootfs(path, label)
+    ChecksumCache(Path(cache_dir) / "checksums.json").verify(label, path, sha256)
+    if not record.exists():
+        _write_inspection(record, info)
+    return RootfsImage(path, sha256, info)
+
+
+def _read_inspection(record: Path) -> RootfsInfo | None:
+    try:
+        return RootfsInfo(**json.loads(record.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_inspection(record: Path, info: RootfsInfo) -> None:
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        partial = record.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(info.to_json()))
+        os.replace(partial, record)
+    except OSError:
+        pass  # only a cache: the next job inspects again
+
+
+def disk_for(rootfs: RootfsImage, formats: tuple[str, ...], cache_dir: Path,
+             progress: Callable[[str], None]) -> Disk:
+    """The read-only disk that carries ``rootfs`` to a driver that attaches ``formats``. Its ``cache_key``
+    (the image's sha256) lets a driver that copies disks (xen) upload it once per pool."""
+    container = rootfs.info.container
+    if container in formats:
+        return Disk("rootfs", rootfs.path, container, readonly=True, cache_key=rootfs.sha256)
+    if "raw" not in formats:
+        raise ImageError(f"the driver attaches only {', '.join(formats)} disks and the base image "
+                         f"{rootfs.path} is {container}; convert it to raw")
+    return Disk("rootfs", _raw_copy(rootfs, Path(cache_dir) / "rootfs", progress), "raw", readonly=True,
+                cache_key=rootfs.sha256)
+
+
+def _raw_copy(rootfs: RootfsImage, folder: Path, progress: Callable[[str], None]) -> Path:
+    target = folder / f"{rootfs.sha256}.raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{rootfs.sha256}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        progress(f"converting the {rootfs.info.container} base image {rootfs.path} to raw, once")
+        partial = folder / f"{rootfs.sha256}.{os.getpid()}.partial"
+        try:
+            done = subprocess.run(["qemu-img", "convert", "-f", rootfs.info.container, "-O", "raw",
+                                   str(rootfs.path), str(partial)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ImageError(f"converting {rootfs.path} to raw failed: {done.stderr.strip()[-300:]}")
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target

@@ -1,0 +1,275 @@
+"""Recognise a root file system image from its own bytes, on the host, before any hypervisor sees it.
+
+An admin's image is a file vjobs did not write, so it is read as hostile input:
+- only fixed, bounded ranges are read (superblocks, partition tables): no parser loops over the image;
+- a qcow2 file is opened only by ``qemu-img``, always with ``-f qcow2`` (never probed), under ``prlimit``
+  (address space, CPU time) and a timeout, and refused when it would make QEMU open any other file
+  (a backing file, an external data file) or needs a key (encryption): see BASE_IMAGES.md for why;
+- the result names the file system the guest will mount and where it starts, so the guest never guesses.
+
+Accepted: squashfs, erofs and ext4 (clean) as a whole disk, or in a partition of a GPT or MBR disk, either
+as a raw file or inside a qcow2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import ImageError
+
+HEAD_BYTES = 65536  # the guest agent recognises its disks by the sha256 of this many leading bytes
+SECTOR = 512
+MAX_GPT_ENTRIES = 128
+QEMU_IMG_LIMITS = ["prlimit", "--as=2147483648", "--cpu=30", "--nofile=64", "--core=0"]
+QEMU_IMG_TIMEOUT_S = 60
+
+# What the guest kernel (Debian's 6.1 cloud kernel) can read: its squashfs has no LZMA (the old format 2,
+# not xz), its erofs only LZ4 (BASE_IMAGES.md).
+SQUASHFS_COMPRESSION = {1: "gzip", 2: "lzma", 3: "lzo", 4: "xz", 5: "lz4", 6: "zstd"}
+SQUASHFS_GUEST_CAN_READ = {"gzip", "lzo", "xz", "lz4", "zstd"}
+EROFS_COMPRESSION_BITS = {0: "lz4", 1: "lzma", 2: "deflate", 3: "zstd"}
+EROFS_GUEST_CAN_READ = {"lz4"}
+EXT4_INCOMPAT_RECOVER, EXT4_INCOMPAT_JOURNAL_DEV = 0x4, 0x8
+GPT_LINUX_ROOT_X86_64 = bytes.fromhex("e3bc684fcde8b14d96e7fbcaf984b709")  # 4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709
+MBR_EXTENDED_TYPES = {0x05, 0x0F, 0x85}
+
+
+@dataclass(frozen=True)
+class RootfsInfo:
+    """What vjobs knows about a root file system image after inspecting it."""
+
+    container: str  # how the hypervisor must open the file: "raw" or "qcow2"
+    filesystem: str  # what the guest mounts: "squashfs", "erofs" or "ext4"
+    partition: int | None  # the partition number holding it, None for a whole-disk file system
+    compression: str | None
+    virtual_size: int  # bytes the guest sees
+    guest_head_sha256: str  # sha256 of the first HEAD_BYTES the guest sees on the device
+
+    def describe(self) -> str:
+        where = f"partition {self.partition} of a disk" if self.partition else "a whole disk"
+        packed = f", {self.compression}" if self.compression else ""
+        return f"{self.filesystem}{packed} on {where}, in a {self.container} file"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def inspect_rootfs(path: Path, label: str = "rootfs") -> RootfsInfo:
+    """Check ``path`` and say what it holds; raise ImageError naming ``label`` and what to do otherwise."""
+    _check_regular_file(path, label)
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic == b"QFI\xfb":
+        return _inspect_disk(_Qcow2Source(path, label, _qcow2_info(path, label)), label)
+    return _inspect_disk(_RawSource(path), label)
+
+
+def _check_regular_file(path: Path, label: str) -> None:
+    try:
+        info = path.stat()
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError as exc:
+        raise ImageError(f"{label}: {path} does not exist; fix the path in the site config") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{label}: {path} is not readable by uid {os.getuid()}; make it readable (0644) "
+                         "for the user vjobs runs as") from exc
+    except OSError as exc:
+        raise ImageError(f"{label}: cannot read {path}: {exc.strerror}") from exc
+    if not path.is_file():
+        raise ImageError(f"{label}: {path} is not a regular file; give the path of an image file")
+    if info.st_size < 2 * SECTOR:
+        raise ImageError(f"{label}: {path} is {info.st_size} bytes, too small to hold a file system")
+
+
+# --- the bytes the guest will see ------------------------------------------------------------------------
+
+class _RawSource:
+    container = "raw"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = path.stat().st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        with open(self.path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
+
+class _Qcow2Source:
+    """The guest's view of a qcow2 file, read through ``qemu-img dd`` with its format named."""
+
+    container = "qcow2"
+
+    def __init__(self, path: Path, label: str, info: dict):
+        self.path, self.label = path, label
+        self.size = int(info["virtual-size"])
+
+    def read(self, offset: int, length: int) -> bytes:
+        first = offset // SECTOR
+        count = (offset + length + SECTOR - 1) // SECTOR - first
+        with tempfile.TemporaryDirectory(prefix="vjobs-inspect-") as folder:
+            out = Path(folder) / "range"
+            _qemu_img(["dd", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}", f"skip={first}", f"count={count}",
+                       f"if={self.path}", f"of={out}"], self.label, self.path)
+            data = out.read_bytes()
+        start = offset - first * SECTOR
+        return data[start:start + length]
+
+
+def _qcow2_info(path: Path, label: str) -> dict:
+    answer = _qemu_img(["info", "--output=json", "-f", "qcow2", str(path)], label, path)
+    try:
+        info = json.loads(answer)
+    except ValueError as exc:
+        raise ImageError(f"{label}: qemu-img info gave no JSON for {path}") from exc
+    convert = (f"convert it once to a self-contained raw file: qemu-img convert -f qcow2 -O raw {path} "
+               f"{path.with_suffix('.raw')} (or give a squashfs of its root file system)")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise ImageError(f"{label}: {path} is a qcow2 with a backing file ({info.get('backing-filename')}): "
+                         f"a guest could make QEMU read other host files through it; {convert}")
+    specific = info.get("format-specific", {}).get("data", {})
+    if specific.get("data-file"):
+        raise ImageError(f"{label}: {path} is a qcow2 with an external data file ({specific['data-file']}): "
+                         f"QEMU would open and could write that file; {convert}")
+    if info.get("encrypted") or specific.get("encrypt"):
+        raise ImageError(f"{label}: {path} is an encrypted qcow2; vjobs has no key to give QEMU; {convert}")
+    if specific.get("corrupt"):
+        raise ImageError(f"{label}: {path} is a qcow2 marked corrupt; repair it with qemu-img check -r all "
+                         "or rebuild it")
+    return info
+
+
+def _qemu_img(arguments: list[str], label: str, path: Path) -> str:
+    argv = [*QEMU_IMG_LIMITS, "qemu-img", *arguments]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
+    except FileNotFoundError as exc:
+        raise ImageError(f"{label}: inspecting the qcow2 {path} needs qemu-img and prlimit (install "
+                         "qemu-utils and util-linux)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise ImageError(f"{label}: qemu-img took more than {QEMU_IMG_TIMEOUT_S} s on {path}; refused") from exc
+    if done.returncode != 0:
+        raise ImageError(f"{label}: qemu-img refused {path}: {done.stderr.strip()[-300:]}")
+    return done.stdout
+
+
+# --- file systems and partition tables --------------------------------------------------------------------
+
+def _inspect_disk(source, label: str) -> RootfsInfo:
+    head = source.read(0, HEAD_BYTES)
+    guest_head = _sha256(head)
+    found = _filesystem_at(source, 0, label)
+    partition = None
+    if found is None:
+        partition, found = _partitioned(source, head, label)
+    if found is None:
+        raise ImageError(f"{label}: {source.path} holds no file system vjobs recognises (first bytes "
+                         f"{head[:8].hex()}); give a squashfs, erofs or ext4 image, a GPT/MBR disk with one "
+                         "of them in a partition, or a qcow2 of such a disk")
+    filesystem, compression = found
+    return RootfsInfo(source.container, filesystem, partition, compression, source.size, guest_head)
+
+
+def _filesystem_at(source, offset: int, label: str) -> tuple[str, str | None] | None:
+    block = source.read(offset, 2048)
+    if block[:4] == b"hsqs":
+        return "squashfs", _squashfs_compression(block, source, label)
+    if len(block) >= 1028 and struct.unpack_from("<I", block, 1024)[0] == 0xE0F5E1E2:
+        return "erofs", _erofs_compression(block, source, label)
+    if len(block) >= 1024 + 0x64 and struct.unpack_from("<H", block, 1024 + 0x38)[0] == 0xEF53:
+        _check_ext4_clean(block, source, label)
+        return "ext4", None
+    return None
+
+
+def _squashfs_compression(block: bytes, source, label: str) -> str:
+    compression = SQUASHFS_COMPRESSION.get(struct.unpack_from("<H", block, 20)[0], "unknown")
+    if compression not in SQUASHFS_GUEST_CAN_READ:
+        raise ImageError(f"{label}: {source.path} is a squashfs compressed with {compression}, which the guest "
+                         "kernel cannot read; rebuild it with mksquashfs -comp lz4 (or zstd, xz, gzip)")
+    return compression
+
+
+def _erofs_compression(block: bytes, source, label: str) -> str | None:
+    incompat = struct.unpack_from("<I", block, 1024 + 0x50)[0]
+    if not incompat & 0x2:  # no COMPR_CFGS: uncompressed, or LZ4 only
+        return "lz4" if incompat & 0x1 else None
+    algorithms = struct.unpack_from("<H", block, 1024 + 0x54)[0]
+    names = [name for bit, name in EROFS_COMPRESSION_BITS.items() if algorithms & (1 << bit)]
+    unreadable = [name for name in names if name not in EROFS_GUEST_CAN_READ]
+    if unreadable or algorithms >> 4:
+        raise ImageError(f"{label}: {source.path} is an erofs compressed with {', '.join(unreadable or ['?'])}, "
+                         "which the guest kernel cannot read; rebuild it with mkfs.erofs -zlz4")
+    return ",".join(names) or None
+
+
+def _check_ext4_clean(block: bytes, source, label: str) -> None:
+    state = struct.unpack_from("<H", block, 1024 + 0x3A)[0]
+    incompat = struct.unpack_from("<I", block, 1024 + 0x60)[0]
+    if incompat & EXT4_INCOMPAT_JOURNAL_DEV:
+        raise ImageError(f"{label}: {source.path} is an ext4 external journal, not a file system")
+    if not state & 0x1 or state & 0x2 or incompat & EXT4_INCOMPAT_RECOVER:
+        why = "its journal needs recovery" if incompat & EXT4_INCOMPAT_RECOVER else \
+            ("it has recorded errors" if state & 0x2 else "it was not cleanly unmounted")
+        raise ImageError(f"{label}: {source.path} is a dirty ext4 ({why}): a read-only mount would refuse it "
+                         "or see it inconsistent; run e2fsck -f on it (unmounted) and register it again")
+
+
+def _partitioned(source, head: bytes, label: str) -> tuple[int | None, tuple[str, str | None] | None]:
+    if len(head) < SECTOR or head[510:512] != b"\x55\xaa":
+        return None, None
+    if head[SECTOR:SECTOR + 8] == b"EFI PART":
+        partitions = _gpt_partitions(source, head, label)
+    else:
+        partitions = _mbr_partitions(head)
+    fallback = (None, None)
+    for number, start, preferred in partitions:
+        if start <= 0 or start * SECTOR >= source.size:
+            continue
+        found = _filesystem_at(source, start * SECTOR, label)
+        if found and preferred:
+            return number, found
+        if found and fallback[1] is None:
+            fallback = (number, found)
+    return fallback
+
+
+def _gpt_partitions(source, head: bytes, label: str) -> list[tuple[int, int, bool]]:
+    entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
+    if not (128 <= size <= 1024 and 0 < count and entries_lba > 0):
+        raise ImageError(f"{label}: {source.path} has a GPT header vjobs cannot read (entry size {size}, "
+                         f"{count} entries)")
+    count = min(count, MAX_GPT_ENTRIES)
+    table = source.read(entries_lba * SECTOR, count * size)
+    partitions = []
+    for index in range(len(table) // size):
+        entry = table[index * size:(index + 1) * size]
+        if entry[:16] == bytes(16):
+            continue
+        first_lba = struct.unpack_from("<Q", entry, 32)[0]
+        partitions.append((index + 1, first_lba, entry[:16] == GPT_LINUX_ROOT_X86_64))
+    return partitions
+
+
+def _mbr_partitions(head: bytes) -> list[tuple[int, int, bool]]:
+    partitions = []
+    for index in range(4):
+        entry = head[446 + 16 * index: 446 + 16 * (index + 1)]
+        kind, start = entry[4], struct.unpack_from("<I", entry, 8)[0]
+        if kind and kind not in MBR_EXTENDED_TYPES:
+            partitions.append((index + 1, start, False))
+    return partitions
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
