@@ -162,3 +162,22 @@ def xen_settings(xapi_standin, tmp_path):
 def xen_site(make_site, xen_settings):
     """A site pinned to the xen driver, pointed at the XAPI stand-in (not in dom0: require_dom0 = false)."""
     return make_site(driver="xen", drivers={"xen": xen_settings})
+
+
+@pytest.fixture(params=["qemu_user", pytest.param("kvm", marks=pytest.mark.libvirt), "xen"])
+def driver_site(request, make_site, built_image):
+    """(driver name, site config) for each driver set-up under test: the conformance suites run on every
+    driver, as Nova runs one test class against every virt driver."""
+    name = request.param
+    setups = {"qemu_user": lambda: make_site(driver="qemu_user"),
+              "kvm": lambda: request.getfixturevalue("libvirt_site"),
+              "xen": lambda: request.getfixturevalue("xen_site")}
+    return name, setups[name]()
+
+
+@pytest.fixture(scope="session")
+def debian_image(cache_dir, built_image):
+    """The built-in Debian 12 base (mmdebstrap, ~20 s), built once per session."""
+    from vjobs.rootfs import debian
+
+    return debian.build(cache_dir)

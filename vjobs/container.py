@@ -33,6 +33,18 @@ from .rootfs import disk_for as rootfs_disk_for
 from .site import SiteConfig
 
 CONSOLE_TAIL_BYTES = 2000
+#: What the agent's error codes mean, said to the user (vjobs/guest/agent/ sets them).
+AGENT_ERRORS = {
+    "rootfs_disk_missing": "the guest did not find the base image's disk",
+    "rootfs_mount_failed": "the guest could not mount the base image read-only: the file system is damaged or "
+                           "of a kind the guest kernel cannot read; check it with `vjobs image inspect` and "
+                           "rebuild it",
+    "overlay_failed": "the guest could not put its overlay over the base image",
+    "rootfs_unusable": "the base image cannot run payloads",
+    "payload_setup_failed": "the guest could not set up the payload's namespaces and mounts",
+    "release_disk_missing": "the guest did not find the release's disk",
+    "release_mount_failed": "the guest could not mount the release image",
+}
 
 
 class VMContainer:
@@ -153,7 +165,10 @@ class VMContainer:
             return (f"the job's outputs, stdout and stderr came to {status.get('output_bytes')} bytes, more than "
                     f"/resources/output_mib allows ({status.get('output_limit_bytes')} bytes): nothing but the "
                     "tails of stdout and stderr came back; raise output_mib or match fewer files")
-        return f"the guest agent reported {code}; console: {self._console_tail()!r}"
+        detail = f" ({status['detail']})" if status.get("detail") else ""
+        if code in AGENT_ERRORS:
+            return f"{AGENT_ERRORS[code]}{detail}; console: {self._console_tail()!r}"
+        return f"the guest agent reported {code}{detail}; console: {self._console_tail()!r}"
 
     # --- files -----------------------------------------------------------------------------------------
 

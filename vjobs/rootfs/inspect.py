@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import subprocess
 import tempfile
@@ -73,6 +74,8 @@ def inspect_rootfs(path: Path, label: str = "rootfs") -> RootfsInfo:
 def _check_regular_file(path: Path, label: str) -> None:
     try:
         info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # before open(): opening a FIFO would block forever
+            raise ImageError(f"{label}: {path} is not a regular file; give the path of an image file")
         with open(path, "rb"):
             pass
     except FileNotFoundError as exc:
@@ -82,8 +85,6 @@ def _check_regular_file(path: Path, label: str) -> None:
                          "for the user vjobs runs as") from exc
     except OSError as exc:
         raise ImageError(f"{label}: cannot read {path}: {exc.strerror}") from exc
-    if not path.is_file():
-        raise ImageError(f"{label}: {path} is not a regular file; give the path of an image file")
     if info.st_size < 2 * SECTOR:
         raise ImageError(f"{label}: {path} is {info.st_size} bytes, too small to hold a file system")
 
