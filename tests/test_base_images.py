@@ -159,3 +159,72 @@ def test_a_base_the_guest_cannot_mount_is_a_clear_vm_error(make_job, make_site, 
     assert result.error["code"] == "rootfs_mount_failed"
     assert "could not mount the base image" in result.error["message"]
     assert sha256(image) == digest
+
+
+@pytest.fixture(scope="session")
+def debian_formats(debian_image, tmp_path_factory):
+    """The Debian base in other forms a site may have: an erofs (LZ4), and a qcow2 of a GPT disk whose
+    second partition holds an ext4 (the first is a small unformatted one, so the partition must be found)."""
+    folder = tmp_path_factory.mktemp("formats")
+    tree = folder / "tree"
+    subprocess.run(["unsquashfs", "-q", "-no-progress", "-d", str(tree), debian_image.rootfs], check=True)
+    erofs = folder / "debian12.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", "-zlz4", str(erofs), str(tree)], check=True, capture_output=True)
+    ext4 = folder / "root.ext4"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(ext4), "400M"], check=True)
+    disk = folder / "disk.raw"
+    with open(disk, "wb") as handle:
+        handle.truncate((1 + 8 + 400 + 1) << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], check=True, text=True,
+                   input="label: gpt\nstart=2048, size=16384\nstart=18432, size=819200, type=L\n")
+    subprocess.run(["dd", f"if={ext4}", f"of={disk}", "bs=1M", "seek=9", "conv=notrunc,sparse", "status=none"],
+                   check=True)
+    qcow2 = folder / "debian12-gpt-ext4.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(qcow2)], check=True)
+    return {"erofs": erofs, "qcow2": qcow2}
+
+
+def catalogue_site(make_site, image: Path, **settings):
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    return make_site(images={"base": {"rootfs": str(image), "rootfs_sha256": digest}}, **settings), digest
+
+
+def test_a_qcow2_gpt_ext4_base_on_every_driver(make_job, driver_site, debian_formats, make_site, tmp_path,
+                                              request, assert_clean_host):
+    name, pinned = driver_site
+    image = debian_formats["qcow2"]
+    site, digest = catalogue_site(make_site, image, driver=name, drivers=dict(pinned.drivers))
+    job = make_job(["sh", "-c", "python3 -c 'print(1 + 1)' && grep ' / ' /proc/mounts | cut -d' ' -f3"],
+                   image="base")
+    result = vjobs.run(job, site=site, outdir=tmp_path / "out")
+    assert result.status == "succeeded", (result.error, (tmp_path / "out" / "stderr").read_text())
+    assert (tmp_path / "out" / "stdout").read_text() == "2\noverlay\n"
+    assert result.provenance["rootfs_filesystem"] == "ext4"
+    assert result.provenance["rootfs_container"] == "qcow2"
+    assert sha256(image) == digest
+
+
+def test_an_erofs_base(make_job, make_site, debian_formats, tmp_path, assert_clean_host):
+    site, digest = catalogue_site(make_site, debian_formats["erofs"], driver="qemu_user")
+    result = vjobs.run(make_job(["python3", "-c", "import sys; print(sys.version_info[0])"], image="base"),
+                       site=site, outdir=tmp_path / "out")
+    assert result.status == "succeeded", result.error
+    assert (tmp_path / "out" / "stdout").read_text() == "3\n"
+    assert result.provenance["rootfs_filesystem"] == "erofs"
+
+
+def test_the_readme_example_runs(tmp_path, make_site, debian_image, assert_clean_host):
+    """The README's first command's job: a Python analysis from the release, on the built-in Debian base."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "analysis" / "job.json"
+    result = vjobs.run(example, site=make_site(driver="qemu_user"), outdir=tmp_path / "out")
+    assert result.status == "succeeded", result.error
+    summary = json.loads((tmp_path / "out" / "outputs" / "out" / "summary.json").read_text())
+    assert summary["os"] == "Debian GNU/Linux 12 (bookworm)"
+    assert summary["kinds"]["muon"] == {"events": 3, "mean_energy_gev": 41.7, "max_energy_gev": 45.0}
+
+
+def test_a_built_base_is_reused_not_rebuilt(cache_dir, debian_image, monkeypatch):
+    from vjobs.rootfs import debian
+
+    monkeypatch.setattr(debian, "_mmdebstrap", lambda *args: pytest.fail("rebuilt an up-to-date image"))
+    assert debian.build(cache_dir) == debian_image

@@ -127,15 +127,15 @@ def cmd_image_inspect(args) -> int:
         return 0
     print(f"# {path}: {info.describe()}; {path.stat().st_size} bytes on the host, {info.virtual_size} "
           "bytes for the guest")
-    print(f"[images.{args.name or _image_name(path)}]")
-    print(f'rootfs = "{path}"')
+    print(f"[images.{_image_name(args.name or path.name.split('.')[0])}]")
+    print(f"rootfs = {json.dumps(str(path))}")  # a JSON string is a valid TOML basic string
     print(f'rootfs_sha256 = "{digest}"')
     return 0
 
 
-def _image_name(path: Path) -> str:
-    stem = path.name.split(".")[0]
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in stem)[:64] or "image"
+def _image_name(text: str) -> str:
+    """A catalogue name (a bare TOML key, as schemas/site.schema.json allows): ASCII letters, digits, ._-"""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in text)[:64] or "image"
 
 
 def cmd_image_list(args) -> int:

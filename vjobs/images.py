@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -141,6 +142,8 @@ class ChecksumCache:
             info = path.stat()
         except OSError as exc:
             raise ImageError(f"{label}: cannot read {path}: {exc.strerror}") from exc
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the hash for ever
+            raise ImageError(f"{label}: {path} is not a regular file; give the path of an image file")
         stamp = f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
         actual = self.known.get(str(path), {}).get(stamp) or sha256_file(path)
         if actual != expected:

@@ -77,8 +77,8 @@ def disk_for(rootfs: RootfsImage, formats: tuple[str, ...], cache_dir: Path,
     if container in formats:
         return Disk("rootfs", rootfs.path, container, readonly=True, cache_key=rootfs.sha256)
     if "raw" not in formats:
-        raise ImageError(f"the driver attaches only {', '.join(formats)} disks and the base image "
-                         f"{rootfs.path} is {container}; convert it to raw")
+        raise ImageError(f"the driver attaches only {', '.join(formats)} disks, and vjobs can only make raw "
+                         f"copies of the base image {rootfs.path} ({container}); use another driver")
     return Disk("rootfs", _raw_copy(rootfs, Path(cache_dir) / "rootfs", progress), "raw", readonly=True,
                 cache_key=rootfs.sha256)
 

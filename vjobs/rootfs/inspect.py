@@ -115,10 +115,12 @@ class _Qcow2Source:
 
     def read(self, offset: int, length: int) -> bytes:
         first = offset // SECTOR
-        count = (offset + length + SECTOR - 1) // SECTOR - first
+        end = (offset + length + SECTOR - 1) // SECTOR
         with tempfile.TemporaryDirectory(prefix="vjobs-inspect-") as folder:
             out = Path(folder) / "range"
-            _qemu_img(["dd", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}", f"skip={first}", f"count={count}",
+            # qemu-img dd (7.2) stops at block `count` counted from block 0, not from `skip` as GNU dd does:
+            # a block count read short or nothing past the head, and no partition of a qcow2 was found.
+            _qemu_img(["dd", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}", f"skip={first}", f"count={end}",
                        f"if={self.path}", f"of={out}"], self.label, self.path)
             data = out.read_bytes()
         start = offset - first * SECTOR
