@@ -12,14 +12,13 @@ overlay and the binds) and the run phase; the difference of the medians is the b
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import vjobs
-from run_overhead import driver_setups  # the same three driver set-ups as the overhead benchmark
+from run_overhead import arguments, driver_setups  # the same options and driver set-ups as that benchmark
 
 JOBS = {
     "busybox": {"id": "trivial-busybox", "command": ["true"], "image": "default"},
@@ -46,11 +45,7 @@ def measure(site, runs: int, scratch: Path) -> dict[str, dict[str, list[float]]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--site", default=None)
-    parser.add_argument("--all-drivers", action="store_true")
-    args = parser.parse_args()
+    args = arguments(__doc__)
     site = vjobs.load_site(args.site)
     from vjobs.images import resolve_image
 
@@ -65,8 +60,8 @@ def main() -> None:
             cost = statistics.median(samples["debian12"]["total"]) - statistics.median(samples["busybox"]["total"])
             python = statistics.median(samples["debian12 python3"]["guest_payload"])
             rows.append((label, samples, cost, python))
-    print(f"\n| driver | busybox total | debian12 total | base set-up cost | guest set-up busybox / debian12 "
-          f"| python3 first start in the guest |")
+    print("\n| driver | busybox total | debian12 total | base set-up cost | guest set-up busybox / debian12 "
+          "| python3 first start in the guest |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, samples, cost, python in rows:
         print(f"| {label} | {spread(samples['busybox']['total'])} | {spread(samples['debian12']['total'])} | "

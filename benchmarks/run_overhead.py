@@ -94,12 +94,16 @@ def driver_setups(args, scratch: Path) -> Iterator[list[tuple[str, SiteConfig]]]
         ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--site", default=None)
     parser.add_argument("--all-drivers", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__)
     summary = []
     with tempfile.TemporaryDirectory() as folder, driver_setups(args, Path(folder)) as setups:
         for label, site in setups:

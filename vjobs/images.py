@@ -8,13 +8,17 @@ read-only, and runs the payload in it (vjobs/rootfs/). Built-in: ``default`` (bu
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from .driver import BootImage
 from .errors import ImageError
@@ -117,6 +121,37 @@ def built_in_image(cache_dir: Path, progress: Callable[[str], None]) -> Resolved
     manifest = build_default_image(cache_dir, progress)
     return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline),
                          manifest.kernel_sha256, manifest.initramfs_sha256)
+
+
+Built = TypeVar("Built")
+
+
+def build_once(folder: Path, what: str, load: Callable[[], Built | None], build: Callable[[Path], Built],
+               force: bool = False) -> Built:
+    """Make-style: what ``load`` finds in ``folder`` (a name ending in its recipe's key), else ``build`` it
+    into a temporary folder beside it, which ``build`` renames to ``folder``. Under a lock, so two pilots
+    starting at once build once; a full disk is ``disk_full``; builds of other recipes (siblings named like
+    ``folder`` up to its last ``-``) are removed, since nothing uses them again."""
+    if not force and (found := load()):
+        return found
+    family = folder.name.rsplit("-", 1)[0]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{family}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and (found := load()):
+            return found
+        try:
+            with tempfile.TemporaryDirectory(prefix=f".build-{family}-", dir=folder.parent) as scratch:
+                built = build(Path(scratch))
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise ImageError(f"disk full while building the {what} in {folder.parent}: free space or "
+                                 "point cache_dir in the site config elsewhere", code="disk_full") from exc
+            raise ImageError(f"cannot build the {what} in {folder.parent}: {exc}") from exc
+        for stale in folder.parent.glob(f"{family}-*"):
+            if stale != folder and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        return built
 
 
 def sha256_file(path: Path) -> str:

@@ -14,20 +14,18 @@ the same inputs only checks the files; ``force=True`` fetches the packages again
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ImageError
-from ..images import ChecksumCache, sha256_file
+from ..images import ChecksumCache, build_once, sha256_file
 from .cpio import CpioWriter
 
 BUILDER_VERSION = 2
@@ -113,24 +111,13 @@ def load_default_image(cache_dir: Path) -> ImageManifest | None:
 def build_default_image(cache_dir: Path, progress: Callable[[str], None] = lambda message: None,
                         force: bool = False) -> ImageManifest:
     folder = default_image_dir(cache_dir)
-    if not force and (manifest := load_default_image(cache_dir)):
-        return manifest
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / "default.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two pilots starting at once build once
-        if not force and (manifest := load_default_image(cache_dir)):
-            return manifest
-        try:
-            with tempfile.TemporaryDirectory(prefix=".build-", dir=folder.parent) as scratch:
-                manifest = _build(Path(scratch), folder, progress)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise ImageError(f"disk full while building the guest image in {folder.parent}: free space "
-                                 "or point cache_dir in the site config elsewhere", code="disk_full") from exc
-            raise ImageError(f"cannot build the guest image in {folder.parent}: {exc}") from exc
-        _remove_stale_builds(folder)
+
+    def build(scratch: Path) -> ImageManifest:
+        manifest = _build(scratch, folder, progress)
         progress(f"guest image ready: {folder}")
         return manifest
+
+    return build_once(folder, "guest image", lambda: load_default_image(cache_dir), build, force)
 
 
 def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> ImageManifest:
@@ -279,13 +266,6 @@ def _one(paths, message: str) -> Path:
     if len(paths) != 1:
         raise ImageError(message if not paths else f"{message} (found {len(paths)})")
     return paths[0]
-
-
-def _remove_stale_builds(current: Path) -> None:
-    """Images built from older recipes (another agent version, say) are never used again."""
-    for other in current.parent.glob("default-*"):
-        if other != current and other.is_dir():
-            shutil.rmtree(other, ignore_errors=True)
 
 
 def _sha256(data: bytes) -> str:

@@ -13,20 +13,18 @@ sources into an LZ4 squashfs, so that a job runs on a real distribution with no 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ImageError
-from ..images import ChecksumCache, sha256_file
+from ..images import ChecksumCache, build_once, sha256_file
 
 NAME = "debian12"
 BUILDER_VERSION = 1
@@ -77,25 +75,8 @@ def load(cache_dir: Path) -> BaseManifest | None:
 def build(cache_dir: Path, progress: Callable[[str], None] = lambda message: None,
           force: bool = False) -> BaseManifest:
     folder = image_dir(cache_dir)
-    if not force and (manifest := load(cache_dir)):
-        return manifest
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two pilots asking at once build once
-        if not force and (manifest := load(cache_dir)):
-            return manifest
-        try:
-            with tempfile.TemporaryDirectory(prefix=f".build-{NAME}-", dir=folder.parent) as scratch:
-                manifest = _build(Path(scratch), folder, progress)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise ImageError(f"disk full while building the {NAME} image in {folder.parent}: free space or "
-                                 "point cache_dir in the site config elsewhere", code="disk_full") from exc
-            raise ImageError(f"cannot build the {NAME} image in {folder.parent}: {exc}") from exc
-        for stale in folder.parent.glob(f"{NAME}-*"):
-            if stale != folder and stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-        return manifest
+    return build_once(folder, f"{NAME} image", lambda: load(cache_dir),
+                      lambda scratch: _build(scratch, folder, progress), force)
 
 
 def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> BaseManifest:
