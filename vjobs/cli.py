@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, api
+from . import __version__, api, runtime
 from .errors import DriverError, VjobsError
 from .gc import collect_garbage
 from .plugins import installed_drivers
@@ -62,6 +62,10 @@ def _print_summary(result, args) -> None:
     for rejected in result.rejected_outputs:
         print(f"  not returned: {rejected['path']}: {rejected['reason']}")
     print(f"  result: {where / 'result.json'}")
+
+
+def cmd_exec(args) -> int:
+    return runtime.run_exec(args)
 
 
 def cmd_validate(args) -> int:
@@ -174,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--outdir", help="where result.json, stdout, stderr, console.log and outputs/ go "
                                       "(default ./vjobs-out/JOB_ID)")
     run.add_argument("--json", action="store_true", help="print result.json; no progress messages")
+    run_exec = command("exec", cmd_exec, "run a command in a VM as `apptainer exec` would in a container: "
+                                         "binds, working directory, environment; exits with its status")
+    runtime.add_arguments(run_exec)
     validate = command("validate", cmd_validate, "check a job file against the schema and the host")
     validate.add_argument("job")
     probe = command("probe", cmd_probe, "say for every installed driver whether it can run VMs here, and why")
@@ -198,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_image_list)
     listing.add_argument("--json", action="store_true")
     command("gc", cmd_gc, "remove VMs and files left by vjobs processes that are gone")
-    for sub in (run, validate, probe, build, listing, commands.choices["drivers"], commands.choices["gc"]):
+    for sub in (run, run_exec, validate, probe, build, listing, commands.choices["drivers"], commands.choices["gc"]):
         sub.add_argument("--site", help="site config (TOML); default $VJOBS_SITE or /etc/vjobs/site.toml")
     return parser
 

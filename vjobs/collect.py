@@ -2,7 +2,7 @@
 mounting anything, and never trusted.
 
 What comes back is filtered member by member:
-- a name that is absolute, climbs with ``..``, or lies outside ``vjobs/`` and ``work/``: the agent never
+- a name that is absolute, climbs with ``..``, or lies outside ``vjobs/``, ``work/`` and ``binds/N/``: the agent never
   writes one, so the guest is misbehaving: ``VMError(code="unsafe_output")`` and nothing is kept;
 - links, device nodes, FIFOs: the payload may have made them, so they are skipped and listed in
   ``rejected`` (only regular files and folders come back);
@@ -42,6 +42,7 @@ class GuestResults:
     stderr: Path | None = None
     outputs: list[OutputFile] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    bind_files: list[OutputFile] = field(default_factory=list)  # paths "N/relative" under destination/binds
 
     @property
     def exit_code(self) -> int | None:
@@ -51,9 +52,10 @@ class GuestResults:
 
 def read_results(raw_disk: Path, destination: Path, limit_bytes: int) -> GuestResults:
     """Extract the results on ``raw_disk`` into ``destination`` (which must not exist yet): ``stdout``,
-    ``stderr`` and ``outputs/``."""
+    ``stderr``, ``outputs/`` and ``binds/N/`` (the read-write binds)."""
     destination.mkdir(parents=True)
     (destination / "outputs").mkdir()
+    (destination / "binds").mkdir()
     results = GuestResults()
     budget = _Budget(limit_bytes)
     try:
@@ -96,8 +98,12 @@ def _take(archive: tarfile.TarFile, member: tarfile.TarInfo, destination: Path, 
     if top == "vjobs":
         _take_agent_file(archive, member, rest, destination, results, budget)
     elif top == "work" and rest:
-        _take_output(archive, member, rest, destination / "outputs", results, budget)
-    elif name != "work":
+        _take_output(archive, member, rest, destination / "outputs", results.outputs, results.rejected, budget)
+    elif top == "binds" and rest.partition("/")[0].isdigit():
+        rejected: list[dict] = []
+        _take_output(archive, member, rest, destination / "binds", results.bind_files, rejected, budget)
+        results.rejected += [{**entry, "path": f"binds/{entry['path']}"} for entry in rejected]
+    elif name not in ("work", "binds"):
         raise VMError(f"the guest's results hold an unexpected entry {member.name!r}", code="unsafe_output")
 
 
@@ -118,25 +124,26 @@ def _take_agent_file(archive, member, rest, destination, results, budget) -> Non
         setattr(results, rest, path)
 
 
-def _take_output(archive, member, relative, outputs: Path, results, budget) -> None:
+def _take_output(archive, member, relative, outputs: Path, taken: list[OutputFile], rejected: list[dict],
+                 budget) -> None:
     if member.isdir():
         try:
             (outputs / relative).mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            results.rejected.append({"path": relative, "reason": "clashes with an entry that came earlier"})
+            rejected.append({"path": relative, "reason": "clashes with an entry that came earlier"})
         return
     if not member.isreg():
         kind = "symbolic link" if member.issym() else "hard link" if member.islnk() else "device or FIFO"
-        results.rejected.append({"path": relative, "reason": f"{kind}: only regular files and folders come back"})
+        rejected.append({"path": relative, "reason": f"{kind}: only regular files and folders come back"})
         return
     target = outputs / relative
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         size, digest = _write_file(archive, member, target, budget)
     except (FileExistsError, NotADirectoryError):
-        results.rejected.append({"path": relative, "reason": "clashes with an entry that came earlier"})
+        rejected.append({"path": relative, "reason": "clashes with an entry that came earlier"})
         return
-    results.outputs.append(OutputFile(relative, size, digest))
+    taken.append(OutputFile(relative, size, digest))
 
 
 def _write_file(archive, member, target: Path, budget: _Budget) -> tuple[int, str]:

@@ -21,7 +21,9 @@ from typing import Iterator
 
 from . import __version__
 from .collect import GuestResults, read_results
-from .disks import BaseDisk, JobDisks, prepare_disks
+from .binds import check_folders as check_bind_folders
+from .binds import merge_back
+from .disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
 from .driver import VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from .errors import BootTimeout, Cancelled, LimitExceeded, VjobsError, VMError, WalltimeExceeded
 from .host import new_owner
@@ -42,8 +44,8 @@ AGENT_ERRORS = {
     "overlay_failed": "the guest could not put its overlay over the base image",
     "rootfs_unusable": "the base image cannot run payloads",
     "payload_setup_failed": "the guest could not set up the payload's namespaces and mounts",
-    "release_disk_missing": "the guest did not find the release's disk",
-    "release_mount_failed": "the guest could not mount the release image",
+    "readonly_disk_missing": "the guest did not find the disk of the release or a read-only bind",
+    "readonly_mount_failed": "the guest could not mount the image of the release or a read-only bind",
 }
 
 
@@ -86,6 +88,7 @@ class VMContainer:
                                           driver_version=_distribution_version(driver))
         with self._phase("prepare"):
             self.site.check_limits(self.job)
+            check_bind_folders(self.job, self.site)
             if self.job.network and not verdict.network:
                 raise LimitExceeded(f"job {self.job.id}: /network: the job asks for a network and the site allows "
                                     f"it, but the {driver.name} driver gives its guests none here; run it where "
@@ -149,6 +152,7 @@ class VMContainer:
                               code="guest_crashed") from error
             raise
         self._publish(incoming, results)
+        self._return_binds(incoming / "binds")
         agent_error = results.status.get("error")
         if agent_error:
             raise VMError(self._agent_error_message(agent_error, results.status), code=agent_error)
@@ -197,6 +201,13 @@ class VMContainer:
         self.result.stderr = str(self.outdir / "stderr") if results.stderr else None
         self.result.outputs = [vars(output) for output in results.outputs]
         self.result.rejected_outputs = results.rejected
+
+    def _return_binds(self, returned: Path) -> None:
+        """What the payload created or changed in each read-write bind, copied into the host folder."""
+        for number, bind in read_write_binds(self.job):
+            changed = merge_back(returned / str(number), bind.source) if (returned / str(number)).is_dir() else []
+            self.result.returned_binds.append({"source": str(bind.source), "target": bind.target,
+                                               "changed": changed})
 
     def _save_console(self) -> None:
         logs = [path for path in self.consoles if path.exists()]

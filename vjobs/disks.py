@@ -1,9 +1,9 @@
 """Build a job's block devices on the host, with real tools, as files in the job's folder.
 
-- release: squashfs (or erofs) of the release folder, read-only, cached by the tree's fingerprint so the
-  next job with the same release reuses the image;
+- release, and each read-only bind: squashfs (or erofs) of the host folder, read-only, cached by the
+  tree's fingerprint so the next job with the same folder reuses the image;
 - scratch: ext4 made by ``mke2fs -d`` (no root, no mount): ``work/`` holds the inputs and is the job's
-  working directory, ``vjobs/`` receives stdout and stderr;
+  working directory, ``binds/N/`` a copy of each read-write bind, ``vjobs/`` receives stdout and stderr;
 - io: a raw disk of ``output_mib`` that starts with the job (a tar the agent reads) and that the agent
   overwrites with the results (a tar the host reads without mounting);
 - rootfs: the site's base image, passed through as it is (vjobs/rootfs/), read-only; the io disk tells
@@ -56,26 +56,44 @@ class BaseDisk:
 
 
 @dataclass(frozen=True)
+class ReadOnlyDisk:
+    """An imaged host folder (the release, a read-only bind) and where the guest mounts it."""
+
+    disk: Disk
+    target: str
+
+
+@dataclass(frozen=True)
 class JobDisks:
     io: Disk
     scratch: Disk
     release: Disk | None
     release_sha256: str | None
     rootfs: Disk | None = None
+    read_only_binds: tuple[Disk, ...] = ()
 
     def all(self) -> tuple[Disk, ...]:
-        return tuple(disk for disk in (self.io, self.scratch, self.release, self.rootfs) if disk)
+        return tuple(disk for disk in (self.io, self.scratch, self.release, *self.read_only_binds, self.rootfs)
+                     if disk)
 
 
 def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str,
                   progress: Callable[[str], None], base: BaseDisk | None = None) -> JobDisks:
+    read_only = []
     release, release_sha256 = None, None
     if job.release:
         image, release_sha256 = release_image(job.release.path, cache_dir / "releases", release_format, progress)
         release = Disk("release", image, "raw", readonly=True, cache_key=release_sha256)
+        read_only.append(ReadOnlyDisk(release, job.release.mount))
+    for bind in job.binds:
+        if bind.mode == "ro":
+            image, digest = release_image(bind.source, cache_dir / "releases", release_format, progress)
+            read_only.append(ReadOnlyDisk(Disk("bind", image, "raw", readonly=True, cache_key=digest), bind.target))
     scratch = Disk("scratch", build_scratch(job, folder), "raw", readonly=False)
-    io_disk = Disk("io", build_io_disk(job, folder, scratch, release, release_format, base), "raw", readonly=False)
-    return JobDisks(io_disk, scratch, release, release_sha256, base.disk if base else None)
+    io_disk = Disk("io", build_io_disk(job, folder, scratch, read_only, release_format, base), "raw",
+                   readonly=False)
+    return JobDisks(io_disk, scratch, release, release_sha256, base.disk if base else None,
+                    tuple(item.disk for item in read_only if item.disk.role == "bind"))
 
 
 def run_tool(argv: list[str], what: str, folder: Path) -> None:
@@ -151,6 +169,8 @@ def build_scratch(job: Job, folder: Path) -> Path:
         shutil.copytree(job.inputs, staging / "work", symlinks=True, copy_function=_link_or_copy)
     else:
         (staging / "work").mkdir()
+    for number, bind in read_write_binds(job):
+        shutil.copytree(bind.source, staging / "binds" / str(number), symlinks=True, copy_function=_link_or_copy)
     used, files = _tree_usage(staging)
     size_kib = (used + used // 8 + files * 4096 + job.resources.scratch_mib * MIB + 16 * MIB) // 1024
     image = folder / "scratch.ext4"
@@ -161,6 +181,11 @@ def build_scratch(job: Job, folder: Path) -> Path:
              f"scratch disk of job {job.id} ({size_kib // 1024} MiB)", folder)
     shutil.rmtree(staging)
     return image
+
+
+def read_write_binds(job: Job):
+    """(number, bind) of each read-write bind: its folder on the scratch disk is ``binds/NUMBER``."""
+    return [(number, bind) for number, bind in enumerate(job.binds) if bind.mode == "rw"]
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -182,14 +207,12 @@ def _tree_usage(root: Path) -> tuple[int, int]:
 
 # --- io ------------------------------------------------------------------------------------------------
 
-def build_io_disk(job: Job, folder: Path, scratch: Disk, release: Disk | None, release_format: str,
+def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnlyDisk], release_format: str,
                   base: BaseDisk | None = None) -> Path:
     settings = {"SCRATCH_HEAD": head_sha256(scratch.path),
-                "RELEASE_HEAD": head_sha256(release.path) if release else "",
-                "RELEASE_MOUNT": job.release.mount if job.release else "",
-                "RELEASE_FSTYPE": release_format,
                 "NETWORK": "1" if job.network else "",  # the site's allow_network was checked before
-                "WORKDIR": job.workdir,
+                "WORKDIR": job.workdir or "",
+                "CWD": job.start_dir,
                 # A qcow2's head as the guest sees it, not the file's: inspect.py read it through qemu-img.
                 "ROOTFS_HEAD": base.info.guest_head_sha256 if base else "",
                 "ROOTFS_FSTYPE": base.info.filesystem if base else "",
@@ -201,6 +224,11 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, release: Disk | None, r
         "job/env.sh": "".join(f"export {key}={shlex.quote(value)}\n" for key, value in job.env.items()),
         "job/command.sh": "exec " + " ".join(shlex.quote(arg) for arg in job.command) + "\n",
         "job/outputs": "".join(f"{pattern}\n" for pattern in job.outputs),
+        # One line per read-only disk (disk head, file system, guest path) and per read-write bind (its
+        # number on the scratch disk, guest path). Guest paths have no spaces (schemas/job.schema.json).
+        "job/ro_disks": "".join(f"{head_sha256(item.disk.path)} {release_format} {item.target}\n"
+                                for item in read_only),
+        "job/rw_binds": "".join(f"{number} {bind.target}\n" for number, bind in read_write_binds(job)),
     }
     payload = _tar_bytes(members)
     size = job.resources.output_mib * MIB

@@ -13,7 +13,10 @@ from .errors import InvalidJob
 
 DEFAULT_WORKDIR = "/work"
 # Guest paths the agent mounts itself: a working directory there would be hidden or would hide them.
-RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev", "/run", "/tmp")
+RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev", "/run")
+# A fresh /tmp is mounted before the binds, so a path under it works (pilots' work folders often live in
+# /tmp), but /tmp itself stays the payload's.
+RESERVED_EXACT = ("/", "/tmp")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,16 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Bind:
+    """A host folder in the guest: "ro" as a read-only disk (imaged, cached by content), "rw" copied in and
+    what the payload created or changed there copied back (vjobs/binds.py)."""
+
+    source: Path
+    target: str
+    mode: str = "rw"
+
+
+@dataclass(frozen=True)
 class Job:
     id: str
     command: tuple[str, ...]
@@ -42,7 +55,13 @@ class Job:
     walltime_s: float = 3600
     image: str = "default"
     network: bool = False
-    workdir: str = DEFAULT_WORKDIR  # the working directory's path in the guest
+    workdir: str | None = DEFAULT_WORKDIR  # the working directory's path in the guest; None: no such folder
+    cwd: str | None = None  # where the payload starts; None: the workdir (or /)
+    binds: tuple[Bind, ...] = ()
+
+    @property
+    def start_dir(self) -> str:
+        return self.cwd or self.workdir or "/"
 
 
 def load_job(path: str | os.PathLike) -> Job:
@@ -79,22 +98,31 @@ def job_from_dict(document: Any, *, base_dir: Path | None = None, source: str = 
         image=document.get("image", "default"),
         network=document.get("network", False),
         workdir=document.get("workdir", DEFAULT_WORKDIR),
+        cwd=document.get("cwd"),
+        binds=tuple(Bind(_host_dir(bind["source"], base_dir, source, f"/binds/{index}/source"), bind["target"],
+                         bind.get("mode", "rw")) for index, bind in enumerate(document.get("binds", ()))),
     )
     _check_guest_paths(job, source)
     return job
 
 
 def _check_guest_paths(job: Job, source: str) -> None:
-    """The working directory and the release mount must not hide each other or what the agent mounts."""
-    for pointer, path in (("/workdir", job.workdir), ("/release/mount", job.release.mount if job.release else None)):
-        if path is None:
-            continue
-        if path.rstrip("/") == "" or any(_within(path, reserved) for reserved in RESERVED_GUEST_PATHS):
-            raise InvalidJob(f"{source}: {pointer}: {path!r} is reserved in the guest (/, "
-                             f"{', '.join(RESERVED_GUEST_PATHS)} and what is under them); choose another path")
-    if job.release and (_within(job.workdir, job.release.mount) or _within(job.release.mount, job.workdir)):
-        raise InvalidJob(f"{source}: /workdir {job.workdir!r} and /release/mount {job.release.mount!r} overlap; "
-                         "one would hide the other")
+    """The working directory, the release and the binds must not hide each other or what the agent mounts."""
+    places = [("/workdir", job.workdir), ("/release/mount", job.release.mount if job.release else None)]
+    places += [(f"/binds/{index}/target", bind.target) for index, bind in enumerate(job.binds)]
+    places = [(pointer, path) for pointer, path in places if path is not None]
+    for pointer, path in places:
+        if (path.rstrip("/") or "/") in RESERVED_EXACT or any(_within(path, r) for r in RESERVED_GUEST_PATHS):
+            raise InvalidJob(f"{source}: {pointer}: {path!r} is reserved in the guest (/, /tmp, and "
+                             f"{', '.join(RESERVED_GUEST_PATHS)} with what is under them); choose another path")
+    for index, (pointer, path) in enumerate(places):
+        for other_pointer, other in places[index + 1:]:
+            if _within(path, other) or _within(other, path):
+                raise InvalidJob(f"{source}: {pointer} {path!r} and {other_pointer} {other!r} overlap (one is, or is "
+                                 "inside, the other): one would hide the other or be made inside a read-only "
+                                 "mount; choose separate paths")
+    if job.workdir is None and (job.inputs or job.outputs):
+        raise InvalidJob(f"{source}: /workdir: a job with inputs or outputs needs a working directory")
 
 
 def _within(path: str, folder: str) -> bool:

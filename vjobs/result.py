@@ -22,6 +22,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     rejected_outputs: list[dict[str, str]] = field(default_factory=list)
+    returned_binds: list[dict[str, Any]] = field(default_factory=list)
     stdout: str | None = None
     stderr: str | None = None
     console_log: str | None = None

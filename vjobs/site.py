@@ -49,6 +49,11 @@ class SiteConfig:
     images: Mapping[str, CatalogueImage] = field(default_factory=dict)
     drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
+    @property
+    def bind_limit_bytes(self) -> int:
+        """The largest host folder a job may bind; a bigger one is refused before it is read whole."""
+        return int(self.limits.get("bind_mib", DEFAULT_BIND_MIB)) << 20
+
     def driver_settings(self, name: str) -> Mapping[str, Any]:
         return self.drivers.get(name, {})
 
@@ -56,13 +61,16 @@ class SiteConfig:
         """Refuse a job that asks for more than the site allows, naming the field and the limit."""
         asked = {**vars(job.resources), "walltime_s": job.walltime_s}
         for name, limit in self.limits.items():
-            if asked[name] > limit:
+            if name in asked and asked[name] > limit:
                 pointer = "/walltime_s" if name == "walltime_s" else f"/resources/{name}"
                 raise LimitExceeded(f"job {job.id}: {pointer} = {asked[name]} is above this site's limit of "
                                     f"{limit} (limits.{name} in {self.source}); ask for less")
         if job.network and not self.allow_network:
             raise LimitExceeded(f"job {job.id}: /network: this site gives guests no network "
                                 f"(allow_network in {self.source} is false)")
+
+
+DEFAULT_BIND_MIB = 10240
 
 
 def _default_cache_dir() -> Path:

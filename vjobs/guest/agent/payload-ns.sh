@@ -21,8 +21,17 @@ fi
 mount -t tmpfs -o mode=0755,size=16m run "$root/run" || fail "cannot mount /run"
 bind /scratch/vjobs/launch /run/vjobs
 bind /scratch/tmp /tmp
-bind /scratch/work "$WORKDIR"
-[ -n "$RELEASE_HEAD" ] && bind /mnt/release "$RELEASE_MOUNT"
+[ -n "$WORKDIR" ] && bind /scratch/work "$WORKDIR"
+number=0
+while read -r head fstype target; do  # the release and read-only binds, mounted by stage 40
+    [ -n "$head" ] || continue
+    number=$((number + 1))
+    bind "/mnt/ro/$number" "$target"
+done < /scratch/vjobs/launch/ro_disks
+while read -r number target; do  # read-write binds: copies on the scratch disk
+    [ -n "$target" ] && bind "/scratch/binds/$number" "$target"
+done < /scratch/vjobs/launch/rw_binds
+[ -d "$root$CWD" ] || fail "the payload's working directory $CWD does not exist in the guest"
 
 path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 if [ "$root" = / ]; then

@@ -2,14 +2,15 @@
 # base image when there is one, with a clean environment: the job's env over a sane default.
 launch=/scratch/vjobs/launch
 mkdir -p "$launch"
-cp "$job/env.sh" "$job/command.sh" "$launch/"
+cp "$job/env.sh" "$job/command.sh" "$job/ro_disks" "$job/rw_binds" "$launch/"
 cat > "$launch/payload.sh" <<SCRIPT
-cd "$WORKDIR" || exit 125
+cd "$CWD" || exit 125
 . /run/vjobs/env.sh
 exec /bin/sh /run/vjobs/command.sh
 SCRIPT
 if [ "$PAYLOAD_USER" = unprivileged ]; then
     chown -R 65534:65534 /scratch/work
+    [ -d /scratch/binds ] && chown -R 65534:65534 /scratch/binds
 fi
 
 cd /scratch/work

@@ -10,5 +10,9 @@ while IFS= read -r pattern; do
     done
     unset IFS
 done < "$job/outputs"
+# Read-write binds come back whole; the host copies what changed into the host folder.
+while read -r number target; do
+    [ -n "$target" ] && echo "binds/$number" >> /run/vjobs/outputs
+done < "$job/rw_binds"
 sort -u /run/vjobs/outputs -o /run/vjobs/outputs
 cd /

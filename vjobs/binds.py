@@ -1,0 +1,149 @@
+"""Host folders bound into the guest (a job's ``binds``), on the host side.
+
+- Before anything is read whole, each folder's size is measured with a bound: a walk that stops as soon
+  as the folder is over the site's ``limits.bind_mib`` (or has more entries than a job may carry), so a
+  bind of a whole ``/cvmfs`` is refused in a moment, naming the size seen and the limit.
+- Read-only binds become read-only disks (vjobs/disks.py images them like releases, cached by content).
+- Read-write binds are copied onto the scratch disk; after the payload, the agent returns them whole, the
+  never-trusting reader (vjobs/collect.py) extracts them (regular files and folders only, size limits),
+  and ``merge_back`` copies what is new or changed into the host folder. It opens every folder on the way
+  with ``O_NOFOLLOW`` relative to the one above, so a guest-chosen name can never lead a write through a
+  link the host folder holds; files are replaced by a rename, never written through. Deletions in the
+  guest are not carried back: a bind is a copy, not a live mount (docs/exec.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Iterator
+
+from .errors import LimitExceeded
+from .job import Job
+from .site import SiteConfig
+
+MAX_BIND_ENTRIES = 1_000_000
+CHUNK = 1 << 20
+
+
+def check_folders(job: Job, site: SiteConfig) -> None:
+    """Refuse a bind (or the release) that holds vjobs' own folders (its copy would copy itself) or that is
+    larger than the site allows, before reading it whole."""
+    folders = [(f"/binds/{index}/source", bind.source) for index, bind in enumerate(job.binds)]
+    if job.release:
+        folders.append(("/release/path", job.release.path))
+    for pointer, folder in folders:
+        for name, own in (("work_dir", site.work_dir), ("cache_dir", site.cache_dir)):
+            if own.resolve().is_relative_to(folder):
+                raise LimitExceeded(f"job {job.id}: {pointer}: {folder} holds vjobs' {name} ({own}); bind a "
+                                    f"folder outside it, or set {name} elsewhere in {site.source}")
+    _check_sizes(job.id, folders, site.bind_limit_bytes, site.source)
+
+
+def _check_sizes(job_id: str, folders: list[tuple[str, Path]], limit_bytes: int, source: str) -> None:
+    for pointer, folder in folders:
+        seen, entries = _bounded_size(folder, limit_bytes)
+        if seen > limit_bytes or entries > MAX_BIND_ENTRIES:
+            raise LimitExceeded(
+                f"job {job_id}: {pointer}: {folder} holds more than {limit_bytes >> 20} MiB or "
+                f"{MAX_BIND_ENTRIES} entries (seen so far: {seen >> 20} MiB in {entries} entries; limits.bind_mib "
+                f"in {source}); a folder that large is not imaged or copied into a VM: bind a smaller part of it")
+
+
+def _bounded_size(root: Path, limit_bytes: int) -> tuple[int, int]:
+    total = entries = 0
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+            entries += 1
+            if total > limit_bytes or entries > MAX_BIND_ENTRIES:
+                return total, entries
+    return total, entries
+
+
+def merge_back(returned: Path, host_folder: Path) -> list[str]:
+    """Copy each file under ``returned`` (the extracted copy of a read-write bind) that is new or differs
+    into ``host_folder``; return their relative paths. A path the host folder holds as something else (a
+    link, a folder where a file came back) is left alone and not listed."""
+    changed = []
+    root = os.open(host_folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for relative in _files(returned):
+            if _copy_in(returned / relative, root, relative.parts):
+                changed.append(relative.as_posix())
+    finally:
+        os.close(root)
+    return sorted(changed)
+
+
+def _files(root: Path) -> Iterator[Path]:
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            yield Path(folder, name).relative_to(root)
+
+
+def _copy_in(source: Path, root_fd: int, parts: tuple[str, ...]) -> bool:
+    folder_fd = _open_folders(root_fd, parts[:-1])
+    if folder_fd is None:
+        return False
+    try:
+        name = parts[-1]
+        try:
+            existing = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not stat.S_ISREG(existing.st_mode):
+            return False  # a link, a folder, a device: the host's, not for the guest to replace
+        if existing is not None and existing.st_size == source.stat().st_size and \
+                _digest_at(folder_fd, name) == _digest(source):
+            return False
+        partial = f".{name}.vjobs-{os.getpid()}"
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder_fd)
+        with os.fdopen(descriptor, "wb") as target, open(source, "rb") as data:
+            while chunk := data.read(CHUNK):
+                target.write(chunk)
+        os.replace(partial, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        return True
+    finally:
+        os.close(folder_fd)
+
+
+def _open_folders(root_fd: int, parts: tuple[str, ...]) -> int | None:
+    """The folder ``parts`` below ``root_fd``, made where missing, never through a link; None when a part
+    is something else than a folder."""
+    current = os.dup(root_fd)
+    for part in parts:
+        try:
+            os.mkdir(part, 0o755, dir_fd=current)
+        except FileExistsError:
+            pass
+        try:
+            following = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=current)
+        except OSError:  # a link (ELOOP) or a file (ENOTDIR) where a folder should be
+            os.close(current)
+            return None
+        os.close(current)
+        current = following
+    return current
+
+
+def _digest_at(folder_fd: int, name: str) -> str:
+    descriptor = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder_fd)
+    with os.fdopen(descriptor, "rb") as handle:
+        return _hash(handle)
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return _hash(handle)
+
+
+def _hash(handle) -> str:
+    digest = hashlib.sha256()
+    while chunk := handle.read(CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
