@@ -65,14 +65,38 @@ def _bounded_size(root: Path, limit_bytes: int) -> tuple[int, int]:
     return total, entries
 
 
-def merge_back(returned: Path, host_folder: Path) -> list[str]:
-    """Copy each file under ``returned`` (the extracted copy of a read-write bind) that is new or differs
-    into ``host_folder``; return their relative paths. A path the host folder holds as something else (a
-    link, a folder where a file came back) is left alone and not listed."""
+Snapshot = dict[str, tuple[int, int]]  # relative path -> (size, mtime in whole seconds) of a regular file
+
+
+def snapshot(folder: Path) -> Snapshot:
+    """What a read-write bind held when it was copied in: a file that comes back with the same size and
+    mtime (a tar keeps whole seconds) was not written by the payload, and is not copied back over whatever
+    the host wrote there meanwhile (a pilot writes the payload's stdout into the folder it binds)."""
+    seen: Snapshot = {}
+    for path, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(path, name))
+                if stat.S_ISREG(info.st_mode):
+                    seen[os.path.relpath(os.path.join(path, name), folder)] = (info.st_size, int(info.st_mtime))
+        if len(seen) > MAX_BIND_ENTRIES:
+            break
+    return seen
+
+
+def merge_back(returned: Path, host_folder: Path, copied_in: Snapshot | None = None) -> list[str]:
+    """Copy each file under ``returned`` (the extracted copy of a read-write bind, with the guest's mtimes)
+    that the payload created or changed into ``host_folder``; return their relative paths. Unchanged means
+    as ``copied_in`` recorded it; a file that is new or differs from the host's is copied. A path the host
+    folder holds as something else (a link, a folder where a file came back) is left alone, not listed."""
     changed = []
+    copied_in = copied_in or {}
     root = os.open(host_folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         for relative in _files(returned):
+            info = (returned / relative).stat()
+            if copied_in.get(relative.as_posix()) == (info.st_size, int(info.st_mtime)):
+                continue  # as it went in: the payload did not write it
             if _copy_in(returned / relative, root, relative.parts):
                 changed.append(relative.as_posix())
     finally:

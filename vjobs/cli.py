@@ -154,6 +154,15 @@ def cmd_image_list(args) -> int:
     return 0 if all(row["state"] in ("ok", "not built") for row in rows) else 1
 
 
+def cmd_pilot3_install(args) -> int:
+    from .pilot3.plugin import install_plugin
+
+    target = install_plugin(Path(args.pilot_dir), args.name)
+    print(f"installed the pilot user {args.name!r} in {target}; start the pilot with --pilot-user {args.name} "
+          "(and PILOT_NOKILL=1 in its own PID namespace when testing: docs/pilot3.md)")
+    return 0
+
+
 def cmd_gc(args) -> int:
     site = api.load_site(args.site)
     for line in collect_garbage(site, api.host_context(site)):
@@ -204,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "with its state")
     listing.set_defaults(handler=cmd_image_list)
     listing.add_argument("--json", action="store_true")
+    pilot3 = command("pilot3", None, "PanDA Pilot 3 integration")
+    pilot3_commands = pilot3.add_subparsers(dest="pilot3_command", required=True)
+    install = pilot3_commands.add_parser("install", help="add the vjobs user plugin to a Pilot 3 tree: the pilot "
+                                                         "then runs payloads in vjobs VMs (--pilot-user vjobs)")
+    install.set_defaults(handler=cmd_pilot3_install)
+    install.add_argument("pilot_dir", help="the folder that holds pilot.py and pilot/")
+    install.add_argument("--name", default="vjobs", help="the pilot user's name (default vjobs)")
     command("gc", cmd_gc, "remove VMs and files left by vjobs processes that are gone")
     for sub in (run, run_exec, validate, probe, build, listing, commands.choices["drivers"], commands.choices["gc"]):
         sub.add_argument("--site", help="site config (TOML); default $VJOBS_SITE or /etc/vjobs/site.toml")

@@ -23,6 +23,7 @@ from . import __version__
 from .collect import GuestResults, read_results
 from .binds import check_folders as check_bind_folders
 from .binds import merge_back
+from .binds import snapshot as snapshot_bind
 from .disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
 from .driver import VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from .errors import BootTimeout, Cancelled, LimitExceeded, VjobsError, VMError, WalltimeExceeded
@@ -59,6 +60,7 @@ class VMContainer:
         self.folder = site.work_dir / f"{job.id}-{self.owner.run_id}"
         self.vms: list[VM] = []
         self.consoles: list[Path] = []
+        self.bind_snapshots: dict[int, dict] = {}  # read-write binds as they were copied in
         self.result = Result(job_id=job.id, vjobs_version=__version__, started_at=utc_now())
         self._started = time.monotonic()
 
@@ -98,6 +100,7 @@ class VMContainer:
             base = self._base_disk(image, verdict.disk_formats)
             self.folder.mkdir(parents=True)
             (self.folder / "owner.json").write_text(json.dumps(self.owner.as_labels()))
+            self.bind_snapshots = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
             disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
                                   self.host.progress, base)
             self.result.provenance["release_sha256"] = disks.release_sha256
@@ -205,7 +208,8 @@ class VMContainer:
     def _return_binds(self, returned: Path) -> None:
         """What the payload created or changed in each read-write bind, copied into the host folder."""
         for number, bind in read_write_binds(self.job):
-            changed = merge_back(returned / str(number), bind.source) if (returned / str(number)).is_dir() else []
+            folder = returned / str(number)
+            changed = merge_back(folder, bind.source, self.bind_snapshots.get(number)) if folder.is_dir() else []
             self.result.returned_binds.append({"source": str(bind.source), "target": bind.target,
                                                "changed": changed})
 

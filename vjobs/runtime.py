@@ -19,6 +19,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import api
 from .binds import MAX_BIND_ENTRIES
@@ -106,15 +107,21 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
-def run_exec(args, site: SiteConfig | None = None) -> int:
+def run_exec(args, site: SiteConfig | None = None,
+             report_failure: Callable[[Result], None] | None = None) -> int:
     """Run, relay the payload's streams, return the exit status ``vjobs exec`` should end with. ``site``:
-    a ready site config (the Python API's way in), else the one ``--site`` names."""
+    a ready site config (the Python API's way in), else the one ``--site`` names. ``report_failure`` says
+    what went wrong when vjobs (not the payload) failed; by default on stderr."""
+    report_failure = report_failure or _print_failure
     try:
         document = job_document(args, parse_binds(args.bind))
         site = site or api.load_site(args.site)
     except VjobsError as error:
-        print(f"vjobs exec: {error}", file=sys.stderr)
-        return error.exit_code
+        result = Result(job_id="exec", status=error.status, error={"code": error.code, "message": str(error)})
+        if args.result:
+            result.write(Path(args.result))
+        report_failure(result)
+        return exit_status(result)
     scratch = Path(tempfile.mkdtemp(prefix="exec-", dir=_ensure(site.work_dir)))
     try:
         result = api.run(document, site=site, driver=args.driver, outdir=scratch)
@@ -124,16 +131,21 @@ def run_exec(args, site: SiteConfig | None = None) -> int:
             shutil.copyfile(scratch / "result.json", args.result)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if result.status not in ("succeeded", "failed"):
+        report_failure(result)
     return exit_status(result)
 
 
 def exit_status(result: Result) -> int:
     if result.status in ("succeeded", "failed"):
         return result.exit_code
-    print(f"vjobs exec: {result.status} [{result.error['code']}]: {result.error['message']}", file=sys.stderr)
     if result.error["code"] in ("no_usable_driver", "driver_not_found"):
         return EXIT_CODES["no_usable_driver"]
     return EXIT_CODES[result.status]
+
+
+def _print_failure(result: Result) -> None:
+    print(f"vjobs exec: {result.status} [{result.error['code']}]: {result.error['message']}", file=sys.stderr)
 
 
 def _relay(path: Path, stream) -> None:

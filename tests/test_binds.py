@@ -1,0 +1,51 @@
+"""Merging a read-write bind back into its host folder: only what the payload wrote, never through a link."""
+
+from __future__ import annotations
+
+import os
+
+from vjobs.binds import merge_back, snapshot
+
+
+def write(path, text, mtime=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+def test_only_what_the_payload_wrote_comes_back(tmp_path):
+    host, returned = tmp_path / "host", tmp_path / "returned"
+    write(host / "payload.stdout", "", mtime=1_700_000_000)
+    write(host / "input.dat", "in", mtime=1_700_000_000)
+    copied_in = snapshot(host)
+    write(host / "payload.stdout", "the pilot wrote this during the run")  # the host's own writes
+    write(returned / "payload.stdout", "", mtime=1_700_000_000)  # the guest's copy, as it went in
+    write(returned / "input.dat", "changed in the guest", mtime=1_700_000_100)
+    write(returned / "out" / "result.root", "new", mtime=1_700_000_200)
+    assert merge_back(returned, host, copied_in) == ["input.dat", "out/result.root"]
+    assert (host / "payload.stdout").read_text() == "the pilot wrote this during the run"
+    assert (host / "input.dat").read_text() == "changed in the guest"
+    assert (host / "out" / "result.root").read_text() == "new"
+
+
+def test_a_link_in_the_host_folder_is_never_followed(tmp_path):
+    host, returned, elsewhere = tmp_path / "host", tmp_path / "returned", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    host.mkdir()
+    (host / "data").symlink_to(elsewhere)  # the host's own link
+    write(host / "target.txt", "real")
+    (host / "name").symlink_to(host / "target.txt")
+    write(returned / "data" / "planted", "through the link?")
+    write(returned / "name", "over the link?")
+    assert merge_back(returned, host, snapshot(host)) == []
+    assert list(elsewhere.iterdir()) == []
+    assert (host / "target.txt").read_text() == "real" and (host / "name").is_symlink()
+
+
+def test_identical_content_is_not_rewritten(tmp_path):
+    host, returned = tmp_path / "host", tmp_path / "returned"
+    write(host / "same.txt", "x", mtime=1_700_000_000)
+    write(returned / "same.txt", "x", mtime=1_700_000_500)  # touched, not changed
+    assert merge_back(returned, host, snapshot(host)) == []
+    assert int((host / "same.txt").stat().st_mtime) == 1_700_000_000

@@ -1,0 +1,55 @@
+"""What the vjobs pilot plugin's wrapper line runs: the pilot's payload command in a VM.
+
+    python -m vjobs.pilot3.payload --workdir DIR --image NAME [--vcpus N] [--memory-mib M] [--walltime S]
+                                   -- COMMAND-LINE
+
+The work directory is bound read-write at its own path and is the payload's working directory, so the
+command the pilot built (with its host paths) runs unchanged; it runs under the image's ``/bin/bash``. The
+payload's stdout and stderr are this process's (the pilot's payload.stdout and payload.stderr), its exit
+status is this process's. A vjobs failure writes ``payload_error_report.json`` (vjobs.pilot3.errors) and
+``vjobs-result.json`` into the work directory and says nothing on stderr, which the pilot scans for
+container-runtime messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import runtime
+from ..cli import build_parser
+from ..result import Result
+from .errors import write_report
+
+RESULT_NAME = "vjobs-result.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vjobs.pilot3.payload", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--vcpus", type=int, default=1)
+    parser.add_argument("--memory-mib", type=int, default=2048)
+    parser.add_argument("--walltime", type=float, default=86400)
+    parser.add_argument("--site")
+    parser.add_argument("command_line", nargs="...")
+    args = parser.parse_args(argv)
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    workdir = args.workdir.resolve()
+    words = ["exec", "--bind", str(workdir), "--pwd", str(workdir), "--vcpus", str(args.vcpus),
+             "--memory-mib", str(max(args.memory_mib, 256)), "--walltime", str(args.walltime),
+             "--result", str(workdir / RESULT_NAME)]
+    if args.site:
+        words += ["--site", args.site]
+    exec_args = build_parser().parse_args([*words, args.image, "/bin/bash", "-c", " ".join(command)])
+    return runtime.run_exec(exec_args, report_failure=lambda result: _report(result, workdir))
+
+
+def _report(result: Result, workdir: Path) -> None:
+    write_report(result, workdir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

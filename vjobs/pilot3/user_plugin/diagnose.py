@@ -1,0 +1,28 @@
+"""vjobs' Pilot 3 user plugin, diagnose part: a vjobs failure becomes the pilot error code it stands for.
+
+vjobs' payload runner writes ``payload_error_report.json`` (``{"error_code": N, "error_diag": "..."}``)
+into the work directory when the VM, not the payload, failed; this pilot version does not read that file
+itself, so ``interpret`` does, and the pilot then reports the job failed with that code.
+"""
+
+import json
+import os
+
+from pilot.common.errorcodes import ErrorCodes
+from pilot.user.generic.diagnose import *  # noqa: F401,F403 (the rest as the generic user has it)
+from pilot.user.generic.diagnose import interpret as generic_interpret
+
+REPORT_NAME = "payload_error_report.json"
+
+
+def interpret(job):
+    """0 when vjobs reported nothing; else the report's code is added to the job's pilot errors."""
+    exit_code = generic_interpret(job)
+    try:
+        with open(os.path.join(job.workdir, REPORT_NAME)) as handle:
+            report = json.load(handle)
+        code, diagnostics = int(report["error_code"]), str(report.get("error_diag", ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return exit_code
+    job.piloterrorcodes, job.piloterrordiags = ErrorCodes().add_error_code(code, msg=diagnostics)
+    return 1
