@@ -49,3 +49,25 @@ def test_identical_content_is_not_rewritten(tmp_path):
     write(returned / "same.txt", "x", mtime=1_700_000_500)  # touched, not changed
     assert merge_back(returned, host, snapshot(host)) == []
     assert int((host / "same.txt").stat().st_mtime) == 1_700_000_000
+
+
+def test_links_to_readable_files_come_in_as_files_others_stay_links(tmp_path):
+    from vjobs.binds import copy_for_guest
+
+    storage, source, copy = tmp_path / "storage", tmp_path / "work", tmp_path / "copy"
+    write(storage / "input.root", "event data")
+    secret = tmp_path / "secret"
+    write(secret, "root only")
+    secret.chmod(0o600)
+    source.mkdir()
+    (source / "input.root").symlink_to(storage / "input.root")  # as a pilot's mv copytool stages in
+    (source / "a-folder").symlink_to(storage)
+    (source / "dangling").symlink_to(tmp_path / "nothing")
+    (source / "secret").symlink_to(secret)
+    if os.geteuid() == 0:
+        os.lchown(source / "secret", 65534, 65534)  # a link of a user who may not read what it points at
+    copy_for_guest(source, copy)
+    assert not (copy / "input.root").is_symlink() and (copy / "input.root").read_text() == "event data"
+    assert (copy / "a-folder").is_symlink() and (copy / "dangling").is_symlink()
+    if os.geteuid() == 0:
+        assert (copy / "secret").is_symlink()

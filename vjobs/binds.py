@@ -15,8 +15,11 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import hashlib
 import os
+import pwd
+import shutil
 import stat
 from pathlib import Path
 from typing import Iterator
@@ -53,12 +56,67 @@ def _check_sizes(job_id: str, folders: list[tuple[str, Path]], limit_bytes: int,
                 f"in {source}); a folder that large is not imaged or copied into a VM: bind a smaller part of it")
 
 
+def copy_for_guest(source: Path, target: Path) -> None:
+    """Copy a read-write bind's folder for the scratch disk (hard links where possible: mke2fs only reads).
+    A link to a regular file comes in as that file, as a staged-in input (a pilot's ``mv`` copytool links
+    inputs from storage) must, but only when the link's owner may read the file: vjobs may run with more
+    rights than the folder's owner, and must not carry into the VM what the owner could not read. Other
+    links stay links (dangling in the guest, as in a container without the target bound)."""
+    for folder, dirs, files in os.walk(source):
+        relative = Path(folder).relative_to(source)
+        (target / relative).mkdir(parents=True, exist_ok=True)
+        for name in dirs + files:
+            path, copy = Path(folder, name), target / relative / name
+            if path.is_symlink():
+                if _owner_may_read(path):
+                    _link_or_copy(path.resolve(), copy)
+                else:
+                    os.symlink(os.readlink(path), copy)
+            elif name in files:
+                _link_or_copy(path, copy)
+
+
+def _owner_may_read(link: Path) -> bool:
+    """Is ``link`` a link to a regular file that the link's owner may read (by its permission bits)?"""
+    try:
+        owner, info = os.lstat(link).st_uid, link.stat()
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        return False
+    if owner == info.st_uid:
+        return bool(info.st_mode & stat.S_IRUSR)
+    if owner == 0:
+        return True
+    groups = {g.gr_gid for g in grp.getgrall() if _user_name(owner) in g.gr_mem} | {_primary_group(owner)}
+    return bool(info.st_mode & (stat.S_IRGRP if info.st_gid in groups else stat.S_IROTH))
+
+
+def _user_name(uid: int) -> str | None:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(uid).pw_name
+    return None
+
+
+def _primary_group(uid: int) -> int | None:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(uid).pw_gid
+    return None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def _bounded_size(root: Path, limit_bytes: int) -> tuple[int, int]:
     total = entries = 0
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:
             with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(folder, name)).st_size
+                total += os.stat(os.path.join(folder, name)).st_size if name in files else 0
             entries += 1
             if total > limit_bytes or entries > MAX_BIND_ENTRIES:
                 return total, entries

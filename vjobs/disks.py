@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .binds import copy_for_guest
 from .driver import Disk
 from .errors import LimitExceeded, SetupError
 from .images import sha256_file
@@ -170,7 +171,7 @@ def build_scratch(job: Job, folder: Path) -> Path:
     else:
         (staging / "work").mkdir()
     for number, bind in read_write_binds(job):
-        shutil.copytree(bind.source, staging / "binds" / str(number), symlinks=True, copy_function=_link_or_copy)
+        copy_for_guest(bind.source, staging / "binds" / str(number))
     used, files = _tree_usage(staging)
     size_kib = (used + used // 8 + files * 4096 + job.resources.scratch_mib * MIB + 16 * MIB) // 1024
     image = folder / "scratch.ext4"
