@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 qemu-utils busybox-static squashfs-tools erofs-utils e2fsprogs cpio mmdebstrap fdisk
+packages=(qemu-system-x86 qemu-utils busybox-static squashfs-tools erofs-utils e2fsprogs cpio mmdebstrap fdisk curl
           libvirt-daemon-system libvirt-clients libvirt-dev pkg-config tini gcc python3-venv python3-dev)
 missing=()
 for package in "${packages[@]}"; do

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .ci/libvirt.sh up
 trap '.ci/libvirt.sh down' EXIT
-VJOBS_REQUIRE_LIBVIRT=1 .venv/bin/python -m pytest -ra "$@"
+VJOBS_REQUIRE_LIBVIRT=1 VJOBS_REQUIRE_PILOT3=1 .venv/bin/python -m pytest -ra "$@"

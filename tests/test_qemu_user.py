@@ -90,3 +90,13 @@ def test_job_without_network_has_no_interface(make_site, make_job, tmp_path, ass
                        outdir=tmp_path / "out")
     assert result.status == "succeeded"
     assert (tmp_path / "out" / "stdout").read_text() == "lo\n"
+
+
+@pytest.mark.vm
+def test_a_work_dir_deeper_than_a_unix_socket_path_allows(make_job, make_site, built_image, tmp_path):
+    """A pilot's work directory can be deep; QEMU's monitor socket (108 bytes at most) must not care."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    site = make_site(driver="qemu_user", work_dir=str(deep))
+    result = vjobs.run(make_job(["true"]), site=site, outdir=tmp_path / "out")
+    assert result.status == "succeeded", result.error
+    assert list(deep.iterdir()) == []

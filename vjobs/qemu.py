@@ -33,6 +33,10 @@ MACHINES = {
 }
 
 _PR_SET_PDEATHSIG = 1
+# A UNIX socket's path must fit in 108 bytes, and a job folder under a pilot's work directory can be deeper
+# than that: QEMU runs in the VM's folder and gets this relative path; vjobs connects through
+# /proc/self/fd/N/ of that folder (``socket_path_via``).
+QMP_SOCKET = "qmp.sock"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,11 @@ def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Pa
     return argv
 
 
+def socket_path_via(folder_fd: int, name: str = QMP_SOCKET) -> str:
+    """A short path to the socket ``name`` in the folder open as ``folder_fd``, whatever the folder's depth."""
+    return f"/proc/self/fd/{folder_fd}/{name}"
+
+
 def _escape(value: str) -> str:
     """QEMU option values separate with commas; a literal comma is written twice."""
     return value.replace(",", ",,")
@@ -90,10 +99,11 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def spawn(argv: Sequence[str], log_path: Path) -> subprocess.Popen:
-    """Start QEMU with its own stderr in ``log_path``, in its own process group, tied to our life."""
+def spawn(argv: Sequence[str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """Start QEMU with its own stderr in ``log_path``, in its own process group, tied to our life; in ``cwd``
+    when given (relative socket paths: see ``QMP_SOCKET``)."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd,
                                 preexec_fn=_die_with_parent, start_new_session=True, close_fds=True)
 
 

@@ -50,5 +50,9 @@ def write_report(result: Result, workdir: Path) -> Path | None:
         return None
     report = Path(workdir) / REPORT_NAME
     diagnostics = f"vjobs {result.status} [{result.error['code']}]: {result.error['message']}"
-    report.write_text(json.dumps({"error_code": code, "error_diag": diagnostics[:4000]}))
+    # "cause": the VM's failure is why the job failed, and comes before the pilot's generic 1305 for a
+    # non-zero exit; a cancellation is the pilot's own doing, and its reason (e.g. 1144, killed by the
+    # server) stays first.
+    cause = result.status != "cancelled"
+    report.write_text(json.dumps({"error_code": code, "error_diag": diagnostics[:4000], "cause": cause}))
     return report

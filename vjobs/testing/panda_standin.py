@@ -5,11 +5,13 @@ What it implements (observed with panda-pilot 3.7.0.36, generic workflow, see ``
 ``pilot/control/job.py``):
 
 - ``POST /server/panda/getJob``: hands out the job it was given, once (``StatusCode: 0`` plus the job's
-  fields); afterwards "no jobs" (``StatusCode: 20``, PanDA's code for that; with queue data ``timefloor: 0``
-  the pilot does not ask again after its first job).
+  fields); afterwards "no jobs" (``StatusCode: 20``, the server's SC_NoJobs; the pilot would sleep 60 s and
+  ask again, but with queue data ``timefloor: 0`` it does not ask after its first job).
 - ``POST /server/panda/updateJob``: records every update in order (``state`` and all other fields exactly as
-  sent, e.g. ``pilotErrorCode``, ``exeErrorCode``, ``exeErrorDiag``, ``transExitCode``) and answers
-  ``StatusCode: 0`` with ``command: NULL``, or ``command: tobekilled`` for a job that ``kill()`` was called on.
+  sent: ``pilotErrorCode``, ``pilotErrorDiag``, ``transExitCode``, ``exeErrorCode``, ``exeErrorDiag`` and, in
+  final updates, ``xml``: a JSON string of the staged-out files with their ``surl``, ``fsize``,
+  ``adler32``) and answers ``StatusCode: 0`` with ``command: NULL``, or ``command: tobekilled`` for a job
+  that ``kill()`` was called on (the pilot then SIGTERMs the payload and reports ``failed``, error 1144).
 - ``POST /server/panda/updateWorkerPilotStatus`` (sent only when HARVESTER_ID and HARVESTER_WORKER_ID are
   set), ``getStatus``, ``getProxy``, ``getKeyPair``: recorded and answered with ``StatusCode: 0`` and nothing
   else. This pilot version does not call them in the runs tested here.
@@ -73,6 +75,13 @@ class PandaStandin:
         with self._lock:
             return [u.get("state") for u in self.updates if str(u.get("jobId")) == str(job_id)]
 
+    def final(self, job_id) -> dict | None:
+        """The last update of this job in a final state (finished, failed, holding), or None."""
+        with self._lock:
+            done = [u for u in self.updates
+                    if str(u.get("jobId")) == str(job_id) and u.get("state") in ("finished", "failed", "holding")]
+        return done[-1] if done else None
+
     def calls(self) -> list[str]:
         """The names of the calls received, in order."""
         with self._lock:
@@ -125,7 +134,10 @@ class _Handler(BaseHTTPRequestHandler):
         name = self.path.split("?", 1)[0].removeprefix(PREFIX) if self.path.startswith(PREFIX) else self.path
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         reply = self.standin.answer(name, decode_body(raw, self.headers))
-        self._send(404, {"error": f"not served by the stand-in: {self.path}"} if reply is None else reply)
+        if reply is None:
+            self._send(404, {"error": f"not served by the stand-in: {self.path}"})
+        else:
+            self._send(200, reply)
 
     do_GET = do_POST  # curl without data would GET; answer the same way
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -97,17 +98,18 @@ class QemuUserVM(VM):
         self.process: subprocess.Popen | None = None
         self.monitor: QEMUMonitorProtocol | None = None
         self.shutdown_reason: str | None = None
+        self.folder_fd: int | None = None  # the VM's folder, open: its socket is reached through it
 
     def start(self) -> None:
         spec = self.spec
-        socket_path = spec.workdir / "qmp.sock"
         argv = qemu.qemu_argv(binary=self.binary, name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
                               kernel=spec.boot.kernel, initramfs=spec.boot.initramfs,
                               cmdline=f"{spec.boot.cmdline} console=ttyS0", disks=spec.disks,
-                              console_log=spec.console_log, machine=self.machine, qmp_socket=socket_path,
-                              network=spec.network)
-        self.process = qemu.spawn(argv, spec.workdir / "qemu.log")
-        self.monitor = self._connect_monitor(socket_path)
+                              console_log=spec.console_log, machine=self.machine,
+                              qmp_socket=Path(qemu.QMP_SOCKET), network=spec.network)
+        self.folder_fd = os.open(spec.workdir, os.O_RDONLY | os.O_DIRECTORY)
+        self.process = qemu.spawn(argv, spec.workdir / "qemu.log", cwd=spec.workdir)
+        self.monitor = self._connect_monitor(qemu.socket_path_via(self.folder_fd))
         self.monitor.cmd("cont")
 
     def _connect_monitor(self, socket_path) -> QEMUMonitorProtocol:
@@ -167,6 +169,9 @@ class QemuUserVM(VM):
             except Exception:
                 pass  # the other end is gone: nothing to close politely
             self.monitor = None
+        if self.folder_fd is not None:
+            os.close(self.folder_fd)
+            self.folder_fd = None
 
     def _qemu_log_tail(self) -> str:
         try:

@@ -22,7 +22,10 @@ def interpret(job):
         with open(os.path.join(job.workdir, REPORT_NAME)) as handle:
             report = json.load(handle)
         code, diagnostics = int(report["error_code"]), str(report.get("error_diag", ""))
+        cause = bool(report.get("cause", True))
     except (OSError, ValueError, KeyError, TypeError):
         return exit_code
-    job.piloterrorcodes, job.piloterrordiags = ErrorCodes().add_error_code(code, msg=diagnostics)
+    # A VM failure goes before the generic 1305 the pilot has added for the non-zero exit; a cancellation
+    # (cause false) stays behind the pilot's own reason for it.
+    job.piloterrorcodes, job.piloterrordiags = ErrorCodes().add_error_code(code, priority=cause, msg=diagnostics)
     return 1
