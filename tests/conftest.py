@@ -7,13 +7,11 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from vjobs.pilot3.harness import PILOT_VERSION, why_not_runnable
+from vjobs.pilot3.harness import fetch_sdist, why_not_runnable
 from vjobs.site import SiteConfig, site_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,30 +188,15 @@ def debian_image(cache_dir, built_image):
 
 @pytest.fixture(scope="session")
 def pilot3_sdist(cache_dir) -> Path:
-    """The unpacked panda-pilot sdist (the published wheel has no pilot.py). Skips when it cannot be had or
-    cannot be run safely here."""
-    given = os.environ.get("VJOBS_PILOT3_SDIST")
-    folder = Path(given) if given else _download_pilot3_sdist(cache_dir / "pilot3")
+    """The unpacked panda-pilot sdist: VJOBS_PILOT3_SDIST names one, else it is downloaded once into the
+    session cache. Skips when it cannot be had or run safely here; scripts/test.sh makes that a failure."""
+    required = os.environ.get("VJOBS_REQUIRE_PILOT3")
+    try:
+        given = os.environ.get("VJOBS_PILOT3_SDIST")
+        folder = Path(given) if given else fetch_sdist(cache_dir / "pilot3")
+    except RuntimeError as exc:
+        (pytest.fail if required else pytest.skip)(str(exc))
     why_not = why_not_runnable(folder)
     if why_not:
-        if os.environ.get("VJOBS_REQUIRE_PILOT3"):
-            pytest.fail(f"PanDA Pilot 3 cannot run here: {why_not} (scripts/test.sh requires it)")
-        pytest.skip(f"PanDA Pilot 3 cannot run here: {why_not}")
+        (pytest.fail if required else pytest.skip)(f"PanDA Pilot 3 cannot run here: {why_not}")
     return folder
-
-
-def _download_pilot3_sdist(cache: Path) -> Path:
-    folder = cache / f"panda-pilot-{PILOT_VERSION}"
-    if (folder / "pilot.py").is_file():
-        return folder
-    cache.mkdir(parents=True, exist_ok=True)
-    download = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", str(cache),
-         f"panda-pilot=={PILOT_VERSION}"], capture_output=True, text=True, timeout=600)
-    if download.returncode != 0:
-        (pytest.fail if os.environ.get("VJOBS_REQUIRE_PILOT3") else pytest.skip)(f"cannot download panda-pilot {PILOT_VERSION}: {download.stderr.strip()[-500:]}")
-    with tarfile.open(cache / f"panda-pilot-{PILOT_VERSION}.tar.gz") as archive:
-        archive.extractall(cache, filter="data")
-    return folder
-
-

@@ -47,6 +47,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 import zlib
@@ -310,6 +311,23 @@ def _children(pid: int) -> list[int]:
         return [int(word) for word in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def fetch_sdist(cache: Path) -> Path:
+    """The unpacked panda-pilot sdist (the published wheel has no pilot.py), downloaded once into ``cache``
+    with pip. Raises RuntimeError when pip cannot get it."""
+    folder = Path(cache) / f"panda-pilot-{PILOT_VERSION}"
+    if (folder / "pilot.py").is_file():
+        return folder
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    download = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", str(cache),
+         f"panda-pilot=={PILOT_VERSION}"], capture_output=True, text=True, timeout=600)
+    if download.returncode != 0:
+        raise RuntimeError(f"cannot download panda-pilot {PILOT_VERSION}: {download.stderr.strip()[-500:]}")
+    with tarfile.open(Path(cache) / f"panda-pilot-{PILOT_VERSION}.tar.gz") as archive:
+        archive.extractall(cache, filter="data")
+    return folder
 
 
 def why_not_runnable(pilot_dir: Path) -> str | None:
