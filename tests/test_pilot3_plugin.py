@@ -66,3 +66,29 @@ def test_the_runner_reports_a_vjobs_failure_in_the_workdir_not_on_stderr(tmp_pat
     assert report["error_code"] == errors.IMAGENOTFOUND and "'centos7'" in report["error_diag"]
     assert report["cause"] is True
     assert json.loads((workdir / payload.RESULT_NAME).read_text())["status"] == "setup_error"
+
+
+def test_the_wrapper_sizes_the_vm_from_the_panda_job(tmp_path, monkeypatch):
+    """coreCount, minRamCount, maxWalltime and container_name become vCPUs, memory, wall time and image."""
+    import shlex
+    import sys
+    from types import SimpleNamespace
+
+    tree = fake_pilot_tree(tmp_path / "pilot3")
+    for package in ("pilot", "pilot/user"):
+        (tree / package / "__init__.py").write_text("")
+    install_plugin(tree, python="/opt/vjobs/bin/python")
+    monkeypatch.syspath_prepend(str(tree))
+    monkeypatch.delenv("VJOBS_SITE", raising=False)
+    for name in [m for m in sys.modules if m == "pilot" or m.startswith("pilot.")]:
+        monkeypatch.delitem(sys.modules, name)
+    from pilot.user.vjobs import container
+
+    job = SimpleNamespace(workdir="/scratch/PanDA_Pilot-7", imagename="el9", corecount=8, maxwalltime=3600,
+                          _rawdata={"minRamCount": "16000"})
+    words = shlex.split(container.wrapper("./run.sh --events 10", job=job))
+    assert words[:4] == ["exec", "/opt/vjobs/bin/python", "-m", "vjobs.pilot3.payload"]
+    options = dict(zip(words[4:-2:2], words[5:-2:2]))
+    assert options == {"--workdir": "/scratch/PanDA_Pilot-7", "--image": "el9", "--vcpus": "8",
+                       "--memory-mib": "16000", "--walltime": "3600"}
+    assert words[-2:] == ["--", "./run.sh --events 10"]
