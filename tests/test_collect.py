@@ -107,3 +107,16 @@ def test_duplicate_entries_do_not_overwrite(tmp_path):
     results = read_results(disk, tmp_path / "got", 1 << 20)
     assert (tmp_path / "got" / "outputs" / "a").read_bytes() == b"first"
     assert results.rejected and results.rejected[0]["path"] == "a"
+
+
+def test_a_stream_named_twice_is_unsafe_output(tmp_path):
+    """Found by the fuzz campaign (fuzz/run.py, surface results): a second vjobs/stdout made
+    read_results raise FileExistsError instead of a VMError."""
+    from vjobs.testing.fuzz import tar_of
+
+    disk = tmp_path / "io.raw"
+    disk.write_bytes(tar_of([("vjobs/stdout", tarfile.REGTYPE, b"one", "", 0),
+                             ("vjobs/stdout", tarfile.REGTYPE, b"two", "", 0)]))
+    with pytest.raises(VMError) as caught:
+        read_results(disk, tmp_path / "incoming", 1 << 20)
+    assert caught.value.code == "unsafe_output"

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 from .container import VMContainer
 from .driver import Capabilities, Driver, HostContext
-from .errors import VjobsError
+from .errors import VjobsError, internal_error
 from .host import boot_id
 from .images import built_in_image
 from .job import Job, job_from_dict, load_job
@@ -58,13 +58,23 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
     try:
         site_config = _site(site)
         the_job = _job(job)
-    except VjobsError as error:
-        job_id = Path(str(job)).stem if isinstance(job, (str, os.PathLike)) else "unknown"
-        result = Result(job_id=job_id)
-        return _setup_failure(result, error, Path(outdir) if outdir else default_outdir(job_id))
+    except Exception as error:  # a VjobsError says what to fix; anything else is a bug, logged beside the result
+        job_id = _job_id_guess(job)
+        target = Path(outdir) if outdir else default_outdir(job_id)
+        failure = error if isinstance(error, VjobsError) else internal_error(error, target)
+        return _setup_failure(Result(job_id=job_id), failure, target)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
     container = VMContainer(the_job, site_config, host_context(site_config, progress), target, driver=driver)
     return container.run()
+
+
+def _job_id_guess(job: Any) -> str:
+    """A name for the output folder of a job that could not be read: the file's stem, if it is a usable one."""
+    if isinstance(job, (str, os.PathLike)):
+        stem = Path(os.fsdecode(job)).stem.replace("\0", "")
+        if 0 < len(stem) <= 64 and all(c.isalnum() or c in "._-" for c in stem):
+            return stem
+    return "unknown"
 
 
 def _setup_failure(result: Result, error: VjobsError, outdir: Path) -> Result:

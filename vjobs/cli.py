@@ -5,6 +5,7 @@
     202  vm_error      the VM failed to boot, crashed, or returned no or unsafe results
     203  timeout       the payload ran past walltime_s; the VM was killed
     204  cancelled     SIGTERM, SIGHUP or Ctrl-C reached vjobs; the VM was killed
+    205  internal      a bug in vjobs: result.json says so, the traceback is in a log beside it
       2  usage         the command line itself is wrong
 
 Other commands exit 0 on success and 1 when what they report is a failure (an invalid job, no usable driver).
@@ -14,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from . import __version__, api, runtime
-from .errors import DriverError, VjobsError
+from .errors import DriverError, InternalError, VjobsError, internal_error
 from .gc import collect_garbage
 from .plugins import installed_drivers
 
-EXIT_FOR_STATUS = {"setup_error": 200, "vm_error": 202, "timeout": 203, "cancelled": 204}
+EXIT_FOR_STATUS = {"setup_error": 200, "vm_error": 202, "timeout": 203, "cancelled": 204, "internal_error": 205}
 
 
 def _progress(quiet: bool) -> Callable[[str], None]:
@@ -235,3 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as bug:  # a bug in vjobs: one line here, the traceback in a log
+        print(f"vjobs: {internal_error(bug, Path(tempfile.gettempdir()) / 'vjobs-errors' / str(os.getpid()))}",
+              file=sys.stderr)
+        return InternalError.exit_code

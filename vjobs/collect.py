@@ -120,6 +120,8 @@ def _take_agent_file(archive, member, rest, destination, results, budget) -> Non
         results.status = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     elif rest in ("stdout", "stderr") and member.isreg():
         path = destination / rest
+        if path.exists():  # the agent writes each once: a second one is a guest making things up
+            raise VMError(f"the guest's results hold vjobs/{rest} twice", code="unsafe_output")
         _write_file(archive, member, path, budget)
         setattr(results, rest, path)
 

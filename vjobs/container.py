@@ -26,7 +26,7 @@ from .binds import merge_back
 from .binds import snapshot as snapshot_bind
 from .disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
 from .driver import VM, Driver, HostContext, Stop, VMSpec, deadline_in
-from .errors import BootTimeout, Cancelled, LimitExceeded, VjobsError, VMError, WalltimeExceeded
+from .errors import BootTimeout, Cancelled, LimitExceeded, VjobsError, VMError, WalltimeExceeded, internal_error
 from .host import new_owner
 from .images import ResolvedImage, resolve_image
 from .job import Job
@@ -72,6 +72,8 @@ class VMContainer:
                 self._run_phases()
             except VjobsError as error:
                 self._fail(error)
+            except Exception as bug:  # never a traceback on the terminal: a result, and the details in a log
+                self._fail(internal_error(bug, self.outdir))
             except KeyboardInterrupt as interrupt:  # Ctrl-C, or _Terminated from the signal guard
                 self._fail(Cancelled(f"{interrupt.args[0] if interrupt.args else 'SIGINT'} received; "
                                      "the VM was stopped and its files removed"))

@@ -14,7 +14,9 @@ Catch ``VjobsError`` for everything vjobs reports on purpose; anything else is a
     ├── VMError               status "vm_error": the VM did not boot, crashed, or returned no or unsafe results
     │   └── BootTimeout       the guest agent did not report in before the boot deadline
     ├── WalltimeExceeded      status "timeout": the payload ran past walltime_s; the VM was killed
-    └── Cancelled             status "cancelled": SIGTERM or Ctrl-C reached vjobs; the VM was killed
+    ├── Cancelled             status "cancelled": SIGTERM or Ctrl-C reached vjobs; the VM was killed
+    └── InternalError         status "internal_error": a bug in vjobs; the traceback is in a log beside
+                              result.json, never on the terminal
 
 Each class names the result ``status`` it leads to and the ``exit_code`` that ``vjobs run`` exits with, so
 that a pilot can tell a vjobs failure from the payload's own exit status without parsing text.
@@ -88,6 +90,30 @@ class Cancelled(VjobsError):
     status, exit_code, code = "cancelled", 204, "cancelled"
 
 
+class InternalError(VjobsError):
+    status, exit_code, code = "internal_error", 205, "internal_error"
+
+
+INTERNAL_ERROR_LOG = "vjobs-internal-error.log"
+
+
+def internal_error(bug: BaseException, outdir) -> InternalError:
+    """An unexpected exception as an ``InternalError`` whose message points at the traceback, written to
+    ``outdir/vjobs-internal-error.log`` (a report for the vjobs developers, not for the terminal)."""
+    import traceback
+    from pathlib import Path
+
+    log = Path(outdir) / INTERNAL_ERROR_LOG
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(bug)))
+        where = f"the traceback is in {log}"
+    except OSError:
+        where = "the traceback could not be saved"
+    return InternalError(f"vjobs failed unexpectedly ({type(bug).__name__}: {str(bug)[:300]}); {where}: "
+                         "please report it to the vjobs developers")
+
+
 #: Exit codes of ``vjobs run`` other than the payload's own; documented in the README.
 EXIT_CODES = {
     "setup_error": SetupError.exit_code,
@@ -95,4 +121,5 @@ EXIT_CODES = {
     "vm_error": VMError.exit_code,
     "timeout": WalltimeExceeded.exit_code,
     "cancelled": Cancelled.exit_code,
+    "internal_error": InternalError.exit_code,
 }

@@ -133,8 +133,13 @@ def _within(path: str, folder: str) -> bool:
 def _host_dir(value: str | None, base_dir: Path, source: str, pointer: str) -> Path | None:
     if value is None:
         return None
-    path = (base_dir / value).resolve()
-    if not path.is_dir():
+    try:
+        path = (base_dir / value).resolve()
+        is_dir = path.is_dir()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name longer than the file system allows, a loop
+        why = "holds a NUL byte" if "\0" in value else getattr(exc, "strerror", None) or str(exc)
+        raise InvalidJob(f"{source}: {pointer}: not a usable host path ({why}): {value[:200]!r}") from exc
+    if not is_dir:
         what = "does not exist" if not path.exists() else "is not a folder"
         raise InvalidJob(f"{source}: {pointer}: {path} {what}")
     if not os.access(path, os.R_OK | os.X_OK):

@@ -117,7 +117,7 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
         options["preference"] = tuple(document["prefer"])
     for key in ("cache_dir", "work_dir"):
         if key in document:
-            options[key] = base_dir / document[key]
+            options[key] = _site_path(document[key], base_dir, f"{source}: {key}")
     for key in ("boot_timeout_s", "boot_retries", "allow_network", "release_format", "payload_user", "limits",
                 "drivers"):
         if key in document:
@@ -127,6 +127,17 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
     return SiteConfig(**options)
 
 
+def _site_path(value: str, base_dir: Path, where: str) -> Path:
+    """A path from the site config, refused with the key's name when no file system could hold it."""
+    if "\0" in value:
+        raise InvalidSite(f"{where}: the path holds a NUL byte: {value[:200]!r}")
+    path = base_dir / value
+    if len(os.fsencode(str(path))) >= 4096 or any(len(os.fsencode(part)) > 255 for part in path.parts):
+        raise InvalidSite(f"{where}: the path is longer than a file system allows (4095 bytes, 255 a name)")
+    return path
+
+
 def _catalogue_image(entry: Mapping[str, Any], base_dir: Path) -> CatalogueImage:
-    paths = {key: base_dir / entry[key] for key in ("kernel", "initramfs", "rootfs") if key in entry}
+    paths = {key: _site_path(entry[key], base_dir, f"images: {key}") for key in ("kernel", "initramfs", "rootfs")
+             if key in entry}
     return CatalogueImage(**{**entry, **paths})
