@@ -48,7 +48,7 @@ def check_folders(job: Job, site: SiteConfig) -> None:
 
 def _check_sizes(job_id: str, folders: list[tuple[str, Path]], limit_bytes: int, source: str) -> None:
     for pointer, folder in folders:
-        seen, entries = _bounded_size(folder, limit_bytes)
+        seen, entries = folder_size(folder, limit_bytes)
         if seen > limit_bytes or entries > MAX_BIND_ENTRIES:
             raise LimitExceeded(
                 f"job {job_id}: {pointer}: {folder} holds more than {limit_bytes >> 20} MiB or "
@@ -69,11 +69,11 @@ def copy_for_guest(source: Path, target: Path) -> None:
             path, copy = Path(folder, name), target / relative / name
             if path.is_symlink():
                 if _owner_may_read(path):
-                    _link_or_copy(path.resolve(), copy)
+                    link_or_copy(path.resolve(), copy)
                 else:
                     os.symlink(os.readlink(path), copy)
             elif name in files:
-                _link_or_copy(path, copy)
+                link_or_copy(path, copy)
 
 
 def _owner_may_read(link: Path) -> bool:
@@ -104,14 +104,18 @@ def _primary_group(uid: int) -> int | None:
     return None
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source, target) -> None:
+    """A hard link costs nothing and mke2fs only reads it; across file systems (or where the kernel
+    refuses a link to another user's file) it is a copy."""
     try:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
 
 
-def _bounded_size(root: Path, limit_bytes: int) -> tuple[int, int]:
+def folder_size(root: Path, limit_bytes: int = 1 << 62) -> tuple[int, int]:
+    """(bytes, entries) under ``root``, a link to a file counted as the file; the walk stops once over
+    ``limit_bytes`` or ``MAX_BIND_ENTRIES``, so a huge folder costs no more than the limit."""
     total = entries = 0
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__, api, runtime
-from .errors import DriverError, InternalError, VjobsError, internal_error
+from .errors import InternalError, VjobsError, internal_error
 from .gc import collect_garbage
 from .plugins import installed_drivers
 
-EXIT_FOR_STATUS = {"setup_error": 200, "vm_error": 202, "timeout": 203, "cancelled": 204, "internal_error": 205}
 
 
 def _progress(quiet: bool) -> Callable[[str], None]:
@@ -42,11 +41,7 @@ def cmd_run(args) -> int:
         print(json.dumps(result.to_json(), indent=2))
     else:
         _print_summary(result, args)
-    if result.status in ("succeeded", "failed"):
-        return result.exit_code
-    if result.error and result.error["code"] in ("no_usable_driver", "driver_not_found"):
-        return DriverError.exit_code
-    return EXIT_FOR_STATUS[result.status]
+    return result.exit_status()
 
 
 def _print_summary(result, args) -> None:

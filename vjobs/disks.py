@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .binds import copy_for_guest
+from .binds import copy_for_guest, link_or_copy
 from .driver import Disk
 from .errors import LimitExceeded, SetupError
 from .images import sha256_file
@@ -167,7 +167,7 @@ def build_scratch(job: Job, folder: Path) -> Path:
     staging = folder / "scratch-root"
     (staging / "vjobs").mkdir(parents=True)
     if job.inputs:
-        shutil.copytree(job.inputs, staging / "work", symlinks=True, copy_function=_link_or_copy)
+        shutil.copytree(job.inputs, staging / "work", symlinks=True, copy_function=link_or_copy)
     else:
         (staging / "work").mkdir()
     for number, bind in read_write_binds(job):
@@ -187,14 +187,6 @@ def build_scratch(job: Job, folder: Path) -> Path:
 def read_write_binds(job: Job):
     """(number, bind) of each read-write bind: its folder on the scratch disk is ``binds/NUMBER``."""
     return [(number, bind) for number, bind in enumerate(job.binds) if bind.mode == "rw"]
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    # A hard link costs nothing and mke2fs only reads it; across file systems we copy.
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def _tree_usage(root: Path) -> tuple[int, int]:

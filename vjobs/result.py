@@ -36,6 +36,17 @@ class Result:
     def ok(self) -> bool:
         return self.status == "succeeded"
 
+    def exit_status(self) -> int:
+        """The exit status of ``vjobs run`` and ``vjobs exec``: the payload's own when it ran to the end,
+        else vjobs' code for what went wrong (vjobs/errors.py, the README's table)."""
+        from .errors import EXIT_CODES
+
+        if self.status in ("succeeded", "failed"):
+            return self.exit_code
+        if self.error and self.error["code"] in ("no_usable_driver", "driver_not_found"):
+            return EXIT_CODES["no_usable_driver"]
+        return EXIT_CODES[self.status]
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -12,7 +12,6 @@ Where this differs from a container (copies, not live mounts; no host environmen
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -22,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import api
-from .binds import MAX_BIND_ENTRIES
-from .errors import EXIT_CODES, InvalidJob, VjobsError
+from .binds import folder_size
+from .errors import InvalidJob, VjobsError
 from .result import Result
 from .site import SiteConfig
 
@@ -74,7 +73,7 @@ def job_document(args, binds: list[BindSpec]) -> dict:
     """The job ``vjobs exec`` runs: the command in the image, the binds, no inputs or outputs of its own."""
     if not args.command:
         raise InvalidJob("vjobs exec: no COMMAND given after the IMAGE")
-    read_write = sum(_folder_bytes(bind.source) for bind in binds if bind.mode == "rw")
+    read_write = sum(folder_size(bind.source)[0] for bind in binds if bind.mode == "rw")
     document = {
         "id": f"exec-{uuid.uuid4().hex[:8]}",
         "image": args.image,
@@ -93,20 +92,6 @@ def job_document(args, binds: list[BindSpec]) -> dict:
     return document
 
 
-def _folder_bytes(folder: Path) -> int:
-    total = entries = 0
-    for path, dirs, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(path, name)).st_size
-            except OSError:
-                continue
-        entries += len(dirs) + len(files)
-        if entries > MAX_BIND_ENTRIES:
-            break  # vjobs.binds refuses it with the limit's message; no need to count further
-    return total
-
-
 def run_exec(args, site: SiteConfig | None = None,
              report_failure: Callable[[Result], None] | None = None) -> int:
     """Run, relay the payload's streams, return the exit status ``vjobs exec`` should end with. ``site``:
@@ -121,7 +106,7 @@ def run_exec(args, site: SiteConfig | None = None,
         if args.result:
             result.write(Path(args.result))
         report_failure(result)
-        return exit_status(result)
+        return result.exit_status()
     scratch = Path(tempfile.mkdtemp(prefix="exec-", dir=_ensure(site.work_dir)))
     try:
         result = api.run(document, site=site, driver=args.driver, outdir=scratch)
@@ -133,15 +118,7 @@ def run_exec(args, site: SiteConfig | None = None,
         shutil.rmtree(scratch, ignore_errors=True)
     if result.status not in ("succeeded", "failed"):
         report_failure(result)
-    return exit_status(result)
-
-
-def exit_status(result: Result) -> int:
-    if result.status in ("succeeded", "failed"):
-        return result.exit_code
-    if result.error["code"] in ("no_usable_driver", "driver_not_found"):
-        return EXIT_CODES["no_usable_driver"]
-    return EXIT_CODES[result.status]
+    return result.exit_status()
 
 
 def _print_failure(result: Result) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..container import AGENT_ERRORS
 from ..result import Result
 
 IMAGENOTFOUND, SETUPFAILURE, RESOURCEUNAVAILABLE = 1360, 1110, 1344
 CONTAINERFAILURE, PAYLOADEXECUTIONFAILURE, REACHEDMAXTIME, SIGTERM = 1306, 1305, 1213, 1201
-BOOT_FAILURES = {"boot_timeout", "boot_failed", "hypervisor_failed", "rootfs_mount_failed", "rootfs_disk_missing",
-                 "overlay_failed", "rootfs_unusable", "payload_setup_failed", "readonly_disk_missing",
-                 "readonly_mount_failed"}
+# The VM did not get as far as the payload: the host's boot failures and every set-up failure the agent reports.
+BOOT_FAILURES = {"boot_timeout", "boot_failed", "hypervisor_failed", *AGENT_ERRORS}
 REPORT_NAME = "payload_error_report.json"
 
 
