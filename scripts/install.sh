@@ -18,6 +18,13 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The user qemu_user's QEMU runs as when vjobs runs as root (docs/security.md): no shell, no home, no groups.
+if [[ $EUID -eq 0 ]] && ! getent passwd vjobs-qemu >/dev/null; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        --user-group vjobs-qemu
+    echo "install.sh: created the system user vjobs-qemu" >&2
+fi
+
 python=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 extra=""

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .cache import CacheHold
 from .container import VMContainer
 from .driver import Capabilities, Driver, HostContext
 from .errors import VjobsError, internal_error
@@ -65,7 +66,8 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
         return _setup_failure(Result(job_id=job_id), failure, target)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
     container = VMContainer(the_job, site_config, host_context(site_config, progress), target, driver=driver)
-    return container.run()
+    with CacheHold(site_config.cache_max_gib):  # the cached images the job uses stay until it ends
+        return container.run()
 
 
 def _job_id_guess(job: Any) -> str:

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from .console import ConsoleLog
 from .driver import VM, Check, HostContext, Stop, VMSpec, deadline_in
 from .host import new_owner
 
@@ -44,7 +45,7 @@ def _boot_once(host: HostContext, key: str, create_vm: Callable[[VMSpec], VM], d
     (folder / "owner.json").write_text(json.dumps(owner.as_labels()))  # so that `vjobs gc` knows it
     spec = VMSpec(name=f"vjobs-probe-{owner.run_id}", vcpus=1, memory_mib=256,
                   boot=replace(boot, cmdline=boot.cmdline + " vjobs.probe"), disks=(),
-                  console_log=folder / "console.log", network=False, owner=owner, workdir=folder)
+                  console=ConsoleLog(folder / "console.log", markers=(PROBE_MARKER,)), network=False, owner=owner, workdir=folder)
     started = time.monotonic()
     vm = None
     try:
@@ -52,18 +53,18 @@ def _boot_once(host: HostContext, key: str, create_vm: Callable[[VMSpec], VM], d
         vm.start()
         stop = vm.wait_until_stopped(deadline_in(deadline_s))
         seconds = time.monotonic() - started
-        console = spec.console_log.read_bytes() if spec.console_log.exists() else b""
-        if stop is Stop.POWEROFF and PROBE_MARKER in console:
+        if stop is Stop.POWEROFF and spec.console.saw(PROBE_MARKER):
             return True, f"a guest booted and powered off in {seconds:.1f} s"
         if stop is Stop.DEADLINE:
             return False, (f"a guest did not finish booting within {deadline_s:.0f} s "
-                           f"({len(console)} bytes of console output): guests hang here")
+                           f"({spec.console.total} bytes of console output): guests hang here")
         return False, f"the guest stopped ({stop.value}) without reporting in after {seconds:.1f} s"
     except Exception as exc:  # whatever went wrong, it is the verdict, not a crash of the probe
         return False, f"could not boot a guest: {type(exc).__name__}: {exc}"
     finally:
         if vm is not None:
             vm.destroy()
+        spec.console.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__, api, runtime
+from .cache import CacheHold
 from .errors import InternalError, VjobsError, internal_error
 from .gc import collect_garbage
 from .plugins import installed_drivers
@@ -95,11 +96,16 @@ def cmd_drivers(args) -> int:
 
 
 def cmd_image_build(args) -> int:
+    site = api.load_site(args.site)
+    progress = _progress(args.json)
+    with CacheHold(site.cache_max_gib):  # a build evicts down to the site's bound
+        return _image_build(args, site, progress)
+
+
+def _image_build(args, site, progress) -> int:
     from .guest.image import build_default_image
     from .rootfs import debian
 
-    site = api.load_site(args.site)
-    progress = _progress(args.json)
     if args.name == "default":
         manifest = build_default_image(site.cache_dir, progress, force=args.force)
         summary = f"default image: kernel {manifest.kernel} ({manifest.kernel_version}), initramfs {manifest.initramfs}"
@@ -163,7 +169,8 @@ def cmd_pilot3_install(args) -> int:
 
 def cmd_gc(args) -> int:
     site = api.load_site(args.site)
-    for line in collect_garbage(site, api.host_context(site)):
+    lines = collect_garbage(site, api.host_context(site))
+    for line in [json.dumps(lines, indent=2)] if args.json else lines:
         print(line)
     return 0
 
@@ -218,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     install.set_defaults(handler=cmd_pilot3_install)
     install.add_argument("pilot_dir", help="the folder that holds pilot.py and pilot/")
     install.add_argument("--name", default="vjobs", help="the pilot user's name (default vjobs)")
-    command("gc", cmd_gc, "remove VMs and files left by vjobs processes that are gone")
+    gc = command("gc", cmd_gc, "remove VMs and files left by vjobs processes that are gone (job folders and "
+                               "their sockets, partial builds, temporary and lock files), and evict the least "
+                               "recently used cached images down to the site's cache_max_gib")
+    gc.add_argument("--json", action="store_true", help="print what was removed as a JSON list")
     for sub in (run, run_exec, validate, probe, build, listing, commands.choices["drivers"], commands.choices["gc"]):
         sub.add_argument("--site", help="site config (TOML); default $VJOBS_SITE or /etc/vjobs/site.toml")
     return parser

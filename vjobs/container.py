@@ -11,6 +11,7 @@ logs, sockets), the VMs it created, and the result written to the output folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import shutil
 import signal
@@ -21,12 +22,15 @@ from typing import Iterator
 
 from . import __version__
 from .collect import GuestResults, read_results
+from .admission import admitted
 from .binds import check_folders as check_bind_folders
 from .binds import merge_back
 from .binds import snapshot as snapshot_bind
 from .disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
-from .driver import VM, Driver, HostContext, Stop, VMSpec, deadline_in
-from .errors import BootTimeout, Cancelled, LimitExceeded, VjobsError, VMError, WalltimeExceeded, internal_error
+from .console import ConsoleLog
+from .driver import AGENT_UP_MARKER, VM, Driver, HostContext, Stop, VMSpec, deadline_in
+from .errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, VjobsError, VMError, WalltimeExceeded,
+                     internal_error)
 from .host import new_owner
 from .images import ResolvedImage, resolve_image
 from .job import Job
@@ -36,6 +40,7 @@ from .rootfs import disk_for as rootfs_disk_for
 from .site import SiteConfig
 
 CONSOLE_TAIL_BYTES = 2000
+DELIVERY_MARGIN_S = 60.0  # after the wall time and the grace: the agent collects and writes the outputs
 #: What the agent's error codes mean, said to the user (vjobs/guest/agent/ sets them).
 AGENT_ERRORS = {
     "rootfs_disk_missing": "the guest did not find the base image's disk",
@@ -59,8 +64,9 @@ class VMContainer:
         self.owner = new_owner(job.id)
         self.folder = site.work_dir / f"{job.id}-{self.owner.run_id}"
         self.vms: list[VM] = []
-        self.consoles: list[Path] = []
+        self.consoles: list[ConsoleLog] = []  # one per boot attempt
         self.bind_snapshots: dict[int, dict] = {}  # read-write binds as they were copied in
+        self.held = contextlib.ExitStack()  # the job's share of the host, given back after teardown
         self.result = Result(job_id=job.id, vjobs_version=__version__, started_at=utc_now())
         self._started = time.monotonic()
 
@@ -73,7 +79,7 @@ class VMContainer:
             except VjobsError as error:
                 self._fail(error)
             except Exception as bug:  # never a traceback on the terminal: a result, and the details in a log
-                self._fail(internal_error(bug, self.outdir))
+                self._fail(_full_disk(bug) or internal_error(bug, self.outdir))
             except KeyboardInterrupt as interrupt:  # Ctrl-C, or _Terminated from the signal guard
                 self._fail(Cancelled(f"{interrupt.args[0] if interrupt.args else 'SIGINT'} received; "
                                      "the VM was stopped and its files removed"))
@@ -81,6 +87,7 @@ class VMContainer:
                 guard.hold()  # a second SIGTERM must not cut the teardown short
                 with self._phase("teardown"):
                     self._teardown()
+                self.held.close()
                 self._finish()
         return self.result
 
@@ -104,15 +111,23 @@ class VMContainer:
             (self.folder / "owner.json").write_text(json.dumps(self.owner.as_labels()))
             self.bind_snapshots = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
             disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
-                                  self.host.progress, base)
+                                  self.host.progress, base, stop_grace_s=self.site.stop_grace_s)
             self.result.provenance["release_sha256"] = disks.release_sha256
+        with self._phase("admission"):
+            resources = self.job.resources
+            self.held.enter_context(admitted(self.job.id, resources.vcpus, resources.memory_mib, self.site,
+                                             self.host.progress))
         vm = self._boot(driver, image, disks)
         with self._phase("run"):
             self.host.progress(f"job {self.job.id} running (wall time {self.job.walltime_s} s)")
-            stop = vm.wait_until_stopped(deadline_in(self.job.walltime_s))
+            # The agent ends the payload at the wall time itself (SIGTERM, stop_grace_s, SIGKILL) and delivers
+            # what it wrote; the host waits that long and a margin for the delivery, then kills the VM.
+            stop = vm.wait_until_stopped(deadline_in(self.job.walltime_s + self.site.stop_grace_s
+                                                     + DELIVERY_MARGIN_S))
             if stop is Stop.DEADLINE:
-                raise WalltimeExceeded(f"job {self.job.id} ran past its wall time of {self.job.walltime_s} s; "
-                                       "the VM was killed")
+                raise WalltimeExceeded(f"job {self.job.id} ran past its wall time of {self.job.walltime_s} s and "
+                                       f"the guest did not end it within {self.site.stop_grace_s} s more; the VM "
+                                       "was killed and nothing came back")
         with self._phase("collect"):
             self._collect(vm, disks, stop)
 
@@ -161,13 +176,17 @@ class VMContainer:
         agent_error = results.status.get("error")
         if agent_error:
             raise VMError(self._agent_error_message(agent_error, results.status), code=agent_error)
+        _add_guest_timing(self.result.timings, results.status)
+        if results.status.get("timed_out"):
+            raise WalltimeExceeded(f"job {self.job.id} ran past its wall time of {self.job.walltime_s} s: the "
+                                   f"payload got SIGTERM and up to {self.site.stop_grace_s:g} s (stop_grace_s) "
+                                   "before SIGKILL; what it had written by then came back")
         exit_code = results.exit_code
         if exit_code is None:
             raise VMError(f"the guest's results carry no exit status; console: {self._console_tail()!r}",
                           code="no_results")
         self.result.exit_code = exit_code
         self.result.status = "succeeded" if exit_code == 0 else "failed"
-        _add_guest_timing(self.result.timings, results.status)
 
     def _agent_error_message(self, code: str, status: dict[str, str]) -> str:
         if code == "output_too_large":
@@ -182,13 +201,14 @@ class VMContainer:
     # --- files -----------------------------------------------------------------------------------------
 
     def _spec(self, image: ResolvedImage, disks: JobDisks, attempt: int) -> VMSpec:
-        console = self.folder / f"console.{attempt}.log"
+        console = ConsoleLog(self.folder / f"console.{attempt}.log", self.site.console_max_bytes,
+                             markers=(AGENT_UP_MARKER,))
         self.consoles.append(console)
         vm_folder = self.folder / f"vm.{attempt}"
         vm_folder.mkdir()
         return VMSpec(name=f"vjobs-{self.job.id}-{self.owner.run_id}", vcpus=self.job.resources.vcpus,
                       memory_mib=self.job.resources.memory_mib, boot=image.boot, disks=disks.all(),
-                      console_log=console, network=self.job.network and self.site.allow_network,
+                      console=console, network=self.job.network and self.site.allow_network,
                       owner=self.owner, workdir=vm_folder)
 
     def _publish(self, incoming: Path, results: GuestResults) -> None:
@@ -216,23 +236,27 @@ class VMContainer:
                                                "changed": changed})
 
     def _save_console(self) -> None:
-        logs = [path for path in self.consoles if path.exists()]
+        """One console.log for the job, bounded as each attempt's was: a retried boot does not double it."""
+        for console in self.consoles:
+            console.close()
+        logs = [console.path for console in self.consoles if console.path.exists()]
         if not logs:
             return
         self.outdir.mkdir(parents=True, exist_ok=True)
-        target = self.outdir / "console.log"
-        with open(target, "wb") as merged:
-            for number, path in enumerate(logs, 1):
-                if len(logs) > 1:
-                    merged.write(f"\n===== vjobs: boot attempt {number} =====\n".encode())
-                merged.write(path.read_bytes())
-        self.result.console_log = str(target)
+        merged = ConsoleLog(self.outdir / "console.log", self.site.console_max_bytes)
+        for number, path in enumerate(logs, 1):
+            if len(logs) > 1:
+                merged.write(f"\n===== vjobs: boot attempt {number} =====\n".encode())
+            with open(path, "rb") as log:
+                while chunk := log.read(1 << 20):
+                    merged.write(chunk)
+        merged.close()
+        self.result.console_log = str(merged.path)
 
     def _console_tail(self) -> str:
-        for path in reversed(self.consoles):
-            if path.exists():
-                return path.read_bytes()[-CONSOLE_TAIL_BYTES:].decode(errors="replace").strip()
-        return ""
+        if not self.consoles:
+            return ""
+        return self.consoles[-1].last(CONSOLE_TAIL_BYTES).decode(errors="replace").strip()
 
     # --- outcome ---------------------------------------------------------------------------------------
 
@@ -280,6 +304,19 @@ class VMContainer:
             return None
         disk = rootfs_disk_for(image.rootfs, formats, self.site.cache_dir, self.host.progress)
         return BaseDisk(disk, image.rootfs.info, self.site.payload_user)
+
+
+def _full_disk(error: Exception) -> DiskFull | None:
+    """A full file system anywhere on the way (building disks, copying binds, caching images) is the host's
+    state, not a bug: said as such, with the file."""
+    if isinstance(error, shutil.Error) and isinstance(error.args[0], list):  # copytree gathers its errors: (source, target, "[Errno 28] ...")
+        full = [target for _, target, why in error.args[0] if f"[Errno {errno.ENOSPC}]" in str(why)]
+        error = OSError(errno.ENOSPC, "full", full[0]) if full else error
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" writing {error.filename}" if error.filename else ""
+        return DiskFull(f"no space left on the host's file system{where}: free space under work_dir and "
+                        "cache_dir (or point them elsewhere in the site config) and run the job again")
+    return None
 
 
 def _add_guest_timing(timings: dict[str, float], status: dict[str, str]) -> None:

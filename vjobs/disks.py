@@ -14,7 +14,6 @@ See vjobs/guest/agent/ for the other side.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .binds import copy_for_guest, link_or_copy
+from .cache import added, locked, use
 from .driver import Disk
 from .errors import LimitExceeded, SetupError
 from .images import sha256_file
@@ -79,7 +79,8 @@ class JobDisks:
 
 
 def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str,
-                  progress: Callable[[str], None], base: BaseDisk | None = None) -> JobDisks:
+                  progress: Callable[[str], None], base: BaseDisk | None = None, *,
+                  stop_grace_s: float = 10.0) -> JobDisks:
     read_only = []
     release, release_sha256 = None, None
     if job.release:
@@ -91,7 +92,8 @@ def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str,
             image, digest = release_image(bind.source, cache_dir / "releases", release_format, progress)
             read_only.append(ReadOnlyDisk(Disk("bind", image, "raw", readonly=True, cache_key=digest), bind.target))
     scratch = Disk("scratch", build_scratch(job, folder), "raw", readonly=False)
-    io_disk = Disk("io", build_io_disk(job, folder, scratch, read_only, release_format, base), "raw",
+    io_disk = Disk("io", build_io_disk(job, folder, scratch, read_only, release_format, base,
+                                             stop_grace_s), "raw",
                    readonly=False)
     return JobDisks(io_disk, scratch, release, release_sha256, base.disk if base else None,
                     tuple(item.disk for item in read_only if item.disk.role == "bind"))
@@ -137,15 +139,13 @@ def tree_fingerprint(root: Path) -> str:
 
 
 def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str], None]) -> tuple[Path, str]:
-    """The cached read-only image of ``source``: built once (under a lock), reused after. Returns the image
-    and its sha256."""
+    """The cached read-only image of ``source``: built once (under a lock), reused after, held for the job
+    (vjobs/cache.py). Returns the image and its sha256."""
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"{fmt}\0{tree_fingerprint(source)}".encode()).hexdigest()[:32]
     image, sidecar = cache / f"{key}.{fmt}", cache / f"{key}.json"
-    with open(cache / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if image.exists() and sidecar.exists():
-            os.utime(image)  # lets a cache cleaner evict the least recently used
+    with locked(cache / f"{key}.lock"):
+        if image.exists() and sidecar.exists() and use(image):
             return image, json.loads(sidecar.read_text())["sha256"]
         progress(f"building the {fmt} release image of {source}")
         started = time.monotonic()
@@ -157,8 +157,10 @@ def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str],
             os.replace(partial, image)
         finally:
             partial.unlink(missing_ok=True)
-        progress(f"release image built in {time.monotonic() - started:.1f} s ({image.stat().st_size // MIB} MiB)")
-        return image, digest
+        use(image)
+    progress(f"release image built in {time.monotonic() - started:.1f} s ({image.stat().st_size // MIB} MiB)")
+    added(image, progress)
+    return image, digest
 
 
 # --- scratch -------------------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def _tree_usage(root: Path) -> tuple[int, int]:
 # --- io ------------------------------------------------------------------------------------------------
 
 def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnlyDisk], release_format: str,
-                  base: BaseDisk | None = None) -> Path:
+                  base: BaseDisk | None = None, stop_grace_s: float = 10.0) -> Path:
     settings = {"SCRATCH_HEAD": head_sha256(scratch.path),
                 "NETWORK": "1" if job.network else "",  # the site's allow_network was checked before
                 "WORKDIR": job.workdir or "",
@@ -210,7 +212,10 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnl
                 "ROOTFS_HEAD": base.info.guest_head_sha256 if base else "",
                 "ROOTFS_FSTYPE": base.info.filesystem if base else "",
                 "ROOTFS_PARTITION": str(base.info.partition or "") if base else "",
-                "PAYLOAD_USER": base.payload_user if base else "root"}
+                "PAYLOAD_USER": base.payload_user if base else "root",
+                # The agent ends the payload itself at the wall time, counted from its start (stage 70).
+                "WALLTIME_S": f"{job.walltime_s:.3f}",
+                "STOP_GRACE_S": f"{stop_grace_s:.3f}"}
     members = {
         IO_MARKER: "vjobs io disk 1\n",
         "job/settings": "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items()),

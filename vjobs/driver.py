@@ -28,7 +28,11 @@ Example of a spec a driver receives::
            disks=(Disk("io", Path(".../io.raw"), "raw", readonly=False),
                   Disk("scratch", Path(".../scratch.ext4"), "raw", readonly=False),
                   Disk("release", Path(".../release-<key>.squashfs"), "raw", readonly=True, cache_key="<key>")),
-           console_log=Path(".../console.log"), network=False, owner=Owner(job_id="job42", pid=1234, ...))
+           console=ConsoleLog(Path(".../console.1.log")), network=False, owner=Owner(job_id="job42", pid=1234, ...))
+
+The guest's console goes into ``spec.console`` (a ``ConsoleLog``, vjobs/console.py): ``write(bytes)`` or
+``follow(read)`` from the stream the hypervisor offers. It is bounded by the core, so a driver never writes
+the guest's console into a host file of its own.
 
 Disks come in this order and should be attached in it; the guest agent does not rely on order or device
 names (it recognises each disk by its content), so ``vd*``, ``xvd*`` and ``sd*`` all work. Every disk names
@@ -44,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from .console import ConsoleLog
 
 #: The guest agent prints this line on its console once it runs; see vjobs/guest/agent/.
 AGENT_UP_MARKER = b"vjobs-agent: up"
@@ -87,7 +93,7 @@ class VMSpec:
     memory_mib: int
     boot: BootImage
     disks: tuple[Disk, ...]
-    console_log: Path
+    console: ConsoleLog  # where the driver puts what the guest writes on its console (vjobs/console.py)
     network: bool
     owner: Owner
     workdir: Path  # a host folder for this VM's own files; the core removes it after destroy()
@@ -160,11 +166,8 @@ class VM(abc.ABC):
     def destroy(self) -> None: ...
 
     def agent_started(self) -> bool:
-        """Default: the console log is a host file that holds the agent's marker."""
-        try:
-            return AGENT_UP_MARKER in self.spec.console_log.read_bytes()
-        except FileNotFoundError:
-            return False
+        """Default: the agent's marker came through the console."""
+        return self.spec.console.saw(AGENT_UP_MARKER)
 
 
 class Driver(abc.ABC):

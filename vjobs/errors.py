@@ -7,7 +7,10 @@ Catch ``VjobsError`` for everything vjobs reports on purpose; anything else is a
     │   ├── InvalidJob        a job file that is not JSON or breaks schemas/job.schema.json
     │   ├── InvalidSite       a site config that is not TOML or breaks schemas/site.schema.json
     │   ├── LimitExceeded     the job asks for more than the site allows
-    │   └── ImageError        unknown image, missing file, checksum mismatch, failed image build
+    │   ├── AdmissionRefused  the host's budget ([host]) has no room for the job's VM: "exceeds_host_budget"
+    │   │                     (it never fits: refused at once) or "admission_timeout" (none within admission_wait_s)
+    │   ├── ImageError        unknown image, missing file, checksum mismatch, failed image build
+    │   └── DiskFull          work_dir or cache_dir filled up while the job was prepared or ran
     ├── DriverError           status "vm_error": the chosen driver cannot run VMs here
     │   ├── DriverNotFound    no installed driver of that name
     │   └── NoUsableDriver    every candidate's probe said no (a pilot runs the job without a VM)
@@ -58,8 +61,20 @@ class LimitExceeded(SetupError):
     code = "limit_exceeded"
 
 
+class AdmissionRefused(SetupError):
+    """Exit 200 like every set-up failure; a pilot that wants to retry elsewhere later reads ``code``:
+    "admission_timeout" is the host being busy, "exceeds_host_budget" the job never fitting here."""
+
+    code = "admission_refused"
+
+
 class ImageError(SetupError):
     code = "image_error"
+
+
+class DiskFull(SetupError):
+    """A host file system vjobs writes to (work_dir, cache_dir) filled up while the job was prepared or ran."""
+    code = "disk_full"
 
 
 class DriverError(VjobsError):

@@ -1,22 +1,39 @@
-"""``vjobs gc``: remove what a killed vjobs left behind (VMs, job folders), and only that.
+"""``vjobs gc``: remove what a killed vjobs left behind (VMs, job folders, admission shares), and only that.
 
 A thing is vjobs' when it carries vjobs' owner labels (vjobs/host.py), and abandoned when the process named
-there cannot be running: another host boot, or a pid that is gone. Anything else is left alone.
+there cannot be running: another host boot, or a pid that is gone. An admission share is abandoned when no
+process holds its lock (vjobs/admission.py). Anything else is left alone.
+
+Files without owner labels are judged by their locks and names (vjobs/cache.py): a partial build whose
+build lock nobody holds, a lock file nobody holds whose image is gone, a temporary file or folder named with
+a PID that is gone (or older than an hour). Sockets live only in job folders and go with them. Last, the
+cache is evicted down to ``cache_max_gib``, once the VMs of dead owners are gone.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import tempfile
+from pathlib import Path
 
+from . import cache
+from .admission import gc_stale_shares
 from .driver import HostContext
+from .errors import VjobsError
 from .host import owner_is_gone
 from .plugins import installed_drivers, load_driver
 from .site import SiteConfig
 
 
 def collect_garbage(site: SiteConfig, host: HostContext) -> list[str]:
-    removed = _job_folders(site)
+    removed = collect_files(site)
+    try:
+        removed += gc_stale_shares(site)
+    except (VjobsError, OSError) as exc:  # an unusable admission folder must not stop the rest
+        removed.append(f"admission: skipped ({exc})")
     for installed in installed_drivers():
         if installed.load_error:
             continue
@@ -25,6 +42,26 @@ def collect_garbage(site: SiteConfig, host: HostContext) -> list[str]:
             removed += [f"{installed.name}: {line}" for line in driver.collect_garbage(owner_is_gone)]
         except Exception as exc:  # one driver's trouble (its daemon is down) must not stop the others
             removed.append(f"{installed.name}: skipped ({type(exc).__name__}: {exc})")
+    return removed + cache.evict(site.cache_dir, cache.max_bytes(site.cache_max_gib))
+
+
+def collect_files(site: SiteConfig) -> list[str]:
+    """What dead vjobs processes left in ``work_dir``, the cache and the system's temporary folder."""
+    return _job_folders(site) + cache.leftovers(site.cache_dir) + _temp_folders(Path(tempfile.gettempdir()))
+
+
+def _temp_folders(folder: Path) -> list[str]:
+    """``vjobs-inspect-PID-*`` (vjobs/rootfs/inspect.py) of gone processes, if they are ours."""
+    removed = []
+    for path in sorted(folder.glob("vjobs-inspect-*")):
+        match = re.fullmatch(r"vjobs-inspect-(\d+)-.+", path.name)
+        try:
+            ours = path.lstat().st_uid == os.geteuid()
+        except OSError:
+            continue
+        if match and ours and cache.stale_temp(path, int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(f"removed the temporary folder {path} (its process is gone)")
     return removed
 
 
@@ -39,5 +76,5 @@ def _job_folders(site: SiteConfig) -> list[str]:
             continue  # not a job folder of ours, or one still being created
         if owner_is_gone(labels):
             shutil.rmtree(folder, ignore_errors=True)
-            removed.append(f"removed job folder {folder}")
+            removed.append(f"removed job folder {folder} (its VM's files and sockets)")
     return removed

@@ -35,10 +35,10 @@ def owner_is_gone(labels: dict[str, str] | None) -> bool:
         pid = int(labels.get("vjobs.pid", ""))
     except ValueError:
         return False
-    return not _pid_alive(pid)
+    return not pid_alive(pid)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

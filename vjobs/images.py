@@ -9,17 +9,16 @@ read-only, and runs the payload in it (vjobs/rootfs/). Built-in: ``default`` (bu
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
 
+from .cache import added, locked, remove_unused, use
 from .driver import BootImage
 from .errors import ImageError
 from .site import SiteConfig
@@ -131,14 +130,13 @@ def build_once(folder: Path, what: str, load: Callable[[], Built | None], build:
     """Make-style: what ``load`` finds in ``folder`` (a name ending in its recipe's key), else ``build`` it
     into a temporary folder beside it, which ``build`` renames to ``folder``. Under a lock, so two pilots
     starting at once build once; a full disk is ``disk_full``; builds of other recipes (siblings named like
-    ``folder`` up to its last ``-``) are removed, since nothing uses them again."""
-    if not force and (found := load()):
+    ``folder`` up to its last ``-``) are removed unless a job still holds them, since nothing uses them
+    again. ``folder`` is a cache entry (vjobs/cache.py): held for the job, evicted least recently used."""
+    if not force and (found := load()) and use(folder):
         return found
     family = folder.name.rsplit("-", 1)[0]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{family}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not force and (found := load()):
+    with locked(folder.parent / f"{family}.lock"):
+        if not force and (found := load()) and use(folder):
             return found
         try:
             with tempfile.TemporaryDirectory(prefix=f".build-{family}-", dir=folder.parent) as scratch:
@@ -148,10 +146,12 @@ def build_once(folder: Path, what: str, load: Callable[[], Built | None], build:
                 raise ImageError(f"disk full while building the {what} in {folder.parent}: free space or "
                                  "point cache_dir in the site config elsewhere", code="disk_full") from exc
             raise ImageError(f"cannot build the {what} in {folder.parent}: {exc}") from exc
+        use(folder)
         for stale in folder.parent.glob(f"{family}-*"):
             if stale != folder and stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-        return built
+                remove_unused(stale)
+    added(folder)
+    return built
 
 
 def sha256_file(path: Path) -> str:

@@ -12,6 +12,7 @@ Where this differs from a container (copies, not live mounts; no host environmen
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from typing import Callable
 from . import api
 from .binds import folder_size
 from .errors import InvalidJob, VjobsError
+from .host import new_owner
 from .result import Result
 from .site import SiteConfig
 
@@ -108,6 +110,7 @@ def run_exec(args, site: SiteConfig | None = None,
         report_failure(result)
         return result.exit_status()
     scratch = Path(tempfile.mkdtemp(prefix="exec-", dir=_ensure(site.work_dir)))
+    (scratch / "owner.json").write_text(json.dumps(new_owner("exec").as_labels()))  # so that `vjobs gc` knows it
     try:
         result = api.run(document, site=site, driver=args.driver, outdir=scratch)
         _relay(scratch / "stdout", sys.stdout)

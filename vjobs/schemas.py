@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,29 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
 def problem(name: str, document: Any) -> str | None:
     """None when ``document`` is valid against schema ``name``, else one line naming the field (as a JSON
     pointer) and saying what was expected."""
+    not_finite = _first_non_finite(document)
+    if not_finite is not None:
+        return f"{not_finite}: not a finite number (NaN and infinities are not numbers a limit can use)"
     error = best_match(_validator(name).iter_errors(document))
     if error is None:
         return None
     pointer = "/" + "/".join(str(part) for part in error.absolute_path)
     return f"{pointer}: {_explain(error, name)}"
+
+
+def _first_non_finite(document: Any) -> str | None:
+    """JSON Schema's bounds let NaN through (every comparison with it is false); Python's json and TOML
+    both read NaN and infinities, so they are refused here, by pointer. A loop, not recursion: any depth."""
+    pending = [("", document)]
+    while pending:
+        pointer, value = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return pointer or "/"
+        if isinstance(value, dict):
+            pending += [(f"{pointer}/{key}", child) for key, child in value.items()]
+        elif isinstance(value, list):
+            pending += [(f"{pointer}/{index}", child) for index, child in enumerate(value)]
+    return None
 
 
 def _explain(error: jsonschema.ValidationError, name: str) -> str:

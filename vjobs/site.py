@@ -34,17 +34,31 @@ class CatalogueImage:
 
 
 @dataclass(frozen=True)
+class HostBudget:
+    """What all the VMs of the vjobs on this host may have together (``[host]``; vjobs/admission.py): by
+    default every CPU this process may run on and all of the machine's memory."""
+
+    vcpus: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    memory_mib: int = field(default_factory=lambda: _machine_memory_mib())
+    admission_wait_s: float = 3600.0  # how long a job waits for its share before it is refused
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     source: str = "built-in defaults"
     pinned_driver: str | None = None
     preference: tuple[str, ...] = DEFAULT_PREFERENCE
     cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
     work_dir: Path = field(default_factory=lambda: _default_work_dir())
+    cache_max_gib: float = 20.0  # the cache's bound: least recently used images evicted (vjobs/cache.py)
     boot_timeout_s: float = 30.0
     boot_retries: int = 1
     allow_network: bool = False
     release_format: str = "squashfs"
     payload_user: str = "root"  # or "unprivileged": see docs/base-images.md
+    console_max_mib: float = 8
+    stop_grace_s: float = 10.0
+    host: HostBudget = field(default_factory=HostBudget)
     limits: Mapping[str, float] = field(default_factory=dict)
     images: Mapping[str, CatalogueImage] = field(default_factory=dict)
     drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -53,6 +67,10 @@ class SiteConfig:
     def bind_limit_bytes(self) -> int:
         """The largest host folder a job may bind; a bigger one is refused before it is read whole."""
         return int(self.limits.get("bind_mib", DEFAULT_BIND_MIB)) << 20
+
+    @property
+    def console_max_bytes(self) -> int:
+        return int(self.console_max_mib * (1 << 20))
 
     def driver_settings(self, name: str) -> Mapping[str, Any]:
         return self.drivers.get(name, {})
@@ -81,6 +99,18 @@ def _default_cache_dir() -> Path:
 
 def _default_work_dir() -> Path:
     return Path(os.environ.get("TMPDIR", "/var/tmp")) / f"vjobs-{os.getuid()}"
+
+
+def _machine_memory_mib() -> int:
+    """MemTotal from /proc/meminfo, else the physical pages as sysconf counts them."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
 
 
 def find_site_file(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -118,10 +148,14 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
     for key in ("cache_dir", "work_dir"):
         if key in document:
             options[key] = _site_path(document[key], base_dir, f"{source}: {key}")
+    if "cache_max_gib" in document:
+        options["cache_max_gib"] = float(document["cache_max_gib"])
     for key in ("boot_timeout_s", "boot_retries", "allow_network", "release_format", "payload_user", "limits",
-                "drivers"):
+                "drivers", "console_max_mib", "stop_grace_s"):
         if key in document:
             options[key] = document[key]
+    if "host" in document:
+        options["host"] = _host_budget(document["host"], source)
     options["images"] = {name: _catalogue_image(entry, base_dir) for name, entry in
                          document.get("images", {}).items()}
     return SiteConfig(**options)
@@ -135,6 +169,14 @@ def _site_path(value: str, base_dir: Path, where: str) -> Path:
     if len(os.fsencode(str(path))) >= 4096 or any(len(os.fsencode(part)) > 255 for part in path.parts):
         raise InvalidSite(f"{where}: the path is longer than a file system allows (4095 bytes, 255 a name)")
     return path
+
+
+def _host_budget(entry: Mapping[str, Any], source: str) -> HostBudget:
+    wait = entry.get("admission_wait_s", HostBudget.admission_wait_s)
+    try:
+        return HostBudget(**{**entry, "admission_wait_s": float(wait)})
+    except OverflowError:  # an integer no clock can add: the schema has no maximum
+        raise InvalidSite(f"{source}: /host/admission_wait_s: {wait} seconds is more than a clock can count") from None
 
 
 def _catalogue_image(entry: Mapping[str, Any], base_dir: Path) -> CatalogueImage:

@@ -6,12 +6,11 @@
 On the way to a job (``load_rootfs``): the file's sha256 is checked against the catalogue (hashed once per
 inode, size and mtime), then its inspection is read from a cache keyed by that sha256, so a job pays for
 neither after the first. A driver that cannot attach the image's container format (xen takes raw only)
-gets a raw copy made once per image (``disk_for``).
+gets a raw copy made once per image (``disk_for``), a cache entry (vjobs/cache.py) like a release image.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..cache import added, locked, use
 from ..driver import Disk
 from ..errors import ImageError
 from ..images import ChecksumCache
@@ -85,10 +85,8 @@ def disk_for(rootfs: RootfsImage, formats: tuple[str, ...], cache_dir: Path,
 
 def _raw_copy(rootfs: RootfsImage, folder: Path, progress: Callable[[str], None]) -> Path:
     target = folder / f"{rootfs.sha256}.raw"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{rootfs.sha256}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
+    with locked(folder / f"{rootfs.sha256}.lock"):
+        if target.exists() and use(target):
             return target
         progress(f"converting the {rootfs.info.container} base image {rootfs.path} to raw, once")
         partial = folder / f"{rootfs.sha256}.{os.getpid()}.partial"
@@ -100,4 +98,6 @@ def _raw_copy(rootfs: RootfsImage, folder: Path, progress: Callable[[str], None]
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
-        return target
+        use(target)
+    added(target, progress)
+    return target

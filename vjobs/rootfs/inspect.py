@@ -116,7 +116,7 @@ class _Qcow2Source:
     def read(self, offset: int, length: int) -> bytes:
         first = offset // SECTOR
         end = (offset + length + SECTOR - 1) // SECTOR
-        with tempfile.TemporaryDirectory(prefix="vjobs-inspect-") as folder:
+        with tempfile.TemporaryDirectory(prefix=f"vjobs-inspect-{os.getpid()}-") as folder:  # for `vjobs gc`
             out = Path(folder) / "range"
             # qemu-img dd (7.2) stops at block `count` counted from block 0, not from `skip` as GNU dd does:
             # a block count read short or nothing past the head, and no partition of a qcow2 was found.

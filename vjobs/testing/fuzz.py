@@ -40,7 +40,8 @@ VALID_JOB = {"id": "fuzz", "command": ["true"], "env": {"A": "b"}, "inputs": "."
              "resources": {"vcpus": 1, "memory_mib": 256}, "image": "default", "workdir": "/work", "cwd": "/work",
              "binds": [{"source": ".", "target": "/data", "mode": "ro"}], "network": False}
 VALID_SITE = {"driver": "qemu_user", "cache_dir": "cache", "work_dir": "work", "boot_timeout_s": 30,
-              "payload_user": "root", "limits": {"vcpus": 4, "bind_mib": 100},
+              "payload_user": "root", "cache_max_gib": 20, "limits": {"vcpus": 4, "bind_mib": 100},
+              "host": {"vcpus": 8, "memory_mib": 16384, "admission_wait_s": 600},
               "images": {"b": {"rootfs": "b.squashfs", "rootfs_sha256": "a" * 64,
                                "kernel": "k", "kernel_sha256": "b" * 64, "initramfs": "i", "initramfs_sha256": "c" * 64}},
               "drivers": {"qemu_user": {"accel": "tcg"}}}

@@ -17,7 +17,7 @@ import libvirt
 
 from ...bootcheck import boot_check
 from ...driver import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
-from ...errors import VjobsError, VMError
+from ...errors import DiskFull, VjobsError, VMError
 from . import connection
 from .connection import libvirt_errors
 from .domain import NAMESPACE_URI, DomainSettings, domain_xml, parse_owner
@@ -149,6 +149,8 @@ class KvmVM(VM):
         self.stop: Stop | None = None  # set by the event thread once the domain is gone
         self.reset = False  # the guest reset itself (a panic with panic=-1, or reboot)
         self.lost: str | None = None  # why the connection to libvirtd closed
+        self.console: libvirt.virStream | None = None
+        self.full_disk: str | None = None  # a disk file that could not grow (ENOSPC on the host)
 
     def start(self) -> None:
         self.conn = connection.open_connection(self.uri)
@@ -157,8 +159,15 @@ class KvmVM(VM):
             # Registered for every domain, before the domain exists: a guest that ends at once is not missed.
             self.callbacks = [
                 self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
-                self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None)]
-            self.dom = self.conn.createXML(self.xml, 0)
+                self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None),
+                self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON,
+                                                 self._on_io_error, None)]
+            # Paused until the console stream is open: a pty drops what is written while nobody reads it.
+            self.dom = self.conn.createXML(self.xml, libvirt.VIR_DOMAIN_START_PAUSED)
+            self.console = stream = self.conn.newStream(0)
+            self.dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+            self.spec.console.follow(lambda: stream.recv(65536))
+            self.dom.resume()
 
     # --- waiting: the event thread records, the caller's thread waits --------------------------------------
 
@@ -167,6 +176,9 @@ class KvmVM(VM):
             while self.stop is None and self.lost is None:
                 if self.reset:
                     break
+                if self.full_disk:
+                    raise DiskFull(f"the host file system holding {self.full_disk} is full: the guest's disk "
+                                   "could not grow; free space or move work_dir")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return Stop.DEADLINE
@@ -195,6 +207,13 @@ class KvmVM(VM):
         if dom.name() == self.spec.name:
             with self.changed:
                 self.reset = True
+                self.changed.notify_all()
+
+    def _on_io_error(self, _conn, dom, path: str, _alias, _action, reason: str, _opaque) -> None:
+        """QEMU paused the guest because a writable disk could not grow: the host file system is full."""
+        if dom.name() == self.spec.name and reason == "enospc":
+            with self.changed:
+                self.full_disk = path
                 self.changed.notify_all()
 
     def _on_close(self, _conn, reason: int, _opaque) -> None:
@@ -247,6 +266,10 @@ class KvmVM(VM):
             _destroy_quietly(dom)
 
     def _close(self) -> None:
+        if self.console is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.console.abort()  # ends the copying thread's recv
+            self.console = None
         conn, self.conn, self.dom = self.conn, None, None
         with contextlib.suppress(libvirt.libvirtError):
             for callback in self.callbacks:

@@ -1,8 +1,8 @@
-"""The qemu_user driver: no daemon, no root (when the files are readable), one QEMU process per VM.
+"""The qemu_user driver: no daemon, one QEMU process per VM, confined when vjobs is root (vjobs/confine.py).
 
 Site settings (``[drivers.qemu_user]``): ``binary``, ``accel`` (``tcg`` default, ``kvm``, or ``auto``: KVM
 when a real guest boots under it on this host, else TCG), ``machine`` (``q35`` default, ``microvm``, ``pc``),
-``tb_size_mib``.
+``tb_size_mib``, ``run_as`` (the user QEMU runs as when vjobs is root; default ``vjobs-qemu``).
 """
 
 from __future__ import annotations
@@ -10,20 +10,23 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import socket
 import subprocess
 import time
-from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ... import qemu
 from ...bootcheck import boot_check
+from ...confine import confinement_for
+from ...console import ConsoleLog
 from ...driver import VM, Capabilities, Check, Driver, Stop, VMSpec
-from ...errors import VMError
+from ...errors import DiskFull, VMError
 
 KVM_DEVICE = "/dev/kvm"
 KVM_BOOT_DEADLINE_S = 15.0  # a healthy KVM host boots the built-in guest in well under a second
 QMP_CONNECT_TIMEOUT_S = 15.0
+QEMU_LOG_MAX_BYTES = 1 << 20
 
 
 class QemuUserDriver(Driver):
@@ -87,49 +90,56 @@ class QemuUserDriver(Driver):
 
     def _new_vm(self, spec: VMSpec, accel: str) -> "QemuUserVM":
         machine = qemu.QemuMachine(self._setting("machine", "q35"), accel, self._setting("tb_size_mib", 64))
-        return QemuUserVM(spec, self.binary, machine)
+        return QemuUserVM(spec, self.binary, machine, self._setting("run_as", None))
 
 
 class QemuUserVM(VM):
-    def __init__(self, spec: VMSpec, binary: str, machine: qemu.QemuMachine):
+    def __init__(self, spec: VMSpec, binary: str, machine: qemu.QemuMachine, run_as: str | None = None):
         super().__init__(spec)
         self.binary = binary
         self.machine = machine
+        self.run_as = run_as
         self.process: subprocess.Popen | None = None
         self.monitor: QEMUMonitorProtocol | None = None
         self.shutdown_reason: str | None = None
-        self.folder_fd: int | None = None  # the VM's folder, open: its socket is reached through it
+        self.sockets: list[socket.socket] = []
+        self.qemu_log: ConsoleLog | None = None  # QEMU's own messages, bounded as the console is
 
     def start(self) -> None:
         spec = self.spec
-        argv = qemu.qemu_argv(binary=self.binary, name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
-                              kernel=spec.boot.kernel, initramfs=spec.boot.initramfs,
-                              cmdline=f"{spec.boot.cmdline} console=ttyS0", disks=spec.disks,
-                              console_log=spec.console_log, machine=self.machine,
-                              qmp_socket=Path(qemu.QMP_SOCKET), network=spec.network)
-        self.folder_fd = os.open(spec.workdir, os.O_RDONLY | os.O_DIRECTORY)
-        self.process = qemu.spawn(argv, spec.workdir / "qemu.log", cwd=spec.workdir)
-        self.monitor = self._connect_monitor(qemu.socket_path_via(self.folder_fd))
+        confinement = confinement_for(self.run_as, network=spec.network, kvm=self.machine.accel == "kvm",
+                                      max_file_bytes=max((d.path.stat().st_size for d in spec.disks
+                                                          if not d.readonly), default=0) or 1 << 20)
+        console, console_for_qemu = socket.socketpair()
+        monitor, monitor_for_qemu = socket.socketpair()
+        self.sockets = [console, monitor]
+        files = qemu.PassedFiles()
+        try:
+            argv = qemu.qemu_argv(binary=self.binary, name=spec.name, vcpus=spec.vcpus,
+                                  memory_mib=spec.memory_mib, kernel=spec.boot.kernel,
+                                  initramfs=spec.boot.initramfs, cmdline=f"{spec.boot.cmdline} console=ttyS0",
+                                  disks=spec.disks, machine=self.machine, files=files, console=console_for_qemu,
+                                  monitor=monitor_for_qemu, network=spec.network)
+            self.process = qemu.spawn(argv, files, confinement)
+        finally:
+            files.close()  # QEMU holds its own copies now; ours would keep its sockets open after it dies
+        spec.console.follow(lambda: console.recv(65536))
+        self.qemu_log = ConsoleLog(spec.workdir / "qemu.log", QEMU_LOG_MAX_BYTES, what="QEMU's messages",
+                                   setting="the qemu.log limit")
+        self.qemu_log.follow(lambda: self.process.stdout.read1(65536), name="qemu-log")
+        self.monitor = self._connect_monitor(monitor)
         self.monitor.cmd("cont")
 
-    def _connect_monitor(self, socket_path) -> QEMUMonitorProtocol:
-        """Connect to QEMU's QMP socket once it listens. A bounded retry, because a socket that does not
-        exist yet sends no notice; it ends at once when QEMU exits (a bad option, an unreadable file)."""
-        give_up = time.monotonic() + QMP_CONNECT_TIMEOUT_S
-        while True:
-            if self.process.poll() is not None:
-                raise VMError(f"QEMU exited at start: {self._qemu_log_tail() or 'no message'}",
-                              code="hypervisor_failed")
-            monitor = QEMUMonitorProtocol(str(socket_path))
-            try:
-                monitor.connect()
-                return monitor
-            except Exception as exc:  # ConnectError, wrapping the socket's own OSError
-                monitor.close()
-                if time.monotonic() > give_up:
-                    raise VMError(f"QEMU's monitor did not answer within {QMP_CONNECT_TIMEOUT_S:.0f} s: {exc}",
-                                  code="hypervisor_failed") from exc
-            time.sleep(0.02)
+    def _connect_monitor(self, sock: socket.socket) -> QEMUMonitorProtocol:
+        """Greet QEMU's monitor over its socket pair; a QEMU that exits at start (a bad option) closes it."""
+        monitor = QEMUMonitorProtocol(sock)
+        try:
+            monitor.connect()
+            return monitor
+        except Exception as exc:  # ConnectError, wrapping EOF: QEMU is gone
+            monitor.close()
+            self.process.wait(QMP_CONNECT_TIMEOUT_S)
+            raise VMError(f"QEMU exited at start: {self._qemu_log_tail() or exc}", code="hypervisor_failed") from exc
 
     def wait_until_stopped(self, deadline: float) -> Stop:
         while self.shutdown_reason is None:
@@ -151,6 +161,10 @@ class QemuUserVM(VM):
             return True
         except Exception:  # EOF or a reset socket: QEMU has exited
             return False
+        if event and event.get("event") == "BLOCK_IO_ERROR" and event.get("data", {}).get("nospace"):
+            # QEMU paused the guest: a writable disk's file system on the host is full (sparse files grow)
+            raise DiskFull(f"the host file system under {self.spec.workdir.parent} is full: the guest's "
+                           f"{event['data'].get('device') or 'disk'} could not grow; free space or move work_dir")
         if event and event.get("event") == "SHUTDOWN":
             self.shutdown_reason = event.get("data", {}).get("reason", "unknown")
         elif event and event.get("event") == "GUEST_PANICKED":
@@ -169,15 +183,18 @@ class QemuUserVM(VM):
             except Exception:
                 pass  # the other end is gone: nothing to close politely
             self.monitor = None
-        if self.folder_fd is not None:
-            os.close(self.folder_fd)
-            self.folder_fd = None
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+        if self.qemu_log is not None:
+            self.qemu_log.close()
 
     def _qemu_log_tail(self) -> str:
-        try:
-            return (self.spec.workdir / "qemu.log").read_text(errors="replace").strip()[-500:]
-        except OSError:
+        if self.qemu_log is None:
             return ""
+        if self.process is not None and self.process.poll() is not None:
+            self.qemu_log.close()  # QEMU is gone: all it said is in
+        return self.qemu_log.last(500).decode(errors="replace").strip()
 
 
 @functools.lru_cache(maxsize=None)  # a pilot that runs job after job asks its QEMU once

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -115,7 +114,6 @@ class XenVM(VM):
         self.cache_dir = cache_dir
         self.vm: str | None = None
         self.vdis: dict[str, str] = {}  # disk role -> VDI ref, for the disks this VM owns
-        self.console_thread: threading.Thread | None = None
         self.console_stream = None
         self.labels = spec.owner.as_labels()
 
@@ -213,15 +211,8 @@ class XenVM(VM):
             return
         stream, first = self.xapi.open_console(text[0]["location"])
         self.console_stream = stream
-        self.console_thread = threading.Thread(target=self._copy_console, args=(stream, first), daemon=True)
-        self.console_thread.start()
-
-    def _copy_console(self, stream, first: bytes) -> None:
-        with open(self.spec.console_log, "ab", buffering=0) as log:
-            log.write(first)
-            with contextlib.suppress(OSError):
-                while chunk := stream.recv(65536):
-                    log.write(chunk)
+        self.spec.console.write(first)
+        self.spec.console.follow(lambda: stream.recv(65536))
 
     def wait_until_stopped(self, deadline: float) -> Stop:
         """Sleep in ``event.from`` until XAPI reports the VM halted or the deadline passes."""
@@ -260,8 +251,6 @@ class XenVM(VM):
         if self.console_stream is not None:
             with contextlib.suppress(OSError):
                 self.console_stream.close()
-        if self.console_thread is not None:
-            self.console_thread.join(5)
         self.xapi.logout()
 
 

@@ -10,6 +10,31 @@ record() { echo "$1=$2" >> "$status"; }
 newline='
 '
 
+# The wall time, counted from the agent's start as the host counts it from the "up" marker: SIGTERM to the
+# payload's namespace (its PID 1 passes it on to every process), STOP_GRACE_S to write what it can, then
+# SIGKILL. The outputs are collected after that as after any end, and the status says timed_out.
+#   $1: the unshare process that started the namespace
+watch_wall_time() {
+    left=$(awk -v booted="$booted" -v wall="$WALLTIME_S" -v now="$(uptime_s)" \
+        'BEGIN { left = booted + wall - now; printf "%.3f", (left > 0 ? left : 0) }')
+    sleep "$left"
+    init=$(children_of "$1") || return 0  # the payload ended just now, on its own
+    record timed_out 1
+    say "wall time of $WALLTIME_S s reached: SIGTERM to the payload, SIGKILL after $STOP_GRACE_S s"
+    kill -s TERM "$init"
+    sleep "$STOP_GRACE_S"
+    kill -s KILL "$init" 2>/dev/null
+}
+
+children_of() {
+    found=1
+    for stat in /proc/[0-9]*/stat; do
+        { read -r pid _ _ parent _ < "$stat"; } 2>/dev/null || continue  # it may end while we look
+        [ "$parent" = "$1" ] && { echo "$pid"; found=0; }
+    done
+    return $found
+}
+
 block_devices() {
     for path in /sys/block/vd* /sys/block/xvd* /sys/block/sd*; do
         [ -e "$path" ] && echo "/dev/${path##*/}"

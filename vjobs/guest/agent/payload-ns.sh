@@ -1,6 +1,7 @@
 # PID 1 of the payload's own PID and mount namespaces (started by stage 70 with unshare). It assembles
 # the payload's root, starts the payload as its child, and exits with the payload's status; when it
-# exits, the kernel kills whatever the payload left running in the namespace.
+# exits, the kernel kills whatever the payload left running in the namespace. At the wall time the agent
+# sends it SIGTERM, which it passes on to every process of the payload (see the end).
 #   $1: the root: /newroot (the overlay over the base image) or / (the initramfs itself)
 # Mounts made here exist only in this namespace: nothing the payload sees hides the agent's files.
 root=$1
@@ -52,4 +53,20 @@ else
         env -i PATH="$path" HOME=/root LANG=C.UTF-8 USER=root chroot . /bin/sh /run/vjobs/payload.sh &
     fi
 fi
-wait $!
+child=$!
+
+# SIGTERM (the wall time, from stage 70) goes to every process in the namespace, not just the first: a
+# shell script's children get their chance to write too. Then this waits for all of them, until the
+# agent's SIGKILL after stop_grace_s ends whatever is left.
+trap 'stopping=1; kill -s TERM -1 2>/dev/null' TERM
+while :; do
+    wait "$child"
+    status=$?
+    kill -s 0 "$child" 2>/dev/null || break  # gone: $status is its own; alive: the wait was interrupted
+done
+if [ -n "$stopping" ]; then
+    while kill -s 0 -1 2>/dev/null; do
+        sleep 0.1
+    done
+fi
+exit "$status"

@@ -12,12 +12,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ...console import ConsoleLog
 from ...driver import BootImage, Disk, HostContext, Owner, Stop, VMSpec
 from ...host import boot_id
 from ...plugins import load_driver
 from ...site import SiteConfig
 
 START_TIMEOUT_S = 60.0
+# The stand-in plays dom0, whose console daemon streams everything; bounding what vjobs keeps is the xen
+# driver's job, as it would be against a real pool, so the stand-in's own file is effectively unbounded.
+DOM0_CONSOLE_BYTES = 1 << 40
 
 
 class GuestRunner:
@@ -33,7 +37,7 @@ class GuestRunner:
                       run_id=workdir.name[:8])
         self.spec = VMSpec(name=f"xapi-standin-{workdir.name[:8]}", vcpus=vcpus, memory_mib=memory_mib,
                            boot=BootImage(kernel, ramdisk, cmdline), disks=tuple(disks),
-                           console_log=workdir / "console.log", network=False, owner=owner, workdir=workdir)
+                           console=ConsoleLog(workdir / "console.log", DOM0_CONSOLE_BYTES), network=False, owner=owner, workdir=workdir)
         self.on_halted = on_halted
         self.started = threading.Event()
         self.stop_requested = threading.Event()
@@ -42,7 +46,7 @@ class GuestRunner:
 
     @property
     def console_log(self) -> Path:
-        return self.spec.console_log
+        return self.spec.console.path
 
     def start(self) -> None:
         self.thread.start()
@@ -66,6 +70,7 @@ class GuestRunner:
             vm.start()
         except BaseException as exc:  # reported to VM.start's caller
             self.start_error = exc
+            self.spec.console.close()
             self.started.set()
             return
         self.started.set()
@@ -78,6 +83,7 @@ class GuestRunner:
                     break
         finally:
             vm.destroy()
+            self.spec.console.close()
             self.on_halted(reason)
 
 

@@ -17,8 +17,13 @@ cd /scratch/work
 record started_s "$(uptime_s)"
 say "running the payload"
 unshare --mount --pid --fork --propagation private sh /etc/vjobs/payload-ns.sh "$root" \
-    < /dev/null > /scratch/vjobs/stdout 2> /scratch/vjobs/stderr
+    < /dev/null > /scratch/vjobs/stdout 2> /scratch/vjobs/stderr &
+launcher=$!
+watch_wall_time "$launcher" &
+watchdog=$!
+wait "$launcher"
 payload_status=$?
+kill "$watchdog" 2>/dev/null
 record ended_s "$(uptime_s)"
 if [ -s /scratch/vjobs/payload_setup_error ]; then
     record detail "$(cat /scratch/vjobs/payload_setup_error)"

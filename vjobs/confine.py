@@ -1,0 +1,113 @@
+"""Confining a hypervisor process that vjobs starts itself (qemu_user's QEMU), when vjobs runs as root.
+
+QEMU's own documentation says not to rely on it for isolation under TCG, and a guest that escapes into
+QEMU must find nothing worth having. So QEMU started by a root vjobs:
+- runs as an unprivileged user of its own (``[drivers.qemu_user] run_as``, default ``vjobs-qemu``, which
+  scripts/install.sh creates), no supplementary groups but the one that owns /dev/kvm when it uses KVM,
+  no capabilities, no new privileges;
+- opens no host file by name: every disk, the kernel, the initramfs, its monitor and its console come in
+  as file descriptors vjobs opened (vjobs/qemu.py), so it needs no access to the job's files, the cache,
+  or anything else, and its monitor socket exists nowhere in the file system;
+- lives in its own mount, IPC and PID namespaces (and network namespace when the job has no network),
+  with private /tmp, /var/tmp and /dev/shm, so it can neither see nor signal any other process;
+- has resource limits: no core dumps, no file larger than its largest writable disk, at most
+  ``MAX_OPEN_FILES`` descriptors;
+- dies with vjobs, even under SIGKILL: the parent-death signal is set again after the switch of user,
+  which clears it.
+A vjobs that is not root starts QEMU as itself with the same descriptors and limits (no namespaces).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import resource
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_USER = "vjobs-qemu"
+FALLBACK_USER = "nobody"
+MAX_OPEN_FILES = 1024
+KVM_DEVICE = Path("/dev/kvm")
+_PR_SET_PDEATHSIG = 1
+
+# Runs as root inside the new namespaces, before the switch of user: folders every user can write, made
+# private to this QEMU.
+_PRIVATE_TMP = ('for folder in /tmp /var/tmp /dev/shm; do '
+                '[ -d "$folder" ] || continue; '
+                'mount -t tmpfs -o size=1m,mode=1777,nosuid,nodev,noexec vjobs-qemu "$folder" || exit 126; '
+                'done; exec "$@"')
+
+
+@dataclass(frozen=True)
+class Confinement:
+    user: str | None  # None: run as vjobs' own user (vjobs is not root)
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
+    own_network: bool = True  # a network namespace with nothing in it: for jobs without a network
+    max_file_bytes: int = resource.RLIM_INFINITY
+
+    def describe(self) -> str:
+        if self.user is None:
+            return f"as uid {os.getuid()} (vjobs is not root), no core dumps, at most {MAX_OPEN_FILES} files"
+        return (f"as {self.user} (uid {self.uid}), in its own mount, IPC, PID"
+                f"{' and network' if self.own_network else ''} namespaces, no core dumps")
+
+
+def confinement_for(run_as: str | None, *, network: bool, kvm: bool, max_file_bytes: int) -> Confinement:
+    """How to confine a QEMU for one VM. ``run_as``: the site's user, or None for the default."""
+    if os.geteuid() != 0:
+        return Confinement(None, max_file_bytes=max_file_bytes)
+    user = _qemu_user(run_as)
+    groups = (KVM_DEVICE.stat().st_gid,) if kvm and KVM_DEVICE.exists() else ()
+    return Confinement(user.pw_name, user.pw_uid, user.pw_gid, groups, own_network=not network,
+                       max_file_bytes=max_file_bytes)
+
+
+def _qemu_user(run_as: str | None) -> pwd.struct_passwd:
+    from .errors import DriverError
+
+    name = run_as or DEFAULT_USER
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        if run_as:
+            raise DriverError(f"[drivers.qemu_user] run_as = {run_as!r}: no such user on this host; create it "
+                              "(scripts/install.sh creates vjobs-qemu) or name another") from None
+        user = pwd.getpwnam(FALLBACK_USER)  # a host set up without the installer still confines QEMU
+    if user.pw_uid == 0 or user.pw_gid == 0:
+        raise DriverError(f"[drivers.qemu_user] run_as = {name!r} is root: QEMU must run as an unprivileged user")
+    return user
+
+
+def wrap(argv: list[str], confinement: Confinement) -> list[str]:
+    """``argv`` preceded by what puts it in its namespaces and switches its user."""
+    if confinement.user is None:
+        return argv
+    namespaces = ["unshare", "--mount", "--ipc", "--pid", "--fork", "--kill-child", "--propagation", "private"]
+    if confinement.own_network:
+        namespaces.append("--net")
+    groups = ["--groups", ",".join(map(str, confinement.groups))] if confinement.groups else ["--clear-groups"]
+    switch = ["setpriv", f"--reuid={confinement.uid}", f"--regid={confinement.gid}", *groups,
+              "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--pdeathsig", "SIGKILL", "--"]
+    return [*namespaces, "--", "sh", "-c", _PRIVATE_TMP, "vjobs-qemu", *switch, *argv]
+
+
+def preexec(confinement: Confinement) -> Callable[[], None]:
+    """Runs in the child between fork and exec: limits, and death with vjobs. Async-signal-safe enough:
+    no locks, no allocation beyond ctypes' call."""
+    def limit_and_tie() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (confinement.max_file_bytes, confinement.max_file_bytes))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:  # vjobs died between fork and prctl: nobody would ever kill us
+            os._exit(1)
+    return limit_and_tie
+
+

@@ -1,0 +1,114 @@
+"""A guest's console as vjobs keeps it on the host: bounded, whatever the guest writes.
+
+The guest is untrusted and its console is the one stream it can write to for as long as it runs (at about
+0.6 MB/s under TCG, more with KVM). ``ConsoleLog`` keeps the first half of its limit on disk as it arrives
+(the kernel's boot messages and the agent's start: what explains a failed boot) and the last half in
+memory (what the guest said last: what explains a failed job), counts what lies between, and on
+``close()`` writes the tail after a line that says how much was dropped. The file never grows past the
+limit plus that line, and the memory kept is half the limit.
+
+Drivers feed it from wherever their hypervisor delivers the console (a socket, a libvirt stream, an HTTP
+console): ``write(data)`` from any thread, or ``follow(read)`` to start a thread that copies until EOF.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_MAX_BYTES = 8 << 20  # site setting console_max_mib
+_MARKER_OVERLAP = 256  # a marker split across two writes is still found
+
+
+class ConsoleLog:
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, *, markers: tuple[bytes, ...] = (),
+                 what: str = "console output", setting: str = "console_max_mib"):
+        """``markers``: byte strings to look out for in everything written, dropped parts included (``saw``)."""
+        self.path = Path(path)
+        self.max_bytes = max(int(max_bytes), 2)
+        self.what, self.setting = what, setting
+        self.head_left = self.max_bytes // 2
+        self.tail = bytearray()
+        self.dropped = 0
+        self.total = 0
+        self.markers = markers
+        self._recent = b""  # the last bytes seen, to find a marker split across two writes
+        self._seen: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._file = open(self.path, "wb", buffering=0)
+        self._threads: list[threading.Thread] = []
+
+    # --- feeding ---------------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        with self._lock:
+            if self._file is None:
+                return  # closed: the VM is being torn down, late bytes are not the job's any more
+            self.total += len(data)
+            self._note_markers(data)
+            if self.head_left:
+                head, data = data[:self.head_left], data[self.head_left:]
+                self._file.write(head)
+                self.head_left -= len(head)
+            if data:
+                self.tail += data
+                excess = len(self.tail) - (self.max_bytes - self.max_bytes // 2)
+                if excess > 0:
+                    del self.tail[:excess]
+                    self.dropped += excess
+
+    def follow(self, read: Callable[[], bytes], name: str = "console") -> None:
+        """Copy ``read()``'s chunks in a thread until it returns b"" or raises OSError (the other end closed)."""
+        def copy() -> None:
+            try:
+                while chunk := read():
+                    self.write(chunk)
+            except Exception:  # a closed socket or stream, whatever its library raises: the VM is gone
+                pass
+
+        thread = threading.Thread(target=copy, name=f"{name}-{self.path.name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    # --- asking --------------------------------------------------------------------------------------
+
+    def saw(self, marker: bytes) -> bool:
+        with self._lock:
+            return marker in self._seen
+
+    def _note_markers(self, data: bytes) -> None:
+        window = self._recent + data
+        self._seen.update(marker for marker in self.markers if marker in window)
+        self._recent = window[-_MARKER_OVERLAP:]
+
+    def last(self, size: int) -> bytes:
+        """The last ``size`` bytes the guest wrote (for error messages)."""
+        with self._lock:
+            if self._file is not None and len(self.tail) >= size:
+                return bytes(self.tail[-size:])
+            try:
+                written = self.path.read_bytes()  # at most the head while open, everything once closed
+            except OSError:
+                written = b""
+            return (written + bytes(self.tail))[-size:]
+
+    # --- the end -------------------------------------------------------------------------------------
+
+    def close(self, wait_s: float = 2.0) -> None:
+        """Wait briefly for the copying threads (their source is closed by now), then write the tail."""
+        for thread in self._threads:
+            thread.join(wait_s)
+        with self._lock:
+            if self._file is None:
+                return
+            if self.dropped:
+                self._file.write(f"\n[vjobs: {self.dropped} bytes of {self.what} dropped here: more than "
+                                 f"{self.setting} allows ({self.max_bytes} bytes in all); the first and the last "
+                                 f"{self.max_bytes // 2} bytes are kept]\n".encode())
+            self._file.write(bytes(self.tail))
+            self._file.close()
+            self._file = None
+            self.tail = bytearray()
