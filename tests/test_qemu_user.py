@@ -7,6 +7,7 @@ import hashlib
 import pytest
 
 import vjobs
+from conftest import work_leftovers
 from vjobs.guest.cpio import CpioWriter
 
 
@@ -99,4 +100,4 @@ def test_a_work_dir_deeper_than_a_unix_socket_path_allows(make_job, make_site, b
     site = make_site(driver="qemu_user", work_dir=str(deep))
     result = vjobs.run(make_job(["true"]), site=site, outdir=tmp_path / "out")
     assert result.status == "succeeded", result.error
-    assert list(deep.iterdir()) == []
+    assert work_leftovers(deep) == []

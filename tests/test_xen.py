@@ -16,6 +16,7 @@ import pytest
 import XenAPI
 
 import vjobs
+from conftest import work_leftovers
 from test_signals import start_vjobs, wait_for_payload
 
 RELEASE = {"bin/tool": "#!/bin/sh\necho tool\n", "data/table.txt": "1 2 3\n" * 1000}
@@ -161,7 +162,7 @@ def test_killed_pilot_is_cleaned_from_the_pool_by_gc_and_nothing_else(xen_settin
         names = sorted(r["name_label"] for r in xapi_standin.store.objects["VDI"].values())
         assert names == ["someone-elses-disk", f"{running[0]}-release"]  # the cached release stays
         assert [r["name_label"] for r in xapi_standin.store.objects["VM"].values()] == ["someone-elses-vm"]
-        assert list((tmp_path / "work").iterdir()) == []
+        assert work_leftovers(tmp_path / "work") == []
     finally:
         session.xenapi.VM.destroy(other_vm)
         session.xenapi.VDI.destroy(other_vdi)
