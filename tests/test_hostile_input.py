@@ -49,3 +49,14 @@ def test_a_bug_in_vjobs_gives_a_result_and_a_log_not_a_traceback(make_job, make_
     assert result["status"] == "internal_error" and "a bug in disk preparation" in result["error"]["message"]
     log = (tmp_path / "out" / INTERNAL_ERROR_LOG).read_text()
     assert "Traceback" in log and "RuntimeError: a bug in disk preparation" in log
+
+
+@pytest.mark.parametrize("text", ['"walltime_s": NaN', '"walltime_s": Infinity', '"resources": {"memory_mib": NaN}'])
+def test_nan_and_infinity_in_a_job_are_refused_by_pointer(text, tmp_path, capsys):
+    """JSON Schema's bounds let NaN through (every comparison with it is false), and Python reads it."""
+    job = tmp_path / "job.json"
+    job.write_text('{"id": "nan", "command": ["true"], ' + text + '}')
+    assert cli.main(["run", str(job), "--outdir", str(tmp_path / "out")]) == 200
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["error"]["code"] == "invalid_job" and "not a finite number" in result["error"]["message"]
+    assert "Traceback" not in capsys.readouterr().err
