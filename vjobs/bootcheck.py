@@ -9,8 +9,6 @@ hangs at boot (docs/host-notes.md). Only a real boot tells. Drivers that offer h
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Callable
 
 from .console import ConsoleLog
 from .driver import VM, Check, HostContext, Stop, VMSpec, deadline_in
-from .host import new_owner
+from .host import create_owned_folder, new_owner, remove_owned_folder
 
 PROBE_MARKER = b"vjobs-agent: probe ok"
 
@@ -39,13 +37,12 @@ def _boot_once(host: HostContext, key: str, create_vm: Callable[[VMSpec], VM], d
         -> tuple[bool, str]:
     host.progress(f"deep probe: booting the built-in guest ({key}), deadline {deadline_s:.0f} s")
     boot = host.default_boot_image()
-    host.work_dir.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="probe-", dir=host.work_dir))
     owner = new_owner("probe")
-    (folder / "owner.json").write_text(json.dumps(owner.as_labels()))  # so that `vjobs gc` knows it
+    folder = create_owned_folder(host.work_dir / f"probe-{owner.run_id}", owner)  # so that `vjobs gc` knows it
     spec = VMSpec(name=f"vjobs-probe-{owner.run_id}", vcpus=1, memory_mib=256,
                   boot=replace(boot, cmdline=boot.cmdline + " vjobs.probe"), disks=(),
-                  console=ConsoleLog(folder / "console.log", markers=(PROBE_MARKER,)), network=False, owner=owner, workdir=folder)
+                  console=ConsoleLog(folder / "console.log", markers=(PROBE_MARKER,)), network=False, owner=owner,
+                  workdir=folder)
     started = time.monotonic()
     vm = None
     try:
@@ -65,7 +62,7 @@ def _boot_once(host: HostContext, key: str, create_vm: Callable[[VMSpec], VM], d
         if vm is not None:
             vm.destroy()
         spec.console.close()
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_owned_folder(folder)
 
 
 def _read(path: Path) -> dict | None:

@@ -100,13 +100,17 @@ def wrap(argv: list[str], confinement: Confinement) -> list[str]:
 def preexec(confinement: Confinement) -> Callable[[], None]:
     """Runs in the child between fork and exec: limits, and death with vjobs. Async-signal-safe enough:
     no locks, no allocation beyond ctypes' call."""
+    parent = os.getpid()  # taken before the fork: the child compares its parent with it
+
     def limit_and_tie() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
         resource.setrlimit(resource.RLIMIT_FSIZE, (confinement.max_file_bytes, confinement.max_file_bytes))
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() == 1:  # vjobs died between fork and prctl: nobody would ever kill us
+        # vjobs died between fork and prctl: nobody would ever kill us. Not `getppid() == 1`: under a
+        # subreaper (systemd --user, tini -s, a pilot) the orphan's new parent is not PID 1.
+        if os.getppid() != parent:
             os._exit(1)
     return limit_and_tie
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import shutil
 import signal
 import threading
@@ -31,7 +30,7 @@ from .console import ConsoleLog
 from .driver import AGENT_UP_MARKER, VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from .errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, VjobsError, VMError, WalltimeExceeded,
                      internal_error)
-from .host import new_owner
+from .host import create_owned_folder, new_owner, remove_owned_folder
 from .images import ResolvedImage, resolve_image
 from .job import Job
 from .plugins import choose_driver
@@ -107,8 +106,7 @@ class VMContainer:
             image = resolve_image(self.job.image, self.site, self.host.progress)
             self.result.provenance.update(image.provenance())
             base = self._base_disk(image, verdict.disk_formats)
-            self.folder.mkdir(parents=True)
-            (self.folder / "owner.json").write_text(json.dumps(self.owner.as_labels()))
+            create_owned_folder(self.folder, self.owner)
             self.bind_snapshots = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
             disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
                                   self.host.progress, base, stop_grace_s=self.site.stop_grace_s)
@@ -278,8 +276,7 @@ class VMContainer:
             self._save_console()
         except OSError as exc:
             problems.append(f"saving the console log: {exc}")
-        shutil.rmtree(self.folder, ignore_errors=True)
-        if self.folder.exists():
+        if not remove_owned_folder(self.folder):
             problems.append(f"could not remove {self.folder}")
         if problems and self.result.error is None:
             self.result.status = "vm_error"

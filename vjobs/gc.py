@@ -12,7 +12,6 @@ cache is evicted down to ``cache_max_gib``, once the VMs of dead owners are gone
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ from . import cache
 from .admission import gc_stale_shares
 from .driver import HostContext
 from .errors import VjobsError
-from .host import owner_is_gone
+from .host import abandoned_folder, owner_is_gone
 from .plugins import installed_drivers, load_driver
 from .site import SiteConfig
 
@@ -70,11 +69,7 @@ def _job_folders(site: SiteConfig) -> list[str]:
     if not site.work_dir.is_dir():
         return removed
     for folder in sorted(site.work_dir.iterdir()):
-        try:
-            labels = json.loads((folder / "owner.json").read_text())
-        except (OSError, ValueError):
-            continue  # not a job folder of ours, or one still being created
-        if owner_is_gone(labels):
+        if folder.is_dir() and not folder.is_symlink() and abandoned_folder(folder):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"removed job folder {folder} (its VM's files and sockets)")
     return removed

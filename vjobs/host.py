@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import time
 import uuid
 from pathlib import Path
 
 from .driver import Owner
 
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+OWNER_FILE = "owner.json"
+# A folder of vjobs' in work_dir is either labelled (OWNER_FILE inside) or hidden under one of these names
+# while it is made or removed, so that a kill at any moment leaves nothing `vjobs gc` cannot judge.
+CREATING, REMOVING = ".creating", ".removing"
 
 
 def boot_id() -> str:
@@ -46,3 +53,43 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def create_owned_folder(path: Path, owner: Owner) -> Path:
+    """``path`` appears with its owner labels already in it: made under a hidden name, labelled, renamed."""
+    staging = path.with_name(f".{path.name}{CREATING}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    (staging / OWNER_FILE).write_text(json.dumps(owner.as_labels()))
+    staging.rename(path)
+    return path
+
+
+def remove_owned_folder(path: Path) -> bool:
+    """Renamed out of the way, then removed: a folder half removed (vjobs killed during it) is never taken for
+    a folder of someone else's. True when nothing is left."""
+    doomed = path.with_name(f".{path.name}{REMOVING}")
+    try:
+        path.rename(doomed)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        doomed = path  # cannot rename (odd file system): remove in place
+    shutil.rmtree(doomed, ignore_errors=True)
+    return not doomed.exists()
+
+
+def abandoned_folder(folder: Path) -> bool:
+    """Whether ``vjobs gc`` may remove this folder of ``work_dir``: one being removed, or one whose owner is
+    gone (made completely or not; a half-made one with no labels yet is given a minute)."""
+    if folder.name.startswith(".") and folder.name.endswith(REMOVING):
+        return True
+    try:
+        return owner_is_gone(json.loads((folder / OWNER_FILE).read_text()))
+    except (OSError, ValueError):
+        if folder.name.startswith(".") and folder.name.endswith(CREATING):
+            try:
+                return time.time() - folder.lstat().st_mtime > 60
+            except OSError:
+                return False
+        return False  # not a folder of ours

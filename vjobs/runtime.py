@@ -12,10 +12,8 @@ Where this differs from a container (copies, not live mounts; no host environmen
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Callable
 from . import api
 from .binds import folder_size
 from .errors import InvalidJob, VjobsError
-from .host import new_owner
+from .host import create_owned_folder, new_owner, remove_owned_folder
 from .result import Result
 from .site import SiteConfig
 
@@ -109,8 +107,8 @@ def run_exec(args, site: SiteConfig | None = None,
             result.write(Path(args.result))
         report_failure(result)
         return result.exit_status()
-    scratch = Path(tempfile.mkdtemp(prefix="exec-", dir=_ensure(site.work_dir)))
-    (scratch / "owner.json").write_text(json.dumps(new_owner("exec").as_labels()))  # so that `vjobs gc` knows it
+    owner = new_owner("exec")
+    scratch = create_owned_folder(site.work_dir / f"exec-{owner.run_id}", owner)  # so that `vjobs gc` knows it
     try:
         result = api.run(document, site=site, driver=args.driver, outdir=scratch)
         _relay(scratch / "stdout", sys.stdout)
@@ -118,7 +116,7 @@ def run_exec(args, site: SiteConfig | None = None,
         if args.result:
             shutil.copyfile(scratch / "result.json", args.result)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_owned_folder(scratch)
     if result.status not in ("succeeded", "failed"):
         report_failure(result)
     return result.exit_status()
@@ -134,11 +132,6 @@ def _relay(path: Path, stream) -> None:
         with open(path, "rb") as handle:
             shutil.copyfileobj(handle, stream.buffer)
         stream.buffer.flush()
-
-
-def _ensure(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def add_arguments(parser) -> None:

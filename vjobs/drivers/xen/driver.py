@@ -25,6 +25,7 @@ MIB = 1 << 20
 TAG = "vjobs"
 SHARED_KEY = "vjobs.content_key"  # on VDIs shared by jobs: the release and base images
 COMPLETE = "vjobs.complete"
+UPLOADER = "vjobs.uploader."  # on a shared VDI being uploaded: the uploader's owner labels, for gc
 NULL_REF = "OpaqueRef:NULL"
 XEN_CAPABILITIES = Path("/proc/xen/capabilities")
 
@@ -98,6 +99,8 @@ class XenDriver(Driver):
                     removed.append(f"destroyed VM {record['name_label']}")
             for ref, record in xapi.api.VDI.get_all_records().items():
                 labels = record.get("other_config", {})
+                if SHARED_KEY in labels and not labels.get(COMPLETE):
+                    labels = {key[len(UPLOADER):]: value for key, value in labels.items() if key.startswith(UPLOADER)}
                 if "vjobs.run_id" in labels and is_orphan(labels):
                     with contextlib.suppress(Exception):
                         xapi.api.VDI.destroy(ref)
@@ -188,7 +191,10 @@ class XenVM(VM):
                 config = record.get("other_config", {})
                 if record.get("SR") == sr and config.get(SHARED_KEY) == disk.cache_key and config.get(COMPLETE):
                     return ref
-            vdi = self._new_vdi(sr, disk, {SHARED_KEY: disk.cache_key})
+            # The uploader's labels, under their own prefix: gc removes an upload whose uploader died before it
+            # was complete, and never a complete shared VDI (jobs of other owners use it).
+            uploader = {f"{UPLOADER}{key}": value for key, value in self.labels.items()}
+            vdi = self._new_vdi(sr, disk, {SHARED_KEY: disk.cache_key, **uploader})
             try:
                 self.xapi.import_vdi(vdi, disk.path, self.upload_format)
             except Exception:
