@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -57,7 +58,7 @@ def pid_alive(pid: int) -> bool:
 
 def create_owned_folder(path: Path, owner: Owner) -> Path:
     """``path`` appears with its owner labels already in it: made under a hidden name, labelled, renamed."""
-    staging = path.with_name(f".{path.name}{CREATING}")
+    staging = path.with_name(f".{path.name}.{os.getpid()}{CREATING}")  # the pid: gc judges it without labels
     path.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir()
     (staging / OWNER_FILE).write_text(json.dumps(owner.as_labels()))
@@ -81,15 +82,16 @@ def remove_owned_folder(path: Path) -> bool:
 
 def abandoned_folder(folder: Path) -> bool:
     """Whether ``vjobs gc`` may remove this folder of ``work_dir``: one being removed, or one whose owner is
-    gone (made completely or not; a half-made one with no labels yet is given a minute)."""
+    gone, whether it was made completely or not."""
     if folder.name.startswith(".") and folder.name.endswith(REMOVING):
         return True
     try:
         return owner_is_gone(json.loads((folder / OWNER_FILE).read_text()))
     except (OSError, ValueError):
-        if folder.name.startswith(".") and folder.name.endswith(CREATING):
+        maker = re.fullmatch(rf"\..+\.(\d+){re.escape(CREATING)}", folder.name)
+        if maker:  # killed before its labels were written: its maker's pid is in its name
             try:
-                return time.time() - folder.lstat().st_mtime > 60
+                return not pid_alive(int(maker[1])) or time.time() - folder.lstat().st_mtime > 3600
             except OSError:
                 return False
         return False  # not a folder of ours
