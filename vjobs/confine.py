@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import DriverError
+
 DEFAULT_USER = "vjobs-qemu"
 FALLBACK_USER = "nobody"
 MAX_OPEN_FILES = 1024
@@ -51,12 +53,6 @@ class Confinement:
     own_network: bool = True  # a network namespace with nothing in it: for jobs without a network
     max_file_bytes: int = resource.RLIM_INFINITY
 
-    def describe(self) -> str:
-        if self.user is None:
-            return f"as uid {os.getuid()} (vjobs is not root), no core dumps, at most {MAX_OPEN_FILES} files"
-        return (f"as {self.user} (uid {self.uid}), in its own mount, IPC, PID"
-                f"{' and network' if self.own_network else ''} namespaces, no core dumps")
-
 
 def confinement_for(run_as: str | None, *, network: bool, kvm: bool, max_file_bytes: int) -> Confinement:
     """How to confine a QEMU for one VM. ``run_as``: the site's user, or None for the default."""
@@ -69,8 +65,6 @@ def confinement_for(run_as: str | None, *, network: bool, kvm: bool, max_file_by
 
 
 def _qemu_user(run_as: str | None) -> pwd.struct_passwd:
-    from .errors import DriverError
-
     name = run_as or DEFAULT_USER
     try:
         user = pwd.getpwnam(name)

@@ -108,8 +108,7 @@ class QemuUserVM(VM):
     def start(self) -> None:
         spec = self.spec
         confinement = confinement_for(self.run_as, network=spec.network, kvm=self.machine.accel == "kvm",
-                                      max_file_bytes=max((d.path.stat().st_size for d in spec.disks
-                                                          if not d.readonly), default=0) or 1 << 20)
+                                      max_file_bytes=_largest_writable_disk(spec))
         console, console_for_qemu = socket.socketpair()
         monitor, monitor_for_qemu = socket.socketpair()
         self.sockets = [console, monitor]
@@ -195,6 +194,11 @@ class QemuUserVM(VM):
         if self.process is not None and self.process.poll() is not None:
             self.qemu_log.close()  # QEMU is gone: all it said is in
         return self.qemu_log.last(500).decode(errors="replace").strip()
+
+
+def _largest_writable_disk(spec: VMSpec) -> int:
+    """QEMU's file-size limit: it writes nothing but its writable disks, whose sizes are fixed."""
+    return max((disk.path.stat().st_size for disk in spec.disks if not disk.readonly), default=0) or 1 << 20
 
 
 @functools.lru_cache(maxsize=None)  # a pilot that runs job after job asks its QEMU once
