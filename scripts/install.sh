@@ -7,7 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(qemu-system-x86 qemu-utils busybox-static squashfs-tools erofs-utils e2fsprogs cpio mmdebstrap fdisk curl
-          libvirt-daemon-system libvirt-clients libvirt-dev pkg-config tini gcc python3-venv python3-dev)
+          libvirt-daemon-system libvirt-clients libvirt-dev pkg-config tini gcc python3-venv python3-dev
+          xrootd-client)
+# The servers the tests start (docs/staging.md, docs/scaling.md): XRootD, Slurm, Swift with its S3 API.
+[[ "${1:-}" == "--test" ]] && packages+=(xrootd-server slurm-wlm swift swift-proxy swift-account swift-container
+                                         swift-object memcached)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
