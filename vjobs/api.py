@@ -22,13 +22,14 @@ JobLike = Job | Mapping[str, Any] | str | os.PathLike
 SiteLike = SiteConfig | str | os.PathLike | None
 
 
-def host_context(site: SiteConfig, progress: Callable[[str], None] = lambda message: None) -> HostContext:
+def host_context(site: SiteConfig, progress: Callable[[str], None] = lambda message: None, *,
+                 progress_bars: bool = False) -> HostContext:
     @functools.cache
     def default_boot_image():
         return built_in_image(site.cache_dir, progress).boot
 
     return HostContext(cache_dir=site.cache_dir, work_dir=site.work_dir, boot_id=boot_id(),
-                       default_boot_image=default_boot_image, progress=progress)
+                       default_boot_image=default_boot_image, progress=progress, progress_bars=progress_bars)
 
 
 def _site(site: SiteLike) -> SiteConfig:
@@ -53,9 +54,10 @@ def default_outdir(job_id: str) -> Path:
 
 
 def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = None, outdir: str | os.PathLike | None = None,
-        progress: Callable[[str], None] = lambda message: None) -> Result:
+        progress: Callable[[str], None] = lambda message: None, progress_bars: bool = False) -> Result:
     """Run ``job`` in a VM and return its ``Result`` (also written to ``outdir/result.json``). Never raises a
-    ``VjobsError``: a job or site that is not fit to run gives a result with status ``setup_error``."""
+    ``VjobsError``: a job or site that is not fit to run gives a result with status ``setup_error``.
+    ``progress_bars``: draw transfer bars for staging on stderr (only when it is a terminal)."""
     try:
         site_config = _site(site)
         the_job = _job(job)
@@ -65,7 +67,8 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
         failure = error if isinstance(error, VjobsError) else internal_error(error, target)
         return _setup_failure(Result(job_id=job_id), failure, target)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
-    container = VMContainer(the_job, site_config, host_context(site_config, progress), target, driver=driver)
+    context = host_context(site_config, progress, progress_bars=progress_bars)
+    container = VMContainer(the_job, site_config, context, target, driver=driver)
     with CacheHold(site_config.cache_max_gib):  # the cached images the job uses stay until it ends
         return container.run()
 

@@ -6,6 +6,7 @@
     203  timeout       the payload ran past walltime_s; the VM was killed
     204  cancelled     SIGTERM, SIGHUP or Ctrl-C reached vjobs; the VM was killed
     205  internal      a bug in vjobs: result.json says so, the traceback is in a log beside it
+    206  stage-out     the outputs came back but could not all be uploaded; they stay in the output folder
       2  usage         the command line itself is wrong
 
 Other commands exit 0 on success and 1 when what they report is a failure (an invalid job, no usable driver).
@@ -37,7 +38,7 @@ def _progress(quiet: bool) -> Callable[[str], None]:
 
 def cmd_run(args) -> int:
     result = api.run(args.job, site=args.site, driver=args.driver, outdir=args.outdir,
-                     progress=_progress(args.json))
+                     progress=_progress(args.json), progress_bars=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -58,6 +59,10 @@ def _print_summary(result, args) -> None:
         print(f"  error [{result.error['code']}]: {result.error['message']}", file=sys.stderr)
     for output in result.outputs:
         print(f"  output {output['path']} ({output['size']} bytes)")
+    for upload in result.uploads:
+        verified = f"verified by {upload['verified_by']}" if upload["verified"] else "NOT verified"
+        print(f"  uploaded {upload['path']} to {upload['url']} ({upload['size']} bytes, adler32 {upload['adler32']}, "
+              f"{verified})")
     for rejected in result.rejected_outputs:
         print(f"  not returned: {rejected['path']}: {rejected['reason']}")
     print(f"  result: {where / 'result.json'}")

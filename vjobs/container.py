@@ -28,8 +28,8 @@ from .binds import snapshot as snapshot_bind
 from .disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
 from .console import ConsoleLog
 from .driver import AGENT_UP_MARKER, VM, Driver, HostContext, Stop, VMSpec, deadline_in
-from .errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, VjobsError, VMError, WalltimeExceeded,
-                     internal_error)
+from .errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError, VMError,
+                     WalltimeExceeded, internal_error)
 from .host import create_owned_folder, new_owner, remove_owned_folder
 from .images import ResolvedImage, resolve_image
 from .job import Job
@@ -37,6 +37,8 @@ from .plugins import choose_driver
 from .result import Result, utc_now
 from .rootfs import disk_for as rootfs_disk_for
 from .site import SiteConfig
+from .staging import stage_in, stage_out
+from .staging.locations import check as check_url
 
 CONSOLE_TAIL_BYTES = 2000
 DELIVERY_MARGIN_S = 60.0  # after the wall time and the grace: the agent collects and writes the outputs
@@ -108,8 +110,10 @@ class VMContainer:
             base = self._base_disk(image, verdict.disk_formats)
             create_owned_folder(self.folder, self.owner)
             self.bind_snapshots = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
+        staged = self._stage_in() if self.job.stage_in else None
+        with self._phase("prepare"):
             disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
-                                  self.host.progress, base, stop_grace_s=self.site.stop_grace_s)
+                                  self.host.progress, base, stop_grace_s=self.site.stop_grace_s, staged=staged)
             self.result.provenance["release_sha256"] = disks.release_sha256
         with self._phase("admission"):
             resources = self.job.resources
@@ -126,8 +130,53 @@ class VMContainer:
                 raise WalltimeExceeded(f"job {self.job.id} ran past its wall time of {self.job.walltime_s} s and "
                                        f"the guest did not end it within {self.site.stop_grace_s} s more; the VM "
                                        "was killed and nothing came back")
+        timed_out = None
         with self._phase("collect"):
-            self._collect(vm, disks, stop)
+            try:
+                self._collect(vm, disks, stop)
+            except WalltimeExceeded as error:  # the outputs came back all the same; the job may want them uploaded
+                timed_out = error
+        if self._stage_out_wanted():
+            self._stage_out()
+        if timed_out:
+            raise timed_out
+
+    # --- staging (vjobs/staging/): all I/O with storage on the host -------------------------------------
+
+    def _stage_in(self) -> Path:
+        """Fetch the remote inputs into a folder that becomes part of the working directory."""
+        folder = self.folder / "stage-in"
+        folder.mkdir()
+        with self._phase("stage_in"):
+            self.host.progress(f"staging in {len(self.job.stage_in)} remote inputs")
+            records = stage_in(self.job.stage_in, folder, self.site.staging, note=self.host.progress,
+                               bars=self.host.progress_bars)
+        self.result.staged_in = [vars(record) for record in records]
+        return folder
+
+    def _stage_out_wanted(self) -> bool:
+        plan = self.job.stage_out
+        if plan is None or not self.result.outputs:
+            return False
+        return self.result.status == "succeeded" or plan.when == "ended"
+
+    def _stage_out(self) -> None:
+        """Upload the outputs. A failure keeps them in the output folder: after a payload that succeeded it is
+        the job's outcome (stage_out_failed); after one that failed, the payload's exit status stays."""
+        plan = self.job.stage_out
+        paths = [output["path"] for output in self.result.outputs]
+        with self._phase("stage_out"):
+            self.host.progress(f"staging out {len(paths)} outputs to {check_url(plan.destination).shown}")
+            try:
+                records = stage_out(paths, self.outdir / "outputs", plan.destination, self.site.staging,
+                                    overwrite=plan.overwrite, note=self.host.progress, bars=self.host.progress_bars)
+            except StageOutFailed as error:
+                self.result.uploads = [vars(record) for record in error.uploads]
+                if self.result.status != "succeeded":
+                    self.result.error = {"code": error.code, "message": str(error)}
+                    return
+                raise
+        self.result.uploads = [vars(record) for record in records]
 
     def _boot(self, driver: Driver, image: ResolvedImage, disks: JobDisks) -> VM:
         """Boot with a deadline of its own, separate from the wall time: a guest that hangs silently while
@@ -261,7 +310,8 @@ class VMContainer:
     def _fail(self, error: VjobsError) -> None:
         self.result.status = error.status
         self.result.error = {"code": error.code, "message": str(error)}
-        self.result.exit_code = None
+        if not isinstance(error, StageOutFailed):  # after a failed upload the payload's exit status still stands
+            self.result.exit_code = None
 
     def _teardown(self) -> None:
         """Destroy every VM this run created and remove the job folder. Each step runs even when an earlier

@@ -80,7 +80,8 @@ class JobDisks:
 
 def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str,
                   progress: Callable[[str], None], base: BaseDisk | None = None, *,
-                  stop_grace_s: float = 10.0) -> JobDisks:
+                  stop_grace_s: float = 10.0, staged: Path | None = None) -> JobDisks:
+    """``staged``: a folder of remote inputs already fetched (vjobs/staging/), merged into the working directory."""
     read_only = []
     release, release_sha256 = None, None
     if job.release:
@@ -91,7 +92,7 @@ def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str,
         if bind.mode == "ro":
             image, digest = release_image(bind.source, cache_dir / "releases", release_format, progress)
             read_only.append(ReadOnlyDisk(Disk("bind", image, "raw", readonly=True, cache_key=digest), bind.target))
-    scratch = Disk("scratch", build_scratch(job, folder), "raw", readonly=False)
+    scratch = Disk("scratch", build_scratch(job, folder, staged), "raw", readonly=False)
     io_disk = Disk("io", build_io_disk(job, folder, scratch, read_only, release_format, base,
                                              stop_grace_s), "raw",
                    readonly=False)
@@ -165,13 +166,15 @@ def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str],
 
 # --- scratch -------------------------------------------------------------------------------------------
 
-def build_scratch(job: Job, folder: Path) -> Path:
+def build_scratch(job: Job, folder: Path, staged: Path | None = None) -> Path:
     staging = folder / "scratch-root"
     (staging / "vjobs").mkdir(parents=True)
     if job.inputs:
         shutil.copytree(job.inputs, staging / "work", symlinks=True, copy_function=link_or_copy)
     else:
         (staging / "work").mkdir()
+    if staged:  # job.py made sure no staged path is also in the inputs folder
+        shutil.copytree(staged, staging / "work", dirs_exist_ok=True, copy_function=link_or_copy)
     for number, bind in read_write_binds(job):
         copy_for_guest(bind.source, staging / "binds" / str(number))
     used, files = _tree_usage(staging)

@@ -147,6 +147,7 @@ class HostContext:
     boot_id: str
     default_boot_image: Callable[[], BootImage]  # builds the built-in image on first use (make-style)
     progress: Callable[[str], None] = field(default=lambda message: None)
+    progress_bars: bool = False  # a terminal watches: staging may draw transfer bars on stderr
 
 
 class VM(abc.ABC):

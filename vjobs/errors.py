@@ -10,13 +10,16 @@ Catch ``VjobsError`` for everything vjobs reports on purpose; anything else is a
     │   ├── AdmissionRefused  the host's budget ([host]) has no room for the job's VM: "exceeds_host_budget"
     │   │                     (it never fits: refused at once) or "admission_timeout" (none within admission_wait_s)
     │   ├── ImageError        unknown image, missing file, checksum mismatch, failed image build
-    │   └── DiskFull          work_dir or cache_dir filled up while the job was prepared or ran
+    │   ├── DiskFull          work_dir or cache_dir filled up while the job was prepared or ran
+    │   └── StageInFailed     a remote input could not be fetched or failed its checksum (vjobs/staging/)
     ├── DriverError           status "vm_error": the chosen driver cannot run VMs here
     │   ├── DriverNotFound    no installed driver of that name
     │   └── NoUsableDriver    every candidate's probe said no (a pilot runs the job without a VM)
     ├── VMError               status "vm_error": the VM did not boot, crashed, or returned no or unsafe results
     │   └── BootTimeout       the guest agent did not report in before the boot deadline
     ├── WalltimeExceeded      status "timeout": the payload ran past walltime_s; the VM was killed
+    ├── StageOutFailed        status "stage_out_failed": the payload's outputs came back but at least one could
+    │                         not be uploaded or verified; they are kept in the output folder
     ├── Cancelled             status "cancelled": SIGTERM or Ctrl-C reached vjobs; the VM was killed
     └── InternalError         status "internal_error": a bug in vjobs; the traceback is in a log beside
                               result.json, never on the terminal
@@ -77,6 +80,11 @@ class DiskFull(SetupError):
     code = "disk_full"
 
 
+class StageInFailed(SetupError):
+    """A remote input (``stage_in``) could not be fetched, or its adler32 did not match, after the retries."""
+    code = "stage_in_failed"
+
+
 class DriverError(VjobsError):
     status, exit_code, code = "vm_error", 201, "driver_error"
 
@@ -99,6 +107,12 @@ class BootTimeout(VMError):
 
 class WalltimeExceeded(VjobsError):
     status, exit_code, code = "timeout", 203, "walltime_exceeded"
+
+
+class StageOutFailed(VjobsError):
+    """The job ran and its outputs came back, but uploading them (``stage_out``) failed: the outputs stay in the
+    output folder, so a pilot can retry the upload without running the job again."""
+    status, exit_code, code = "stage_out_failed", 206, "stage_out_failed"
 
 
 class Cancelled(VjobsError):
@@ -137,4 +151,5 @@ EXIT_CODES = {
     "timeout": WalltimeExceeded.exit_code,
     "cancelled": Cancelled.exit_code,
     "internal_error": InternalError.exit_code,
+    "stage_out_failed": StageOutFailed.exit_code,
 }

@@ -10,6 +10,9 @@ from typing import Any, Mapping
 
 from . import schemas
 from .errors import InvalidJob
+from .staging.locations import BadLocation
+from .staging.locations import check as check_url
+from .staging.phases import Wanted
 
 DEFAULT_WORKDIR = "/work"
 # Guest paths the agent mounts itself: a working directory there would be hidden or would hide them.
@@ -44,6 +47,15 @@ class Bind:
 
 
 @dataclass(frozen=True)
+class StageOut:
+    """Where the outputs go after collection (vjobs/staging/)."""
+
+    destination: str
+    when: str = "succeeded"  # or "ended": also after a failed or timed-out payload
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
 class Job:
     id: str
     command: tuple[str, ...]
@@ -58,6 +70,8 @@ class Job:
     workdir: str | None = DEFAULT_WORKDIR  # the working directory's path in the guest; None: no such folder
     cwd: str | None = None  # where the payload starts; None: the workdir (or /)
     binds: tuple[Bind, ...] = ()
+    stage_in: tuple[Wanted, ...] = ()  # remote inputs fetched on the host into the working directory
+    stage_out: StageOut | None = None
 
     @property
     def start_dir(self) -> str:
@@ -101,9 +115,44 @@ def job_from_dict(document: Any, *, base_dir: Path | None = None, source: str = 
         cwd=document.get("cwd"),
         binds=tuple(Bind(_host_dir(bind["source"], base_dir, source, f"/binds/{index}/source"), bind["target"],
                          bind.get("mode", "rw")) for index, bind in enumerate(document.get("binds", ()))),
+        stage_in=tuple(Wanted(**entry) for entry in document.get("stage_in", ())),
+        stage_out=StageOut(**document["stage_out"]) if "stage_out" in document else None,
     )
     _check_guest_paths(job, source)
+    _check_staging(job, source)
     return job
+
+
+def _check_staging(job: Job, source: str) -> None:
+    """URLs vjobs can use, one file per working-directory path, and somewhere for the files to be."""
+    urls = [(f"/stage_in/{index}/url", item.url) for index, item in enumerate(job.stage_in)]
+    if job.stage_out:
+        urls.append(("/stage_out/destination", job.stage_out.destination))
+    for pointer, url in urls:
+        try:
+            check_url(url)
+        except BadLocation as exc:
+            raise InvalidJob(f"{source}: {pointer}: {exc}") from None
+    files: dict[str, int] = {}  # path -> the entry that puts a file there
+    folders: dict[str, int] = {}  # every folder above those files -> the first entry that needs it
+    for index, item in enumerate(job.stage_in):
+        path = item.path.rstrip("/")
+        above = [path.rsplit("/", depth)[0] for depth in range(1, path.count("/") + 1)]
+        clash = files.get(path, folders.get(path, next((files[f] for f in above if f in files), None)))
+        if clash is not None:
+            raise InvalidJob(f"{source}: /stage_in/{index}/path {item.path!r} collides with /stage_in/{clash}/path "
+                             f"{job.stage_in[clash].path!r}: each remote input needs a path of its own")
+        files[path] = index
+        for folder in above:
+            folders.setdefault(folder, index)
+        if job.inputs and (job.inputs / item.path).exists():
+            raise InvalidJob(f"{source}: /stage_in/{index}/path {item.path!r} is also in the inputs folder "
+                             f"{job.inputs}: one of them would silently replace the other; rename one")
+    if job.workdir is None and job.stage_in:
+        raise InvalidJob(f"{source}: /workdir: a job with stage_in needs a working directory to put the files in")
+    if job.stage_out and not job.outputs:
+        raise InvalidJob(f"{source}: /stage_out: the job lists no outputs, so nothing would be staged out; add "
+                         "/outputs patterns or remove /stage_out")
 
 
 def _check_guest_paths(job: Job, source: str) -> None:

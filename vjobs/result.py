@@ -23,6 +23,8 @@ class Result:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     rejected_outputs: list[dict[str, str]] = field(default_factory=list)
     returned_binds: list[dict[str, Any]] = field(default_factory=list)
+    staged_in: list[dict[str, Any]] = field(default_factory=list)
+    uploads: list[dict[str, Any]] = field(default_factory=list)
     stdout: str | None = None
     stderr: str | None = None
     console_log: str | None = None

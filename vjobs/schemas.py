@@ -68,5 +68,7 @@ def _explain(error: jsonschema.ValidationError, name: str) -> str:
     if error.validator == "pattern":
         return f"{error.instance!r} does not match {error.validator_value!r}"
     description = error.schema.get("description") if isinstance(error.schema, dict) else None
+    if error.validator == "not":  # jsonschema's own words quote the schema back at the user
+        return f"{error.instance!r} is not allowed here" + (f" (expected: {description})" if description else "")
     return f"{error.message}" + (f" (expected: {description})" if description else "")
 

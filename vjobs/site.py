@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from . import schemas
 from .errors import InvalidSite, LimitExceeded
 from .job import Job
+from .staging import StagingSettings
 
 SYSTEM_SITE_FILE = Path("/etc/vjobs/site.toml")
 DEFAULT_PREFERENCE = ("xen", "kvm", "qemu_user")
@@ -59,6 +60,7 @@ class SiteConfig:
     console_max_mib: float = 8
     stop_grace_s: float = 10.0
     host: HostBudget = field(default_factory=HostBudget)
+    staging: StagingSettings = field(default_factory=StagingSettings)
     limits: Mapping[str, float] = field(default_factory=dict)
     images: Mapping[str, CatalogueImage] = field(default_factory=dict)
     drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -156,6 +158,8 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
             options[key] = document[key]
     if "host" in document:
         options["host"] = _host_budget(document["host"], source)
+    if "staging" in document:
+        options["staging"] = StagingSettings.from_site(document["staging"])
     options["images"] = {name: _catalogue_image(entry, base_dir) for name, entry in
                          document.get("images", {}).items()}
     return SiteConfig(**options)

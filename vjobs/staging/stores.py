@@ -1,0 +1,156 @@
+"""One fsspec file system per storage, opened with the site's credentials and timeouts.
+
+Every protocol goes through fsspec (XRootD: fsspec-xrootd over the XRootD client; HTTP and WebDAV: webdav4
+over httpx; S3: s3fs over botocore; local files: fsspec's own), so transfer.py is written once. What differs
+per protocol is here: how a URL becomes a file system and a path, and whether the server can tell a file's
+adler32 itself (XRootD's checksum query; HTTP's ``Want-Digest: adler32``, which XrdHttp and dCache answer).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import fsspec
+
+from .locations import Location
+from .settings import StagingSettings
+
+_DIGEST = re.compile(r"adler32=([0-9a-fA-F]{1,8})(?:[,;\s]|$)")
+
+
+@dataclass
+class Remote:
+    """One file on one storage."""
+
+    location: Location
+    fs: fsspec.AbstractFileSystem
+    path: str
+    server_adler32: Callable[[], str | None]  # the server's own checksum of the file; None: it offers none
+    secrets: tuple[str, ...] = ()  # strings to scrub from any message about this file
+
+    @property
+    def shown(self) -> str:
+        return self.location.shown
+
+
+class Stores:
+    """File systems by storage (scheme and host), made on first use and shared by the threads of one phase."""
+
+    def __init__(self, settings: StagingSettings):
+        self.settings = settings
+        self._open: dict[tuple[str, str], tuple[fsspec.AbstractFileSystem, tuple[str, ...]]] = {}
+        self._lock = threading.Lock()
+
+    def remote(self, location: Location) -> Remote:
+        parts = location.parts
+        with self._lock:
+            key = (parts.scheme.lower(), parts.netloc)
+            if key not in self._open:
+                self._open[key] = _OPENERS[location.kind](location, self.settings)
+            fs, secrets = self._open[key]
+        path, checksum = _PATHS[location.kind](location, fs)
+        return Remote(location, fs, path, checksum, secrets)
+
+
+# --- per protocol: (file system, secrets) from a location, and (path, server checksum) in it --------------
+
+def _xrootd_store(location: Location, settings: StagingSettings):
+    from fsspec_xrootd import XRootDFileSystem
+
+    parts = location.parts
+    return XRootDFileSystem(hostid=parts.netloc, protocol=parts.scheme.lower(), timeout=settings.timeout_s,
+                            skip_instance_cache=True), ()
+
+
+def _xrootd_path(location: Location, fs) -> tuple[str, Callable[[], str | None]]:
+    path = "/" + location.parts.path.lstrip("/")
+
+    def server_adler32() -> str | None:
+        from fsspec.asyn import sync
+
+        try:
+            algorithm, value = sync(fs.loop, fs._checksum, path, "adler32")
+        except OSError:
+            return None  # a server without `xrootd.chksum adler32` answers error 3013
+        return value.lower().zfill(8) if algorithm == "adler32" else None
+    return path, server_adler32
+
+
+def _http_store(location: Location, settings: StagingSettings):
+    from webdav4.fsspec import WebdavFileSystem
+
+    parts = location.parts
+    secure = parts.scheme.lower() in ("https", "davs")
+    base = f"{'https' if secure else 'http'}://{parts.netloc}"
+    http = settings.http
+    verify: Any = http.get("ca_path") or http.get("verify_tls", True)
+    token = bearer_token(http.get("bearer_token_file")) if secure else None  # a token never goes out in clear
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    fs = WebdavFileSystem(base, timeout=settings.timeout_s, verify=verify, headers=headers,
+                          follow_redirects=True, skip_instance_cache=True)
+    return fs, (token,) if token else ()
+
+
+def _http_path(location: Location, fs) -> tuple[str, Callable[[], str | None]]:
+    parts = location.parts
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+
+    def server_adler32() -> str | None:
+        try:
+            answer = fs.client.http.head(fs.client.join_url(parts.path), headers={"Want-Digest": "adler32"})
+        except Exception:  # the upload is verified another way (read-back) when the server says nothing
+            return None
+        match = _DIGEST.search(answer.headers.get("Digest", "")) if answer.status_code == 200 else None
+        return match.group(1).lower().zfill(8) if match else None
+    return path, server_adler32
+
+
+def _s3_store(location: Location, settings: StagingSettings):
+    from s3fs import S3FileSystem
+
+    s3 = settings.s3
+    client = {key: value for key, value in (("endpoint_url", s3.get("endpoint_url")),
+                                             ("region_name", s3.get("region"))) if value}
+    config = {"connect_timeout": settings.timeout_s, "read_timeout": settings.timeout_s,
+              "retries": {"max_attempts": 1}}  # vjobs retries whole files itself (transfer.py)
+    fs = S3FileSystem(key=s3.get("access_key"), secret=s3.get("secret_key"), client_kwargs=client,
+                      config_kwargs=config, skip_instance_cache=True)
+    return fs, tuple(secret for secret in (s3.get("secret_key"),) if secret)
+
+
+def _s3_path(location: Location, fs) -> tuple[str, Callable[[], str | None]]:
+    parts = location.parts
+    return f"{parts.netloc}/{parts.path.lstrip('/')}", lambda: None  # S3 keeps MD5/CRC, not adler32
+
+
+def _file_store(location: Location, settings: StagingSettings):
+    return fsspec.filesystem("file"), ()
+
+
+def _file_path(location: Location, fs) -> tuple[str, Callable[[], str | None]]:
+    return location.parts.path, lambda: None
+
+
+_OPENERS = {"xrootd": _xrootd_store, "http": _http_store, "s3": _s3_store, "file": _file_store}
+_PATHS = {"xrootd": _xrootd_path, "http": _http_path, "s3": _s3_path, "file": _file_path}
+
+
+def bearer_token(configured_file: str | None = None) -> str | None:
+    """A WLCG bearer token, found as the WLCG Bearer Token Discovery document says: the site's file, then
+    $BEARER_TOKEN, $BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u<uid>, /tmp/bt_u<uid>."""
+    if os.environ.get("BEARER_TOKEN") and not configured_file:
+        return os.environ["BEARER_TOKEN"].strip()
+    uid = os.getuid()
+    candidates = [configured_file, os.environ.get("BEARER_TOKEN_FILE"),
+                  os.environ.get("XDG_RUNTIME_DIR") and f"{os.environ['XDG_RUNTIME_DIR']}/bt_u{uid}", f"/tmp/bt_u{uid}"]
+    for candidate in filter(None, candidates):
+        try:
+            return Path(candidate).read_text().strip() or None
+        except OSError:
+            continue
+    return None
