@@ -120,7 +120,8 @@ def test_a_job_that_gets_no_room_in_time_is_refused(document, holders):
     assert 0.5 <= time.monotonic() - started < 2
     assert refused.value.code == "admission_timeout" and refused.value.exit_code == 200
     assert str(refused.value) == (
-        "job b: no room on this host for 1 vCPU and 512 MiB within 0.5 s ([host] admission_wait_s in test site): "
+        "job b: no room in this host's budget for 1 vCPU and 512 MiB within 0.5 s ([host] admission_wait_s in "
+        "test site; unset, what the machine has): "
         f"1 job holds 2 of 2 vCPUs and 1024 of 4096 MiB (a: 2 vCPUs and 1024 MiB, pid {holder.pid}); "
         "run it later or on another host")
     started = time.monotonic()

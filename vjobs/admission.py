@@ -54,22 +54,40 @@ class Share:
     path: Path
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Whose budget a job takes its share of: the host's (``[host]``), or a batch job's allocation, whose
+    vjobs share it among themselves and nobody else (the batch system shares the host; vjobs/allocation.py)."""
+
+    budget: HostBudget
+    folder: Path
+    named: str  # for messages: whose budget
+    setting: str  # for messages: where a figure of it comes from ({field}: vcpus or memory_mib)
+
+    @classmethod
+    def host(cls, site: SiteConfig) -> "Scope":
+        return cls(site.host, site.work_dir / FOLDER, "this host's budget",
+                   f"[host] {{field}} in {site.source}; unset, what the machine has")
+
+
 @contextlib.contextmanager
 def admitted(job_id: str, vcpus: int, memory_mib: int, site: SiteConfig,
-             progress: Callable[[str], None] = lambda message: None) -> Iterator[Share]:
+             progress: Callable[[str], None] = lambda message: None, *,
+             scope: Scope | None = None) -> Iterator[Share]:
     """Hold a share of the host's budget for a VM of ``vcpus`` and ``memory_mib`` while the block runs,
     waiting for it (a ``progress`` message about every 10 s) while other jobs hold the rest.
 
     Raises ``AdmissionRefused``: "exceeds_host_budget" at once when the VM alone is bigger than the budget,
     "admission_timeout" when no room came within ``[host] admission_wait_s``, "admission_folder_unusable"
     when ``<work_dir>/admission`` cannot be used safely."""
-    _refuse_if_never_fits(job_id, vcpus, memory_mib, site)
-    path = site.work_dir / FOLDER
+    scope = scope or Scope.host(site)
+    _refuse_if_never_fits(job_id, vcpus, memory_mib, scope)
+    path = scope.folder
     folder = _open_folder(path, create=True)
     claim = _Claim(folder, path)
     try:
         try:
-            _wait_for_room(claim, job_id, vcpus, memory_mib, site, progress)
+            _wait_for_room(claim, job_id, vcpus, memory_mib, scope, progress)
         except OSError as exc:
             raise _unusable(path, exc) from exc
         yield claim.share
@@ -79,9 +97,22 @@ def admitted(job_id: str, vcpus: int, memory_mib: int, site: SiteConfig,
 
 
 def gc_stale_shares(site: SiteConfig) -> list[str]:
-    """Remove the share files of processes that are gone (every admission does so too, as it counts); one
-    line for each file removed."""
-    path = site.work_dir / FOLDER
+    """Remove the share files of processes that are gone (every admission does so too, as it counts), and
+    the folders of batch allocations (``admission.<scope>``) that no live job uses any more; one line for
+    each thing removed."""
+    removed = _gc_folder(site.work_dir / FOLDER)
+    for folder in sorted(site.work_dir.glob(f"{FOLDER}.*")) if site.work_dir.is_dir() else ():
+        removed += _gc_folder(folder)
+        leftovers = {entry.name for entry in folder.iterdir()} if folder.is_dir() else {LOCK_NAME}
+        if leftovers <= {LOCK_NAME} and _unlocked(folder / LOCK_NAME):
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a job of the allocation came in meanwhile: it stays
+                folder.rmdir()
+                removed.append(f"removed the admission folder {folder} (no job of its allocation is left)")
+    return removed
+
+
+def _gc_folder(path: Path) -> list[str]:
     folder = _open_folder(path, create=False)
     if folder is None:
         return []
@@ -95,6 +126,22 @@ def gc_stale_shares(site: SiteConfig) -> list[str]:
             os.close(lock)  # lets go of the lock too
     finally:
         os.close(folder)
+
+
+def _unlocked(lock_file: Path) -> bool:
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class _Claim:
@@ -126,9 +173,9 @@ class _Claim:
         self.fd = None
 
 
-def _wait_for_room(claim: _Claim, job_id: str, vcpus: int, memory_mib: int, site: SiteConfig,
+def _wait_for_room(claim: _Claim, job_id: str, vcpus: int, memory_mib: int, scope: Scope,
                    progress: Callable[[str], None]) -> None:
-    budget = site.host
+    budget = scope.budget
     started = time.monotonic()
     deadline = started + budget.admission_wait_s
     next_report = started  # the first message as soon as the job has to wait
@@ -151,8 +198,8 @@ def _wait_for_room(claim: _Claim, job_id: str, vcpus: int, memory_mib: int, site
             now = time.monotonic()
             if now >= deadline:
                 raise AdmissionRefused(
-                    f"job {job_id}: no room on this host for {_amount(vcpus, memory_mib)} within "
-                    f"{budget.admission_wait_s:g} s ([host] admission_wait_s in {site.source}): "
+                    f"job {job_id}: no room in {scope.named} for {_amount(vcpus, memory_mib)} within "
+                    f"{budget.admission_wait_s:g} s ({scope.setting.format(field='admission_wait_s')}): "
                     f"{_holding(held, budget)} ({_listing(held)}); run it later or on another host",
                     code="admission_timeout")
             if now >= next_report:
@@ -247,14 +294,14 @@ def _unusable(path: Path, exc: OSError) -> AdmissionRefused:
                             code="admission_folder_unusable")
 
 
-def _refuse_if_never_fits(job_id: str, vcpus: int, memory_mib: int, site: SiteConfig) -> None:
-    for field, asked, budget, unit in (("vcpus", vcpus, site.host.vcpus, "vCPUs"),
-                                       ("memory_mib", memory_mib, site.host.memory_mib, "MiB")):
+def _refuse_if_never_fits(job_id: str, vcpus: int, memory_mib: int, scope: Scope) -> None:
+    for field, asked, budget, unit in (("vcpus", vcpus, scope.budget.vcpus, "vCPUs"),
+                                       ("memory_mib", memory_mib, scope.budget.memory_mib, "MiB")):
         if asked > budget:
             raise AdmissionRefused(
-                f"job {job_id}: /resources/{field} = {asked} is more than this host's budget of {budget} {unit} "
-                f"([host] {field} in {site.source}; unset, what the machine has): it could never start here; "
-                "ask for less", code="exceeds_host_budget")
+                f"job {job_id}: /resources/{field} = {asked} is more than {scope.named} of {budget} {unit} "
+                f"({scope.setting.format(field=field)}): it could never start here; ask for less",
+                code="exceeds_host_budget")
 
 
 def _amount(vcpus: int, memory_mib: int) -> str:

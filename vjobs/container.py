@@ -22,6 +22,8 @@ from typing import Iterator
 from . import __version__
 from .collect import GuestResults, read_results
 from .admission import admitted
+from .allocation import VM_OVERHEAD_MIB, admission_scope
+from .allocation import current as current_allocation
 from .binds import check_folders as check_bind_folders
 from .binds import merge_back
 from .binds import snapshot as snapshot_bind
@@ -69,6 +71,7 @@ class VMContainer:
         self.bind_snapshots: dict[int, dict] = {}  # read-write binds as they were copied in
         self.held = contextlib.ExitStack()  # the job's share of the host, given back after teardown
         self.result = Result(job_id=job.id, vjobs_version=__version__, started_at=utc_now())
+        self.allocation = current_allocation()  # what a batch system granted, if vjobs runs inside one
         self._started = time.monotonic()
 
     # --- the lifecycle ---------------------------------------------------------------------------------
@@ -100,6 +103,7 @@ class VMContainer:
                                           driver_version=_distribution_version(driver))
         with self._phase("prepare"):
             self.site.check_limits(self.job)
+            self._check_allocation()
             check_bind_folders(self.job, self.site)
             if self.job.network and not verdict.network:
                 raise LimitExceeded(f"job {self.job.id}: /network: the job asks for a network and the site allows "
@@ -118,7 +122,7 @@ class VMContainer:
         with self._phase("admission"):
             resources = self.job.resources
             self.held.enter_context(admitted(self.job.id, resources.vcpus, resources.memory_mib, self.site,
-                                             self.host.progress))
+                                             self.host.progress, scope=admission_scope(self.allocation, self.site)))
         vm = self._boot(driver, image, disks)
         with self._phase("run"):
             self.host.progress(f"job {self.job.id} running (wall time {self.job.walltime_s} s)")
@@ -177,6 +181,23 @@ class VMContainer:
                     return
                 raise
         self.result.uploads = [vars(record) for record in records]
+
+    def _check_allocation(self) -> None:
+        """Inside a batch job, a VM never gets more than the batch system granted (vjobs/allocation.py)."""
+        granted = self.allocation
+        if granted is None:
+            return
+        asked = self.job.resources
+        if asked.vcpus > granted.cpus:
+            raise LimitExceeded(f"job {self.job.id}: /resources/vcpus = {asked.vcpus} is more than {granted.describe()} "
+                                f"was granted; ask the batch system for {asked.vcpus} CPUs (sbatch -c "
+                                f"{asked.vcpus}) or the VM for fewer", code="exceeds_allocation")
+        needed = asked.memory_mib + VM_OVERHEAD_MIB
+        if granted.memory_mib is not None and needed > granted.memory_mib:
+            raise LimitExceeded(f"job {self.job.id}: a VM of /resources/memory_mib = {asked.memory_mib} needs "
+                                f"{needed} MiB on the host (QEMU's own {VM_OVERHEAD_MIB} MiB included), more than "
+                                f"{granted.describe()} was granted; ask for --mem={needed}M or a smaller VM",
+                                code="exceeds_allocation")
 
     def _boot(self, driver: Driver, image: ResolvedImage, disks: JobDisks) -> VM:
         """Boot with a deadline of its own, separate from the wall time: a guest that hangs silently while
