@@ -100,8 +100,9 @@ def work_leftovers(work: Path) -> list[str]:
     """What a work folder holds besides the admission folder (which stays) and its shares of live jobs."""
     if not work.exists():
         return []
-    shares = [f"admission/{p.name}" for p in (work / "admission").glob("*.json")]
-    return sorted([p.name for p in work.iterdir() if p.name != "admission"] + shares)
+    folders = [work / "admission", *work.glob("admission.*")]  # the host's, and batch allocations'
+    shares = [f"{folder.name}/{p.name}" for folder in folders for p in folder.glob("*.json")]
+    return sorted([p.name for p in work.iterdir() if p not in folders] + shares)
 
 
 @pytest.fixture
@@ -219,3 +220,9 @@ def pilot3_sdist(cache_dir) -> Path:
     if why_not:
         (pytest.fail if required else pytest.skip)(f"PanDA Pilot 3 cannot run here: {why_not}")
     return folder
+
+
+# Real servers, started once per session and always stopped: XRootD and WebDAV, S3 (Swift), Slurm.
+from fixtures_grid import *  # noqa: E402,F401,F403
+from fixtures_s3 import *  # noqa: E402,F401,F403
+from fixtures_slurm import *  # noqa: E402,F401,F403

@@ -88,3 +88,17 @@ def test_libvirts_qemu_keeps_its_seccomp_sandbox_and_mount_namespace(libvirt_sit
     finally:
         thread.join(180)
     assert outcome["result"].status == "succeeded", outcome["result"].error
+
+
+def test_the_namespace_init_starts_nothing_once_the_vjobs_that_asked_is_not_its_grandparent():
+    """The gap the kill campaign found: unshare gone before its --kill-child took hold. The shell that would
+    start QEMU sees another grandparent than the vjobs named on its command line and exits at once."""
+    import subprocess
+
+    from vjobs.confine import confinement_for, wrap
+
+    confinement = confinement_for(None, network=False, kvm=False, max_file_bytes=1 << 20)
+    argv = wrap(["sh", "-c", "exit 7"], confinement)
+    assert subprocess.run(argv, timeout=30).returncode == 7  # vjobs itself asked: the payload runs
+    argv[argv.index(str(os.getpid()))] = "1"  # as if vjobs were PID 1's child: the grandparent check fails
+    assert subprocess.run(argv, timeout=30).returncode == 125

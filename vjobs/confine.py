@@ -36,12 +36,19 @@ MAX_OPEN_FILES = 1024
 KVM_DEVICE = Path("/dev/kvm")
 _PR_SET_PDEATHSIG = 1
 
-# Runs as root inside the new namespaces, before the switch of user: folders every user can write, made
-# private to this QEMU.
-_PRIVATE_TMP = ('for folder in /tmp /var/tmp /dev/shm; do '
-                '[ -d "$folder" ] || continue; '
-                'mount -t tmpfs -o size=1m,mode=1777,nosuid,nodev,noexec vjobs-qemu "$folder" || exit 126; '
-                'done; exec "$@"')
+# Runs as root inside the new namespaces, before the switch of user. This shell is PID 1 of QEMU's PID
+# namespace and stays there, QEMU its child: when it dies, the kernel kills everything in the namespace. It
+# dies with unshare (--kill-child), which dies with vjobs (preexec). QEMU's own parent-death signal cannot
+# be relied on alone: a change of user clears it, and setpriv sets it again only a moment later (the kill
+# campaign hit that moment once in 300 kills). The first lines close the last gap: unshare died before its
+# --kill-child took hold, so this shell's parent is no longer the one vjobs ($1) started.
+_NAMESPACE_INIT = ('read -r _ _ _ parent _ < /proc/self/stat; '
+                   'read -r _ _ _ grandparent _ < "/proc/$parent/stat" || exit 125; '
+                   '[ "$grandparent" = "$1" ] || exit 125; shift; '
+                   'for folder in /tmp /var/tmp /dev/shm; do '
+                   '[ -d "$folder" ] || continue; '
+                   'mount -t tmpfs -o size=1m,mode=1777,nosuid,nodev,noexec vjobs-qemu "$folder" || exit 126; '
+                   'done; "$@"')
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def wrap(argv: list[str], confinement: Confinement) -> list[str]:
     groups = ["--groups", ",".join(map(str, confinement.groups))] if confinement.groups else ["--clear-groups"]
     switch = ["setpriv", f"--reuid={confinement.uid}", f"--regid={confinement.gid}", *groups,
               "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--pdeathsig", "SIGKILL", "--"]
-    return [*namespaces, "--", "sh", "-c", _PRIVATE_TMP, "vjobs-qemu", *switch, *argv]
+    return [*namespaces, "--", "sh", "-c", _NAMESPACE_INIT, "vjobs-qemu", str(os.getpid()), *switch, *argv]
 
 
 def preexec(confinement: Confinement) -> Callable[[], None]:

@@ -66,6 +66,8 @@ def check(url: str) -> Location:
                           "table or the environment, never in a job file")
     if parts.fragment:
         raise BadLocation("the URL has a #fragment, which no storage understands")
+    if parts.query:  # a presigned URL's signature is a credential: those live in the site config
+        raise BadLocation("the URL has a ?query; vjobs takes plain URLs and the site's credentials ([staging])")
     kind = KINDS[parts.scheme.lower()]
     if kind == "file" and parts.netloc not in ("", "localhost"):
         raise BadLocation("a file:// URL names a path on this host: file:///absolute/path")

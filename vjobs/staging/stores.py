@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import unquote
 
 import fsspec
 
@@ -61,7 +62,14 @@ class Stores:
 
 def _xrootd_store(location: Location, settings: StagingSettings):
     from fsspec_xrootd import XRootDFileSystem
+    from XRootD.client import EnvPutInt
 
+    # The XRootD client's own recovery would retry a dead server for 10 minutes (5 connection attempts of
+    # 120 s), wait 30 for an answer, and then fail every request to that server for 30 minutes more
+    # (StreamErrorWindow): bounded by the site's timeout instead, as vjobs retries whole files itself.
+    for name, value in (("ConnectionWindow", settings.timeout_s), ("ConnectionRetry", 1),
+                        ("RequestTimeout", settings.timeout_s), ("StreamErrorWindow", 0)):
+        EnvPutInt(name, value)
     parts = location.parts
     return XRootDFileSystem(hostid=parts.netloc, protocol=parts.scheme.lower(), timeout=settings.timeout_s,
                             skip_instance_cache=True), ()
@@ -98,11 +106,11 @@ def _http_store(location: Location, settings: StagingSettings):
 
 def _http_path(location: Location, fs) -> tuple[str, Callable[[], str | None]]:
     parts = location.parts
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    path = unquote(parts.path)  # webdav4 quotes it again itself
 
     def server_adler32() -> str | None:
         try:
-            answer = fs.client.http.head(fs.client.join_url(parts.path), headers={"Want-Digest": "adler32"})
+            answer = fs.client.http.head(fs.client.join_url(unquote(parts.path)), headers={"Want-Digest": "adler32"})
         except Exception:  # the upload is verified another way (read-back) when the server says nothing
             return None
         match = _DIGEST.search(answer.headers.get("Digest", "")) if answer.status_code == 200 else None

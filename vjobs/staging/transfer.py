@@ -120,8 +120,10 @@ def _existing(remote: Remote, size: int, local: str, overwrite: bool) -> bool:
     the job asked to overwrite."""
     try:
         there = remote.fs.info(remote.path)
-    except FileNotFoundError:
-        return False
+    except Exception as error:  # noqa: BLE001 -- libraries say "not found" in their own ways
+        if is_missing(error):
+            return False
+        raise
     if there.get("type") == "directory":
         raise TransferError(f"{remote.shown} is a folder at the destination", permanent=True)
     same = there.get("size") == size and (remote.server_adler32() or read_adler32(remote)) == local
@@ -189,25 +191,52 @@ def attempts(action: Callable[[], Record], *, retries: int, backoff_s: float, sc
     raise AssertionError("unreachable")
 
 
-_PERMANENT_TEXT = ("[3010]", "[3011]", "[3016]", "No such file", "not found", "Not Found", "Forbidden",
-                   "Permission denied", "not authorized", "AccessDenied", "NoSuchBucket", "NoSuchKey")
+_PERMANENT_TEXT = ("[3010]", "[3011]", "[3016]", "No such file", "AccessDenied", "NoSuchBucket", "NoSuchKey")
+_PERMANENT_STATUS = (401, 403, 404, 405, 409, 410, 413, 507)  # refused, missing, conflicting, full
+_PERMANENT_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+#: webdav4's names for a refused request (it keeps the HTTP status only on the exception's cause).
+_PERMANENT_NAMES = ("ForbiddenOperation", "ResourceNotFound", "ResourceConflict", "InsufficientStorage")
 
 
 def is_permanent(error: BaseException) -> bool:
     """Missing files and refused permissions do not get better by retrying; broken connections may."""
     if isinstance(error, TransferError):
         return error.permanent
-    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                          FileExistsError)):
-        return True
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    if status in (401, 403, 404, 405, 409, 410):
-        return True
+    for link in _chain(error):
+        if isinstance(link, _PERMANENT_TYPES) or type(link).__name__ in _PERMANENT_NAMES:
+            return True
+        if _status(link) in _PERMANENT_STATUS:
+            return True
     return any(text in str(error) for text in _PERMANENT_TEXT)
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _status(error: BaseException) -> int | None:
+    """An HTTP status carried by the exception (webdav4, httpx) or its response (botocore keeps a dict)."""
+    status = getattr(error, "status_code", None) or getattr(getattr(error, "response", None), "status_code", None)
+    if status is None and isinstance(getattr(error, "response", None), dict):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
+
+
+def is_missing(error: BaseException) -> bool:
+    """Not found, as fsspec says it, and as the XRootD client does (error 3011, kXR_NotFound)."""
+    return any(isinstance(link, FileNotFoundError) or type(link).__name__ == "ResourceNotFound"
+               or _status(link) == 404 for link in _chain(error)) or "[3011]" in str(error)
 
 
 def describe(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
+    status = next((_status(link) for link in _chain(error) if _status(link)), None)
+    if status and str(status) not in text:
+        text += f" (HTTP {status})"
     if isinstance(error, FileNotFoundError):
         return f"not found ({text})" if "not found" not in text.lower() else text
     if isinstance(error, PermissionError):
