@@ -8,6 +8,8 @@ import itertools
 
 import pytest
 
+from fixtures_grid import server_unavailable
+
 from vjobs.testing.servers.s3 import SwiftS3Server, why_not_available
 
 __all__ = ["s3_server", "s3_bucket"]
@@ -20,7 +22,7 @@ def s3_server(tmp_path_factory):
     """The session's Swift S3 server (about 1.5-5 s to start). Skips where Swift or memcached is missing."""
     why_not = why_not_available()
     if why_not:
-        pytest.skip(f"OpenStack Swift with s3api cannot run here ({why_not}): apt-get install swift swift-proxy "
+        server_unavailable(f"OpenStack Swift with s3api cannot run here ({why_not}): apt-get install swift swift-proxy "
                     "swift-account swift-container swift-object memcached")
     with SwiftS3Server(tmp_path_factory.mktemp("swift-s3")) as server:
         yield server

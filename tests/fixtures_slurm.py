@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures_grid import server_unavailable
+
 from vjobs.testing.servers.slurm import SlurmCluster, why_not_available
 
 
@@ -14,7 +16,7 @@ def slurm_cluster(request, tmp_path_factory):
     the session whatever happened. Skipped, with the reason, where Slurm is not installed or we are not root."""
     why_not = why_not_available()
     if why_not:
-        pytest.skip(f"no Slurm cluster: {why_not}")
+        server_unavailable(f"no Slurm cluster: {why_not}")
     netns = request.getfixturevalue("grid_netns")
     with SlurmCluster(netns, tmp_path_factory.mktemp("slurm"), cpus=2, memory_mib=4096) as cluster:
         yield cluster
