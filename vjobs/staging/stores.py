@@ -13,13 +13,14 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote
-
-import fsspec
 
 from .locations import Location
 from .settings import StagingSettings
+
+if TYPE_CHECKING:  # fsspec and the protocol libraries load when a job stages, not with every vjobs command
+    import fsspec
 
 _DIGEST = re.compile(r"adler32=([0-9a-fA-F]{1,8})(?:[,;\s]|$)")
 
@@ -137,6 +138,8 @@ def _s3_path(location: Location, fs) -> tuple[str, Callable[[], str | None]]:
 
 
 def _file_store(location: Location, settings: StagingSettings):
+    import fsspec
+
     return fsspec.filesystem("file"), ()
 
 
