@@ -147,3 +147,18 @@ def test_a_failed_stage_in_is_a_setup_error_with_a_result_and_a_clean_host(tmp_p
     assert json.loads((tmp_path / "out/result.json").read_text())["error"]["code"] == "stage_in_failed"
     assert "boot" not in result.timings and "stage_in" in result.timings
     assert [p.name for p in (tmp_path / "work").iterdir() if not p.name.startswith("admission")] == []
+
+
+def test_a_link_in_the_inputs_folder_never_leads_a_staged_file_out_of_the_working_directory(tmp_path, make_site,
+                                                                                            remote):
+    """inputs/data -> a host folder, and a stage_in path under data/: the file must not land in that folder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs/data").symlink_to(outside)
+    job = {"id": "link", "command": ["true"], "inputs": str(tmp_path / "inputs"),
+           "stage_in": [{"url": f"file://{remote}/events.dat", "path": "data/events.dat"}]}
+    result = api.run(job, site=make_site(driver="qemu_user"), outdir=tmp_path / "out")
+    assert result.status == "setup_error" and result.error["code"] == "stage_in_failed"
+    assert "data" in result.error["message"] and "link" in result.error["message"]
+    assert list(outside.iterdir()) == []

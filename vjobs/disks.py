@@ -173,8 +173,8 @@ def build_scratch(job: Job, folder: Path, staged: Path | None = None) -> Path:
         shutil.copytree(job.inputs, staging / "work", symlinks=True, copy_function=link_or_copy)
     else:
         (staging / "work").mkdir()
-    if staged:  # job.py made sure no staged path is also in the inputs folder
-        shutil.copytree(staged, staging / "work", dirs_exist_ok=True, copy_function=link_or_copy)
+    if staged:
+        merge_staged(staged, staging / "work")
     for number, bind in read_write_binds(job):
         copy_for_guest(bind.source, staging / "binds" / str(number))
     used, files = _tree_usage(staging)
@@ -187,6 +187,25 @@ def build_scratch(job: Job, folder: Path, staged: Path | None = None) -> Path:
              f"scratch disk of job {job.id} ({size_kib // 1024} MiB)", folder)
     shutil.rmtree(staging)
     return image
+
+
+def merge_staged(staged: Path, work: Path) -> None:
+    """The fetched remote inputs into the working directory, beside the inputs folder's copy. Never through a
+    link the inputs folder brought (``data -> /etc`` would have the host write /etc/x): a folder on the way
+    must be a real folder, and no file may be there already."""
+    for folder, dirs, files in os.walk(staged):
+        relative = Path(folder).relative_to(staged)
+        target = work / relative
+        if target.is_symlink() or not target.is_dir():
+            if target.exists() or target.is_symlink():
+                raise SetupError(f"stage_in puts files under {relative}, which the inputs folder has as a link or "
+                                 "a file: rename one of them", code="stage_in_failed")
+            target.mkdir()
+        for name in files:
+            if os.path.lexists(target / name):
+                raise SetupError(f"stage_in's {relative / name} is also in the inputs folder: rename one of them",
+                                 code="stage_in_failed")
+            link_or_copy(Path(folder) / name, target / name)
 
 
 def read_write_binds(job: Job):
