@@ -162,3 +162,44 @@ def test_a_link_in_the_inputs_folder_never_leads_a_staged_file_out_of_the_workin
     assert result.status == "setup_error" and result.error["code"] == "stage_in_failed"
     assert "data" in result.error["message"] and "link" in result.error["message"]
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("json_output", [False, True])
+def test_progress_bars_on_a_terminal_and_none_with_json(tmp_path, make_site, built_image, json_output):
+    """`vjobs run` draws a bar per file on a terminal's stderr; `--json` keeps stderr free of them."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage/big.dat").write_bytes(os.urandom(64 << 20))
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"id": "bars", "command": ["true"], "walltime_s": 60,
+                               "stage_in": [{"url": f"file://{tmp_path}/storage/big.dat", "path": "big.dat"}]}))
+    site = tmp_path / "site.toml"
+    site.write_text(f'driver = "qemu_user"\ncache_dir = "{make_site().cache_dir}"\nwork_dir = "{tmp_path}/work"\n')
+    terminal, stderr = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    argv = [sys.executable, "-m", "vjobs", "run", str(job), "--site", str(site), "--outdir", str(tmp_path / "out")]
+    done = subprocess.run(argv + ["--json"] * json_output, stdout=subprocess.PIPE, stderr=stderr, timeout=120)
+    os.close(stderr)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the pty's other side is closed: all was read
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(terminal)
+    assert done.returncode == 0
+    if json_output:
+        assert json.loads(done.stdout)["staged_in"][0]["path"] == "big.dat" and b"big.dat" not in drawn
+    else:
+        assert b"big.dat" in drawn and b"B/s" in drawn
