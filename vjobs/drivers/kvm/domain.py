@@ -81,8 +81,8 @@ def _devices(spec: VMSpec, settings: DomainSettings) -> ET.Element:
         interface = ET.SubElement(devices, "interface", type="network")
         ET.SubElement(interface, "source", network=settings.network)
         ET.SubElement(interface, "model", type="virtio")
-    # A pty that vjobs reads through libvirt's console stream (KvmVM.start), bounded by the core; a file would
-    # be written by QEMU with no limit.
+    # A pty that vjobs reads itself (KvmVM.start), bounded by the core; a file would be written by QEMU with no
+    # limit.
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "target", port="0")
     # libvirt would otherwise add a USB controller and a memory balloon nobody uses: less to emulate
