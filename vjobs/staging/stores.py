@@ -34,6 +34,9 @@ class Remote:
     path: str
     server_adler32: Callable[[], str | None]  # the server's own checksum of the file; None: it offers none
     secrets: tuple[str, ...] = ()  # strings to scrub from any message about this file
+    #: How to upload an open local file (reader, size, progress) where fsspec's write stream is not the best
+    #: way; None: write through ``fs.open(path, "wb")``.
+    put: Callable[[Any, int, Callable[[int], None]], None] | None = None
 
     @property
     def shown(self) -> str:
@@ -56,7 +59,8 @@ class Stores:
                 self._open[key] = _OPENERS[location.kind](location, self.settings)
             fs, secrets = self._open[key]
         path, checksum = _PATHS[location.kind](location, fs)
-        return Remote(location, fs, path, checksum, secrets)
+        put = _PUTS[location.kind](fs, path) if location.kind in _PUTS else None
+        return Remote(location, fs, path, checksum, secrets, put)
 
 
 # --- per protocol: (file system, secrets) from a location, and (path, server checksum) in it --------------
@@ -119,6 +123,20 @@ def _http_path(location: Location, fs) -> tuple[str, Callable[[], str | None]]:
     return path, server_adler32
 
 
+def _http_put(fs, path: str) -> Callable[[Any, int, Callable[[int], None]], None]:
+    """webdav4's write stream spools the whole file to a temporary file before the PUT: hand it the open file
+    to send as it is read instead (measured: 0.9 s of a 2.6 s upload of 512 MiB went to the spooling)."""
+    def put(reader, size: int, progress: Callable[[int], None]) -> None:
+        from fsspec.callbacks import Callback
+
+        class Moved(Callback):
+            def relative_update(self, inc: int = 1) -> None:
+                progress(inc)
+
+        fs.upload_fileobj(reader, path, callback=Moved(), overwrite=True, size=size)
+    return put
+
+
 def _s3_store(location: Location, settings: StagingSettings):
     from s3fs import S3FileSystem
 
@@ -149,6 +167,7 @@ def _file_path(location: Location, fs) -> tuple[str, Callable[[], str | None]]:
 
 _OPENERS = {"xrootd": _xrootd_store, "http": _http_store, "s3": _s3_store, "file": _file_store}
 _PATHS = {"xrootd": _xrootd_path, "http": _http_path, "s3": _s3_path, "file": _file_path}
+_PUTS = {"http": _http_put}
 
 
 def bearer_token(configured_file: str | None = None) -> str | None:

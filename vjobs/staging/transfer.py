@@ -6,12 +6,15 @@ a failed or corrupt upload is removed from the storage before the next attempt.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import random
+import threading
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .stores import Remote
 
@@ -62,8 +65,8 @@ def download(remote: Remote, target: Path, relative: str, expected: str | None, 
     value, size = 1, 0
     try:
         with remote.fs.open(remote.path, "rb", block_size=CHUNK, cache_type="none") as source, \
-                open(partial, "wb") as sink:
-            while chunk := source.read(CHUNK):
+                open(partial, "wb") as sink, _read_ahead(source) as chunks:
+            for chunk in chunks:
                 size += len(chunk)
                 if size > max_bytes:
                     raise TransferError(f"{remote.shown} is larger than the site allows ({max_bytes >> 20} MiB, "
@@ -77,6 +80,44 @@ def download(remote: Remote, target: Path, relative: str, expected: str | None, 
     finally:
         partial.unlink(missing_ok=True)
     return Record(remote.shown, relative, size, got, checked_by is not None, checked_by)
+
+
+@contextlib.contextmanager
+def _read_ahead(source, depth: int = 3) -> Iterator[Iterator[bytes]]:
+    """The source's chunks, read by a thread of their own so that the network read, the disk write and the
+    checksum overlap (each library lets go of the GIL while it waits or hashes). Leaving the block early (a
+    limit, an error) stops the reader; its error, if it had one, is raised here."""
+    chunks: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                chunks.put(item, timeout=0.2)
+                return True
+        return False
+
+    def read() -> None:
+        try:
+            while (chunk := source.read(CHUNK)) and offer(chunk):
+                pass
+            offer(None)
+        except BaseException as error:  # noqa: BLE001 -- handed to the consuming thread, which raises it
+            offer(error)
+
+    def consume() -> Iterator[bytes]:
+        while (item := chunks.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    reader = threading.Thread(target=read, name="vjobs-read-ahead", daemon=True)
+    reader.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        reader.join()
 
 
 def _check_download(remote: Remote, got: str, expected: str | None) -> str | None:
@@ -104,10 +145,14 @@ def upload(source: Path, remote: Remote, relative: str, *, overwrite: bool, read
         parent = remote.path.rsplit("/", 1)[0]
         if parent and remote.location.kind != "s3":  # S3 has no folders to make
             remote.fs.makedirs(parent, exist_ok=True)
-        with open(source, "rb") as reader, remote.fs.open(remote.path, "wb") as sink:
-            while chunk := reader.read(CHUNK):
-                sink.write(chunk)
-                progress(len(chunk))
+        with open(source, "rb") as reader:
+            if remote.put:
+                remote.put(reader, size, progress)
+            else:
+                with remote.fs.open(remote.path, "wb") as sink:
+                    while chunk := reader.read(CHUNK):
+                        sink.write(chunk)
+                        progress(len(chunk))
         checked_by = _verify_upload(remote, size, local, readback)
     except BaseException:
         _remove_quietly(remote)  # never leave half a file, or a corrupt one, under the output's name
