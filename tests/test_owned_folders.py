@@ -34,3 +34,35 @@ def test_gc_judges_every_state_a_kill_can_leave(tmp_path):
     assert abandoned_folder(half_made_by_the_dead) and abandoned_folder(half_removed)
     assert not abandoned_folder(half_made_by_us) and not abandoned_folder(ours_alive)
     assert not abandoned_folder(someone_elses)
+
+
+def test_gc_moves_past_a_driver_whose_daemon_hangs(make_site, monkeypatch):
+    """A deadlocked libvirtd once held `vjobs gc` for good, and the xen driver's garbage waited behind it."""
+    import threading
+    import time
+
+    from vjobs import gc
+    from vjobs.api import host_context
+
+    release = threading.Event()
+
+    class Hung:
+        def collect_garbage(self, owner_is_gone):
+            release.wait(30)
+            return []
+
+    class Answering:
+        def collect_garbage(self, owner_is_gone):
+            return ["destroyed VM of a dead vjobs"]
+
+    monkeypatch.setattr(gc, "DRIVER_GC_S", 0.5)
+    monkeypatch.setattr(gc, "load_driver", lambda name, site, host: Hung() if name == "kvm" else Answering())
+    site = make_site()
+    started = time.monotonic()
+    try:
+        lines = gc.collect_garbage(site, host_context(site))
+    finally:
+        release.set()
+    assert time.monotonic() - started < 5
+    assert any(line.startswith("kvm: skipped: no answer within 0.5 s") for line in lines)
+    assert "xen: destroyed VM of a dead vjobs" in lines and "qemu_user: destroyed VM of a dead vjobs" in lines

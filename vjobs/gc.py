@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from . import cache
@@ -27,6 +28,9 @@ from .plugins import installed_drivers, load_driver
 from .site import SiteConfig
 
 
+DRIVER_GC_S = 60.0  # the most one driver's gc may take (it talks to libvirtd, XAPI): others must still run
+
+
 def collect_garbage(site: SiteConfig, host: HostContext) -> list[str]:
     removed = collect_files(site)
     try:
@@ -36,12 +40,30 @@ def collect_garbage(site: SiteConfig, host: HostContext) -> list[str]:
     for installed in installed_drivers():
         if installed.load_error:
             continue
-        driver = load_driver(installed.name, site, host)
-        try:
-            removed += [f"{installed.name}: {line}" for line in driver.collect_garbage(owner_is_gone)]
-        except Exception as exc:  # one driver's trouble (its daemon is down) must not stop the others
-            removed.append(f"{installed.name}: skipped ({type(exc).__name__}: {exc})")
+        removed += [f"{installed.name}: {line}" for line in _driver_garbage(installed.name, site, host)]
     return removed + cache.evict(site.cache_dir, cache.max_bytes(site.cache_max_gib))
+
+
+def _driver_garbage(name: str, site: SiteConfig, host: HostContext) -> list[str]:
+    """One driver's garbage, within ``DRIVER_GC_S``. One driver's trouble (its daemon down, or hung: the kill
+    campaign saw a deadlocked libvirtd hold `vjobs gc` for good) must not stop the others: gc moves on and the
+    stuck call is left to finish, or not, on a thread of its own."""
+    outcome: list[str] = []
+
+    def collect() -> None:
+        try:
+            driver = load_driver(name, site, host)
+            outcome.extend(driver.collect_garbage(owner_is_gone))
+        except Exception as exc:  # noqa: BLE001 -- reported, and the next driver's turn
+            outcome.append(f"skipped ({type(exc).__name__}: {exc})")
+
+    worker = threading.Thread(target=collect, name=f"gc-{name}", daemon=True)
+    worker.start()
+    worker.join(DRIVER_GC_S)
+    if worker.is_alive():
+        return [f"skipped: no answer within {DRIVER_GC_S:g} s (is its hypervisor daemon hung?); run gc again "
+                "once it answers"]
+    return outcome
 
 
 def collect_files(site: SiteConfig) -> list[str]:
