@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 SUBMIT = REPO / "examples/slurm/submit-array.sh"
 VJOBS = REPO / ".venv/bin/vjobs"
 TASKS = 6
-STAGE_OUT = True  # each job uploads its output to the XRootD server (the stage_out job key)
 
 # Stands in for vjobs (the sbatch script runs $VJOBS): records when each task's vjobs starts and ends.
 TIMED = """#!/bin/sh
@@ -69,15 +68,13 @@ def max_overlap(lines: list[str]) -> int:
     return peak
 
 
-def test_a_job_array_runs_two_vms_at_a_time_and_stages_out(slurm_cluster, request, built_image, cache_dir,
+def test_a_job_array_runs_two_vms_at_a_time_and_stages_out(slurm_cluster, xrootd, built_image, cache_dir,
                                                            tmp_path):
-    xrootd = request.getfixturevalue("xrootd") if STAGE_OUT else None
     times, timed = tmp_path / "times.txt", tmp_path / "vjobs-timed"
     timed.write_text(TIMED.format(times=times, vjobs=VJOBS))
     timed.chmod(0o755)
     tasks = [f"task{n}" for n in range(1, TASKS + 1)]
-    stage_out = {task: {"stage_out": {"destination": xrootd.server.url_in_netns(f"/slurm/{task}")}}
-                 if STAGE_OUT else {} for task in tasks}
+    stage_out = {task: {"stage_out": {"destination": xrootd.server.url_in_netns(f"/slurm/{task}")}} for task in tasks}
     jobs = [write_job(tmp_path / "jobs", task, 'sleep 2 && mkdir -p out && echo "output of $TASK" > out/task.txt',
                       outputs=["out"], **stage_out[task]) for task in tasks]
 
@@ -90,10 +87,8 @@ def test_a_job_array_runs_two_vms_at_a_time_and_stages_out(slurm_cluster, reques
         result = json.loads((out / str(number) / "result.json").read_text())
         assert (result["job_id"], result["status"]) == (task, "succeeded"), (result.get("error"), logs)
         assert (out / str(number) / "outputs/out/task.txt").read_text() == f"output of {task}\n"
-        if STAGE_OUT:
-            assert [(u["path"], u["verified"]) for u in result["uploads"]] == [("out/task.txt", True)], result
-            staged = xrootd.data / "slurm" / task / "out/task.txt"
-            assert staged.read_text() == f"output of {task}\n"
+        assert [(u["path"], u["verified"]) for u in result["uploads"]] == [("out/task.txt", True)], result
+        assert (xrootd.data / "slurm" / task / "out/task.txt").read_text() == f"output of {task}\n"
     finished = {row["ArrayTaskId"]: row for row in slurm_cluster.jobcomp() if row.get("ArrayJobId") == array}
     assert sorted(finished, key=int) == [str(n) for n in range(1, TASKS + 1)], logs
     assert {(row["JobState"], row["ExitCode"]) for row in finished.values()} == {("COMPLETED", "0:0")}, logs
@@ -120,3 +115,15 @@ def test_scancel_stops_the_vm_and_vjobs_says_cancelled(slurm_cluster, built_imag
     assert (result["status"], result["error"]["code"]) == ("cancelled", "cancelled"), task_logs(tmp_path / "out")
     assert qemu_processes(str(tmp_path)) == []
     assert [p.name for p in (tmp_path / "work").iterdir() if not p.name.startswith("admission")] == []
+
+
+def test_a_vm_bigger_than_the_task_was_granted_is_refused_before_it_boots(slurm_cluster, built_image, cache_dir,
+                                                                          tmp_path):
+    """The sbatch script asks for one CPU; a job that wants two vCPUs is refused, saying what to ask for."""
+    job = write_job(tmp_path / "jobs", "wide", "true", resources={"vcpus": 2, "memory_mib": 256})
+    array = submit(slurm_cluster, tmp_path, [job], cache_dir)
+    slurm_cluster.wait(array, timeout=120)
+    result = json.loads((tmp_path / "out/1/result.json").read_text())
+    assert (result["status"], result["error"]["code"]) == ("setup_error", "exceeds_allocation"), result["error"]
+    assert f"Slurm job {array}_1 (1 CPU" in result["error"]["message"] and "sbatch -c 2" in result["error"]["message"]
+    assert "boot" not in result["timings"]
