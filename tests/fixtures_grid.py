@@ -15,6 +15,13 @@ import pytest
 from vjobs.testing.servers.netns import LoopbackNetns, Relay
 from vjobs.testing.servers.xrootd import XRootDServer
 
+# The XRootD client reads its connection settings once per process, at its first use: vjobs sets them from
+# [staging] timeout_s before that (one job, one process), but this session's first XRootD client may be a test's.
+# The same short bounds for every test, whichever comes first.
+for _name, _value in (("XRD_CONNECTIONWINDOW", "5"), ("XRD_CONNECTIONRETRY", "1"), ("XRD_STREAMERRORWINDOW", "0"),
+                      ("XRD_REQUESTTIMEOUT", "30")):
+    os.environ.setdefault(_name, _value)
+
 __all__ = ["grid_netns", "xrootd_server", "xrootd_relay", "xrootd", "make_webdav", "webdav", "XRootDEndpoint"]
 
 

@@ -71,7 +71,8 @@ def _xrootd_store(location: Location, settings: StagingSettings):
 
     # The XRootD client's own recovery would retry a dead server for 10 minutes (5 connection attempts of
     # 120 s), wait 30 for an answer, and then fail every request to that server for 30 minutes more
-    # (StreamErrorWindow): bounded by the site's timeout instead, as vjobs retries whole files itself.
+    # (StreamErrorWindow): bounded by the site's timeout instead, as vjobs retries whole files itself. The client
+    # reads them at its first use in a process; a vjobs run is one job in one process.
     for name, value in (("ConnectionWindow", settings.timeout_s), ("ConnectionRetry", 1),
                         ("RequestTimeout", settings.timeout_s), ("StreamErrorWindow", 0)):
         EnvPutInt(name, value)
