@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from .processes import die_with_parent, end_processes
 
 SWIFT_PYTHON = "/usr/bin/python3"  # Debian's swift lives in the system Python, not in a venv
 STORAGE = ("account", "container", "object")
@@ -146,13 +147,6 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _die_with_parent():
-    import ctypes
-
-    # PR_SET_PDEATHSIG: no server outlives a killed test run (strictly: the thread that started it)
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-
-
 class _Exited(RuntimeError):
     pass
 
@@ -242,7 +236,7 @@ class SwiftS3Server:
             with open(self.root / "log" / f"{name}.log", "ab") as log:
                 self.processes[name] = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                                         cwd=self.root, env={**os.environ, **QUICK_ENV},
-                                                        preexec_fn=_die_with_parent)
+                                                        preexec_fn=die_with_parent)
 
     def _wait_ready(self, deadline: float) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -271,13 +265,5 @@ class SwiftS3Server:
 
     def stop(self) -> None:
         """Stops every process this started (SIGTERM, then SIGKILL after 10 s) and waits for it. Safe to repeat."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        end_processes(self.processes.values())
         self.processes.clear()

@@ -23,6 +23,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from .processes import die_with_parent, end_processes
+
 # CR_CPU_Memory: --mem counts too, and DefMemPerCPU keeps a task without --mem from taking the whole node's memory.
 # SchedulerParameters: the next array task starts about 1 s after one ends, not 2 s. SlurmdParameters=config_overrides:
 # the node's CPUs and memory are these, whatever the machine has (no draining for "low RealMemory").
@@ -71,12 +73,6 @@ def why_not_available() -> str | None:
     if os.geteuid() != 0:
         return "slurmctld and slurmd in a private network namespace need root"
     return None
-
-
-def _die_with_parent():
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no daemon outlives a killed test run
 
 
 class SlurmCluster:
@@ -141,7 +137,7 @@ class SlurmCluster:
         with open(self.root / f"{name}.out", "ab") as out:
             self.processes[name] = subprocess.Popen(self.command(argv), env=self.env, stdin=subprocess.DEVNULL,
                                                     stdout=out, stderr=out, cwd=self.root,
-                                                    preexec_fn=_die_with_parent)
+                                                    preexec_fn=die_with_parent)
 
     def _wait_idle(self, deadline: float) -> None:
         state = ""
@@ -211,15 +207,7 @@ class SlurmCluster:
                 deadline = time.monotonic() + 15
                 while any(self.queued(job) for job in live) and time.monotonic() < deadline:
                     time.sleep(0.5)
-        for name in ("slurmd", "slurmctld"):
-            if name in self.processes and self.processes[name].poll() is None:
-                self.processes[name].terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        end_processes(self.processes[name] for name in ("slurmd", "slurmctld") if name in self.processes)
         self.processes.clear()
         for pid in self._stepds():
             try:

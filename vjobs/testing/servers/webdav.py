@@ -19,6 +19,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .processes import end_processes
+
 START_TIMEOUT_S = 10
 WRITE_METHODS = frozenset({"PUT", "MKCOL", "DELETE", "MOVE", "COPY", "PROPPATCH", "LOCK", "UNLOCK"})
 
@@ -86,12 +88,7 @@ class WebDAVServer:
     def _end(self, sig: int) -> None:
         if self._process is None:
             return
-        self._process.send_signal(sig)
-        try:
-            self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        end_processes([self._process], sig, grace_s=5)
         self._process = None
 
     def _wait_until_answering(self) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from vjobs.testing.servers.netns import LoopbackNetns
 
+from .processes import end_processes
+
 XROOTD_USER = "xrootd"
 NAME = "vjobs"  # xrootd -n NAME keeps its log, pid and admin files under <folder>/NAME/
 START_TIMEOUT_S = 10
@@ -77,12 +79,7 @@ class XRootDServer:
     def stop(self) -> None:
         """Ends the daemon by its PID (SIGTERM, then SIGKILL after 10 s) and reaps it."""
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            end_processes([self._process])
             self._process = None
 
     def restart(self) -> None:
