@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import StageInFailed, StageOutFailed
-from .locations import BadLocation, Location, check
+from .locations import BadLocation, check
 from .settings import StagingSettings
 from .stores import Stores
 from .transfer import Record, TransferError, attempts, download, upload
