@@ -17,17 +17,35 @@ pytestmark = [pytest.mark.vm,
 
 
 def _qemu_of(job_name: str, deadline_s: float = 30) -> Path:
+    """The QEMU that runs the job, not one that makes a template for it first (an empty cache)."""
     give_up = time.monotonic() + deadline_s
     while time.monotonic() < give_up:
         for proc in Path("/proc").iterdir():
             try:
-                if proc.name.isdigit() and (proc / "comm").read_text().startswith("qemu-system") \
-                        and f"vjobs-{job_name}-".encode() in (proc / "cmdline").read_bytes():
+                if not proc.name.isdigit() or not (proc / "comm").read_text().startswith("qemu-system"):
+                    continue
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                names = [argv[i + 1].removeprefix(b"guest=").split(b",")[0]  # libvirt: guest=NAME,debug-...
+                         for i, arg in enumerate(argv[:-1]) if arg == b"-name"]
+                if any(name.startswith(f"vjobs-{job_name}-".encode()) and not name.endswith(b"-template")
+                       for name in names):
                     return proc
             except OSError:
                 continue
         time.sleep(0.05)
     raise AssertionError(f"no QEMU for job {job_name} appeared")
+
+
+def _seccomp_mode_once_settled(qemu: Path, deadline_s: float = 30) -> str:
+    """QEMU installs its filter while it parses its options, a moment after exec: a QEMU found at once can
+    still show mode 0. Wait for the filter, not a fixed time; a QEMU that never installs one fails."""
+    give_up = time.monotonic() + deadline_s
+    while True:
+        status = dict(line.split(":", 1) for line in (qemu / "status").read_text().splitlines())
+        mode = status["Seccomp"].strip()
+        if mode != "0" or time.monotonic() > give_up:
+            return mode
+        time.sleep(0.05)
 
 
 def _running(make_site, make_job, tmp_path, job_id: str, **site):
@@ -82,8 +100,7 @@ def test_libvirts_qemu_keeps_its_seccomp_sandbox_and_mount_namespace(libvirt_sit
     thread.start()
     try:
         qemu = _qemu_of("libvirtconfined")
-        status = dict(line.split(":", 1) for line in (qemu / "status").read_text().splitlines())
-        assert status["Seccomp"].strip() == "2"  # a filter is installed
+        assert _seccomp_mode_once_settled(qemu) == "2"  # a filter is installed
         assert os.readlink(qemu / "ns" / "mnt") != os.readlink("/proc/self/ns/mnt")
     finally:
         thread.join(180)
