@@ -70,3 +70,57 @@ def test_disk_full_while_building_the_release(tmp_path, make_site, make_job, fak
         assert [p.name for p in (full / "releases").iterdir() if not p.name.endswith(".lock")] == []
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def _fingerprint_by_os_walk(root) -> str:
+    """The fingerprint as vjobs first defined it (os.walk, lstat, f-strings): cache keys must not change."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = os.path.join(folder, name)
+            info = os.lstat(path)
+            link = os.readlink(path) if os.path.islink(path) else ""
+            digest.update(f"{os.path.relpath(path, root)}\0{info.st_mode}\0{info.st_size}\0"
+                          f"{info.st_mtime_ns}\0{link}\n".encode())
+    return digest.hexdigest()
+
+
+def test_tree_fingerprint_keeps_its_keys_and_sees_every_change(tmp_path):
+    from vjobs.disks import tree_fingerprint
+
+    root = tmp_path / "release"
+    for folder in ("b", "a/z", "a/b c", "ä", "a-", "a0"):
+        (root / folder).mkdir(parents=True)
+    for name in ("a/z/x", "a/b c/y", "ä/é", "top", "a-/f", "a0/g", "b/h"):
+        (root / name).write_text(name * 3)
+    (root / "link-to-dir").symlink_to("a")
+    (root / "b" / "dangling").symlink_to("/nowhere")
+    os.mkfifo(root / "fifo")
+    before = tree_fingerprint(root)
+    assert before == _fingerprint_by_os_walk(root)
+
+    def changed(change) -> str:
+        change()
+        after = tree_fingerprint(root)
+        assert after == _fingerprint_by_os_walk(root) and after != before
+        return after
+
+    before = changed(lambda: os.utime(root / "a/z/x", ns=(1, 1)))
+    before = changed(lambda: (root / "a/b c/y").write_text("other length"))
+    before = changed(lambda: os.chmod(root / "top", 0o600))
+    before = changed(lambda: ((root / "b/dangling").unlink(), (root / "b/dangling").symlink_to("/elsewhere")))
+    before = changed(lambda: (root / "a/z/new").write_text(""))
+
+
+def test_tree_fingerprint_takes_names_that_are_not_utf8(tmp_path):
+    from vjobs.disks import tree_fingerprint
+
+    root = tmp_path / "release"
+    root.mkdir()
+    (root / os.fsdecode(b"caf\xe9")).write_text("latin-1 name")
+    first = tree_fingerprint(root)
+    os.rename(root / os.fsdecode(b"caf\xe9"), root / os.fsdecode(b"caf\xe8"))
+    assert tree_fingerprint(root) != first

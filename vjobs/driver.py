@@ -11,6 +11,7 @@ parts, both small:
 
 ``VM`` (one per boot attempt)
     ``start()``               boot it; returns once the hypervisor accepted it.
+    ``provenance()``          how it started, for the result (optional; e.g. restored from a template).
     ``agent_started()``       has the guest agent announced itself (``AGENT_UP_MARKER`` on the console)?
     ``wait_until_stopped(deadline)`` block until the guest stops or ``time.monotonic()`` passes ``deadline``;
                               return a ``Stop``.
@@ -53,6 +54,8 @@ from .console import ConsoleLog
 
 #: The guest agent prints this line on its console once it runs; see vjobs/guest/agent/.
 AGENT_UP_MARKER = b"vjobs-agent: up"
+#: ... and this one just before it starts the payload (the core times the start-up by it).
+PAYLOAD_MARKER = b"vjobs-agent: running the payload"
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class BootImage:
     kernel: Path
     initramfs: Path
     cmdline: str  # without console=: each driver adds the console its platform has
+    kernel_sha256: str | None = None  # when the core knows them (it verified the files), for drivers that
+    initramfs_sha256: str | None = None  # key caches by content
+    builtin: bool = False  # vjobs' own guest image (vjobs/guest/): its agent's every feature is there
 
 
 @dataclass(frozen=True)
@@ -166,8 +172,15 @@ class VM(abc.ABC):
     @abc.abstractmethod
     def destroy(self) -> None: ...
 
+    def provenance(self) -> dict[str, Any]:
+        """What the result should record about how this VM started (``start``: cold, or from a template and
+        which); the core merges it into the result's provenance after the boot."""
+        return {}
+
     def agent_started(self) -> bool:
-        """Default: the agent's marker came through the console."""
+        """Has the guest agent announced itself? Answers at once, never blocks. Default: its marker came
+        through the console, where the core waits for it (``ConsoleLog.wait_for``), so the boot ends the moment
+        it does; a driver that overrides this is asked again at least every half second while the guest boots."""
         return self.spec.console.saw(AGENT_UP_MARKER)
 
 

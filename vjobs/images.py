@@ -55,7 +55,8 @@ def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) 
                          f"known: {known}")
     if entry.kernel is not None:
         _check_boot(name, entry, site.cache_dir)
-        boot = ResolvedImage(name, BootImage(entry.kernel, entry.initramfs, entry.cmdline),
+        boot = ResolvedImage(name, BootImage(entry.kernel, entry.initramfs, entry.cmdline, entry.kernel_sha256,
+                                             entry.initramfs_sha256),
                              entry.kernel_sha256, entry.initramfs_sha256)
     else:
         boot = built_in_image(site.cache_dir, progress)
@@ -118,7 +119,8 @@ def built_in_image(cache_dir: Path, progress: Callable[[str], None]) -> Resolved
     from .guest.image import build_default_image  # deferred: building pulls in apt and the cpio writer
 
     manifest = build_default_image(cache_dir, progress)
-    return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline),
+    return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline,
+                                              manifest.kernel_sha256, manifest.initramfs_sha256, builtin=True),
                          manifest.kernel_sha256, manifest.initramfs_sha256)
 
 

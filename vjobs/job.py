@@ -10,9 +10,8 @@ from typing import Any, Mapping
 
 from . import schemas
 from .errors import InvalidJob
-from .staging.locations import BadLocation
+from .staging.locations import BadLocation, Wanted
 from .staging.locations import check as check_url
-from .staging.phases import Wanted
 
 DEFAULT_WORKDIR = "/work"
 # Guest paths the agent mounts itself: a working directory there would be hidden or would hide them.

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass
+from typing import Iterator
 
 from stevedore import DriverManager, ExtensionManager
 from stevedore.exception import NoMatches
 
 from .driver import Capabilities, Check, Driver, HostContext
 from .errors import DriverNotFound, NoUsableDriver
+from .probecache import probing
 from .site import DEFAULT_PREFERENCE, SiteConfig
 
 NAMESPACE = "vjobs.drivers"
@@ -66,17 +68,22 @@ def load_driver(name: str, site: SiteConfig, host: HostContext) -> Driver:
 def safe_probe(driver: Driver) -> Capabilities:
     """A probe that raises is a driver bug; it must still not stop the pilot from trying the next driver."""
     try:
-        return driver.probe()
+        with probing(driver.host):  # what it asks its programs is remembered in this host's cache
+            return driver.probe()
     except Exception as exc:
         return Capabilities(driver.name, False, f"probe failed: {type(exc).__name__}: {exc}",
                             checks=(Check("probe", False, repr(exc)),))
 
 
-def candidate_names(site: SiteConfig) -> list[str]:
+def candidate_names(site: SiteConfig) -> Iterator[str]:
+    """The drivers to try, in order: the site's preference, or the default one and then every other driver
+    installed. Lazily: the others are looked up (by name, none imported) only when no default one would do."""
     if site.preference != DEFAULT_PREFERENCE:
-        return list(site.preference)
-    others = sorted(d.name for d in installed_drivers() if d.name not in DEFAULT_PREFERENCE)
-    return list(DEFAULT_PREFERENCE) + others
+        yield from site.preference
+        return
+    yield from DEFAULT_PREFERENCE
+    installed = {entry_point.name for entry_point in importlib.metadata.entry_points(group=NAMESPACE)}
+    yield from sorted(installed - set(DEFAULT_PREFERENCE))
 
 
 def probe_all(site: SiteConfig, host: HostContext, names: list[str] | None = None) -> list[Capabilities]:

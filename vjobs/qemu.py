@@ -11,12 +11,14 @@ Two rules hold for every QEMU vjobs starts:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -36,11 +38,22 @@ MACHINES = {
 }
 
 
+# qboot (shipped with Debian's QEMU) only loads the kernel QEMU hands it. Measured against SeaBIOS on a
+# quiet machine, 6 interleaved cold boots each: 2.13 s against 2.16 s a job, within the noise, so SeaBIOS
+# stays the default and qboot is a site's choice (firmware = "qboot").
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+DEFAULT_TB_SIZE_MIB = 32
+
+
 @dataclass(frozen=True)
 class QemuMachine:
     name: str = "q35"
     accel: str = "tcg"  # "tcg" or "kvm"
-    tb_size_mib: int | None = 64  # bounds TCG's translation cache, which otherwise dominates QEMU's memory
+    # Bounds TCG's translation cache, which otherwise dominates QEMU's memory: 32 MiB cost no CPU time against
+    # 64 for a trivial job or a Python one, and 26 MiB less memory on a cold boot; 16 cost 25-33 % more CPU
+    # (benchmarks/memory.py, docs/benchmarks.md).
+    tb_size_mib: int | None = DEFAULT_TB_SIZE_MIB
+    firmware: str | None = None  # a -bios file (QBOOT); None: QEMU's default (SeaBIOS)
 
 
 class PassedFiles:
@@ -67,6 +80,10 @@ class PassedFiles:
             self.args += ["-add-fd", f"fd={fd},set={self._sets}"]
         return f"/dev/fdset/{self._sets}"
 
+    def add_file(self, path: Path) -> int:
+        """A descriptor number for a file QEMU only reads (a saved template's state: ``-incoming fd:N``)."""
+        return self._keep(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW))
+
     def add_sealed_copy(self, path: Path, name: str) -> str:
         """A ``/proc/self/fd/N`` for a file QEMU reads by path (the kernel, the initramfs): a sealed
         in-memory copy, which any user may reopen and none may change."""
@@ -76,8 +93,7 @@ class PassedFiles:
             copied = 0
             while copied < size:
                 copied += os.sendfile(fd, source.fileno(), copied, size - copied) or size
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                    | fcntl.F_SEAL_WRITE)
+        _seal(fd)
         return f"/proc/self/fd/{self._keep(fd)}"
 
     def add_socket(self, sock: socket.socket) -> int:
@@ -90,26 +106,52 @@ class PassedFiles:
         self.fds = []
 
 
-def drive_args(disks: Sequence[Disk], device: str, files: PassedFiles) -> list[str]:
+def _seal(fd: int, attempts: int = 50) -> None:
+    """Seal a memfd against any change. The kernel refuses F_SEAL_WRITE with EBUSY while a page just
+    written still has a transient extra reference (seen under load here: a job failed at start); that
+    passes within milliseconds, so try again for up to about a second."""
+    seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+    for attempt in range(attempts):
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            return
+        except OSError as error:
+            if error.errno != errno.EBUSY or attempt == attempts - 1:
+                raise
+            time.sleep(0.02)
+
+
+def drive_backends(disks: Sequence[Disk], files: PassedFiles) -> list[str]:
+    """The disks' ``-drive`` options, ids ``disk0``, ``disk1``..., with no guest device yet."""
     args: list[str] = []
     for index, disk in enumerate(disks):
         options = [f"file={files.add_disk(disk.path, disk.readonly)}", f"format={disk.format}", "if=none",
                    f"id=disk{index}", "cache=unsafe" if not disk.readonly else "cache=writethrough",
                    f"readonly={'on' if disk.readonly else 'off'}"]
-        args += ["-drive", ",".join(options), "-device", f"{device},drive=disk{index}"]
+        args += ["-drive", ",".join(options)]
+    return args
+
+
+def drive_args(disks: Sequence[Disk], device: str, files: PassedFiles) -> list[str]:
+    args = drive_backends(disks, files)
+    for index in range(len(disks)):
+        args += ["-device", f"{device},drive=disk{index}"]
     return args
 
 
 def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Path, initramfs: Path,
               cmdline: str, disks: Sequence[Disk], machine: QemuMachine, files: PassedFiles,
-              console: socket.socket, monitor: socket.socket | None = None, network: bool = False) -> list[str]:
+              console: socket.socket, monitor: socket.socket | None = None, network: bool = False,
+              extra: Sequence[str] = ()) -> list[str]:
     """QEMU's command line; every file and socket goes through ``files``. ``console`` and ``monitor`` are
-    QEMU's ends of connected socket pairs: nothing listens anywhere in the file system."""
+    QEMU's ends of connected socket pairs: nothing listens anywhere in the file system. ``extra``: more
+    options (a template's devices, its disks' backends, ``-incoming``)."""
     machine_option, block_device = MACHINES[machine.name]
     accel = machine.accel
     if accel == "tcg" and machine.tb_size_mib:
         accel += f",tb-size={machine.tb_size_mib}"
     argv = [binary, "-name", _escape(name), "-machine", machine_option, "-accel", accel,
+            *(["-bios", machine.firmware] if machine.firmware and machine.name != "microvm" else []),
             "-m", str(memory_mib), "-smp", str(vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -120,6 +162,7 @@ def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Pa
     # privileges and gives the guest outbound connections as the vjobs user, nothing inbound.
     argv += ["-nic", f"user,model={block_device.replace('-blk-', '-net-')}" if network else "none"]
     argv += drive_args(disks, block_device, files)
+    argv += extra
     if monitor is not None:
         # QEMU starts paused (-S): the guest runs only after the monitor is connected and says "cont", so no
         # event is missed, and a QEMU that dies at once is seen at once.

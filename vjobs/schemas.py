@@ -10,10 +10,10 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-from jsonschema.exceptions import best_match
+if TYPE_CHECKING:
+    import jsonschema
 
 _HERE = Path(__file__).resolve().parent
 _PLACES = (_HERE / "schemas", _HERE.parent / "schemas")
@@ -29,6 +29,8 @@ def schema_path(name: str) -> Path:
 
 @functools.cache
 def _validator(name: str) -> jsonschema.protocols.Validator:
+    import jsonschema  # on first use, not at import: some 40 ms that commands which validate nothing save
+
     schema = json.loads(schema_path(name).read_text())
     cls = jsonschema.validators.validator_for(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
@@ -40,6 +42,8 @@ def problem(name: str, document: Any) -> str | None:
     not_finite = _first_non_finite(document)
     if not_finite is not None:
         return f"{not_finite}: not a finite number (NaN and infinities are not numbers a limit can use)"
+    from jsonschema.exceptions import best_match  # on first use, as in _validator
+
     error = best_match(_validator(name).iter_errors(document))
     if error is None:
         return None

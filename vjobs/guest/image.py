@@ -32,13 +32,15 @@ BUILDER_VERSION = 2
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the current versioned kernel
 BUSYBOX_PACKAGE = "busybox-static"
 # The modules the agent loads; their dependencies are added. virtio_pci for q35/pc, virtio_mmio for
-# microvm, xen_blkfront for Xen PV, virtio_net for jobs that ask for a network, overlay for base images;
-# ext4 is built into the cloud kernel.
+# microvm, xen_blkfront for Xen PV, virtio_net for jobs that ask for a network, overlay for base images,
+# virtio_scsi and sd_mod for templates (a restored guest gets its disks hot-plugged onto a virtio-scsi
+# bus, which needs no PCI hot-plug); ext4 is built into the cloud kernel.
 MODULE_ROOTS = ("virtio_pci", "virtio_mmio", "virtio_blk", "squashfs", "erofs", "xen_blkfront", "virtio_net",
-                "overlay")
+                "overlay", "virtio_scsi", "sd_mod")
 # No "quiet": a kernel that hangs or panics should say where on the console log the user gets.
 CMDLINE = "panic=-1 loglevel=4"
 AGENT = Path(__file__).with_name("agent")
+RESEED = "etc/vjobs/vjobs-reseed"  # agent/bin/vjobs-reseed.S says what it is
 
 
 def agent_files() -> dict[str, bytes]:
@@ -48,6 +50,7 @@ def agent_files() -> dict[str, bytes]:
              "etc/vjobs/payload-ns.sh": (AGENT / "payload-ns.sh").read_bytes()}
     for stage in sorted((AGENT / "stages").glob("*.sh")):
         files[f"etc/vjobs/stages/{stage.name}"] = stage.read_bytes()
+    files[RESEED] = (AGENT / "bin" / "vjobs-reseed").read_bytes()
     return files
 
 
@@ -166,7 +169,7 @@ def _write_initramfs(path: Path, busybox: bytes, modules: list[Path]) -> None:
         cpio.add_char_device("dev/null", 1, 3, mode=0o666)
         cpio.add_file("bin/busybox", busybox, mode=0o755)
         for name, data in agent_files().items():
-            cpio.add_file(name, data, mode=0o755 if name == "init" else 0o644)
+            cpio.add_file(name, data, mode=0o755 if name in ("init", RESEED) else 0o644)
         for module in modules:
             cpio.add_file(f"lib/modules/{module.name}", module.read_bytes())
         cpio.add_file("etc/vjobs/modules", "".join(f"{m.name}\n" for m in modules).encode())

@@ -76,3 +76,12 @@ def check(url: str) -> Location:
     if ".." in unquote(parts.path).split("/"):
         raise BadLocation("the URL's path has a '..' component")
     return Location(url)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One remote input of a job (its ``stage_in`` entry)."""
+
+    url: str
+    path: str
+    adler32: str | None = None

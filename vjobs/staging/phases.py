@@ -11,24 +11,14 @@ import contextlib
 import sys
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import StageInFailed, StageOutFailed
-from .locations import BadLocation, check
+from .locations import BadLocation, Wanted, check
 from .settings import StagingSettings
 from .stores import Stores
 from .transfer import Record, TransferError, attempts, download, upload
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """One remote input of a job (its ``stage_in`` entry)."""
-
-    url: str
-    path: str
-    adler32: str | None = None
 
 
 def stage_in(wanted: Sequence[Wanted], folder: Path, settings: StagingSettings, *,

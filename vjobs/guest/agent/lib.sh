@@ -5,6 +5,7 @@ finish() { sync; poweroff -f; reboot -f; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
 status=/run/vjobs/status
+TEMPLATE_WAIT_S=600  # a template that is not saved within this (its host died) powers off
 record() { echo "$1=$2" >> "$status"; }
 
 newline='
@@ -41,24 +42,57 @@ block_devices() {
     done
 }
 
-# Any disk but io is found by the hash of its head, as the host recorded it.
-find_disk() {
-    for device in $(block_devices); do
-        [ "$(head -c 65536 "$device" 2>/dev/null | sha256sum | cut -d' ' -f1)" = "$1" ] && {
-            echo "$device"; return 0; }
+# The io disk starts with VJOBS-IO-DISK; sets $io. No subshell and no child process per device: under TCG
+# each fork costs milliseconds, and this runs in a loop while disks appear.
+find_io_disk() {
+    for path in /sys/block/vd* /sys/block/xvd* /sys/block/sd*; do
+        [ -e "$path" ] || continue
+        magic=""
+        read -r -n 13 magic < "/dev/${path##*/}" 2>/dev/null
+        [ "$magic" = VJOBS-IO-DISK ] && { io=/dev/${path##*/}; return 0; }
     done
     return 1
 }
 
-# Disks appear asynchronously after the block drivers load: wait for them, with a bound.
+# Waits up to $1 s for the io disk: disks appear asynchronously after the block drivers load, or when
+# the host hot-plugs them into a restored template.
+wait_for_io_disk() {
+    polls=$(($1 * 100))
+    while ! find_io_disk; do
+        [ $polls -gt 0 ] || return 1
+        polls=$((polls - 1))
+        sleep 0.01
+    done
+}
+
+# Any disk but io is found by the sha256 of its first 64 KiB, as the host recorded it; sets $disk. Each
+# device is hashed once, into $heads ("sha256 device" lines).
+heads=""
+find_disk() {
+    for path in /sys/block/vd* /sys/block/xvd* /sys/block/sd*; do
+        device=/dev/${path##*/}
+        [ -e "$path" ] && [ "$device" != "$io" ] || continue
+        case "$heads" in *" $device$newline"*) continue ;; esac
+        sum=$(head -c 65536 "$device" 2>/dev/null | sha256sum)
+        heads="$heads${sum%% *} $device$newline"
+    done
+    disk=""
+    IFS=$newline
+    for line in $heads; do
+        [ "${line%% *}" = "$1" ] && disk=${line#* }
+    done
+    unset IFS
+    [ -n "$disk" ]
+}
+
+# Disks appear asynchronously after the block drivers load: wait for them, with a bound; sets $disk.
 wait_disk() {
     tries=0
-    while [ $tries -lt 100 ]; do
-        find_disk "$1" && return 0
+    while ! find_disk "$1"; do
+        [ $tries -lt 100 ] || return 1
         sleep 0.05
         tries=$((tries + 1))
     done
-    return 1
 }
 
 # Waits (bounded) for a device node, e.g. a partition the kernel is still scanning.

@@ -4,7 +4,8 @@ number=0
 while read -r head fstype target; do
     [ -n "$head" ] || continue
     number=$((number + 1))
-    device=$(wait_disk "$head") || { record detail "$target"; deliver readonly_disk_missing; }
+    wait_disk "$head" || { record detail "$target"; deliver readonly_disk_missing; }
+    device=$disk
     mkdir -p "/mnt/ro/$number"
     mount -t "$fstype" -o ro "$device" "/mnt/ro/$number" || { record detail "$target"; deliver readonly_mount_failed; }
 done < "$job/ro_disks"

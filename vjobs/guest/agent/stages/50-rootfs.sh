@@ -3,7 +3,8 @@
 # redirect_dir=on: the kernel's default (off) makes renaming a directory of the base fail with EXDEV.
 root=/
 if [ -n "$ROOTFS_HEAD" ]; then
-    base=$(wait_disk "$ROOTFS_HEAD") || deliver rootfs_disk_missing
+    wait_disk "$ROOTFS_HEAD" || deliver rootfs_disk_missing
+    base=$disk
     if [ -n "$ROOTFS_PARTITION" ]; then
         base=$base$ROOTFS_PARTITION
         wait_node "$base" || { record detail "no partition $base"; deliver rootfs_mount_failed; }

@@ -1,0 +1,269 @@
+"""Pre-booted templates: a guest whose agent is up and waiting, saved once, restored for each job.
+
+A cold start boots a kernel for every job (about 2 s under TCG). A template is that boot done once: QEMU
+boots the image with ``vjobs.template`` on the kernel command line and a virtio-scsi controller but no
+disks; the agent loads its modules, says "template ready" and waits for an io disk. vjobs then pauses the
+guest and saves it (QEMU's migration stream, into a file). A job's QEMU starts from that file
+(``-incoming``), gets the job's disks hot-plugged onto the SCSI bus (a virtio-scsi event: no PCI hot-plug,
+no firmware), and the agent, which was waiting for exactly that, runs the job.
+
+One template per (QEMU, machine, acceleration, memory, vCPUs, kernel, initramfs, command line): the cache
+entry ``templates/FAMILY-KEY`` (vjobs/cache.py), KEY hashing all of those by content, so a new image or QEMU
+makes a new template and the old one is removed as any stale build is. Nothing of a job is ever in a
+template: it is saved before any job's disk exists, and each job's QEMU reads it read-only.
+
+Restored guests start from the same RAM, so the same kernel random-number state: the agent mixes entropy
+from the host into the pool and forces the kernel to reseed before anything else runs (the job's io disk
+carries the entropy; vjobs-reseed does the ioctl), and sets its clock from the RTC.
+
+Any failure here (no template can be made, the restore fails, the agent does not come up quickly) is not
+the job's: the VM falls back to a cold boot and the result says why (provenance ``start``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...console import ConsoleLog
+from ...driver import AGENT_UP_MARKER, VMSpec
+from ...errors import VMError
+from ... import qemu
+from ...images import build_once, sha256_file
+
+FORMAT = 2  # of the saved state, its stand-ins and its manifest; a change makes every template anew
+READY_MARKER = b"vjobs-agent: template ready"
+CONTROLLER = "vjobs-scsi"
+STAND_INS = ("restore-kernel", "restore-initrd")  # beside the state: see write_stand_ins
+MACHINES = ("q35", "pc")  # a PCI bus for the SCSI controller; microvm has none
+BUILD_DEADLINE_S = 30.0  # one cold boot of the template guest (~2 s), on a loaded host
+SAVE_DEADLINE_S = 60.0
+RESTORE_DEADLINE_S = 10.0  # from QEMU's start to the agent's "up"; normally a few tenths of a second
+POLL_S = 0.002  # QMP questions while QEMU loads the state (~30 ms): each a fraction of a millisecond
+FAILURE_MEMORY_S = 3600.0  # after a template fails, jobs of its shape boot cold this long, then it is retried
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a saved guest depends on. Two jobs with the same recipe share a template."""
+
+    qemu: str  # the binary's version and identity
+    machine: str
+    accel: str
+    tb_size_mib: int | None
+    firmware: str | None
+    memory_mib: int
+    vcpus: int
+    kernel_sha256: str
+    initramfs_sha256: str
+    cmdline: str
+    format: int = FORMAT
+
+    @property
+    def family(self) -> str:
+        """Templates that replace each other when their image or QEMU changes: one per guest shape."""
+        return f"{self.machine}_{self.accel}_{self.memory_mib}m_{self.vcpus}cpu"
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_for(spec: VMSpec, machine: qemu.QemuMachine, qemu_identity: str) -> Recipe:
+    boot = spec.boot
+    return Recipe(qemu=qemu_identity, machine=machine.name, accel=machine.accel, tb_size_mib=machine.tb_size_mib,
+                  firmware=machine.firmware, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
+                  kernel_sha256=boot.kernel_sha256 or sha256_file(boot.kernel),
+                  initramfs_sha256=boot.initramfs_sha256 or sha256_file(boot.initramfs), cmdline=boot.cmdline)
+
+
+def eligible(spec: VMSpec, machine: qemu.QemuMachine, setting: bool | str) -> str | None:
+    """Why this VM cannot start from a template, or None when it can. ``setting``: the site's ``template``
+    (``"auto"``: for the built-in guest image only, whose agent surely waits as a template must)."""
+    if setting == "auto" and not spec.boot.builtin:
+        return "the site's own boot image: templates are made for it only with template = true"
+    if machine.name not in MACHINES:
+        return f"machine {machine.name} has no PCI bus for the template's SCSI controller"
+    if spec.network:
+        return "the job asks for a network, which a template does not have"
+    return None
+
+
+def template_cmdline(spec: VMSpec) -> str:
+    return f"{spec.boot.cmdline} vjobs.template"
+
+
+def controller_args() -> list[str]:
+    return ["-device", f"virtio-scsi-pci,id={CONTROLLER}"]
+
+
+def state_bytes_limit(spec: VMSpec) -> int:
+    """QEMU's file-size limit while it saves: the stream holds at most the guest's RAM and device state."""
+    return (spec.memory_mib + 64) << 20
+
+
+class TemplateStore:
+    """The templates in ``cache_dir/templates``; ``ensure`` makes one the first time a recipe is asked for."""
+
+    def __init__(self, cache_dir: Path, progress=lambda message: None):
+        self.folder = cache_dir / "templates"
+        self.progress = progress
+
+    def ensure(self, recipe: Recipe, make_vm) -> Path:
+        """The saved state for ``recipe``, made with ``make_vm(scratch)`` (a VM for the template guest) when
+        there is none yet. Raises VMError when it cannot be made, or failed within FAILURE_MEMORY_S."""
+        folder = self.folder / f"{recipe.family}-{recipe.key}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        failed_before = self._raise_if_failed_recently(recipe)
+
+        def load() -> Path | None:
+            try:
+                manifest = json.loads((folder / "manifest.json").read_text())
+            except (OSError, ValueError):
+                return None
+            state = folder / "state"
+            complete = all((folder / name).is_file() for name in ("state", *STAND_INS))
+            return state if manifest.get("recipe") == dataclasses.asdict(recipe) and complete else None
+
+        def build(scratch: Path) -> Path:
+            self.progress(f"template: booting a {recipe.family} guest once, to save it for the jobs after")
+            output = scratch / "template"
+            output.mkdir()
+            started = time.monotonic()
+            vm = make_vm(scratch)
+            save_template(vm, output / "state")
+            write_stand_ins(vm.spec.boot.kernel, output)
+            manifest = {"recipe": dataclasses.asdict(recipe), "made_s": round(time.monotonic() - started, 3),
+                        "state_bytes": (output / "state").stat().st_size, "made_at": time.time()}
+            (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            if folder.exists():  # made anew after a failed restore: replace it whole
+                shutil.rmtree(folder)
+            os.rename(output, folder)
+            self._memo(recipe).unlink(missing_ok=True)
+            self.progress(f"template: {folder.name} saved in {manifest['made_s']} s "
+                          f"({manifest['state_bytes'] >> 20} MiB)")
+            return folder / "state"
+
+        try:
+            # A template whose restore failed before is made anew, not trusted again.
+            return build_once(folder, "VM template", load, build, force=failed_before == "restore")
+        except VMError as error:  # QEMU's or the template guest's failure; a site's setting (DriverError)
+            self.remember_failure(recipe, f"making it failed: {error}", stage="make")  # would fail a cold
+            raise  # boot the same way, and a full disk passes: neither says anything about templates
+
+    def remember_failure(self, recipe: Recipe, reason: str, stage: str = "restore") -> None:
+        """Jobs of this shape boot cold for FAILURE_MEMORY_S instead of paying for the same failure each."""
+        memo = {"key": recipe.key, "stage": stage, "reason": reason, "at": time.time()}
+        temporary = self.folder / f"{recipe.family}.failed.{os.getpid()}.tmp"
+        temporary.write_text(json.dumps(memo) + "\n")
+        os.replace(temporary, self._memo(recipe))
+
+    def _raise_if_failed_recently(self, recipe: Recipe) -> str | None:
+        """Raises within FAILURE_MEMORY_S of a failure; after that, says which stage failed last."""
+        try:
+            memo = json.loads(self._memo(recipe).read_text())
+        except (OSError, ValueError):
+            return None
+        if memo.get("key") != recipe.key:
+            return None
+        age = time.time() - float(memo.get("at", 0))
+        if 0 <= age < FAILURE_MEMORY_S:
+            raise VMError(f"the template failed {age:.0f} s ago ({memo.get('reason')}); jobs of this shape boot "
+                          f"cold for {FAILURE_MEMORY_S - age:.0f} s more", code="template_failed")
+        return memo.get("stage")
+
+    def _memo(self, recipe: Recipe) -> Path:
+        return self.folder / f"{recipe.family}.failed"
+
+
+def save_template(vm, state: Path) -> None:
+    """Boot ``vm`` (a QemuUserVM for the template's spec) until its agent waits for a job, then save it."""
+    try:
+        vm.launch(cmdline=template_cmdline(vm.spec), disks=(), extra=controller_args(),
+                  max_file_bytes=state_bytes_limit(vm.spec))
+        vm.monitor.cmd("cont")
+        _wait_for(lambda: vm.spec.console.saw(READY_MARKER), vm, BUILD_DEADLINE_S, "the template guest to boot")
+        vm.monitor.cmd("stop")
+        with open(state, "wb") as output:
+            vm.monitor.send_fd_scm(output.fileno())
+        vm.monitor.cmd("getfd", fdname="state")
+        vm.monitor.cmd("migrate", uri="fd:state")
+        _wait_for(lambda: _migration_done(vm), vm, SAVE_DEADLINE_S, "QEMU to save the template")
+    finally:
+        vm.destroy()
+        vm.spec.console.close()
+
+
+def write_stand_ins(kernel: Path, folder: Path) -> None:
+    """What a restore hands QEMU for -kernel and -initrd. QEMU reads both whole into its own memory, the
+    kernel into its heap for as long as it runs (14 MiB of the cloud kernel, per VM), although a restored
+    guest never boots again. It still needs a kernel, for the machine to be the template's (the same
+    option ROM): the bzImage's setup part, its header and real-mode code, is all QEMU looks at. The
+    initramfs can be any bytes."""
+    with open(kernel, "rb") as source:
+        setup_sectors = source.read(0x1f2)[0x1f1] or 4  # boot protocol: 0 means 4
+        source.seek(0)
+        (folder / STAND_INS[0]).write_bytes(source.read((setup_sectors + 2) * 512))
+    (folder / STAND_INS[1]).write_bytes(bytes(512))
+
+
+def restore(vm, state: Path) -> None:
+    """Start ``vm``'s QEMU from ``state``, hot-plug the job's disks, run it, wait for the agent's "up"."""
+    spec = vm.spec
+
+    def extra(files: qemu.PassedFiles) -> list[str]:
+        incoming = files.add_file(state)
+        return controller_args() + qemu.drive_backends(spec.disks, files) + ["-incoming", f"fd:{incoming}"]
+
+    vm.launch(cmdline=template_cmdline(spec), disks=(), extra=extra, kernel=state.parent / STAND_INS[0],
+              initramfs=state.parent / STAND_INS[1])
+    _wait_for(lambda: _loaded(vm), vm, RESTORE_DEADLINE_S, "QEMU to load the template")
+    for index, _disk in enumerate(spec.disks):
+        # One SCSI target per disk, in the spec's order (the agent finds them by content anyway).
+        vm.monitor.cmd("device_add", driver="scsi-hd", bus=f"{CONTROLLER}.0", drive=f"disk{index}",
+                       id=f"vjobs-disk{index}", channel=0, **{"scsi-id": index, "lun": 0})
+    vm.monitor.cmd("cont")
+    if not spec.console.wait_for(AGENT_UP_MARKER, RESTORE_DEADLINE_S):
+        raise VMError(f"the restored agent did not say it was up within {RESTORE_DEADLINE_S:g} s: "
+                      f"{vm.log_tail() or 'QEMU said nothing'}", code="template_failed")
+
+
+def _loaded(vm) -> bool:
+    status = vm.monitor.cmd("query-status")["status"]
+    if status in ("inmigrate", "prelaunch"):
+        return False
+    if status == "paused":
+        return True
+    raise VMError(f"the template did not load: QEMU says {status}", code="template_failed")
+
+
+def _migration_done(vm) -> bool:
+    answer = vm.monitor.cmd("query-migrate")
+    status = answer.get("status")
+    if status in ("failed", "cancelled"):
+        raise VMError(f"saving the template failed: {answer.get('error-desc', status)}", code="template_failed")
+    return status == "completed"
+
+
+def _wait_for(ready, vm, deadline_s: float, what: str) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not ready():
+        if vm.process.poll() is not None:
+            raise VMError(f"QEMU exited while waiting for {what}: {vm.log_tail() or 'no message'}",
+                          code="template_failed")
+        if time.monotonic() > deadline:
+            raise VMError(f"waited {deadline_s:g} s for {what}", code="template_failed")
+        time.sleep(POLL_S)
+
+
+def template_spec(spec: VMSpec, scratch: Path) -> VMSpec:
+    """The template guest's own spec: the job's shape, no disks, its own console and folder."""
+    return dataclasses.replace(spec, name=f"{spec.name}-template", disks=(), network=False, workdir=scratch,
+                               console=ConsoleLog(scratch / "console.log", markers=(READY_MARKER,)))
+
