@@ -805,14 +805,15 @@ class DriverCampaign:
                     pass  # an inspection record: small, kept on purpose
                 else:
                     found["cache_unknown"].append(str(path))
-        images = cache / "images"
-        if images.is_dir():
-            for path in sorted(images.iterdir()):
-                if path.name.startswith(".build-"):
+        for built in (cache / "images", cache / "templates"):  # folders built by build_once, FAMILY-KEY
+            for path in sorted(built.iterdir()) if built.is_dir() else []:
+                if path.name.startswith(".build-") or re.fullmatch(r".+\.\d+\.tmp", path.name):
                     found["cache_partials"].append(str(path))
-                elif path.is_dir() and re.fullmatch(r"[a-z0-9]+-[0-9a-f]{16}", path.name):
+                elif path.is_dir() and re.fullmatch(r"[a-z0-9_]+-[0-9a-f]{16}", path.name):
                     info["cache_entries"] += 1
-                elif not re.fullmatch(r"[a-z0-9]+\.lock", path.name):
+                elif re.fullmatch(r"[a-z0-9_]+\.failed", path.name):
+                    pass  # a template's last failure, remembered on purpose: small
+                elif not re.fullmatch(r"[a-z0-9_]+\.lock", path.name):
                     found["cache_unknown"].append(str(path))
         probes = cache / "probes"
         if probes.is_dir():
@@ -827,7 +828,7 @@ class DriverCampaign:
                 else:
                     found["cache_unknown"].append(str(path))
         for path in sorted(cache.iterdir()) if cache.is_dir() else []:
-            if path.is_dir() and path.name not in ("releases", "rootfs", "images", "probes", "xen"):
+            if path.is_dir() and path.name not in ("releases", "rootfs", "images", "templates", "probes", "xen"):
                 found["cache_unknown"].append(str(path))
 
     # the campaign
