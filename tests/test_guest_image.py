@@ -57,6 +57,19 @@ def test_built_image_has_the_agent_busybox_and_modules_in_dependency_order(built
             assert dependency in [m.replace("-", "_") for m in modules[:position]], (name, dependency)
 
 
+def test_each_module_is_listed_with_every_device_group_that_needs_it(built_image):
+    """The agent loads a module when it wants one of its groups (agent/lib.sh's load_modules): a module
+    shared by two groups must carry both, or a VM wanting only one would miss it."""
+    listed = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "etc/vjobs/modules"],
+                            input=built_image.initramfs.read_bytes(), capture_output=True, check=True).stdout
+    groups = {line.split()[0].removesuffix(".ko"): set(line.split()[1:]) for line in listed.decode().splitlines()}
+    assert list(groups) == list(built_image.modules)
+    assert groups["xen-blkfront"] == {"xen"} and groups["virtio_net"] == {"net"}
+    assert {"pci", "mmio", "disk", "scsi", "net"} <= groups["virtio_ring"]  # every virtio driver needs it
+    assert groups["squashfs"] == {"disk"} and {"scsi"} == groups["sd_mod"]
+    assert set().union(*groups.values()) == set(image.MODULE_ROOTS.values())
+
+
 def test_second_build_with_same_inputs_does_nothing(built_image, cache_dir):
     before = built_image.initramfs.stat().st_mtime_ns
     again = image.build_default_image(cache_dir)

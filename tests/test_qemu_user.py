@@ -94,6 +94,23 @@ def test_job_without_network_has_no_interface(make_site, make_job, tmp_path, ass
 
 
 @pytest.mark.vm
+@pytest.mark.parametrize("machine, wanted, unwanted", [
+    ("q35", {"virtio_pci", "virtio_blk", "squashfs"}, {"virtio_mmio", "virtio_scsi", "virtio_net"}),
+    ("microvm", {"virtio_mmio", "virtio_blk", "squashfs"}, set()),  # no virtio on PCI: every module
+])
+def test_the_agent_loads_the_modules_its_vms_devices_need(machine, wanted, unwanted, make_site, make_job, tmp_path,
+                                                          assert_clean_host):
+    """Under TCG each module costs boot time, so a q35 guest without a network card, a SCSI controller or
+    Xen loads none of their drivers; a guest whose devices it cannot tell from PCI loads them all."""
+    site = make_site(driver="qemu_user", drivers={"qemu_user": {"machine": machine, "template": False}})
+    job = make_job(["cut", "-d", " ", "-f1", "/proc/modules"], release={"data.txt": "x\n"})
+    result = vjobs.run(job, site=site, outdir=tmp_path / "out")
+    assert result.status == "succeeded", result.error
+    loaded = set((tmp_path / "out" / "stdout").read_text().split())
+    assert wanted <= loaded and not unwanted & loaded, loaded
+
+
+@pytest.mark.vm
 def test_a_work_dir_deeper_than_a_unix_socket_path_allows(make_job, make_site, built_image, tmp_path):
     """A pilot's work directory can be deep; QEMU's monitor socket (108 bytes at most) must not care."""
     deep = tmp_path / ("d" * 60) / ("e" * 60)

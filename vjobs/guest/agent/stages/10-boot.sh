@@ -6,21 +6,21 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts 2>/dev/null
 mount -t tmpfs -o mode=1777 shm /dev/shm 2>/dev/null
 
-if grep -q 'vjobs.probe' /proc/cmdline; then
+read -r cmdline < /proc/cmdline  # matched with case, not grep: no fork
+if case " $cmdline " in *" vjobs.probe "*) true ;; *) false ;; esac; then
     say "probe ok kernel=$(uname -r) uptime=$(uptime_s)"
     finish
 fi
-while read -r module; do
-    insmod "/lib/modules/$module" 2>/dev/null
-done < /etc/vjobs/modules
+module_groups
+load_modules "$groups"
 # A template (vjobs.template): the host saves this guest here, once, and restores it for each job, which
 # then needs no kernel boot. The guest waits for a job's io disk to be hot-plugged: until then the host
 # has saved it and nothing runs; after a restore the disk appears within milliseconds.
 template=""
-if grep -q 'vjobs.template' /proc/cmdline; then
+if case " $cmdline " in *" vjobs.template "*) true ;; *) false ;; esac; then
     template=1
     say "template ready"
     wait_for_io_disk "$TEMPLATE_WAIT_S" || { say "error: no job came within $TEMPLATE_WAIT_S s"; finish; }
 fi
 say up
-booted=$(uptime_s)
+read -r booted _ < /proc/uptime
