@@ -19,6 +19,7 @@ load_modules "$groups"
 template=""
 if case " $cmdline " in *" vjobs.template "*) true ;; *) false ;; esac; then
     template=1
+    zero_free_memory
     say "template ready"
     wait_for_io_disk "$TEMPLATE_WAIT_S" || { say "error: no job came within $TEMPLATE_WAIT_S s"; finish; }
 fi
