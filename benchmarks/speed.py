@@ -49,9 +49,21 @@ FIGURES = REPO / "docs" / "speed-figures.json"  # every part's comparisons, raw:
 
 # --- goal 1 and 2: the start ---------------------------------------------------------------------------
 
-def floor_once() -> float:
-    out = subprocess.run(["bash", str(FLOOR), "1"], capture_output=True, text=True, check=True, timeout=300)
-    return float(out.stdout.split()[-1])
+FLOOR_ATTEMPTS = 5
+FLOOR_HUNG = 124  # plain-qemu-floor.sh's `timeout 60` ended a boot that printed nothing (HOST_FACTS.md)
+
+
+def floor_once(hangs: list[int]) -> float:
+    """One plain QEMU boot's seconds. microvm at its defaults sometimes hangs silently under TCG: such a
+    boot is retried, counted in ``hangs`` and not in the figure (it measures no boot)."""
+    for _ in range(FLOOR_ATTEMPTS):
+        out = subprocess.run(["bash", str(FLOOR), "1"], capture_output=True, text=True, timeout=300)
+        if out.returncode == 0:
+            return float(out.stdout.split()[-1])
+        if out.returncode != FLOOR_HUNG:
+            raise SystemExit(f"{FLOOR} failed (exit {out.returncode}): {out.stderr.strip()[-500:]}")
+        hangs.append(1)
+    raise SystemExit(f"{FLOOR}: the plain QEMU boot hung {FLOOR_ATTEMPTS} times in a row")
 
 
 def vjobs_once(site: Path, outdir: Path) -> tuple[float, dict]:
@@ -119,9 +131,9 @@ def start(runs: int) -> Section:
         for name, site in sites.items():  # warm-up: images, templates, probe verdicts made once, not counted
             vjobs_once(site, Path(folder) / "warm")
         floor, walls, to_payload = [], {name: [] for name in sites}, {name: [] for name in sites}
-        phases = {name: [] for name in sites}
+        phases, hangs = {name: [] for name in sites}, []
         for number in range(runs):
-            floor.append(floor_once())
+            floor.append(floor_once(hangs))
             for name, site in sites.items():
                 wall, result = vjobs_once(site, Path(folder) / f"run{number}")
                 walls[name].append(wall)
@@ -147,7 +159,9 @@ whole run (microvm, no firmware, an init that mounts one disk and powers off), s
 1.15 × here; a template start skips the boot. Templates exist for qemu_user only (docs/templates.md): the
 kvm and xen rows are cold boots, through libvirt's and the XAPI stand-in's round trips.
 `to_payload` counts from the CLI's start (wall time less result.json's total plus its `to_payload`), so it
-includes the interpreter's start-up and exit: an upper bound."""
+includes the interpreter's start-up and exit: an upper bound. Plain QEMU boots that hung (microvm at its
+defaults, HOST_FACTS.md; killed after 60 s by the floor script) were retried and not counted: """ + \
+        f"{len(hangs)} in this run."
     return section
 
 
