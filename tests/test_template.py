@@ -71,6 +71,18 @@ def test_a_template_saves_no_leftovers_of_the_boot_in_free_memory(template_site,
 
 
 @pytest.mark.vm
+def test_a_large_guests_template_is_made_without_running_it_out_of_memory(template_site, make_job, tmp_path,
+                                                                          assert_clean_host):
+    """Zeroing free memory must leave the kernel its reserves: a fill that ran a 2 GiB guest out of memory
+    either panicked it (no template for that shape, ever) or left the OOM killer's report in every job's
+    kernel log."""
+    job = make_job(["sh", "-c", "dmesg | grep -ci 'out of memory' || true"], resources={"memory_mib": 2048})
+    result = vjobs.run(job, site=template_site(), outdir=tmp_path / "out")
+    assert result.status == "succeeded" and result.provenance["start"]["mode"] == "template", result.provenance
+    assert (tmp_path / "out" / "stdout").read_text().strip() == "0"
+
+
+@pytest.mark.vm
 def test_a_template_that_cannot_be_restored_is_a_cold_boot_then_made_anew(
         template_site, make_job, cache_dir, tmp_path, assert_clean_host, monkeypatch):
     site = template_site()
