@@ -197,8 +197,7 @@ def _module_closure(module_dir: Path) -> list[GuestModule]:
     available = {_module_name(path): path for path in module_dir.rglob("*.ko")}
     builtin_file = module_dir / "modules.builtin"
     builtin = {_module_name(Path(line)) for line in builtin_file.read_text().split()} if builtin_file.exists() else set()
-    ordered: list[str] = []
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}  # in load order: a module is added once its dependencies are
 
     def visit(name: str, group: str, chain: tuple[str, ...]) -> None:
         name = name.replace("-", "_")
@@ -213,13 +212,11 @@ def _module_closure(module_dir: Path) -> list[GuestModule]:
             return
         for dependency in _depends(path):
             visit(dependency, group, chain + (name,))
-        if name not in groups:
-            ordered.append(name)
         groups.setdefault(name, []).append(group)
 
     for root, group in MODULE_ROOTS.items():
         visit(root, group, ())
-    return [GuestModule(available[name], tuple(groups[name])) for name in ordered]
+    return [GuestModule(available[name], tuple(needed_by)) for name, needed_by in groups.items()]
 
 
 def _module_name(path: Path) -> str:

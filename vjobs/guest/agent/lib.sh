@@ -1,6 +1,7 @@
 # Helpers shared by the agent's stages. Sourced by /init; POSIX sh as busybox runs it.
 
 say() { echo "vjobs-agent: $*" > /dev/console; }
+on_cmdline() { case " $cmdline " in *" $1 "*) return 0 ;; esac; return 1; }  # $cmdline: 10-boot.sh reads it
 finish() { sync; poweroff -f; reboot -f; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
@@ -58,8 +59,8 @@ module_groups() {
 # Loads, in the file's order (each module after its dependencies), the modules of the groups in $1
 # ("all": every one).
 load_modules() {
-    while read -r module module_groups; do
-        for group in $module_groups; do
+    while read -r module needed_by; do
+        for group in $needed_by; do
             case " $1 " in *" $group "*|*" all "*) insmod "/lib/modules/$module" 2>/dev/null; break ;; esac
         done
     done < /etc/vjobs/modules
@@ -68,7 +69,7 @@ load_modules() {
 # Before a template is saved: free memory still holds what the boot left there (the initramfs archive, the
 # kernel's unpacking), and the host would save it and write it back into every job's VM. One process that
 # fills free memory with zero pages and exits leaves those pages zero: QEMU saves a zero page as a flag and
-# a restore does not touch it, so the state is 30-40 % smaller and restores faster, and no job pays for it
+# a restore does not touch it, so the state is 15-30 % smaller and restores faster, and no job pays for it
 # (the kernel's init_on_free=1 would zero at every free: +25 % CPU for a payload that allocates). The
 # memory is dd's own buffer, not a tmpfs file: should the kernel run short, it ends dd and gets it all back.
 # The leftovers are scattered (half a 512 MiB guest's free memory saved less than half as much as all of

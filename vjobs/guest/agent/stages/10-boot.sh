@@ -7,7 +7,7 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts 2>/dev/null
 mount -t tmpfs -o mode=1777 shm /dev/shm 2>/dev/null
 
 read -r cmdline < /proc/cmdline  # matched with case, not grep: no fork
-if case " $cmdline " in *" vjobs.probe "*) true ;; *) false ;; esac; then
+if on_cmdline vjobs.probe; then
     say "probe ok kernel=$(uname -r) uptime=$(uptime_s)"
     finish
 fi
@@ -17,7 +17,7 @@ load_modules "$groups"
 # then needs no kernel boot. The guest waits for a job's io disk to be hot-plugged: until then the host
 # has saved it and nothing runs; after a restore the disk appears within milliseconds.
 template=""
-if case " $cmdline " in *" vjobs.template "*) true ;; *) false ;; esac; then
+if on_cmdline vjobs.template; then
     template=1
     zero_free_memory
     say "template ready"
