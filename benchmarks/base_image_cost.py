@@ -47,7 +47,7 @@ def measure(site, runs: int, scratch: Path) -> dict[str, dict[str, list[float]]]
 def main() -> None:
     args = arguments(__doc__)
     site = vjobs.load_site(args.site)
-    from vjobs.images import resolve_image
+    from vjobs.images.catalogue import resolve_image
 
     resolve_image("debian12", site, lambda message: print(f"  {message}"))  # built before the clock runs
     rows = []

@@ -11,14 +11,14 @@ benchmarks.report.Section (benchmarks/speed.py gathers it); ``main()`` prints th
 
 3a. release image build: a 2 GB, 100,000-file release tree (lognormal file sizes, about 60 % of the bytes
     compressible text, the rest random; 100 files per folder) built into its cached squashfs by
-    ``vjobs.disks.release_image`` (the fingerprint walk, mksquashfs -comp lz4, the image's sha256), each run
+    ``vjobs.guest.disks.release_image`` (the fingerprint walk, mksquashfs -comp lz4, the image's sha256), each run
     into an empty cache, against ``cp -a`` of the same tree to a fresh folder on the same file system.
     Reuse: ``release_image`` of the unchanged tree with its image cached, against ``find -printf`` of the
     tree's names, sizes and mtimes (a C-speed stat walk: the least work that can tell the tree is unchanged).
 3b. inputs onto the scratch disk: a 2 GB, 1,000-file inputs folder put into a fresh scratch ext4 by
-    ``vjobs.disks.build_scratch`` (the hard-linked staging copy, ``mke2fs -d``), against ``cp -a`` of it.
+    ``vjobs.guest.disks.build_scratch`` (the hard-linked staging copy, ``mke2fs -d``), against ``cp -a`` of it.
 3c. outputs collected: a 1 GB, 100-file results tar, written with busybox tar (the guest agent's tar) as the
-    agent lays it out, onto a raw io disk file just larger than it, read by ``vjobs.collect.read_results``
+    agent lays it out, onto a raw io disk file just larger than it, read by ``vjobs.guest.collect.read_results``
     (the path filter, the size limits, each file written and hashed), against ``dd`` of the raw disk file
     to a file beside it.
 3d. release reads in the guest: a job (qemu_user or the site's driver, built-in busybox image) with the
@@ -55,11 +55,11 @@ if str(REPO) not in sys.path:
 
 import vjobs  # noqa: E402
 from benchmarks.report import Comparison, Section, print_comparisons, print_section  # noqa: E402
-from vjobs.cache import CacheHold  # noqa: E402
-from vjobs.collect import read_results  # noqa: E402
-from vjobs.disks import RELEASE_TOOLS, build_scratch, release_image, tree_fingerprint  # noqa: E402
-from vjobs.images import sha256_file  # noqa: E402
-from vjobs.job import job_from_dict  # noqa: E402
+from vjobs.host.cache import CacheHold  # noqa: E402
+from vjobs.guest.collect import read_results  # noqa: E402
+from vjobs.guest.disks import RELEASE_TOOLS, build_scratch, release_image, tree_fingerprint  # noqa: E402
+from vjobs.images.catalogue import sha256_file  # noqa: E402
+from vjobs.config.job import job_from_dict  # noqa: E402
 
 GB = 10 ** 9
 MIB = 1 << 20

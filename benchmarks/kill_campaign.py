@@ -109,7 +109,7 @@ def _say(kind, text=""):
 
 import importlib
 import vjobs.cli as _cli
-import vjobs.container as _container
+import vjobs.container.lifecycle as _container
 _say("ready")
 _orig_phase, _orig_finish = _container.VMContainer._phase, _container.VMContainer._finish
 def _phase(self, name):
@@ -140,14 +140,14 @@ def _wrap(module, path, label):
             _say("endsub", name)
     setattr(owner, attr, wrapper)
 
-_wrap("vjobs.bootcheck", "_boot_once", "deep-probe")
-_wrap("vjobs.disks", "release_image", "release-image")
-_wrap("vjobs.disks", "run_tool", lambda args: "tool:" + Path(args[0][0]).name)
-_wrap("vjobs.disks", "build_scratch", "scratch-disk")
-_wrap("vjobs.disks", "build_io_disk", "io-disk")
-_wrap("vjobs.container", "VMContainer._save_console", "save-console")
+_wrap("vjobs.drivers.bootcheck", "_boot_once", "deep-probe")
+_wrap("vjobs.guest.disks", "release_image", "release-image")
+_wrap("vjobs.guest.disks", "run_tool", lambda args: "tool:" + Path(args[0][0]).name)
+_wrap("vjobs.guest.disks", "build_scratch", "scratch-disk")
+_wrap("vjobs.guest.disks", "build_io_disk", "io-disk")
+_wrap("vjobs.container.lifecycle", "VMContainer._save_console", "save-console")
 _wrap("shutil", "rmtree", "rmtree")  # the job folder's removal in teardown, the staging folder's in prepare
-_wrap("vjobs.container", "VMContainer._publish", "publish")
+_wrap("vjobs.container.lifecycle", "VMContainer._publish", "publish")
 _DRIVER_STEPS = {
     "qemu_user": [("vjobs.drivers.qemu_user.driver", "QemuUserVM.start", "qemu-start"),
                   ("vjobs.drivers.qemu_user.driver", "QemuUserVM.destroy", "vm-destroy")],
@@ -851,7 +851,7 @@ class DriverCampaign:
                 "summary": summarise(records, final)}
 
     def final_sweep(self, records: list[dict]) -> dict:
-        """One more gc at the end: once more than TEMP_GRACE_S (60 s, vjobs/cache.py) has passed, if a
+        """One more gc at the end: once more than TEMP_GRACE_S (60 s, vjobs/host/cache.py) has passed, if a
         PID-named temporary file was still there, since gc spares younger ones."""
         last = records[-1] if records else {}
         if any(re.search(r"\.\d+\.tmp\b", item) for item in last.get("leftovers", {}).get("cache_partials", [])):

@@ -309,7 +309,7 @@ _PATH_KEYS = (("cache_dir",), ("work_dir",), ("drivers", "xen", "password_file")
 def base_site(explicit: str | None) -> tuple[dict, Path | None]:
     """The site config the CLI would load (``--site``, $VJOBS_SITE, /etc/vjobs/site.toml), as a dict with
     its relative paths made absolute, and its file."""
-    from vjobs.site import find_site_file
+    from vjobs.config.site import find_site_file
 
     path = find_site_file(explicit)
     if path is None:
@@ -375,7 +375,7 @@ def toml_text(document: Mapping[str, Any]) -> str:
 
 def write_site(path: Path, base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Path:
     """``base`` with ``overrides`` as a TOML file, checked by vjobs' own loader."""
-    from vjobs.site import load_site
+    from vjobs.config.site import load_site
 
     path.write_text(toml_text(merged(base, overrides)))
     load_site(path)  # InvalidSite now rather than in every job
@@ -394,7 +394,7 @@ def benchmark_site(base: Mapping[str, Any], scratch: Path, pin: bool = True) -> 
 
 
 def default_tb_size(base: Mapping[str, Any]) -> int:
-    from vjobs.qemu import QemuMachine
+    from vjobs.drivers.qemu_user.qemu import QemuMachine
 
     return int(base.get("drivers", {}).get("qemu_user", {}).get("tb_size_mib", QemuMachine().tb_size_mib))
 
@@ -553,7 +553,7 @@ def sleeping_initrd(folder: Path, sleep_s: float, into: Path) -> Path:
 class FloorHung(RuntimeError):
     """Plain QEMU on microvm under TCG often hangs at boot on a loaded host, the kernel failing to calibrate
     its TSC ("tsc: Unable to calibrate against PIT", "No reference (HPET/PMTIMER) available", "Marking TSC
-    unstable"), the reason vjobs uses q35 (vjobs/qemu.py): here 1 boot in 3 alone, 5 in 6 with 6 at once.
+    unstable"), the reason vjobs uses q35 (vjobs/drivers/qemu_user/qemu.py): here 1 boot in 3 alone, 5 in 6 with 6 at once.
     ``tsc_early_khz=`` (the host's TSC kHz) on the kernel's command line skips that calibration: 6 of 6
     booted at once."""
 

@@ -86,7 +86,7 @@ def main() -> None:
         install_plugin(pilot)
         site_file = scratch / "site.toml"
         site_file.write_text(f'driver = "qemu_user"\ncache_dir = "{args.cache}"\nwork_dir = "{scratch / "work"}"\n')
-        from vjobs.images import resolve_image
+        from vjobs.images.catalogue import resolve_image
 
         resolve_image("debian12", vjobs.load_site(site_file), print)  # built before the clock runs
         for number in range(args.runs):

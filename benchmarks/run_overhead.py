@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 import vjobs
-from vjobs.site import SiteConfig, site_from_dict
+from vjobs.config.site import SiteConfig, site_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_PAYLOAD = "dd if=/dev/zero bs=1M count=64 2>/dev/null | busybox sha256sum"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import vjobs
-from vjobs.guest.image import build_default_image
+from vjobs.images.boot import build_default_image
 from vjobs.testing.servers.netns import LoopbackNetns
 from vjobs.testing.servers.slurm import SlurmCluster, why_not_available
 

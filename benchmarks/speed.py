@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.report import Comparison, Section, print_comparisons, table, write_section  # noqa: E402
-from vjobs.qemu import DEFAULT_TB_SIZE_MIB  # noqa: E402
+from vjobs.drivers.qemu_user.qemu import DEFAULT_TB_SIZE_MIB  # noqa: E402
 
 VJOBS = [str(REPO / ".venv" / "bin" / "vjobs")]
 FLOOR = REPO / "benchmarks" / "plain-qemu-floor.sh"

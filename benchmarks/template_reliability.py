@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import vjobs  # noqa: E402
 from benchmarks.run_overhead import example_job  # noqa: E402
-from vjobs.site import site_from_dict  # noqa: E402
+from vjobs.config.site import site_from_dict  # noqa: E402
 
 
 def sites(args, scratch: Path):

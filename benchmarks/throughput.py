@@ -13,7 +13,7 @@ its floor batch):
          jobs that succeeded over the wall time of the whole batch. Every result.json must say succeeded: a
          job that did not counts in the wall time, not in the jobs, is named in the note and kept (under
          $TMPDIR/vjobs-benchmark-failures). The jobs share one work_dir, hence one host budget
-         (vjobs/admission.py: by default as many vCPUs as this process may use, all the memory), a private
+         (vjobs/host/admission.py: by default as many vCPUs as this process may use, all the memory), a private
          one unless the site file sets work_dir, so that other vjobs on the host neither queue these nor are
          queued by them. Each result.json's `admission` timing says how long that job waited for its share:
          the note says how many waited, and for how long. The note also gives each job's CPU seconds (the
@@ -204,7 +204,7 @@ def measure(args: argparse.Namespace) -> Section:
         overrides = benchmark_site(base, scratch, pin=False)
         sites = {start: write_site(scratch / f"site-{start}.toml", base, merged(overrides, {
             "drivers": {"qemu_user": {"template": STARTS[start][0]}}})) for start in starts}
-        from vjobs.site import load_site
+        from vjobs.config.site import load_site
 
         budget = load_site(sites[starts[0]]).host
         job_file = scratch / "hello.json"
@@ -257,7 +257,7 @@ def measure(args: argparse.Namespace) -> Section:
     at_once = min(budget.vcpus // vcpus, budget.memory_mib // memory)
     text = (f"`benchmarks/throughput.py --jobs {jobs} --runs {runs}` on {len(os.sched_getaffinity(0))} CPUs: jobs "
             f"a minute from the wall time of each whole batch (a warm-up job per way to start, not counted, made "
-            f"its template); each job asks {vcpus} vCPU and {memory} MiB; the host budget (vjobs/admission.py) was "
+            f"its template); each job asks {vcpus} vCPU and {memory} MiB; the host budget (vjobs/host/admission.py) was "
             f"{budget.vcpus} vCPUs and {budget.memory_mib} MiB, so at most {at_once} VMs could run at once: "
             f"beyond {at_once} jobs at once, the others wait for admission (the notes say how long). "
             f"Site: {site_path or 'built-in defaults'}.")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vjobs.pilot3.harness import fetch_sdist, why_not_runnable
-from vjobs.site import SiteConfig, site_from_dict
+from vjobs.config.site import SiteConfig, site_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def built_image(cache_dir):
-    from vjobs.guest.image import build_default_image
+    from vjobs.images.boot import build_default_image
 
     return build_default_image(cache_dir)
 
@@ -82,7 +82,7 @@ def fake_image(tmp_path):
 
 def qemu_processes(marker: str) -> list[str]:
     """QEMU processes that name ``marker`` in their command line or hold a file under it open: vjobs' own
-    QEMU gets every file as a descriptor (vjobs/qemu.py), so its command line names none."""
+    QEMU gets every file as a descriptor (vjobs/drivers/qemu_user/qemu.py), so its command line names none."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
@@ -199,7 +199,7 @@ def driver_site(request, make_site, built_image):
 @pytest.fixture(scope="session")
 def debian_image(cache_dir, built_image):
     """The built-in Debian 12 base (mmdebstrap, ~20 s), built once per session."""
-    from vjobs.rootfs import debian
+    from vjobs.images.rootfs import debian
 
     return debian.build(cache_dir)
 

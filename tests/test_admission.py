@@ -1,4 +1,4 @@
-"""Host admission (vjobs/admission.py) with real processes holding real shares: the VMs of concurrent vjobs
+"""Host admission (vjobs/host/admission.py) with real processes holding real shares: the VMs of concurrent vjobs
 never get more than the host's budget, a job waits for its share or is refused with its own code, and the
 share of a process killed with SIGKILL comes back by itself. No VM boots here."""
 
@@ -14,17 +14,17 @@ import time
 
 import pytest
 
-from vjobs.admission import admitted, gc_stale_shares
+from vjobs.host.admission import admitted, gc_stale_shares
 from vjobs.errors import AdmissionRefused, InvalidSite
-from vjobs.site import HostBudget, load_site, site_from_dict
+from vjobs.config.site import HostBudget, load_site, site_from_dict
 
 # A vjobs process in miniature: it asks for its share, says so, holds it (for HOLD seconds, or until its
 # stdin is closed), and prints when it held it (CLOCK_MONOTONIC is the same for every process).
 HOLDER = r"""
 import json, sys, time
-from vjobs.admission import admitted
+from vjobs.host.admission import admitted
 from vjobs.errors import AdmissionRefused
-from vjobs.site import site_from_dict
+from vjobs.config.site import site_from_dict
 
 document, job_id, vcpus, memory_mib, hold = sys.argv[1:]
 site = site_from_dict(json.loads(document), source="test site")

@@ -9,8 +9,8 @@ import threading
 import pytest
 
 import vjobs
-from vjobs.console import ConsoleLog
-from vjobs.driver import AGENT_UP_MARKER, VM, Capabilities, Driver, Stop
+from vjobs.guest.console import ConsoleLog
+from vjobs.drivers.contract import AGENT_UP_MARKER, VM, Capabilities, Driver, Stop
 
 UP = AGENT_UP_MARKER
 LONG = 300.0  # a timeout no test waits out: a wait that is not woken fails the join below, long before

@@ -1,4 +1,4 @@
-"""Inside a batch job vjobs reads what was granted (vjobs/allocation.py): no VM gets more, and the vjobs of
+"""Inside a batch job vjobs reads what was granted (vjobs/host/allocation.py): no VM gets more, and the vjobs of
 one allocation share it with nobody else. The same against a real Slurm: tests/test_slurm.py."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 import pytest
 
 from vjobs import api
-from vjobs.admission import admitted
-from vjobs.allocation import VM_OVERHEAD_MIB, Allocation, admission_scope, cgroup_memory_mib, current
+from vjobs.host.admission import admitted
+from vjobs.host.allocation import VM_OVERHEAD_MIB, Allocation, admission_scope, cgroup_memory_mib, current
 from vjobs.errors import AdmissionRefused
 
 CPUS_HERE = len(os.sched_getaffinity(0))
@@ -24,7 +24,7 @@ CPUS_HERE = len(os.sched_getaffinity(0))
     ({"SLURM_JOB_ID": "5", "SLURM_CPUS_ON_NODE": "999"}, Allocation("slurm", "5", CPUS_HERE, None)),
 ])
 def test_what_slurm_granted_is_read_from_its_environment(environ, expected, monkeypatch):
-    monkeypatch.setattr("vjobs.allocation.cgroup_memory_mib", lambda: None)
+    monkeypatch.setattr("vjobs.host.allocation.cgroup_memory_mib", lambda: None)
     assert current(environ) == expected
 
 
@@ -35,7 +35,7 @@ def test_the_cgroup_memory_limit_lowers_what_slurm_says(tmp_path, monkeypatch):
     assert cgroup_memory_mib(tmp_path / "proc", tmp_path) == 600
     (tmp_path / "slurm/job_4/memory.max").write_text("max\n")
     assert cgroup_memory_mib(tmp_path / "proc", tmp_path) is None
-    monkeypatch.setattr("vjobs.allocation.cgroup_memory_mib", lambda: 600)
+    monkeypatch.setattr("vjobs.host.allocation.cgroup_memory_mib", lambda: 600)
     assert current({"SLURM_JOB_ID": "4", "SLURM_MEM_PER_NODE": "2048"}).memory_mib == 600
 
 
@@ -48,7 +48,7 @@ def test_a_vm_bigger_than_the_allocation_is_refused_before_anything_is_built(tmp
                                                                               resources, words):
     for name, value in {"SLURM_JOB_ID": "11", "SLURM_CPUS_PER_TASK": "1", "SLURM_MEM_PER_NODE": "1024"}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr("vjobs.allocation.cgroup_memory_mib", lambda: None)
+    monkeypatch.setattr("vjobs.host.allocation.cgroup_memory_mib", lambda: None)
     result = api.run({"id": "big", "command": ["true"], "resources": resources},
                      site=make_site(driver="qemu_user"), outdir=tmp_path / "out")
     assert result.status == "setup_error" and result.error["code"] == "exceeds_allocation"

@@ -224,7 +224,7 @@ def test_the_readme_example_runs(tmp_path, make_site, debian_image, assert_clean
 
 
 def test_a_built_base_is_reused_not_rebuilt(cache_dir, debian_image, monkeypatch):
-    from vjobs.rootfs import debian
+    from vjobs.images.rootfs import debian
 
     monkeypatch.setattr(debian, "_mmdebstrap", lambda *args: pytest.fail("rebuilt an up-to-date image"))
     assert debian.build(cache_dir) == debian_image

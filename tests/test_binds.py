@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vjobs.binds import merge_back, snapshot
+from vjobs.guest.binds import merge_back, snapshot
 
 
 def write(path, text, mtime=None):
@@ -52,7 +52,7 @@ def test_identical_content_is_not_rewritten(tmp_path):
 
 
 def test_links_to_readable_files_come_in_as_files_others_stay_links(tmp_path):
-    from vjobs.binds import copy_for_guest
+    from vjobs.guest.binds import copy_for_guest
 
     storage, source, copy = tmp_path / "storage", tmp_path / "work", tmp_path / "copy"
     write(storage / "input.root", "event data")

@@ -1,4 +1,4 @@
-"""The cache's bound (vjobs/cache.py) and `vjobs gc`: real files, real locks held by real child processes."""
+"""The cache's bound (vjobs/host/cache.py) and `vjobs gc`: real files, real locks held by real child processes."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import vjobs
-from vjobs import cache
-from vjobs.disks import release_image
+from vjobs.host import cache
+from vjobs.guest.disks import release_image
 from vjobs.errors import InvalidSite
-from vjobs.gc import collect_files
-from vjobs.host import boot_id
-from vjobs.site import site_from_dict
+from vjobs.host.gc import collect_files
+from vjobs.host.identity import boot_id
+from vjobs.config.site import site_from_dict
 
 KIB = 1024
 
@@ -55,7 +55,7 @@ def in_child(code: str) -> subprocess.Popen:
 
 def lock_in_child(path: Path) -> subprocess.Popen:
     """A child that holds the lock file ``path`` as a builder does, until it is killed."""
-    return in_child(f"from vjobs import cache\nheld = cache.locked({str(path)!r})\nheld.__enter__()")
+    return in_child(f"from vjobs.host import cache\nheld = cache.locked({str(path)!r})\nheld.__enter__()")
 
 
 def kill(child: subprocess.Popen) -> None:
@@ -105,7 +105,7 @@ def test_an_entry_held_by_a_live_process_is_never_evicted(tmp_path):
     now = time.time()
     held = release_entry(tmp_path, "1", now - 400)
     free = release_entry(tmp_path, "2", now - 300)
-    child = in_child(f"from vjobs import cache\nassert cache.use({str(held)!r})")
+    child = in_child(f"from vjobs.host import cache\nassert cache.use({str(held)!r})")
     try:
         os.utime(held, (now - 400, now - 400))  # the oldest still
         lines = cache.evict(tmp_path, 0)

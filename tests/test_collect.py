@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from vjobs.collect import read_results
+from vjobs.guest.collect import read_results
 from vjobs.errors import VMError
 
 STATUS = b"exit_code=3\nstarted_s=1.0\nended_s=2.5\n"
@@ -128,7 +128,7 @@ def test_large_outputs_come_back_whole_hashed_and_in_order(tmp_path):
     import hashlib
     import random
 
-    from vjobs.collect import PIPELINED_BYTES
+    from vjobs.guest.collect import PIPELINED_BYTES
 
     rng = random.Random(3)
     sizes = [PIPELINED_BYTES + 12345, 3, 0, 2 * PIPELINED_BYTES + 1, 700, PIPELINED_BYTES, 5 * PIPELINED_BYTES // 2]
@@ -144,7 +144,7 @@ def test_large_outputs_come_back_whole_hashed_and_in_order(tmp_path):
 
 
 def test_a_file_running_past_the_end_of_the_disk_means_no_results(tmp_path):
-    from vjobs.collect import PIPELINED_BYTES
+    from vjobs.guest.collect import PIPELINED_BYTES
 
     for size in (100, 2 * PIPELINED_BYTES):  # copied at once, and in a worker
         raw = tmp_path / f"full-{size}.raw"

@@ -1,4 +1,4 @@
-"""qemu_user's QEMU, started by a root vjobs, runs confined (vjobs/confine.py): seen from the host while a
+"""qemu_user's QEMU, started by a root vjobs, runs confined (vjobs/drivers/qemu_user/confine.py): seen from the host while a
 job runs."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def test_the_namespace_init_starts_nothing_once_the_vjobs_that_asked_is_not_its_
     start QEMU sees another grandparent than the vjobs named on its command line and exits at once."""
     import subprocess
 
-    from vjobs.confine import confinement_for, wrap
+    from vjobs.drivers.qemu_user.confine import confinement_for, wrap
 
     confinement = confinement_for(None, network=False, kvm=False, max_file_bytes=1 << 20)
     argv = wrap(["sh", "-c", "exit 7"], confinement)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 import vjobs
-from vjobs.console import ConsoleLog
+from vjobs.guest.console import ConsoleLog
 
 UP = b"vjobs-agent: up"
 

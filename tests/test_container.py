@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import vjobs
-from vjobs.driver import VM, Capabilities, Driver, Stop
+from vjobs.drivers.contract import VM, Capabilities, Driver, Stop
 from vjobs.errors import VMError
 
 

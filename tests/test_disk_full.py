@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import vjobs
-from vjobs.disks import release_image
+from vjobs.guest.disks import release_image
 from vjobs.errors import SetupError
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")]

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 import vjobs
-from vjobs.disks import IO_MARKER, prepare_disks, release_image
+from vjobs.guest.disks import IO_MARKER, prepare_disks, release_image
 from vjobs.errors import SetupError
 
 
@@ -39,7 +39,7 @@ def test_erofs_release(tmp_path):
 def test_job_disks(tmp_path):
     (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "in" / "sub" / "data").write_text("payload")
-    job = vjobs.job.job_from_dict({"id": "d", "command": ["echo", "it's"], "env": {"A": "b c"},
+    job = vjobs.config.job.job_from_dict({"id": "d", "command": ["echo", "it's"], "env": {"A": "b c"},
                                    "inputs": str(tmp_path / "in"), "outputs": ["*.txt"],
                                    "resources": {"output_mib": 2, "scratch_mib": 8}})
     (tmp_path / "job").mkdir()
@@ -89,7 +89,7 @@ def _fingerprint_by_os_walk(root) -> str:
 
 
 def test_tree_fingerprint_keeps_its_keys_and_sees_every_change(tmp_path):
-    from vjobs.disks import tree_fingerprint
+    from vjobs.guest.disks import tree_fingerprint
 
     root = tmp_path / "release"
     for folder in ("b", "a/z", "a/b c", "ä", "a-", "a0"):
@@ -116,7 +116,7 @@ def test_tree_fingerprint_keeps_its_keys_and_sees_every_change(tmp_path):
 
 
 def test_tree_fingerprint_takes_names_that_are_not_utf8(tmp_path):
-    from vjobs.disks import tree_fingerprint
+    from vjobs.guest.disks import tree_fingerprint
 
     root = tmp_path / "release"
     root.mkdir()

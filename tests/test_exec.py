@@ -8,11 +8,12 @@ import stat
 
 import pytest
 
-from vjobs import cli, runtime
+from vjobs.cli import exec_command as runtime
+from vjobs.cli.main import build_parser
 
 
 def exec_args(*words: str):
-    return cli.build_parser().parse_args(["exec", *words])
+    return build_parser().parse_args(["exec", *words])
 
 
 def vjobs_exec(site, *words: str) -> int:

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from vjobs.errors import ImageError
-from vjobs.guest import image
-from vjobs.guest.cpio import CpioWriter
+from vjobs.images import boot as image
+from vjobs.images.cpio import CpioWriter
 
 
 def _cpio_listing(data: bytes) -> list[str]:

@@ -38,7 +38,7 @@ def test_a_bug_in_vjobs_gives_a_result_and_a_log_not_a_traceback(make_job, make_
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in disk preparation")
 
-    monkeypatch.setattr("vjobs.container.prepare_disks", broken)
+    monkeypatch.setattr("vjobs.container.lifecycle.prepare_disks", broken)
     site_file = tmp_path / "site.toml"
     site_file.write_text(f'driver = "qemu_user"\nwork_dir = "{tmp_path / "work"}"\n'
                          f'cache_dir = "{make_site().cache_dir}"\n')

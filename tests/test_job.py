@@ -8,7 +8,7 @@ import pytest
 
 import vjobs
 from vjobs.errors import InvalidJob, InvalidSite, LimitExceeded
-from vjobs.site import load_site, site_from_dict
+from vjobs.config.site import load_site, site_from_dict
 
 
 def write(tmp_path, document, name="job.json"):
@@ -92,7 +92,7 @@ def test_site_config_errors(tmp_path):
 
 def test_no_site_config_gives_defaults(monkeypatch, tmp_path):
     monkeypatch.delenv("VJOBS_SITE", raising=False)
-    monkeypatch.setattr("vjobs.site.SYSTEM_SITE_FILE", tmp_path / "none.toml")
+    monkeypatch.setattr("vjobs.config.site.SYSTEM_SITE_FILE", tmp_path / "none.toml")
     site = load_site()
     assert site.pinned_driver is None and site.preference[-1] == "qemu_user" and site.boot_retries == 1
 

@@ -26,8 +26,8 @@ import pytest
 import vjobs
 from conftest import LIBVIRT_URI, REPO, qemu_processes, vjobs_domains_of, work_leftovers
 from test_signals import start_vjobs, wait_for_payload
-from vjobs.driver import BootImage, Disk, Owner, VMSpec
-from vjobs.console import ConsoleLog
+from vjobs.drivers.contract import BootImage, Disk, Owner, VMSpec
+from vjobs.guest.console import ConsoleLog
 from vjobs.drivers.kvm import KvmDriver
 from vjobs.drivers.kvm.domain import DomainSettings, domain_xml
 from vjobs.drivers.kvm.driver import owner_labels

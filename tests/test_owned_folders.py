@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from vjobs.host import abandoned_folder, create_owned_folder, new_owner, remove_owned_folder
+from vjobs.host.identity import abandoned_folder, create_owned_folder, new_owner, remove_owned_folder
 
 
 def _dead_pid() -> int:
@@ -41,7 +41,7 @@ def test_gc_moves_past_a_driver_whose_daemon_hangs(make_site, monkeypatch):
     import threading
     import time
 
-    from vjobs import gc
+    from vjobs.host import gc
     from vjobs.api import host_context
 
     release = threading.Event()

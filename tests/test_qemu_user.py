@@ -8,7 +8,7 @@ import pytest
 
 import vjobs
 from conftest import work_leftovers
-from vjobs.guest.cpio import CpioWriter
+from vjobs.images.cpio import CpioWriter
 
 
 def test_probe_says_tcg(make_site):

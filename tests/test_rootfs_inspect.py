@@ -1,5 +1,5 @@
-"""Root file system images: recognised from their own bytes (vjobs.rootfs.inspect), loaded and cached
-(vjobs.rootfs.load_rootfs), handed to drivers (disk_for), and shown by ``vjobs image inspect`` and
+"""Root file system images: recognised from their own bytes (vjobs.images.rootfs.inspect), loaded and cached
+(vjobs.images.rootfs.load_rootfs), handed to drivers (disk_for), and shown by ``vjobs image inspect`` and
 ``vjobs image list``.
 
 Every image here is real and small (a few MiB, mostly sparse), built in tmp_path with the real tools:
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-import vjobs.rootfs
+import vjobs.images.rootfs
 from vjobs.cli import main
 from vjobs.errors import ImageError
-from vjobs.rootfs import disk_for, load_rootfs
-from vjobs.rootfs.inspect import HEAD_BYTES, inspect_rootfs
-from vjobs.site import site_from_dict
+from vjobs.images.rootfs import disk_for, load_rootfs
+from vjobs.images.rootfs.inspect import HEAD_BYTES, inspect_rootfs
+from vjobs.config.site import site_from_dict
 
 MiB = 1 << 20
 SECTOR = 512
@@ -361,7 +361,7 @@ def test_load_rootfs_caches_the_inspection(tmp_path, monkeypatch):
     def inspect_again(*args):
         raise AssertionError("inspected again")
 
-    monkeypatch.setattr(vjobs.rootfs, "inspect_rootfs", inspect_again)
+    monkeypatch.setattr(vjobs.images.rootfs, "inspect_rootfs", inspect_again)
     assert load_rootfs(image, digest, cache, "images.base.rootfs") == first
 
 

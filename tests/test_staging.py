@@ -11,7 +11,7 @@ import pytest
 
 from vjobs import api
 from vjobs.errors import InvalidJob, StageInFailed, StageOutFailed
-from vjobs.job import job_from_dict
+from vjobs.config.job import job_from_dict
 from vjobs.staging import StagingSettings, stage_in, stage_out
 from vjobs.staging.phases import Wanted
 

@@ -11,7 +11,7 @@ import pytest
 
 import vjobs
 from vjobs.drivers.qemu_user import template
-from vjobs.guest.image import AGENT
+from vjobs.images.boot import AGENT
 
 ENTROPY_AND_CLOCK = ["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"]
 
@@ -118,9 +118,9 @@ def test_a_job_with_a_network_boots_cold_and_says_why(template_site, make_job, t
 
 
 def test_the_recipe_changes_with_what_the_saved_guest_depends_on(built_image, tmp_path):
-    from vjobs import qemu
-    from vjobs.console import ConsoleLog
-    from vjobs.driver import BootImage, VMSpec
+    from vjobs.drivers.qemu_user import qemu
+    from vjobs.guest.console import ConsoleLog
+    from vjobs.drivers.contract import BootImage, VMSpec
 
     boot = BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline)
     spec = VMSpec(name="t", vcpus=1, memory_mib=512, boot=boot, disks=(), console=ConsoleLog(tmp_path / "c"),

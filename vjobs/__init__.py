@@ -13,13 +13,13 @@ not raise those: it returns a ``Result`` whose ``status`` and ``error`` say what
 
 __version__ = "0.1.0"
 
-from .api import host_context, probe, run, validate  # noqa: E402
-from .driver import Capabilities, Driver, VM  # noqa: E402
-from .errors import (Cancelled, DriverError, DriverNotFound, ImageError, InvalidJob, InvalidSite,  # noqa: E402
-                     LimitExceeded, NoUsableDriver, SetupError, VjobsError, VMError, WalltimeExceeded)
-from .job import Job, load_job  # noqa: E402
-from .result import Result  # noqa: E402
-from .site import SiteConfig, load_site  # noqa: E402
+from vjobs.api import host_context, probe, run, validate  # noqa: E402
+from vjobs.drivers.contract import Capabilities, Driver, VM  # noqa: E402
+from vjobs.errors import (Cancelled, DriverError, DriverNotFound, ImageError, InvalidJob, InvalidSite,
+                          LimitExceeded, NoUsableDriver, SetupError, VjobsError, VMError, WalltimeExceeded)
+from vjobs.config.job import Job, load_job  # noqa: E402
+from vjobs.result import Result  # noqa: E402
+from vjobs.config.site import SiteConfig, load_site  # noqa: E402
 
 __all__ = ["run", "probe", "validate", "host_context", "load_job", "load_site", "Job", "SiteConfig", "Result",
            "Capabilities", "Driver", "VM", "VjobsError", "SetupError", "InvalidJob", "InvalidSite",

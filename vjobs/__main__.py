@@ -1,3 +1,3 @@
-from .cli import main
+from vjobs.cli import main
 
 raise SystemExit(main())

@@ -7,16 +7,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .cache import CacheHold
-from .container import VMContainer
-from .driver import Capabilities, Driver, HostContext
-from .errors import VjobsError, internal_error
-from .host import boot_id
-from .images import built_in_image
-from .job import Job, job_from_dict, load_job
-from .plugins import probe_all
-from .result import Result, utc_now
-from .site import SiteConfig, load_site
+from vjobs.host.cache import CacheHold
+from vjobs.container.lifecycle import VMContainer
+from vjobs.drivers.contract import Capabilities, Driver, HostContext
+from vjobs.errors import VjobsError, internal_error
+from vjobs.host.identity import boot_id
+from vjobs.images.catalogue import built_in_image
+from vjobs.config.job import Job, job_from_dict, load_job
+from vjobs.drivers.registry import probe_all
+from vjobs.result import Result, utc_now
+from vjobs.config.site import SiteConfig, load_site
 
 JobLike = Job | Mapping[str, Any] | str | os.PathLike
 SiteLike = SiteConfig | str | os.PathLike | None
@@ -83,7 +83,7 @@ def _job_id_guess(job: Any) -> str:
 
 
 def _setup_failure(result: Result, error: VjobsError, outdir: Path) -> Result:
-    from . import __version__
+    from vjobs import __version__
 
     result.status, result.error = error.status, {"code": error.code, "message": str(error)}
     result.vjobs_version, result.started_at, result.ended_at = __version__, utc_now(), utc_now()

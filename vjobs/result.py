@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import schemas
+from vjobs.config import schemas
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Result:
     def exit_status(self) -> int:
         """The exit status of ``vjobs run`` and ``vjobs exec``: the payload's own when it ran to the end,
         else vjobs' code for what went wrong (vjobs/errors.py, the README's table)."""
-        from .errors import EXIT_CODES
+        from vjobs.errors import EXIT_CODES
 
         if self.status in ("succeeded", "failed"):
             return self.exit_code

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..container import AGENT_ERRORS
-from ..result import Result
+from vjobs.container.lifecycle import AGENT_ERRORS
+from vjobs.result import Result
 
 IMAGENOTFOUND, SETUPFAILURE, RESOURCEUNAVAILABLE = 1360, 1110, 1344
 CONTAINERFAILURE, PAYLOADEXECUTIONFAILURE, REACHEDMAXTIME, SIGTERM = 1306, 1305, 1213, 1201

@@ -17,10 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import runtime
-from ..cli import build_parser
-from ..result import Result
-from .errors import write_report
+from vjobs.cli import exec_command as runtime
+from vjobs.cli.main import build_parser
+from vjobs.result import Result
+from vjobs.pilot3.errors import write_report
 
 RESULT_NAME = "vjobs-result.json"
 

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..errors import SetupError
+from vjobs.errors import SetupError
 
 PLUGIN_FILES = Path(__file__).with_name("user_plugin")
 

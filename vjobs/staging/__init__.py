@@ -11,7 +11,7 @@
     phases.py     the two phases: many files in parallel, progress bars, records for result.json
 """
 
-from .settings import StagingSettings
+from vjobs.staging.settings import StagingSettings
 
 __all__ = ["stage_in", "stage_out", "StagingSettings"]
 
@@ -20,6 +20,6 @@ def __getattr__(name: str):
     """``stage_in`` and ``stage_out`` load the transfer machinery (threads, fsspec) when first asked for:
     most jobs stage nothing, and ``vjobs run`` should not pay for the import."""
     if name in ("stage_in", "stage_out"):
-        from . import phases
+        from vjobs.staging import phases
         return getattr(phases, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,11 +14,11 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ..errors import StageInFailed, StageOutFailed
-from .locations import BadLocation, Wanted, check
-from .settings import StagingSettings
-from .stores import Stores
-from .transfer import Record, TransferError, attempts, download, upload
+from vjobs.errors import StageInFailed, StageOutFailed
+from vjobs.staging.locations import BadLocation, Wanted, check
+from vjobs.staging.settings import StagingSettings
+from vjobs.staging.stores import Stores
+from vjobs.staging.transfer import Record, TransferError, attempts, download, upload
 
 
 def stage_in(wanted: Sequence[Wanted], folder: Path, settings: StagingSettings, *,

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote
 
-from .locations import Location
-from .settings import StagingSettings
+from vjobs.staging.locations import Location
+from vjobs.staging.settings import StagingSettings
 
 if TYPE_CHECKING:  # fsspec and the protocol libraries load when a job stages, not with every vjobs command
     import fsspec

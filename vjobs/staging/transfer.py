@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .stores import Remote
+from vjobs.staging.stores import Remote
 
 CHUNK = 8 << 20  # big enough that per-call latency (XRootD, HTTP) is small against the bytes moved
 

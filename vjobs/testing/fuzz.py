@@ -26,8 +26,8 @@ from typing import Callable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..collect import read_results
-from ..errors import VjobsError
+from vjobs.guest.collect import read_results
+from vjobs.errors import VjobsError
 
 TEXT = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
     ["", "\0", "a\0b", "/", "..", "../../etc", "x" * 5000, "/" + "y" * 300, "ü", "*", "-1", "1e999", "NaN"])
@@ -93,14 +93,14 @@ def documents(valid: dict) -> st.SearchStrategy:
 # --- the checks: each returns normally when vjobs answered as it should ------------------------------------
 
 def check_job(document, folder: Path) -> None:
-    from ..job import job_from_dict
+    from vjobs.config.job import job_from_dict
 
     with contextlib.suppress(VjobsError):
         job_from_dict(document, base_dir=folder, source="fuzz")
 
 
 def check_site(document, folder: Path) -> None:
-    from ..site import site_from_dict
+    from vjobs.config.site import site_from_dict
 
     with contextlib.suppress(VjobsError):
         site_from_dict(document, base_dir=folder, source="fuzz")
@@ -114,7 +114,7 @@ CLI_WORDS = ["run", "validate", "exec", "image", "inspect", "list", "build", "dr
 def check_cli(argv: list[str], folder: Path) -> None:
     """Commands that would boot a VM, probe drivers or build images get a job or image that cannot exist,
     so each case ends before any of that: what is fuzzed is the parsing and the refusals."""
-    from .. import cli
+    from vjobs import cli
 
     if any(word in argv for word in ("probe", "gc", "build")) or "drivers" in argv[:1]:
         return
@@ -158,7 +158,7 @@ def check_results(raw: bytes, folder: Path) -> None:
 
 def check_status(text: str, folder: Path) -> None:
     """Status lines as the agent writes them: the container reads the exit code, timings and errors."""
-    from ..container import _add_guest_timing
+    from vjobs.container.lifecycle import _add_guest_timing
 
     raw = tar_of([("vjobs/status", tarfile.REGTYPE, text.encode(errors="surrogatepass"), "", 0)])
     disk = folder / "io.raw"

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import libvirt
 
-from ...errors import VjobsError, VMError
+from vjobs.errors import VjobsError, VMError
 
 _loop_lock = threading.Lock()
 _loop_running = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from ...driver import VMSpec
+from vjobs.drivers.contract import VMSpec
 
 #: The namespace of vjobs' element in a domain's <metadata>; libvirt keys metadata by it.
 NAMESPACE_URI = "https://vjobs.invalid/owner/1"

@@ -19,12 +19,12 @@ from typing import Callable, Mapping
 
 import libvirt
 
-from ...bootcheck import boot_check
-from ...driver import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
-from ...errors import DiskFull, VjobsError, VMError
-from . import connection
-from .connection import libvirt_errors
-from .domain import NAMESPACE_URI, DomainSettings, domain_xml, parse_owner
+from vjobs.drivers.bootcheck import boot_check
+from vjobs.drivers.contract import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
+from vjobs.errors import DiskFull, VjobsError, VMError
+from vjobs.drivers.kvm import connection
+from vjobs.drivers.kvm.connection import libvirt_errors
+from vjobs.drivers.kvm.domain import NAMESPACE_URI, DomainSettings, domain_xml, parse_owner
 
 # How long the deep probe waits for the built-in guest: a healthy KVM host boots it in well under a second;
 # TCG through libvirt took about 4-5 s here (kernel decompression and boot, plus libvirt's start and stop).

@@ -1,4 +1,4 @@
-"""The qemu_user driver: no daemon, one QEMU process per VM, confined when vjobs is root (vjobs/confine.py).
+"""The qemu_user driver: no daemon, one QEMU process per VM, confined when vjobs is root (vjobs/drivers/qemu_user/confine.py).
 
 Site settings (``[drivers.qemu_user]``): ``binary``, ``accel`` (``tcg`` default, ``kvm``, or ``auto``: KVM
 when a real guest boots under it on this host, else TCG), ``machine`` (``q35`` default, ``microvm``, ``pc``),
@@ -18,13 +18,14 @@ import time
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from ... import probecache, qemu
-from ...bootcheck import boot_check
-from ...confine import confinement_for
-from ...console import ConsoleLog
-from ...driver import VM, Capabilities, Check, Driver, Stop, VMSpec
-from ...errors import DiskFull, VMError
-from . import template
+from vjobs.drivers import probecache
+from vjobs.drivers.qemu_user import qemu
+from vjobs.drivers.bootcheck import boot_check
+from vjobs.drivers.qemu_user.confine import confinement_for
+from vjobs.guest.console import ConsoleLog
+from vjobs.drivers.contract import VM, Capabilities, Check, Driver, Stop, VMSpec
+from vjobs.errors import DiskFull, VMError
+from vjobs.drivers.qemu_user import template
 
 KVM_DEVICE = "/dev/kvm"
 KVM_BOOT_DEADLINE_S = 15.0  # a healthy KVM host boots the built-in guest in well under a second
@@ -41,7 +42,7 @@ class QemuUserDriver(Driver):
         return self._setting("binary", qemu.DEFAULT_BINARY)
 
     def version(self) -> str | None:
-        try:  # asked once per binary and host boot (vjobs/probecache.py)
+        try:  # asked once per binary and host boot (vjobs/drivers/probecache.py)
             return probecache.remember("qemu-version", self.binary, qemu.version, self.host)
         except (OSError, subprocess.SubprocessError):
             return None
@@ -280,7 +281,7 @@ def _largest_writable_disk(spec: VMSpec) -> int:
 
 
 def _user_network_check(binary: str) -> Check:
-    try:  # asked once per binary and host boot (vjobs/probecache.py): a pilot runs job after job
+    try:  # asked once per binary and host boot (vjobs/drivers/probecache.py): a pilot runs job after job
         backends = probecache.remember("qemu-netdev-help", binary, lambda path: subprocess.run(
             [path, "-netdev", "help"], capture_output=True, text=True, check=True, timeout=10).stdout).split()
     except (OSError, subprocess.SubprocessError) as exc:

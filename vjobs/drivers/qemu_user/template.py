@@ -8,7 +8,7 @@ guest and saves it (QEMU's migration stream, into a file). A job's QEMU starts f
 no firmware), and the agent, which was waiting for exactly that, runs the job.
 
 One template per (QEMU, machine, acceleration, memory, vCPUs, kernel, initramfs, command line): the cache
-entry ``templates/FAMILY-KEY`` (vjobs/cache.py), KEY hashing all of those by content, so a new image or QEMU
+entry ``templates/FAMILY-KEY`` (vjobs/host/cache.py), KEY hashing all of those by content, so a new image or QEMU
 makes a new template and the old one is removed as any stale build is. Nothing of a job is ever in a
 template: it is saved before any job's disk exists, and each job's QEMU reads it read-only.
 
@@ -31,11 +31,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...console import ConsoleLog
-from ...driver import AGENT_UP_MARKER, VMSpec
-from ...errors import VMError
-from ... import qemu
-from ...images import build_once, sha256_file
+from vjobs.guest.console import ConsoleLog
+from vjobs.drivers.contract import AGENT_UP_MARKER, VMSpec
+from vjobs.errors import VMError
+from vjobs.drivers.qemu_user import qemu
+from vjobs.images.catalogue import build_once, sha256_file
 
 FORMAT = 2  # of the saved state, its stand-ins and its manifest; a change makes every template anew
 READY_MARKER = b"vjobs-agent: template ready"

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ...driver import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
-from ...errors import VMError
-from .xapi import Xapi, xapi_errors
+from vjobs.drivers.contract import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
+from vjobs.errors import VMError
+from vjobs.drivers.xen.xapi import Xapi, xapi_errors
 
 MIB = 1 << 20
 TAG = "vjobs"

@@ -20,8 +20,8 @@ from typing import Any, Iterator, Mapping
 
 import XenAPI
 
-from ...errors import DriverError, VjobsError, VMError
-from . import vhd
+from vjobs.errors import DriverError, VjobsError, VMError
+from vjobs.drivers.xen import vhd
 
 LOCAL_SOCKET = "/var/lib/xcp/xapi"
 CHUNK = 1 << 20

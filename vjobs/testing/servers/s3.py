@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .processes import die_with_parent, end_processes
+from vjobs.testing.servers.processes import die_with_parent, end_processes
 
 SWIFT_PYTHON = "/usr/bin/python3"  # Debian's swift lives in the system Python, not in a venv
 STORAGE = ("account", "container", "object")

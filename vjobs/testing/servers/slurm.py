@@ -23,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .processes import die_with_parent, end_processes
+from vjobs.testing.servers.processes import die_with_parent, end_processes
 
 # CR_CPU_Memory: --mem counts too, and DefMemPerCPU keeps a task without --mem from taking the whole node's memory.
 # SchedulerParameters: the next array task starts about 1 s after one ends, not 2 s. SlurmdParameters=config_overrides:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vjobs.testing.servers.netns import LoopbackNetns
 
-from .processes import end_processes
+from vjobs.testing.servers.processes import end_processes
 
 XROOTD_USER = "xrootd"
 NAME = "vjobs"  # xrootd -n NAME keeps its log, pid and admin files under <folder>/NAME/

@@ -8,6 +8,6 @@ Where it had to guess XAPI's behaviour, model.py says so. The xen driver does no
     python -m vjobs.testing.xapi_standin --listen 127.0.0.1:8080      (or: vjobs-xapi-standin ...)
 """
 
-from .server import XapiStandin
+from vjobs.testing.xapi_standin.server import XapiStandin
 
 __all__ = ["XapiStandin"]

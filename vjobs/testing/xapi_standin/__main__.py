@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .server import XapiStandin
+from vjobs.testing.xapi_standin.server import XapiStandin
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,10 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from ...driver import Disk
-from .model import API_VERSION, MIB, NULL_REF, Faults, Stats, Store, XapiFailure, record_for_wire
-from .runner import GuestRunner
+from vjobs.drivers.contract import Disk
+from vjobs.testing.xapi_standin.model import (API_VERSION, MIB, NULL_REF, Faults, Stats, Store, XapiFailure,
+                                              record_for_wire)
+from vjobs.testing.xapi_standin.runner import GuestRunner
 
 SESSION_FREE_CALLS = {"session.login_with_password"}
 

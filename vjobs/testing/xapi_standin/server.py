@@ -14,8 +14,8 @@ import xmlrpc.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .calls import SESSION_FREE_CALLS, Calls
-from .model import Store, XapiFailure
+from vjobs.testing.xapi_standin.calls import SESSION_FREE_CALLS, Calls
+from vjobs.testing.xapi_standin.model import Store, XapiFailure
 
 CHUNK = 1 << 20
 VHD_OVERHEAD = 8 << 20  # headers, BAT and bitmaps of a VHD stream on top of the disk's own size

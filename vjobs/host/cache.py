@@ -6,18 +6,18 @@ What ``cache_dir`` holds; an *entry* is one image file or one built folder, evic
 ==========================================  ==========================================================  ========
 path                                        what                                                        entry?
 ==========================================  ==========================================================  ========
-releases/KEY.squashfs, releases/KEY.erofs   a release or read-only bind image (vjobs/disks.py); its     yes
+releases/KEY.squashfs, releases/KEY.erofs   a release or read-only bind image (vjobs/guest/disks.py); its     yes
                                             sidecar KEY.json and build lock KEY.lock go with it
 images/default-KEY/, images/debian12-KEY/   the built-in boot image and Debian 12 base                  yes
                                             (images.build_once; build lock images/FAMILY.lock)
 rootfs/SHA.raw                              a raw copy of a base image for a driver that attaches raw    yes
-                                            only (vjobs/rootfs/; build lock rootfs/SHA.lock)
+                                            only (vjobs/images/rootfs/; build lock rootfs/SHA.lock)
 templates/FAMILY-KEY/                       a pre-booted guest, saved (drivers/qemu_user/template.py;   yes
                                             build lock templates/FAMILY.lock)
 templates/FAMILY.failed                     its last template failure: jobs boot cold for an hour       no
 rootfs/SHA.vN.json, checksums.json          a base image's inspection record; sha256 sums by inode      no
-probes/*.json                               deep-probe verdicts (vjobs/bootcheck.py) and remembered     no
-                                            answers of programs (vjobs/probecache.py)
+probes/*.json                               deep-probe verdicts (vjobs/drivers/bootcheck.py) and remembered     no
+                                            answers of programs (vjobs/drivers/probecache.py)
 xen/shared-KEY.lock                         the xen driver's upload locks                               no
 releases/KEY.PID.partial,                   a build in progress: not counted, never evicted; ``vjobs    no
 rootfs/SHA.PID.partial, images/.build-*/,   gc`` removes one whose build lock nobody holds
@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .host import boot_id, pid_alive
+from vjobs.host.identity import boot_id, pid_alive
 
 GIB = 1 << 30
 DEFAULT_MAX_GIB = 20.0

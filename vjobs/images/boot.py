@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ImageError
-from ..images import ChecksumCache, build_once, sha256_file
-from .cpio import CpioWriter
+from vjobs.errors import ImageError
+from vjobs.images.catalogue import ChecksumCache, build_once, sha256_file
+from vjobs.images.cpio import CpioWriter
 
 BUILDER_VERSION = 3
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the current versioned kernel
@@ -44,7 +44,7 @@ MODULE_ROOTS = {"virtio_pci": "pci", "virtio_mmio": "mmio", "xen_blkfront": "xen
 # cryptomgr.notests: the kernel's boot-time self-tests of its crypto algorithms take 0.2 s under TCG, and
 # nothing in this guest relies on the kernel's crypto (the agent hashes with busybox).
 CMDLINE = "panic=-1 loglevel=4 cryptomgr.notests"
-AGENT = Path(__file__).with_name("agent")
+AGENT = Path(__file__).resolve().parent.parent / "guest" / "agent"  # the guest half of the protocol
 RESEED = "etc/vjobs/vjobs-reseed"  # agent/bin/vjobs-reseed.S says what it is
 
 

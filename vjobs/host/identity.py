@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .driver import Owner
+from vjobs.drivers.contract import Owner
 
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 OWNER_FILE = "owner.json"

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import ImageError
+from vjobs.errors import ImageError
 
 HEAD_BYTES = 65536  # the guest agent recognises its disks by the sha256 of this many leading bytes
 SECTOR = 512

@@ -6,7 +6,7 @@
 On the way to a job (``load_rootfs``): the file's sha256 is checked against the catalogue (hashed once per
 inode, size and mtime), then its inspection is read from a cache keyed by that sha256, so a job pays for
 neither after the first. A driver that cannot attach the image's container format (xen takes raw only)
-gets a raw copy made once per image (``disk_for``), a cache entry (vjobs/cache.py) like a release image.
+gets a raw copy made once per image (``disk_for``), a cache entry (vjobs/host/cache.py) like a release image.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..cache import added, locked, use
-from ..driver import Disk
-from ..errors import ImageError
-from ..images import ChecksumCache
-from .inspect import RootfsInfo, inspect_rootfs
+from vjobs.host.cache import added, locked, use
+from vjobs.drivers.contract import Disk
+from vjobs.errors import ImageError
+from vjobs.images.catalogue import ChecksumCache
+from vjobs.images.rootfs.inspect import RootfsInfo, inspect_rootfs
 
 INSPECTION_VERSION = 1  # bump when inspect.py learns something that changes its verdicts
 

@@ -13,10 +13,10 @@ from typing import Iterator
 from stevedore import DriverManager, ExtensionManager
 from stevedore.exception import NoMatches
 
-from .driver import Capabilities, Check, Driver, HostContext
-from .errors import DriverNotFound, NoUsableDriver
-from .probecache import probing
-from .site import DEFAULT_PREFERENCE, SiteConfig
+from vjobs.drivers.contract import Capabilities, Check, Driver, HostContext
+from vjobs.errors import DriverNotFound, NoUsableDriver
+from vjobs.drivers.probecache import probing
+from vjobs.config.site import DEFAULT_PREFERENCE, SiteConfig
 
 NAMESPACE = "vjobs.drivers"
 
@@ -59,7 +59,7 @@ def load_driver(name: str, site: SiteConfig, host: HostContext) -> Driver:
         raise DriverNotFound(f"driver {name!r} is installed but does not load: {type(exc).__name__}: {exc}") from exc
     driver_class = manager.driver
     if not (isinstance(driver_class, type) and issubclass(driver_class, Driver)):
-        raise DriverNotFound(f"entry point {name!r} in {NAMESPACE} is not a vjobs.driver.Driver subclass")
+        raise DriverNotFound(f"entry point {name!r} in {NAMESPACE} is not a vjobs.drivers.contract.Driver subclass")
     driver = driver_class(site.driver_settings(name), host)
     driver.name = name
     return driver

@@ -22,10 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, api, runtime
-from .cache import CacheHold
-from .errors import InternalError, VjobsError, internal_error
-from .plugins import installed_drivers
+from vjobs import __version__, api
+from vjobs.cli import exec_command as runtime
+from vjobs.host.cache import CacheHold
+from vjobs.errors import InternalError, VjobsError, internal_error
+from vjobs.drivers.registry import installed_drivers
 
 
 
@@ -107,8 +108,8 @@ def cmd_image_build(args) -> int:
 
 
 def _image_build(args, site, progress) -> int:
-    from .guest.image import build_default_image
-    from .rootfs import debian
+    from vjobs.images.boot import build_default_image
+    from vjobs.images.rootfs import debian
 
     if args.name == "default":
         manifest = build_default_image(site.cache_dir, progress, force=args.force)
@@ -125,8 +126,8 @@ def _image_build(args, site, progress) -> int:
 
 
 def cmd_image_inspect(args) -> int:
-    from .images import sha256_file
-    from .rootfs.inspect import inspect_rootfs
+    from vjobs.images.catalogue import sha256_file
+    from vjobs.images.rootfs.inspect import inspect_rootfs
 
     path = Path(args.file).resolve()
     info = inspect_rootfs(path, str(path))
@@ -151,7 +152,7 @@ def _image_name(text: str) -> str:
 
 
 def cmd_image_list(args) -> int:
-    from .images import catalogue_states
+    from vjobs.images.catalogue import catalogue_states
 
     rows = catalogue_states(api.load_site(args.site))
     if args.json:
@@ -163,7 +164,7 @@ def cmd_image_list(args) -> int:
 
 
 def cmd_pilot3_install(args) -> int:
-    from .pilot3.plugin import install_plugin
+    from vjobs.pilot3.plugin import install_plugin
 
     target = install_plugin(Path(args.pilot_dir), args.name)
     print(f"installed the pilot user {args.name!r} in {target}; start the pilot with --pilot-user {args.name} "
@@ -172,7 +173,7 @@ def cmd_pilot3_install(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from .gc import collect_garbage  # as the other commands' own modules: `vjobs run` does not load them
+    from vjobs.host.gc import collect_garbage  # as the other commands' own modules: `vjobs run` does not load them
 
     site = api.load_site(args.site)
     lines = collect_garbage(site, api.host_context(site))

@@ -4,9 +4,9 @@ Inside a Slurm job (``SLURM_JOB_ID`` set), the CPUs are ``SLURM_CPUS_PER_TASK`` 
 and the memory ``SLURM_MEM_PER_NODE`` (else ``SLURM_MEM_PER_CPU`` times the CPUs), each lowered to what the
 kernel enforces on this process (its CPU affinity, its cgroup's ``memory.max``) when that is less.
 
-Two rules follow (vjobs/container.py): a job whose VM is bigger than the allocation is refused at once with
+Two rules follow (vjobs/container/lifecycle.py): a job whose VM is bigger than the allocation is refused at once with
 what to ask the batch system for, and the vjobs of one allocation share it through admission
-(vjobs/admission.py) with each other and with nobody else: the batch system shares the host.
+(vjobs/host/admission.py) with each other and with nobody else: the batch system shares the host.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:
-    from .admission import Scope
-    from .site import SiteConfig
+    from vjobs.host.admission import Scope
+    from vjobs.config.site import SiteConfig
 
 #: Host memory a VM costs beyond its own RAM (QEMU, its page tables, I/O buffers): a VM of M MiB needs an
 #: allocation of at least M + this. Measured under TCG: 60-90 MiB of RSS beyond the guest's RAM.
@@ -65,7 +65,7 @@ def current(environ: Mapping[str, str] = os.environ) -> Allocation | None:
 def admission_scope(allocation: Allocation | None, site: "SiteConfig") -> "Scope | None":
     """The budget the vjobs of one allocation share (their own admission folder); None outside a batch job,
     where the host's budget applies."""
-    from .admission import FOLDER, Scope
+    from vjobs.host.admission import FOLDER, Scope
 
     if allocation is None:
         return None

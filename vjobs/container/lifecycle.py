@@ -5,7 +5,7 @@
 
 The container owns everything job-specific on the host: the job folder under ``work_dir`` (disks, console
 logs, sockets), the VMs it created, and the result written to the output folder. Drivers only turn a
-``VMSpec`` into a running VM and back (vjobs/driver.py).
+``VMSpec`` into a running VM and back (vjobs/drivers/contract.py).
 """
 
 from __future__ import annotations
@@ -19,28 +19,29 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from . import __version__
-from .collect import GuestResults, read_results
-from .admission import admitted
-from .allocation import VM_OVERHEAD_MIB, admission_scope
-from .allocation import current as current_allocation
-from .binds import check_folders as check_bind_folders
-from .binds import merge_back
-from .binds import snapshot as snapshot_bind
-from .disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
-from .console import ConsoleLog
-from .driver import AGENT_UP_MARKER, PAYLOAD_MARKER, VM, Driver, HostContext, Stop, VMSpec, deadline_in
-from .errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError, VMError,
-                     WalltimeExceeded, internal_error)
-from .host import create_owned_folder, new_owner, remove_owned_folder
-from .images import ResolvedImage, resolve_image
-from .job import Job
-from .plugins import choose_driver
-from .result import Result, utc_now
-from .rootfs import disk_for as rootfs_disk_for
-from .site import SiteConfig
-from . import staging
-from .staging.locations import check as check_url
+from vjobs import __version__
+from vjobs.guest.collect import GuestResults, read_results
+from vjobs.host.admission import admitted
+from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
+from vjobs.host.allocation import current as current_allocation
+from vjobs.guest.binds import check_folders as check_bind_folders
+from vjobs.guest.binds import merge_back
+from vjobs.guest.binds import snapshot as snapshot_bind
+from vjobs.guest.disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
+from vjobs.guest.console import ConsoleLog
+from vjobs.drivers.contract import (AGENT_UP_MARKER, PAYLOAD_MARKER, VM, Driver, HostContext, Stop, VMSpec,
+                                    deadline_in)
+from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError,
+                          VMError, WalltimeExceeded, internal_error)
+from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
+from vjobs.images.catalogue import ResolvedImage, resolve_image
+from vjobs.config.job import Job
+from vjobs.drivers.registry import choose_driver
+from vjobs.result import Result, utc_now
+from vjobs.images.rootfs import disk_for as rootfs_disk_for
+from vjobs.config.site import SiteConfig
+from vjobs import staging
+from vjobs.staging.locations import check as check_url
 
 CONSOLE_TAIL_BYTES = 2000
 DELIVERY_MARGIN_S = 60.0  # after the wall time and the grace: the agent collects and writes the outputs
@@ -183,7 +184,7 @@ class VMContainer:
         self.result.uploads = [vars(record) for record in records]
 
     def _check_allocation(self) -> None:
-        """Inside a batch job, a VM never gets more than the batch system granted (vjobs/allocation.py)."""
+        """Inside a batch job, a VM never gets more than the batch system granted (vjobs/host/allocation.py)."""
         granted = self.allocation
         if granted is None:
             return

@@ -2,7 +2,7 @@
 
 An image is a boot image (kernel and initramfs; the built-in one unless the catalogue names its own) and,
 optionally, a root file system the admins provide (``rootfs``): then the guest agent boots, mounts that
-read-only, and runs the payload in it (vjobs/rootfs/). Built-in: ``default`` (busybox only) and
+read-only, and runs the payload in it (vjobs/images/rootfs/). Built-in: ``default`` (busybox only) and
 ``debian12`` (a Debian 12 minbase with Python, built on first use).
 """
 
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
 
-from .cache import added, locked, remove_unused, use
-from .driver import BootImage
-from .errors import ImageError
-from .site import SiteConfig
+from vjobs.host.cache import added, locked, remove_unused, use
+from vjobs.drivers.contract import BootImage
+from vjobs.errors import ImageError
+from vjobs.config.site import SiteConfig
 
 if TYPE_CHECKING:
-    from .rootfs import RootfsImage
+    from vjobs.images.rootfs import RootfsImage
 
 BUILT_IN = ("default", "debian12")
 
@@ -62,7 +62,7 @@ def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) 
         boot = built_in_image(site.cache_dir, progress)
     rootfs = None
     if entry.rootfs is not None:
-        from .rootfs import load_rootfs
+        from vjobs.images.rootfs import load_rootfs
 
         rootfs = load_rootfs(entry.rootfs, entry.rootfs_sha256, site.cache_dir, f"images.{name}.rootfs")
     return ResolvedImage(name, boot.boot, boot.kernel_sha256, boot.initramfs_sha256, rootfs)
@@ -71,8 +71,8 @@ def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) 
 def catalogue_states(site: SiteConfig) -> list[dict[str, str]]:
     """Each catalogue entry and built-in image with its state ("ok", "not built", "broken") and why, as
     ``vjobs image list`` shows them. Checks what a job would check, without building anything."""
-    from .guest.image import load_default_image
-    from .rootfs import debian, load_rootfs
+    from vjobs.images.boot import load_default_image
+    from vjobs.images.rootfs import debian, load_rootfs
 
     rows = []
     for name, entry in sorted(site.images.items()):
@@ -107,7 +107,7 @@ def _check_boot(name: str, entry, cache_dir: Path) -> None:
 
 def built_in_base(name: str, cache_dir: Path, progress: Callable[[str], None]) -> ResolvedImage:
     """A built-in root file system (built on first use) booted by the built-in boot image."""
-    from .rootfs import debian, load_rootfs
+    from vjobs.images.rootfs import debian, load_rootfs
 
     manifest = debian.build(cache_dir, progress)
     boot = built_in_image(cache_dir, progress)
@@ -116,7 +116,7 @@ def built_in_base(name: str, cache_dir: Path, progress: Callable[[str], None]) -
 
 
 def built_in_image(cache_dir: Path, progress: Callable[[str], None]) -> ResolvedImage:
-    from .guest.image import build_default_image  # deferred: building pulls in apt and the cpio writer
+    from vjobs.images.boot import build_default_image  # deferred: building pulls in apt and the cpio writer
 
     manifest = build_default_image(cache_dir, progress)
     return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline,
@@ -133,7 +133,7 @@ def build_once(folder: Path, what: str, load: Callable[[], Built | None], build:
     into a temporary folder beside it, which ``build`` renames to ``folder``. Under a lock, so two pilots
     starting at once build once; a full disk is ``disk_full``; builds of other recipes (siblings named like
     ``folder`` up to its last ``-``) are removed unless a job still holds them, since nothing uses them
-    again. ``folder`` is a cache entry (vjobs/cache.py): held for the job, evicted least recently used."""
+    again. ``folder`` is a cache entry (vjobs/host/cache.py): held for the job, evicted least recently used."""
     if not force and (found := load()) and use(folder):
         return found
     family = folder.name.rsplit("-", 1)[0]

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import schemas
-from .errors import InvalidJob
-from .staging.locations import BadLocation, Wanted
-from .staging.locations import check as check_url
+from vjobs.config import schemas
+from vjobs.errors import InvalidJob
+from vjobs.staging.locations import BadLocation, Wanted
+from vjobs.staging.locations import check as check_url
 
 DEFAULT_WORKDIR = "/work"
 # Guest paths the agent mounts itself: a working directory there would be hidden or would hide them.
@@ -38,7 +38,7 @@ class Release:
 @dataclass(frozen=True)
 class Bind:
     """A host folder in the guest: "ro" as a read-only disk (imaged, cached by content), "rw" copied in and
-    what the payload created or changed there copied back (vjobs/binds.py)."""
+    what the payload created or changed there copied back (vjobs/guest/binds.py)."""
 
     source: Path
     target: str

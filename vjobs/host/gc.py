@@ -1,10 +1,10 @@
 """``vjobs gc``: remove what a killed vjobs left behind (VMs, job folders, admission shares), and only that.
 
-A thing is vjobs' when it carries vjobs' owner labels (vjobs/host.py), and abandoned when the process named
+A thing is vjobs' when it carries vjobs' owner labels (vjobs/host/identity.py), and abandoned when the process named
 there cannot be running: another host boot, or a pid that is gone. An admission share is abandoned when no
-process holds its lock (vjobs/admission.py). Anything else is left alone.
+process holds its lock (vjobs/host/admission.py). Anything else is left alone.
 
-Files without owner labels are judged by their locks and names (vjobs/cache.py): a partial build whose
+Files without owner labels are judged by their locks and names (vjobs/host/cache.py): a partial build whose
 build lock nobody holds, a lock file nobody holds whose image is gone, a temporary file or folder named with
 a PID that is gone (or older than an hour). Sockets live only in job folders and go with them. Last, the
 cache is evicted down to ``cache_max_gib``, once the VMs of dead owners are gone.
@@ -19,13 +19,13 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import cache
-from .admission import gc_stale_shares
-from .driver import HostContext
-from .errors import VjobsError
-from .host import abandoned_folder, owner_is_gone
-from .plugins import installed_drivers, load_driver
-from .site import SiteConfig
+from vjobs.host import cache
+from vjobs.host.admission import gc_stale_shares
+from vjobs.drivers.contract import HostContext
+from vjobs.errors import VjobsError
+from vjobs.host.identity import abandoned_folder, owner_is_gone
+from vjobs.drivers.registry import installed_drivers, load_driver
+from vjobs.config.site import SiteConfig
 
 
 DRIVER_GC_S = 60.0  # the most one driver's gc may take (it talks to libvirtd, XAPI): others must still run
@@ -72,7 +72,7 @@ def collect_files(site: SiteConfig) -> list[str]:
 
 
 def _temp_folders(folder: Path) -> list[str]:
-    """``vjobs-inspect-PID-*`` (vjobs/rootfs/inspect.py) of gone processes, if they are ours."""
+    """``vjobs-inspect-PID-*`` (vjobs/images/rootfs/inspect.py) of gone processes, if they are ours."""
     removed = []
     for path in sorted(folder.glob("vjobs-inspect-*")):
         match = re.fullmatch(r"vjobs-inspect-(\d+)-.+", path.name)

@@ -6,7 +6,7 @@
   working directory, ``binds/N/`` a copy of each read-write bind, ``vjobs/`` receives stdout and stderr;
 - io: a raw disk of ``output_mib`` that starts with the job (a tar the agent reads) and that the agent
   overwrites with the results (a tar the host reads without mounting);
-- rootfs: the site's base image, passed through as it is (vjobs/rootfs/), read-only; the io disk tells
+- rootfs: the site's base image, passed through as it is (vjobs/images/rootfs/), read-only; the io disk tells
   the agent how to find and mount it.
 See vjobs/guest/agent/ for the other side.
 """
@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .binds import copy_for_guest, link_or_copy
-from .cache import added, locked, use
-from .driver import Disk
-from .errors import LimitExceeded, SetupError
-from .images import sha256_file
-from .job import Job
+from vjobs.guest.binds import copy_for_guest, link_or_copy
+from vjobs.host.cache import added, locked, use
+from vjobs.drivers.contract import Disk
+from vjobs.errors import LimitExceeded, SetupError
+from vjobs.images.catalogue import sha256_file
+from vjobs.config.job import Job
 
 if TYPE_CHECKING:
-    from .rootfs.inspect import RootfsInfo
+    from vjobs.images.rootfs.inspect import RootfsInfo
 
 IO_MARKER = "VJOBS-IO-DISK"
 HEAD_BYTES = 65536  # the agent recognises a disk by the sha256 of this many leading bytes
@@ -157,7 +157,7 @@ def tree_fingerprint(root: Path) -> str:
 
 def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str], None]) -> tuple[Path, str]:
     """The cached read-only image of ``source``: built once (under a lock), reused after, held for the job
-    (vjobs/cache.py). Returns the image and its sha256."""
+    (vjobs/host/cache.py). Returns the image and its sha256."""
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"{fmt}\0{tree_fingerprint(source)}".encode()).hexdigest()[:32]
     image, sidecar = cache / f"{key}.{fmt}", cache / f"{key}.json"

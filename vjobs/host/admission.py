@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import AdmissionRefused
-from .result import utc_now
-from .site import HostBudget, SiteConfig
+from vjobs.errors import AdmissionRefused
+from vjobs.result import utc_now
+from vjobs.config.site import HostBudget, SiteConfig
 
 FOLDER = "admission"
 LOCK_NAME = ".lock"
@@ -57,7 +57,7 @@ class Share:
 @dataclass(frozen=True)
 class Scope:
     """Whose budget a job takes its share of: the host's (``[host]``), or a batch job's allocation, whose
-    vjobs share it among themselves and nobody else (the batch system shares the host; vjobs/allocation.py)."""
+    vjobs share it among themselves and nobody else (the batch system shares the host; vjobs/host/allocation.py)."""
 
     budget: HostBudget
     folder: Path

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import api
-from .binds import folder_size
-from .errors import InvalidJob, VjobsError
-from .host import create_owned_folder, new_owner, remove_owned_folder
-from .result import Result
-from .site import SiteConfig
+from vjobs import api
+from vjobs.guest.binds import folder_size
+from vjobs.errors import InvalidJob, VjobsError
+from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
+from vjobs.result import Result
+from vjobs.config.site import SiteConfig
 
 MIB = 1 << 20
 OUTPUT_MARGIN_MIB = 64  # room for stdout, stderr and what the payload adds to its read-write binds

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import schemas
-from .errors import InvalidSite, LimitExceeded
-from .job import Job
-from .staging import StagingSettings
+from vjobs.config import schemas
+from vjobs.errors import InvalidSite, LimitExceeded
+from vjobs.config.job import Job
+from vjobs.staging import StagingSettings
 
 SYSTEM_SITE_FILE = Path("/etc/vjobs/site.toml")
 DEFAULT_PREFERENCE = ("xen", "kvm", "qemu_user")
@@ -36,7 +36,7 @@ class CatalogueImage:
 
 @dataclass(frozen=True)
 class HostBudget:
-    """What all the VMs of the vjobs on this host may have together (``[host]``; vjobs/admission.py): by
+    """What all the VMs of the vjobs on this host may have together (``[host]``; vjobs/host/admission.py): by
     default every CPU this process may run on and all of the machine's memory."""
 
     vcpus: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
@@ -51,7 +51,7 @@ class SiteConfig:
     preference: tuple[str, ...] = DEFAULT_PREFERENCE
     cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
     work_dir: Path = field(default_factory=lambda: _default_work_dir())
-    cache_max_gib: float = 20.0  # the cache's bound: least recently used images evicted (vjobs/cache.py)
+    cache_max_gib: float = 20.0  # the cache's bound: least recently used images evicted (vjobs/host/cache.py)
     boot_timeout_s: float = 30.0
     boot_retries: int = 1
     allow_network: bool = False

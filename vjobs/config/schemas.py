@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import jsonschema
 
 _HERE = Path(__file__).resolve().parent
-_PLACES = (_HERE / "schemas", _HERE.parent / "schemas")
+_PLACES = (_HERE.parent / "schemas", _HERE.parent.parent / "schemas")  # the wheel, a checkout
 
 
 def schema_path(name: str) -> Path:

@@ -28,8 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .disks import IO_MARKER
-from .errors import VMError
+from vjobs.guest.disks import IO_MARKER
+from vjobs.errors import VMError
 
 MAX_MEMBERS = 100_000
 MAX_STATUS_BYTES = 64 * 1024

@@ -3,13 +3,13 @@ remembered until that program changes or the host reboots.
 
 A probe asks them before every job, each a subprocess of 10-20 ms, and the answers depend on nothing but the
 program: they are kept in memory and in ``cache_dir/probes/`` (where ``vjobs gc`` removes an earlier host
-boot's, as it does the deep probe's verdicts, vjobs/bootcheck.py), keyed by the host boot and by the
+boot's, as it does the deep probe's verdicts, vjobs/drivers/bootcheck.py), keyed by the host boot and by the
 program's file as the kernel sees it (its resolved path, device, inode, size, modification and change
 times): a package upgrade, a rebuilt or replaced binary changes one of them and the question is asked again.
 A question that fails (raises) is not remembered.
 
 Which ``cache_dir``: the one of the host passed in, else the one of the driver being probed (``probing``, set
-by vjobs.plugins around every ``Driver.probe``), else none: the answer is then kept in memory only.
+by vjobs.drivers.registry around every ``Driver.probe``), else none: the answer is then kept in memory only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from .driver import HostContext
+from vjobs.drivers.contract import HostContext
 
 T = TypeVar("T")
 

@@ -14,9 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from .console import ConsoleLog
-from .driver import VM, Check, HostContext, Stop, VMSpec, deadline_in
-from .host import create_owned_folder, new_owner, remove_owned_folder
+from vjobs.guest.console import ConsoleLog
+from vjobs.drivers.contract import VM, Check, HostContext, Stop, VMSpec, deadline_in
+from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
 
 PROBE_MARKER = b"vjobs-agent: probe ok"
 

@@ -3,9 +3,9 @@
 - Before anything is read whole, each folder's size is measured with a bound: a walk that stops as soon
   as the folder is over the site's ``limits.bind_mib`` (or has more entries than a job may carry), so a
   bind of a whole ``/cvmfs`` is refused in a moment, naming the size seen and the limit.
-- Read-only binds become read-only disks (vjobs/disks.py images them like releases, cached by content).
+- Read-only binds become read-only disks (vjobs/guest/disks.py images them like releases, cached by content).
 - Read-write binds are copied onto the scratch disk; after the payload, the agent returns them whole, the
-  never-trusting reader (vjobs/collect.py) extracts them (regular files and folders only, size limits),
+  never-trusting reader (vjobs/guest/collect.py) extracts them (regular files and folders only, size limits),
   and ``merge_back`` copies what is new or changed into the host folder. It opens every folder on the way
   with ``O_NOFOLLOW`` relative to the one above, so a guest-chosen name can never lead a write through a
   link the host folder holds; files are replaced by a rename, never written through. Deletions in the
@@ -24,9 +24,9 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from .errors import LimitExceeded
-from .job import Job
-from .site import SiteConfig
+from vjobs.errors import LimitExceeded
+from vjobs.config.job import Job
+from vjobs.config.site import SiteConfig
 
 MAX_BIND_ENTRIES = 1_000_000
 CHUNK = 1 << 20

@@ -1,6 +1,6 @@
 """The driver interface: the one place where the contract between the core and a hypervisor is written down.
 
-A driver is a plugin found through the ``vjobs.drivers`` entry-point group (see ``vjobs.plugins``). It has two
+A driver is a plugin found through the ``vjobs.drivers`` entry-point group (see ``vjobs.drivers.registry``). It has two
 parts, both small:
 
 ``Driver`` (one per host and site config)
@@ -31,7 +31,7 @@ Example of a spec a driver receives::
                   Disk("release", Path(".../release-<key>.squashfs"), "raw", readonly=True, cache_key="<key>")),
            console=ConsoleLog(Path(".../console.1.log")), network=False, owner=Owner(job_id="job42", pid=1234, ...))
 
-The guest's console goes into ``spec.console`` (a ``ConsoleLog``, vjobs/console.py): ``write(bytes)`` or
+The guest's console goes into ``spec.console`` (a ``ConsoleLog``, vjobs/guest/console.py): ``write(bytes)`` or
 ``follow(read)`` from the stream the hypervisor offers. It is bounded by the core, so a driver never writes
 the guest's console into a host file of its own.
 
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .console import ConsoleLog
+from vjobs.guest.console import ConsoleLog
 
 #: The guest agent prints this line on its console once it runs; see vjobs/guest/agent/.
 AGENT_UP_MARKER = b"vjobs-agent: up"
@@ -99,7 +99,7 @@ class VMSpec:
     memory_mib: int
     boot: BootImage
     disks: tuple[Disk, ...]
-    console: ConsoleLog  # where the driver puts what the guest writes on its console (vjobs/console.py)
+    console: ConsoleLog  # where the driver puts what the guest writes on its console (vjobs/guest/console.py)
     network: bool
     owner: Owner
     workdir: Path  # a host folder for this VM's own files; the core removes it after destroy()
@@ -187,7 +187,7 @@ class VM(abc.ABC):
 class Driver(abc.ABC):
     """Base class of every driver; ``settings`` is the site config's ``[drivers.NAME]`` table."""
 
-    name: str = ""  # the entry-point name; set by vjobs.plugins when it loads the driver
+    name: str = ""  # the entry-point name; set by vjobs.drivers.registry when it loads the driver
 
     def __init__(self, settings: Mapping[str, Any], host: HostContext):
         self.settings = dict(settings)

@@ -5,7 +5,7 @@ Two rules hold for every QEMU vjobs starts:
   header into a raw disk make QEMU open host files on the next boot), and read-only drives are read-only
   at the device level;
 - QEMU opens no host file by name and dies with the process that started it, even when that process is
-  killed with SIGKILL; when vjobs is root it runs confined as a user of its own (vjobs/confine.py).
+  killed with SIGKILL; when vjobs is root it runs confined as a user of its own (vjobs/drivers/qemu_user/confine.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .confine import Confinement, preexec, wrap
-from .driver import Disk
+from vjobs.drivers.qemu_user.confine import Confinement, preexec, wrap
+from vjobs.drivers.contract import Disk
 
 DEFAULT_BINARY = "qemu-system-x86_64"
 
@@ -57,7 +57,7 @@ class QemuMachine:
 
 
 class PassedFiles:
-    """The descriptors QEMU gets instead of paths: it opens no host file by name (vjobs/confine.py). Each
+    """The descriptors QEMU gets instead of paths: it opens no host file by name (vjobs/drivers/qemu_user/confine.py). Each
     ``add_*`` returns what to write in QEMU's command line; ``fds`` go to the child; ``close()`` after spawn."""
 
     def __init__(self):
@@ -177,7 +177,7 @@ def _escape(value: str) -> str:
 
 
 def spawn(argv: Sequence[str], files: PassedFiles, confinement: Confinement) -> subprocess.Popen:
-    """Start QEMU confined (vjobs/confine.py), with ``files`` and its stdout and stderr on a pipe (the
+    """Start QEMU confined (vjobs/drivers/qemu_user/confine.py), with ``files`` and its stdout and stderr on a pipe (the
     caller bounds what it keeps), in its own process group, tied to our life."""
     return subprocess.Popen(wrap(list(argv), confinement), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, pass_fds=files.fds, preexec_fn=preexec(confinement),

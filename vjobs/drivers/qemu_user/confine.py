@@ -6,7 +6,7 @@ QEMU must find nothing worth having. So QEMU started by a root vjobs:
   scripts/install.sh creates), no supplementary groups but the one that owns /dev/kvm when it uses KVM,
   no capabilities, no new privileges;
 - opens no host file by name: every disk, the kernel, the initramfs, its monitor and its console come in
-  as file descriptors vjobs opened (vjobs/qemu.py), so it needs no access to the job's files, the cache,
+  as file descriptors vjobs opened (vjobs/drivers/qemu_user/qemu.py), so it needs no access to the job's files, the cache,
   or anything else, and its monitor socket exists nowhere in the file system;
 - lives in its own mount, IPC and PID namespaces (and network namespace when the job has no network),
   with private /tmp, /var/tmp and /dev/shm, so it can neither see nor signal any other process;
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import DriverError
+from vjobs.errors import DriverError
 
 DEFAULT_USER = "vjobs-qemu"
 FALLBACK_USER = "nobody"

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ImageError
-from ..images import ChecksumCache, build_once, sha256_file
+from vjobs.errors import ImageError
+from vjobs.images.catalogue import ChecksumCache, build_once, sha256_file
 
 NAME = "debian12"
 BUILDER_VERSION = 1

@@ -1,0 +1,1 @@
+"""The VM execution container: one job, one VM, one lifecycle (lifecycle.py)."""
