@@ -11,6 +11,7 @@ from vjobs.host.cache import CacheHold
 from vjobs.container.lifecycle import VMContainer
 from vjobs.drivers.contract import Capabilities, Driver, HostContext
 from vjobs.errors import VjobsError, internal_error
+from vjobs.events import Events, EventHooks
 from vjobs.host.identity import boot_id
 from vjobs.images.catalogue import built_in_image
 from vjobs.config.job import Job, job_from_dict, load_job
@@ -22,14 +23,20 @@ JobLike = Job | Mapping[str, Any] | str | os.PathLike
 SiteLike = SiteConfig | str | os.PathLike | None
 
 
-def host_context(site: SiteConfig, progress: Callable[[str], None] = lambda message: None, *,
-                 progress_bars: bool = False) -> HostContext:
+def host_context(site: SiteConfig, progress: Callable[[str], None] | None = None, *,
+                 progress_bars: bool = False, events: Events | None = None) -> HostContext:
+    """What the core lends the drivers. Progress lines go out as ``progress`` events, to ``progress`` too."""
+    events = events or Events()
+    if progress is not None:
+        events.subscribe("progress", lambda event: progress(event.subject))
+
     @functools.cache
     def default_boot_image():
-        return built_in_image(site.cache_dir, progress).boot
+        return built_in_image(site.cache_dir, events.progress).boot
 
     return HostContext(cache_dir=site.cache_dir, work_dir=site.work_dir, boot_id=boot_id(),
-                       default_boot_image=default_boot_image, progress=progress, progress_bars=progress_bars)
+                       default_boot_image=default_boot_image, progress=events.progress, progress_bars=progress_bars,
+                       events=events)
 
 
 def _site(site: SiteLike) -> SiteConfig:
@@ -54,10 +61,14 @@ def default_outdir(job_id: str) -> Path:
 
 
 def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = None, outdir: str | os.PathLike | None = None,
-        progress: Callable[[str], None] = lambda message: None, progress_bars: bool = False) -> Result:
+        progress: Callable[[str], None] | None = None, progress_bars: bool = False,
+        event_hooks: EventHooks | None = None) -> Result:
     """Run ``job`` in a VM and return its ``Result`` (also written to ``outdir/result.json``). Never raises a
     ``VjobsError``: a job or site that is not fit to run gives a result with status ``setup_error``.
-    ``progress_bars``: draw transfer bars for staging on stderr (only when it is a terminal)."""
+    ``progress``: called with each progress line; ``progress_bars``: draw transfer bars for staging on stderr
+    (only when it is a terminal); ``event_hooks``: the run's public events, ``{"phase_started": [hook], ...}``
+    (vjobs/events.py). An unknown event name raises ``ValueError`` at once: a programming error."""
+    events = Events(event_hooks)
     try:
         site_config = _site(site)
         the_job = _job(job)
@@ -67,7 +78,8 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
         failure = error if isinstance(error, VjobsError) else internal_error(error, target)
         return _setup_failure(Result(job_id=job_id), failure, target)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
-    context = host_context(site_config, progress, progress_bars=progress_bars)
+    events.job_id = the_job.id
+    context = host_context(site_config, progress, progress_bars=progress_bars, events=events)
     container = VMContainer(the_job, site_config, context, target, driver=driver)
     with CacheHold(site_config.cache_max_gib):  # the cached images the job uses stay until it ends
         return container.run()

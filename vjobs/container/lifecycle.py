@@ -1,7 +1,21 @@
 """The VM execution container: one job, one VM, one lifecycle, teardown guaranteed.
 
-    probe -> prepare (image, disks) -> attach -> boot (own deadline, retried) -> run (wall time) -> collect
-          -> teardown (always: after an error in any phase, a timeout, Ctrl-C or SIGTERM)
+The phases, as ``_run_phases`` runs them and as observers see them (vjobs/events.py; the result's timings
+are named after them):
+
+    probe      choose a driver and take its verdict on this host
+    prepare    check the job against the site's limits and the batch allocation, resolve the image, make the
+               job folder under work_dir, snapshot the read-write binds
+    stage_in   fetch remote inputs on the host (jobs with ``stage_in`` only)
+    prepare    build the block devices: io disk, scratch disk, release and read-only bind images
+    admission  wait for the job's share of the host's budget ([host])
+    attach     the driver defines the VM and attaches its disks (``Driver.create``)   } once per boot
+    boot       the driver starts it; wait for the guest agent, with its own deadline } attempt (retried)
+    run        wait for the guest to stop, up to the wall time, its grace and a delivery margin
+    collect    read the results from the io disk (never mounted), publish them, return read-write binds
+    stage_out  upload the outputs (jobs with ``stage_out`` only)
+    teardown   always, whatever happened before: destroy every VM, save the console log, remove the folder
+    finish     write result.json (the one place it is written: vjobs/result.py ``conclude``)
 
 The container owns everything job-specific on the host: the job folder under ``work_dir`` (disks, console
 logs, sockets), the VMs it created, and the result written to the output folder. Drivers only turn a
@@ -65,6 +79,7 @@ class VMContainer:
         """``driver``: a driver name to pin, a ready ``Driver`` object to use, or None to probe and choose."""
         self.job, self.site, self.host, self.outdir = job, site, host, Path(outdir)
         self.driver_choice = driver
+        self.events = host.events
         self.owner = new_owner(job.id)
         self.folder = site.work_dir / f"{job.id}-{self.owner.run_id}"
         self.vms: list[VM] = []
@@ -93,7 +108,8 @@ class VMContainer:
                 with self._phase("teardown"):
                     self._teardown()
                 self.held.close()
-                self._finish()
+                with self.events.phase("finish"):  # not timed: its time is after the result's total
+                    self._finish()
         return self.result
 
     def _run_phases(self) -> None:
@@ -206,15 +222,19 @@ class VMContainer:
         attempts = 1 + self.site.boot_retries
         for attempt in range(1, attempts + 1):
             with self._phase("attach"):
-                vm = driver.create(self._spec(image, disks, attempt))
+                spec = self._spec(image, disks, attempt)
+                with self.events.step("vm_create"):
+                    vm = driver.create(spec)
                 self.vms.append(vm)
             with self._phase("boot"):
-                vm.start()
+                with self.events.step("vm_start"):
+                    vm.start()
                 self.result.provenance["boot_attempts"] = attempt
                 self.result.provenance.update(vm.provenance())
                 if self._wait_for_agent(vm, deadline_in(self.site.boot_timeout_s)):
                     return vm
-                vm.destroy()
+                with self.events.step("vm_destroy"):
+                    vm.destroy()
                 self.host.progress(f"boot attempt {attempt} of {attempts}: the guest did not report in within "
                                    f"{self.site.boot_timeout_s} s")
         raise BootTimeout(f"the guest did not boot within {self.site.boot_timeout_s} s, {attempts} times; "
@@ -245,13 +265,16 @@ class VMContainer:
     def _collect(self, vm: VM, disks: JobDisks, stop: Stop) -> None:
         incoming = self.folder / "results"
         try:
-            results = read_results(vm.fetch_disk(disks.io), incoming, disks.io.path.stat().st_size)
+            with self.events.step("fetch_disk"):
+                io_disk = vm.fetch_disk(disks.io)
+            results = read_results(io_disk, incoming, disks.io.path.stat().st_size)
         except VMError as error:
             if stop is Stop.CRASH and error.code == "no_results":
                 raise VMError(f"the guest crashed before it wrote results; console: {self._console_tail()!r}",
                               code="guest_crashed") from error
             raise
-        self._publish(incoming, results)
+        with self.events.step("publish"):
+            self._publish(incoming, results)
         self._return_binds(incoming / "binds")
         agent_error = results.status.get("error")
         if agent_error:
@@ -352,14 +375,18 @@ class VMContainer:
         problems = []
         for vm in self.vms:
             try:
-                vm.destroy()
+                with self.events.step("vm_destroy"):
+                    vm.destroy()
             except Exception as exc:
                 problems.append(f"destroying {vm.spec.name}: {exc}")
         try:
-            self._save_console()
+            with self.events.step("save_console"):
+                self._save_console()
         except OSError as exc:
             problems.append(f"saving the console log: {exc}")
-        if not remove_owned_folder(self.folder):
+        with self.events.step("remove_job_folder"):
+            removed = remove_owned_folder(self.folder)
+        if not removed:
             problems.append(f"could not remove {self.folder}")
         if problems and self.result.error is None:
             self.result.status = "vm_error"
@@ -375,9 +402,12 @@ class VMContainer:
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
+        """A phase, announced to the run's observers and timed into the result (a phase entered twice, as a
+        retried boot's attach and boot are, adds up)."""
         started = time.monotonic()
         try:
-            yield
+            with self.events.phase(name):
+                yield
         finally:
             spent = time.monotonic() - started
             self.result.timings[name] = round(self.result.timings.get(name, 0.0) + spent, 3)

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from vjobs.events import Events
 from vjobs.guest.console import ConsoleLog
 
 #: The guest agent prints this line on its console once it runs; see vjobs/guest/agent/.
@@ -152,7 +153,9 @@ class HostContext:
     work_dir: Path
     boot_id: str
     default_boot_image: Callable[[], BootImage]  # builds the built-in image on first use (make-style)
-    progress: Callable[[str], None] = field(default=lambda message: None)
+    progress: Callable[[str], None] = field(default=lambda message: None)  # a line for a person (the events')
+    events: Events = field(default_factory=Events)  # the run's public events (vjobs/events.py): drivers may
+                                                    # report their steps (e.g. xen's uploads) through them
     progress_bars: bool = False  # a terminal watches: staging may draw transfer bars on stderr
 
 
