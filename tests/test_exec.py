@@ -9,6 +9,7 @@ import stat
 import pytest
 
 from vjobs.cli import exec_command as runtime
+from vjobs.config.exec_request import ExecRequest, job_document
 from vjobs.cli.main import build_parser
 
 
@@ -66,8 +67,7 @@ def test_links_and_devices_made_in_a_bind_never_reach_the_host(make_site, folder
 
 def test_default_pwd_is_the_first_binds_target_and_dst_defaults_to_src(folders):
     work, data = folders
-    document = runtime.job_document(exec_args("-B", f"{work},{data}:/d:ro", "img", "true"),
-                                    runtime.parse_binds([f"{work},{data}:/d:ro"]))
+    document = job_document(ExecRequest("img", ["true"], binds=[f"{work},{data}:/d:ro"]))
     assert document["cwd"] == str(work)
     assert document["binds"] == [{"source": str(work), "target": str(work), "mode": "rw"},
                                  {"source": str(data), "target": "/d", "mode": "ro"}]

@@ -101,6 +101,7 @@ def test_unknown_image_is_a_setup_error(tmp_path, make_site):
     result = vjobs.run(write(tmp_path, {"id": "a", "command": ["true"], "image": "nope"}), site=make_site(),
                        driver="qemu_user", outdir=tmp_path / "out")
     assert result.status == "setup_error"
+    assert result.error["code"] == "image_not_found"
     assert "'nope' is not in this site's catalogue" in result.error["message"]
     assert (tmp_path / "out" / "result.json").exists()
 

@@ -40,7 +40,8 @@ def test_install_refuses_a_folder_that_is_no_pilot(tmp_path):
 @pytest.mark.parametrize("status, code, message, expected", [
     ("succeeded", None, "", None),
     ("failed", None, "", None),
-    ("setup_error", "image_error", "/image: 'x' is not in this site's catalogue", errors.IMAGENOTFOUND),
+    ("setup_error", "image_not_found", "/image: 'x' is not in this site's catalogue", errors.IMAGENOTFOUND),
+    ("setup_error", "image_error", "/image: 'x' has sha256 0, the catalogue says 1", errors.SETUPFAILURE),
     ("setup_error", "limit_exceeded", "too big", errors.SETUPFAILURE),
     ("vm_error", "no_usable_driver", "no KVM", errors.RESOURCEUNAVAILABLE),
     ("vm_error", "boot_timeout", "did not boot", errors.CONTAINERFAILURE),

@@ -6,6 +6,10 @@ The Python API a pilot calls::
     result = vjobs.run("job.json", outdir="out/")      # or a dict, or a vjobs.Job
     if result.status == "succeeded": ...
     for verdict in vjobs.probe(): print(verdict.driver, verdict.usable, verdict.reason)
+    result = vjobs.execute(vjobs.ExecRequest("debian12", ["python3", "a.py"], binds=["/data:/srv"]))
+
+Observers (a progress display, a benchmark) subscribe to the run's events: ``vjobs.run(..., event_hooks=...)``
+(vjobs/events.py).
 
 Everything vjobs reports on purpose is a ``vjobs.VjobsError`` (see vjobs/errors.py); ``run`` itself does
 not raise those: it returns a ``Result`` whose ``status`` and ``error`` say what happened.
@@ -13,7 +17,9 @@ not raise those: it returns a ``Result`` whose ``status`` and ``error`` say what
 
 __version__ = "0.1.0"
 
-from vjobs.api import host_context, probe, run, validate  # noqa: E402
+from vjobs.api import execute, host_context, probe, run, validate  # noqa: E402
+from vjobs.config.exec_request import ExecRequest  # noqa: E402
+from vjobs.events import Event  # noqa: E402
 from vjobs.drivers.contract import Capabilities, Driver, VM  # noqa: E402
 from vjobs.errors import (Cancelled, DriverError, DriverNotFound, ImageError, InvalidJob, InvalidSite,
                           LimitExceeded, NoUsableDriver, SetupError, VjobsError, VMError, WalltimeExceeded)
@@ -21,7 +27,7 @@ from vjobs.config.job import Job, load_job  # noqa: E402
 from vjobs.result import Result  # noqa: E402
 from vjobs.config.site import SiteConfig, load_site  # noqa: E402
 
-__all__ = ["run", "probe", "validate", "host_context", "load_job", "load_site", "Job", "SiteConfig", "Result",
+__all__ = ["run", "execute", "probe", "validate", "host_context", "ExecRequest", "Event", "load_job", "load_site", "Job", "SiteConfig", "Result",
            "Capabilities", "Driver", "VM", "VjobsError", "SetupError", "InvalidJob", "InvalidSite",
            "LimitExceeded", "ImageError", "DriverError", "DriverNotFound", "NoUsableDriver", "VMError",
            "WalltimeExceeded", "Cancelled", "__version__"]

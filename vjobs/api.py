@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
-from vjobs.host.cache import CacheHold
+from vjobs.config.exec_request import ExecRequest, job_document
+from vjobs.config.job import Job, job_from_dict, load_job
+from vjobs.config.site import SiteConfig, load_site
 from vjobs.container.lifecycle import VMContainer
 from vjobs.drivers.contract import Capabilities, Driver, HostContext
-from vjobs.errors import VjobsError, internal_error
-from vjobs.events import Events, EventHooks
-from vjobs.host.identity import boot_id
-from vjobs.images.catalogue import built_in_image
-from vjobs.config.job import Job, job_from_dict, load_job
 from vjobs.drivers.registry import probe_all
-from vjobs.result import Result, utc_now
-from vjobs.config.site import SiteConfig, load_site
+from vjobs.errors import VjobsError, internal_error
+from vjobs.events import EventHooks, Events
+from vjobs.host.cache import CacheHold
+from vjobs.host.identity import boot_id, create_owned_folder, new_owner, remove_owned_folder
+from vjobs.images.catalogue import built_in_image
+from vjobs.result import RESULT_NAME, Result, failed
 
 JobLike = Job | Mapping[str, Any] | str | os.PathLike
 SiteLike = SiteConfig | str | os.PathLike | None
@@ -76,7 +79,7 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
         job_id = _job_id_guess(job)
         target = Path(outdir) if outdir else default_outdir(job_id)
         failure = error if isinstance(error, VjobsError) else internal_error(error, target)
-        return _setup_failure(Result(job_id=job_id), failure, target)
+        return failed(job_id, failure, target / RESULT_NAME)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
     events.job_id = the_job.id
     context = host_context(site_config, progress, progress_bars=progress_bars, events=events)
@@ -94,17 +97,39 @@ def _job_id_guess(job: Any) -> str:
     return "unknown"
 
 
-def _setup_failure(result: Result, error: VjobsError, outdir: Path) -> Result:
-    from vjobs import __version__
-
-    result.status, result.error = error.status, {"code": error.code, "message": str(error)}
-    result.vjobs_version, result.started_at, result.ended_at = __version__, utc_now(), utc_now()
-    result.timings["total"] = 0.0
-    result.write(outdir / "result.json")
-    return result
-
-
 def probe(site: SiteLike = None, progress: Callable[[str], None] = lambda message: None) -> list[Capabilities]:
     """Every installed driver's verdict on this host."""
     site_config = _site(site)
     return probe_all(site_config, host_context(site_config, progress))
+
+
+def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Driver | None" = None,
+            result_file: str | os.PathLike | None = None, stdout: BinaryIO | None = None,
+            stderr: BinaryIO | None = None, event_hooks: EventHooks | None = None) -> Result:
+    """Run a command in an image as ``vjobs exec`` does (vjobs/config/exec_request.py) and relay the payload's
+    stdout and stderr to ``stdout`` and ``stderr`` (binary streams; default: this process's). Its exit status
+    is ``result.exit_status()``. ``result_file``: also write the result there. Never raises a ``VjobsError``."""
+    try:
+        site_config = _site(site)
+        document = job_document(request)
+    except VjobsError as error:
+        return failed("exec", error, result_file)
+    owner = new_owner("exec")
+    scratch = create_owned_folder(site_config.work_dir / f"exec-{owner.run_id}", owner)  # `vjobs gc` knows it
+    try:
+        result = run(document, site=site_config, driver=driver, outdir=scratch, event_hooks=event_hooks)
+        _relay(scratch / "stdout", stdout or sys.stdout.buffer)
+        _relay(scratch / "stderr", stderr or sys.stderr.buffer)
+        if result_file:
+            shutil.copyfile(scratch / RESULT_NAME, result_file)
+    finally:
+        remove_owned_folder(scratch)
+    return result
+
+
+def _relay(path: Path, stream: BinaryIO) -> None:
+    if path.exists():
+        sys.stdout.flush(), sys.stderr.flush()  # what Python printed before comes first
+        with open(path, "rb") as handle:
+            shutil.copyfileobj(handle, stream)
+        stream.flush()

@@ -9,7 +9,8 @@ Catch ``VjobsError`` for everything vjobs reports on purpose; anything else is a
     │   ├── LimitExceeded     the job asks for more than the site allows
     │   ├── AdmissionRefused  the host's budget ([host]) has no room for the job's VM: "exceeds_host_budget"
     │   │                     (it never fits: refused at once) or "admission_timeout" (none within admission_wait_s)
-    │   ├── ImageError        unknown image, missing file, checksum mismatch, failed image build
+    │   ├── ImageError        an image that cannot be used: not in the catalogue ("image_not_found"), a missing
+    │   │                     file, a checksum mismatch, a failed build ("image_error")
     │   ├── DiskFull          work_dir or cache_dir filled up while the job was prepared or ran
     │   └── StageInFailed     a remote input could not be fetched or failed its checksum (vjobs/staging/)
     ├── DriverError           status "vm_error": the chosen driver cannot run VMs here

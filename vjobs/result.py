@@ -10,7 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vjobs import __version__
 from vjobs.config import schemas
+
+RESULT_NAME = "result.json"
 
 
 @dataclass
@@ -52,8 +55,13 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def record(self, error) -> None:
+        """What a ``VjobsError`` says about the run: its status and ``{"code", "message"}``."""
+        self.status, self.error = error.status, {"code": error.code, "message": str(error)}
+
     def write(self, path: Path) -> None:
-        """Atomically, so a reader never sees half a file; checked against the schema first."""
+        """Atomically, so a reader never sees half a file; checked against the schema first. Only ``conclude``
+        calls it: a result is written once, when the run ends."""
         document = self.to_json()
         problem = schemas.problem("result", document)
         if problem:  # a bug in vjobs, not in the job: say so loudly
@@ -70,3 +78,22 @@ class Result:
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def conclude(result: Result, path: Path | str) -> Result:
+    """The one writer of ``result.json``: stamps the end of the run and writes ``path`` (the output folder's
+    ``result.json``, or the file a caller named) atomically. Returns the result."""
+    result.vjobs_version = result.vjobs_version or __version__
+    result.started_at = result.started_at or utc_now()
+    result.ended_at = utc_now()
+    result.write(Path(path))
+    return result
+
+
+def failed(job_id: str, error, path: Path | str | None) -> Result:
+    """The result of a run that ended before it began (a job or site that is not fit to run), written to
+    ``path`` when one is given."""
+    now = utc_now()
+    result = Result(job_id=job_id, timings={"total": 0.0}, vjobs_version=__version__, started_at=now, ended_at=now)
+    result.record(error)
+    return conclude(result, path) if path else result

@@ -51,7 +51,7 @@ from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_fol
 from vjobs.images.catalogue import ResolvedImage, resolve_image
 from vjobs.config.job import Job
 from vjobs.drivers.registry import choose_driver
-from vjobs.result import Result, utc_now
+from vjobs.result import RESULT_NAME, Result, conclude, utc_now
 from vjobs.images.rootfs import disk_for as rootfs_disk_for
 from vjobs.config.site import SiteConfig
 from vjobs import staging
@@ -364,8 +364,7 @@ class VMContainer:
     # --- outcome ---------------------------------------------------------------------------------------
 
     def _fail(self, error: VjobsError) -> None:
-        self.result.status = error.status
-        self.result.error = {"code": error.code, "message": str(error)}
+        self.result.record(error)
         if not isinstance(error, StageOutFailed):  # after a failed upload the payload's exit status still stands
             self.result.exit_code = None
 
@@ -397,8 +396,7 @@ class VMContainer:
         payload_seen = [at for console in self.consoles if (at := console.seen_at(PAYLOAD_MARKER))]
         if payload_seen:  # what a user waits for: from the call to the payload's start, as the host saw it
             self.result.timings["to_payload"] = round(min(payload_seen) - self._started, 3)
-        self.result.ended_at = utc_now()
-        self.result.write(self.outdir / "result.json")
+        conclude(self.result, self.outdir / RESULT_NAME)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:

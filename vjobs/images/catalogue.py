@@ -52,7 +52,7 @@ def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) 
     if entry is None:
         known = ", ".join(sorted({*site.images, *BUILT_IN}))
         raise ImageError(f"/image: {name!r} is not in this site's catalogue ({site.source}) nor built in; "
-                         f"known: {known}")
+                         f"known: {known}", code="image_not_found")
     if entry.kernel is not None:
         _check_boot(name, entry, site.cache_dir)
         boot = ResolvedImage(name, BootImage(entry.kernel, entry.initramfs, entry.cmdline, entry.kernel_sha256,

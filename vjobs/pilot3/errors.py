@@ -35,7 +35,7 @@ def pilot_error_code(result: Result) -> int | None:
     if code in ("no_usable_driver", "driver_not_found"):
         return RESOURCEUNAVAILABLE
     if result.status == "setup_error":
-        return IMAGENOTFOUND if "not in this site's catalogue" in result.error.get("message", "") else SETUPFAILURE
+        return IMAGENOTFOUND if code == "image_not_found" else SETUPFAILURE
     if result.status == "timeout":
         return REACHEDMAXTIME
     if result.status == "cancelled":

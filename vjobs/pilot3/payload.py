@@ -17,9 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vjobs.cli import exec_command as runtime
-from vjobs.cli.main import build_parser
-from vjobs.result import Result
+import vjobs
 from vjobs.pilot3.errors import write_report
 
 RESULT_NAME = "vjobs-result.json"
@@ -38,17 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
     workdir = args.workdir.resolve()
-    words = ["exec", "--bind", str(workdir), "--pwd", str(workdir), "--vcpus", str(args.vcpus),
-             "--memory-mib", str(max(args.memory_mib, 256)), "--walltime", str(args.walltime),
-             "--result", str(workdir / RESULT_NAME)]
-    if args.site:
-        words += ["--site", args.site]
-    exec_args = build_parser().parse_args([*words, args.image, "/bin/bash", "-c", " ".join(command)])
-    return runtime.run_exec(exec_args, report_failure=lambda result: _report(result, workdir))
-
-
-def _report(result: Result, workdir: Path) -> None:
-    write_report(result, workdir)
+    request = vjobs.ExecRequest(args.image, ["/bin/bash", "-c", " ".join(command)], binds=[str(workdir)],
+                                pwd=str(workdir), vcpus=args.vcpus, memory_mib=max(args.memory_mib, 256),
+                                walltime_s=args.walltime)
+    result = vjobs.execute(request, site=args.site, result_file=workdir / RESULT_NAME)
+    if result.status not in ("succeeded", "failed"):
+        write_report(result, workdir)  # and nothing on stderr, which the pilot scans for runtime messages
+    return result.exit_status()
 
 
 if __name__ == "__main__":
