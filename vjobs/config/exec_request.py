@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from vjobs.config.job import Bind
 from vjobs.errors import InvalidJob
 from vjobs.guest.binds import folder_size
 
@@ -36,14 +37,7 @@ class ExecRequest:
     network: bool = False
 
 
-@dataclass(frozen=True)
-class BindSpec:
-    source: Path
-    target: str
-    mode: str
-
-
-def parse_binds(values: Sequence[str]) -> list[BindSpec]:
+def parse_binds(values: Sequence[str]) -> list[Bind]:
     """``SRC[:DST[:ro|rw]]``, several per value when separated by commas (as apptainer takes them)."""
     binds = []
     for value in values:
@@ -61,7 +55,7 @@ def parse_binds(values: Sequence[str]) -> list[BindSpec]:
                                  "bound: bind the folder that holds it")
             if not target.startswith("/"):
                 raise InvalidJob(f"--bind {text}: the guest path {target!r} must be absolute")
-            binds.append(BindSpec(source, target.rstrip("/") or "/", mode))
+            binds.append(Bind(source, target.rstrip("/") or "/", mode))
     return binds
 
 
