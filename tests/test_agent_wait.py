@@ -10,7 +10,8 @@ import pytest
 
 import vjobs
 from vjobs.guest.console import ConsoleLog
-from vjobs.drivers.contract import AGENT_UP_MARKER, VM, Capabilities, Driver, Stop
+from vjobs.drivers.contract import VM, Capabilities, Driver, Stop
+from vjobs.guest.protocol import AGENT_UP_MARKER
 
 UP = AGENT_UP_MARKER
 LONG = 300.0  # a timeout no test waits out: a wait that is not woken fails the join below, long before

@@ -9,7 +9,8 @@ import tarfile
 import pytest
 
 import vjobs
-from vjobs.guest.disks import IO_MARKER, prepare_disks, release_image
+from vjobs.guest.disks import prepare_disks, release_image
+from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.errors import SetupError
 
 
@@ -46,7 +47,7 @@ def test_job_disks(tmp_path):
     disks = prepare_disks(job, tmp_path / "job", tmp_path / "cache", "squashfs", lambda m: None)
     assert disks.io.path.stat().st_size == 2 << 20 and not disks.io.readonly
     with tarfile.open(disks.io.path) as job_tar:
-        assert job_tar.getnames()[0] == IO_MARKER
+        assert job_tar.getnames()[0] == IO_DISK_MAGIC
         assert job_tar.extractfile("job/command.sh").read() == b"exec echo 'it'\"'\"'s'\n"
         assert job_tar.extractfile("job/env.sh").read() == b"export A='b c'\n"
     listing = subprocess.run(["debugfs", "-R", "ls -p /work/sub", str(disks.scratch.path)],

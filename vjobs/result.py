@@ -12,6 +12,7 @@ from typing import Any
 
 from vjobs import __version__
 from vjobs.config import schemas
+from vjobs.guest.protocol import BEFORE_PAYLOAD
 
 RESULT_NAME = "result.json"
 
@@ -40,6 +41,11 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status == "succeeded"
+
+    @property
+    def failed_before_payload(self) -> bool:
+        """The VM never got as far as the payload: it did not boot, or the guest could not set the job up."""
+        return self.status == "vm_error" and (self.error or {}).get("code") in BEFORE_PAYLOAD
 
     def exit_status(self) -> int:
         """The exit status of ``vjobs run`` and ``vjobs exec``: the payload's own when it ran to the end,

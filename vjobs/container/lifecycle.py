@@ -43,7 +43,8 @@ from vjobs.guest.binds import merge_back
 from vjobs.guest.binds import snapshot as snapshot_bind
 from vjobs.guest.disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
 from vjobs.guest.console import ConsoleLog
-from vjobs.drivers.contract import (AGENT_UP_MARKER, PAYLOAD_MARKER, VM, Driver, HostContext, Stop, VMSpec,
+from vjobs.guest.protocol import AGENT_ERRORS, AGENT_UP_MARKER, OUTPUT_TOO_LARGE, PAYLOAD_MARKER
+from vjobs.drivers.contract import (VM, Driver, HostContext, Stop, VMSpec,
                                     deadline_in)
 from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError,
                           VMError, WalltimeExceeded, internal_error)
@@ -59,18 +60,6 @@ from vjobs.staging.locations import check as check_url
 
 CONSOLE_TAIL_BYTES = 2000
 DELIVERY_MARGIN_S = 60.0  # after the wall time and the grace: the agent collects and writes the outputs
-#: What the agent's error codes mean, said to the user (vjobs/guest/agent/ sets them).
-AGENT_ERRORS = {
-    "rootfs_disk_missing": "the guest did not find the base image's disk",
-    "rootfs_mount_failed": "the guest could not mount the base image read-only: the file system is damaged or "
-                           "of a kind the guest kernel cannot read; check it with `vjobs image inspect` and "
-                           "rebuild it",
-    "overlay_failed": "the guest could not put its overlay over the base image",
-    "rootfs_unusable": "the base image cannot run payloads",
-    "payload_setup_failed": "the guest could not set up the payload's namespaces and mounts",
-    "readonly_disk_missing": "the guest did not find the disk of the release or a read-only bind",
-    "readonly_mount_failed": "the guest could not mount the image of the release or a read-only bind",
-}
 
 
 class VMContainer:
@@ -292,7 +281,7 @@ class VMContainer:
         self.result.status = "succeeded" if exit_code == 0 else "failed"
 
     def _agent_error_message(self, code: str, status: dict[str, str]) -> str:
-        if code == "output_too_large":
+        if code == OUTPUT_TOO_LARGE:
             return (f"the job's outputs, stdout and stderr came to {status.get('output_bytes')} bytes, more than "
                     f"/resources/output_mib allows ({status.get('output_limit_bytes')} bytes): nothing but the "
                     "tails of stdout and stderr came back; raise output_mib or match fewer files")

@@ -52,11 +52,8 @@ from typing import Any, Callable, Mapping
 
 from vjobs.events import Events
 from vjobs.guest.console import ConsoleLog
+from vjobs.guest.protocol import AGENT_UP_MARKER
 
-#: The guest agent prints this line on its console once it runs; see vjobs/guest/agent/.
-AGENT_UP_MARKER = b"vjobs-agent: up"
-#: ... and this one just before it starts the payload (the core times the start-up by it).
-PAYLOAD_MARKER = b"vjobs-agent: running the payload"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vjobs.guest.disks import IO_MARKER
+from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.errors import VMError
 
 MAX_MEMBERS = 100_000
@@ -201,7 +201,7 @@ class _Budget:
 def _take(copier: _Copier, member: tarfile.TarInfo, destination: Path, results: GuestResults,
           budget: _Budget) -> None:
     name = _safe_name(member.name)
-    if name == IO_MARKER:
+    if name == IO_DISK_MAGIC:
         raise VMError("the guest powered off before writing results (the io disk still holds the job); "
                       "see the console log", code="no_results")
     top, _, rest = name.partition("/")

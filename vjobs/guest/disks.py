@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from vjobs.guest.binds import copy_for_guest, link_or_copy
+from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.host.cache import added, locked, use
 from vjobs.drivers.contract import Disk
 from vjobs.errors import LimitExceeded, SetupError
@@ -38,7 +39,6 @@ from vjobs.config.job import Job
 if TYPE_CHECKING:
     from vjobs.images.rootfs.inspect import RootfsInfo
 
-IO_MARKER = "VJOBS-IO-DISK"
 HEAD_BYTES = 65536  # the agent recognises a disk by the sha256 of this many leading bytes
 MIB = 1 << 20
 RELEASE_TOOLS = {
@@ -255,7 +255,7 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnl
                 "WALLTIME_S": f"{job.walltime_s:.3f}",
                 "STOP_GRACE_S": f"{stop_grace_s:.3f}"}
     members = {
-        IO_MARKER: _io_marker(0),  # the job tar's length goes here once it is known (same width)
+        IO_DISK_MAGIC: _io_marker(0),  # the job tar's length goes here once it is known (same width)
         "job/settings": "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items()),
         "job/env.sh": "".join(f"export {key}={shlex.quote(value)}\n" for key, value in job.env.items()),
         "job/command.sh": "exec " + " ".join(shlex.quote(arg) for arg in job.command) + "\n",
@@ -269,7 +269,7 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnl
         # otherwise share the template's random state.
         "job/entropy": os.urandom(32),
     }
-    payload = _tar_bytes({**members, IO_MARKER: _io_marker(len(_tar_bytes(members)))})
+    payload = _tar_bytes({**members, IO_DISK_MAGIC: _io_marker(len(_tar_bytes(members)))})
     size = job.resources.output_mib * MIB
     if len(payload) > size:
         raise LimitExceeded(f"job {job.id}: the job's command and env take {len(payload)} bytes, more than "

@@ -16,13 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vjobs.container.lifecycle import AGENT_ERRORS
-from vjobs.result import Result
+from vjobs import Result
 
 IMAGENOTFOUND, SETUPFAILURE, RESOURCEUNAVAILABLE = 1360, 1110, 1344
 CONTAINERFAILURE, PAYLOADEXECUTIONFAILURE, REACHEDMAXTIME, SIGTERM = 1306, 1305, 1213, 1201
-# The VM did not get as far as the payload: the host's boot failures and every set-up failure the agent reports.
-BOOT_FAILURES = {"boot_timeout", "boot_failed", "hypervisor_failed", *AGENT_ERRORS}
 REPORT_NAME = "payload_error_report.json"
 
 
@@ -40,7 +37,7 @@ def pilot_error_code(result: Result) -> int | None:
         return REACHEDMAXTIME
     if result.status == "cancelled":
         return SIGTERM
-    return CONTAINERFAILURE if code in BOOT_FAILURES else PAYLOADEXECUTIONFAILURE
+    return CONTAINERFAILURE if result.failed_before_payload else PAYLOADEXECUTIONFAILURE
 
 
 def write_report(result: Result, workdir: Path) -> Path | None:

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vjobs.guest.console import ConsoleLog
-from vjobs.drivers.contract import AGENT_UP_MARKER, VMSpec
+from vjobs.drivers.contract import VMSpec
+from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
 from vjobs.errors import VMError
 from vjobs.drivers.qemu_user import qemu
 from vjobs.images.catalogue import build_once, sha256_file
 
 FORMAT = 2  # of the saved state, its stand-ins and its manifest; a change makes every template anew
-READY_MARKER = b"vjobs-agent: template ready"
 CONTROLLER = "vjobs-scsi"
 STAND_INS = ("restore-kernel", "restore-initrd")  # beside the state: see write_stand_ins
 MACHINES = ("q35", "pc")  # a PCI bus for the SCSI controller; microvm has none
@@ -188,7 +188,8 @@ def save_template(vm, state: Path) -> None:
         vm.launch(cmdline=template_cmdline(vm.spec), disks=(), extra=controller_args(),
                   max_file_bytes=state_bytes_limit(vm.spec))
         vm.monitor.cmd("cont")
-        _wait_for(lambda: vm.spec.console.saw(READY_MARKER), vm, BUILD_DEADLINE_S, "the template guest to boot")
+        _wait_for(lambda: vm.spec.console.saw(TEMPLATE_READY_MARKER), vm, BUILD_DEADLINE_S,
+                  "the template guest to boot")
         vm.monitor.cmd("stop")
         with open(state, "wb") as output:
             vm.monitor.send_fd_scm(output.fileno())
@@ -265,5 +266,5 @@ def _wait_for(ready, vm, deadline_s: float, what: str) -> None:
 def template_spec(spec: VMSpec, scratch: Path) -> VMSpec:
     """The template guest's own spec: the job's shape, no disks, its own console and folder."""
     return dataclasses.replace(spec, name=f"{spec.name}-template", disks=(), network=False, workdir=scratch,
-                               console=ConsoleLog(scratch / "console.log", markers=(READY_MARKER,)))
+                               console=ConsoleLog(scratch / "console.log", markers=(TEMPLATE_READY_MARKER,)))
 
