@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from vjobs.guest.binds import copy_for_guest, link_or_copy
-from vjobs.host.cache import added, locked, use
+from vjobs.host import locks
+from vjobs.host.cache import added, use
 from vjobs.drivers.contract import Disk
 from vjobs.errors import LimitExceeded, SetupError
 from vjobs.images.catalogue import sha256_file
@@ -161,7 +162,7 @@ def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str],
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"{fmt}\0{tree_fingerprint(source)}".encode()).hexdigest()[:32]
     image, sidecar = cache / f"{key}.{fmt}", cache / f"{key}.json"
-    with locked(cache / f"{key}.lock"):
+    with locks.exclusive(cache / f"{key}.lock"):
         if image.exists() and sidecar.exists() and use(image):
             return image, json.loads(sidecar.read_text())["sha256"]
         progress(f"building the {fmt} release image of {source}")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
 
-from vjobs.host.cache import added, locked, remove_unused, use
+from vjobs.host import locks
+from vjobs.host.cache import added, remove_unused, use
 from vjobs.drivers.contract import BootImage
 from vjobs.errors import ImageError
 from vjobs.config.site import SiteConfig
@@ -137,7 +138,7 @@ def build_once(folder: Path, what: str, load: Callable[[], Built | None], build:
     if not force and (found := load()) and use(folder):
         return found
     family = folder.name.rsplit("-", 1)[0]
-    with locked(folder.parent / f"{family}.lock"):
+    with locks.exclusive(folder.parent / f"{family}.lock"):
         if not force and (found := load()) and use(folder):
             return found
         try:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vjobs.host.cache import added, locked, use
+from vjobs.host import locks
+from vjobs.host.cache import added, use
 from vjobs.drivers.contract import Disk
 from vjobs.errors import ImageError
 from vjobs.images.catalogue import ChecksumCache
@@ -85,7 +86,7 @@ def disk_for(rootfs: RootfsImage, formats: tuple[str, ...], cache_dir: Path,
 
 def _raw_copy(rootfs: RootfsImage, folder: Path, progress: Callable[[str], None]) -> Path:
     target = folder / f"{rootfs.sha256}.raw"
-    with locked(folder / f"{rootfs.sha256}.lock"):
+    with locks.exclusive(folder / f"{rootfs.sha256}.lock"):
         if target.exists() and use(target):
             return target
         progress(f"converting the {rootfs.info.container} base image {rootfs.path} to raw, once")
