@@ -11,8 +11,7 @@ Everything vjobs reports on purpose is a ``vjobs.VjobsError`` (see vjobs/errors.
 not raise those: it returns a ``Result`` whose ``status`` and ``error`` say what happened.
 """
 
-__version__ = "0.1.0"
-
+from vjobs._version import __version__
 from vjobs.api import host_context, probe, run, validate  # noqa: E402
 from vjobs.drivers.contract import Capabilities, Driver, VM  # noqa: E402
 from vjobs.errors import (Cancelled, DriverError, DriverNotFound, ImageError, InvalidJob, InvalidSite,

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from vjobs._version import __version__
 from vjobs.host.cache import CacheHold
 from vjobs.container.lifecycle import VMContainer
 from vjobs.drivers.contract import Capabilities, Driver, HostContext
@@ -83,8 +84,6 @@ def _job_id_guess(job: Any) -> str:
 
 
 def _setup_failure(result: Result, error: VjobsError, outdir: Path) -> Result:
-    from vjobs import __version__
-
     result.status, result.error = error.status, {"code": error.code, "message": str(error)}
     result.vjobs_version, result.started_at, result.ended_at = __version__, utc_now(), utc_now()
     result.timings["total"] = 0.0

@@ -9,7 +9,7 @@ path                                        what                                
 releases/KEY.squashfs, releases/KEY.erofs   a release or read-only bind image (vjobs/guest/disks.py); its     yes
                                             sidecar KEY.json and build lock KEY.lock go with it
 images/default-KEY/, images/debian12-KEY/   the built-in boot image and Debian 12 base                  yes
-                                            (images.build_once; build lock images/FAMILY.lock)
+                                            (store.build_once; build lock images/FAMILY.lock)
 rootfs/SHA.raw                              a raw copy of a base image for a driver that attaches raw    yes
                                             only (vjobs/images/rootfs/; build lock rootfs/SHA.lock)
 templates/FAMILY-KEY/                       a pre-booted guest, saved (drivers/qemu_user/template.py;   yes

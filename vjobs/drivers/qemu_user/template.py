@@ -35,7 +35,7 @@ from vjobs.guest.console import ConsoleLog
 from vjobs.drivers.contract import AGENT_UP_MARKER, VMSpec
 from vjobs.errors import VMError
 from vjobs.drivers.qemu_user import qemu
-from vjobs.images.catalogue import build_once, sha256_file
+from vjobs.images.store import build_once, sha256_file
 
 FORMAT = 2  # of the saved state, its stand-ins and its manifest; a change makes every template anew
 READY_MARKER = b"vjobs-agent: template ready"
