@@ -58,7 +58,7 @@ from benchmarks.report import Comparison, Section, print_comparisons, print_sect
 from vjobs.host.cache import CacheHold  # noqa: E402
 from vjobs.guest.collect import read_results  # noqa: E402
 from vjobs.guest.disks import RELEASE_TOOLS, build_scratch, release_image, tree_fingerprint  # noqa: E402
-from vjobs.images.catalogue import sha256_file  # noqa: E402
+from vjobs.images.store import sha256_file  # noqa: E402
 from vjobs.config.job import job_from_dict  # noqa: E402
 
 GB = 10 ** 9

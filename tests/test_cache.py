@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import vjobs
-from vjobs.host import cache
+from vjobs.host import cache, locks
 from vjobs.guest.disks import release_image
 from vjobs.errors import InvalidSite
 from vjobs.host.gc import collect_files
@@ -55,7 +55,7 @@ def in_child(code: str) -> subprocess.Popen:
 
 def lock_in_child(path: Path) -> subprocess.Popen:
     """A child that holds the lock file ``path`` as a builder does, until it is killed."""
-    return in_child(f"from vjobs.host import cache\nheld = cache.locked({str(path)!r})\nheld.__enter__()")
+    return in_child(f"from vjobs.host import locks\nheld = locks.exclusive({str(path)!r})\nheld.__enter__()")
 
 
 def kill(child: subprocess.Popen) -> None:
@@ -156,20 +156,19 @@ def test_adding_a_release_image_evicts_down_to_the_holds_bound(tmp_path):
 def test_a_lock_file_unlinked_by_its_holder_is_not_locked_twice(tmp_path):
     path = tmp_path / "x.lock"
     got = threading.Event()
-    holder = cache._lock(path, cache.fcntl.LOCK_EX)
 
     def waiter():
-        with cache.locked(path):
+        with locks.exclusive(path):
             got.set()
             time.sleep(0.2)
 
     thread = threading.Thread(target=waiter)
-    thread.start()
-    time.sleep(0.2)
-    path.unlink()  # as gc does, while holding it
-    os.close(holder)
+    with locks.exclusive(path):
+        thread.start()
+        time.sleep(0.2)
+        path.unlink()  # as gc does, while holding it
     assert got.wait(5)
-    with cache.try_locked(path) as free:  # the waiter now holds the file at the path, not a stale one
+    with locks.try_exclusive(path) as free:  # the waiter now holds the file at the path, not a stale one
         assert not free
     thread.join()
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from vjobs.errors import ImageError
+from vjobs.errors import DiskFull
 from vjobs.images import boot as image
 from vjobs.images.cpio import CpioWriter
 
@@ -93,7 +93,7 @@ def test_disk_full_while_building_the_image_is_a_clear_error_and_leaves_nothing(
     full.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(full)], check=True)
     try:
-        with pytest.raises(ImageError) as failure:
+        with pytest.raises(DiskFull) as failure:
             image.build_default_image(full)
         assert failure.value.code == "disk_full" and str(full) in str(failure.value)
         assert [p.name for p in (full / "images").iterdir()] == ["default.lock"]

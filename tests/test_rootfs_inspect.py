@@ -255,7 +255,7 @@ def test_encrypted_qcow2_is_refused(tmp_path, encryption):
 def test_qcow2_that_qemu_img_cannot_open_is_refused(tmp_path):
     image = qcow2_of(squashfs(tmp_path))
     patch(image, 4, ">I", 99)  # qcow2 version 99
-    refused(image, "qemu-img refused")
+    refused(image, "qemu-img failed with exit status")
 
 
 # --- refused: file systems the guest could not mount ----------------------------------------------------

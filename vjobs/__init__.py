@@ -15,8 +15,7 @@ Everything vjobs reports on purpose is a ``vjobs.VjobsError`` (see vjobs/errors.
 not raise those: it returns a ``Result`` whose ``status`` and ``error`` say what happened.
 """
 
-__version__ = "0.1.0"
-
+from vjobs._version import __version__
 from vjobs.api import execute, host_context, probe, run, validate  # noqa: E402
 from vjobs.config.exec_request import ExecRequest  # noqa: E402
 from vjobs.events import Event  # noqa: E402

@@ -77,8 +77,19 @@ class ImageError(SetupError):
 
 
 class DiskFull(SetupError):
-    """A host file system vjobs writes to (work_dir, cache_dir) filled up while the job was prepared or ran."""
+    """A host file system vjobs writes to (work_dir, cache_dir) filled up while the job was prepared or ran.
+    ``DiskFull.at`` words it, for every place that finds a full disk (vjobs/host/tools.py finds most)."""
     code = "disk_full"
+
+    @classmethod
+    def at(cls, where: object = None, *, doing: str = "", detail: str = "") -> "DiskFull":
+        """``where``: the file or folder being written; ``doing``: what vjobs was doing ("building the
+        scratch disk of job 1"); ``detail``: what the tool said."""
+        place = f" at {where}" if where else ""
+        during = f" while {doing}" if doing else ""
+        said = f" ({detail})" if detail else ""
+        return cls(f"no space left on the host's file system{place}{during}{said}: free space under work_dir and "
+                   "cache_dir (or point them elsewhere in the site config) and try again")
 
 
 class StageInFailed(SetupError):

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vjobs import __version__
+from vjobs._version import __version__
 from vjobs.config import schemas
 from vjobs.guest.protocol import BEFORE_PAYLOAD
 

@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from vjobs import __version__, api
+from vjobs import api
+from vjobs._version import __version__
 from vjobs.cli import exec_command as runtime
 from vjobs.host.cache import CacheHold
 from vjobs.errors import InternalError, VjobsError, internal_error
@@ -126,7 +127,7 @@ def _image_build(args, site, progress) -> int:
 
 
 def cmd_image_inspect(args) -> int:
-    from vjobs.images.catalogue import sha256_file
+    from vjobs.images.store import sha256_file
     from vjobs.images.rootfs.inspect import inspect_rootfs
 
     path = Path(args.file).resolve()

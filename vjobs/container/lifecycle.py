@@ -25,7 +25,6 @@ logs, sockets), the VMs it created, and the result written to the output folder.
 from __future__ import annotations
 
 import contextlib
-import errno
 import shutil
 import signal
 import threading
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from vjobs import __version__
+from vjobs._version import __version__
 from vjobs.guest.collect import GuestResults, read_results
 from vjobs.host.admission import admitted
 from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
@@ -46,9 +45,10 @@ from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_ERRORS, AGENT_UP_MARKER, OUTPUT_TOO_LARGE, PAYLOAD_MARKER
 from vjobs.drivers.contract import (VM, Driver, HostContext, Stop, VMSpec,
                                     deadline_in)
-from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError,
+from vjobs.errors import (BootTimeout, Cancelled, LimitExceeded, StageOutFailed, VjobsError,
                           VMError, WalltimeExceeded, internal_error)
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
+from vjobs.host.tools import disk_full_from
 from vjobs.images.catalogue import ResolvedImage, resolve_image
 from vjobs.config.job import Job
 from vjobs.drivers.registry import choose_driver
@@ -88,7 +88,7 @@ class VMContainer:
             except VjobsError as error:
                 self._fail(error)
             except Exception as bug:  # never a traceback on the terminal: a result, and the details in a log
-                self._fail(_full_disk(bug) or internal_error(bug, self.outdir))
+                self._fail(disk_full_from(bug) or internal_error(bug, self.outdir))
             except KeyboardInterrupt as interrupt:  # Ctrl-C, or _Terminated from the signal guard
                 self._fail(Cancelled(f"{interrupt.args[0] if interrupt.args else 'SIGINT'} received; "
                                      "the VM was stopped and its files removed"))
@@ -404,19 +404,6 @@ class VMContainer:
             return None
         disk = rootfs_disk_for(image.rootfs, formats, self.site.cache_dir, self.host.progress)
         return BaseDisk(disk, image.rootfs.info, self.site.payload_user)
-
-
-def _full_disk(error: Exception) -> DiskFull | None:
-    """A full file system anywhere on the way (building disks, copying binds, caching images) is the host's
-    state, not a bug: said as such, with the file."""
-    if isinstance(error, shutil.Error) and isinstance(error.args[0], list):  # copytree gathers its errors: (source, target, "[Errno 28] ...")
-        full = [target for _, target, why in error.args[0] if f"[Errno {errno.ENOSPC}]" in str(why)]
-        error = OSError(errno.ENOSPC, "full", full[0]) if full else error
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        where = f" writing {error.filename}" if error.filename else ""
-        return DiskFull(f"no space left on the host's file system{where}: free space under work_dir and "
-                        "cache_dir (or point them elsewhere in the site config) and run the job again")
-    return None
 
 
 def _add_guest_timing(timings: dict[str, float], status: dict[str, str]) -> None:

@@ -13,7 +13,6 @@ See vjobs/guest/agent/ for the other side.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -21,7 +20,6 @@ import os
 import shlex
 import shutil
 import stat
-import subprocess
 import tarfile
 import time
 from dataclasses import dataclass
@@ -30,10 +28,12 @@ from typing import TYPE_CHECKING, Callable
 
 from vjobs.guest.binds import copy_for_guest, link_or_copy
 from vjobs.guest.protocol import IO_DISK_MAGIC
-from vjobs.host.cache import added, locked, use
+from vjobs.host import locks
+from vjobs.host.cache import added, use
+from vjobs.host.tools import disk_full_from, run_tool
 from vjobs.drivers.contract import Disk
 from vjobs.errors import LimitExceeded, SetupError
-from vjobs.images.catalogue import sha256_file
+from vjobs.images.store import sha256_file
 from vjobs.config.job import Job
 
 if TYPE_CHECKING:
@@ -101,21 +101,10 @@ def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str,
                     tuple(item.disk for item in read_only if item.disk.role == "bind"))
 
 
-def run_tool(argv: list[str], what: str, folder: Path) -> None:
-    """Run a disk-building tool; a failure says what was built where, and calls a full disk a full disk."""
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True)
-    except FileNotFoundError as exc:
-        raise SetupError(f"{argv[0]} is not installed; it builds the {what} (install squashfs-tools, "
-                         "erofs-utils and e2fsprogs, see the README)", code="tool_missing") from exc
-    if done.returncode != 0:
-        message = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        text = " / ".join(message)
-        if "space" in text.lower():
-            raise SetupError(f"disk full while building the {what} in {folder}: {text}; free space there or "
-                             "point cache_dir/work_dir in the site config elsewhere", code="disk_full")
-        raise SetupError(f"building the {what} failed ({argv[0]} exit {done.returncode}): {text}",
-                         code="disk_build_failed")
+def build_disk(argv: list, what: str, folder: Path) -> None:
+    """Run a disk-building tool that writes into ``folder``: a failure says what was built, and where."""
+    run_tool(argv, f"building the {what}", where=folder, code="disk_build_failed", missing_code="tool_missing",
+             install="install squashfs-tools, erofs-utils and e2fsprogs, see the README")
 
 
 def head_sha256(path: Path) -> str:
@@ -161,14 +150,14 @@ def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str],
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"{fmt}\0{tree_fingerprint(source)}".encode()).hexdigest()[:32]
     image, sidecar = cache / f"{key}.{fmt}", cache / f"{key}.json"
-    with locked(cache / f"{key}.lock"):
+    with locks.exclusive(cache / f"{key}.lock"):
         if image.exists() and sidecar.exists() and use(image):
             return image, json.loads(sidecar.read_text())["sha256"]
         progress(f"building the {fmt} release image of {source}")
         started = time.monotonic()
         partial = cache / f"{key}.{os.getpid()}.partial"
         try:
-            run_tool(RELEASE_TOOLS[fmt](source, partial), f"{fmt} image of the release {source}", cache)
+            build_disk(RELEASE_TOOLS[fmt](source, partial), f"{fmt} image of the release {source}", cache)
             digest = sha256_file(partial)
             sidecar.write_text(json.dumps({"source": str(source), "format": fmt, "sha256": digest}))
             os.replace(partial, image)
@@ -198,9 +187,9 @@ def build_scratch(job: Job, folder: Path, staged: Path | None = None) -> Path:
     image = folder / "scratch.ext4"
     # 4 KiB blocks: one block group per 128 MiB instead of per 8 MiB, so a fresh scratch disk is a few
     # non-zero blocks (a sparse xen upload of an empty 80 MiB scratch disk: 4 MiB instead of 14 MiB).
-    run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^has_journal", "-m", "0", "-L", "vjobs-scratch",
-              "-E", "root_owner=0:0", "-d", str(staging), str(image), f"{size_kib}k"],
-             f"scratch disk of job {job.id} ({size_kib // 1024} MiB)", folder)
+    build_disk(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^has_journal", "-m", "0",
+                "-L", "vjobs-scratch", "-E", "root_owner=0:0", "-d", str(staging), str(image), f"{size_kib}k"],
+               f"scratch disk of job {job.id} ({size_kib // 1024} MiB)", folder)
     shutil.rmtree(staging)
     return image
 
@@ -280,9 +269,10 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnl
             handle.write(payload)
             handle.truncate(size)  # sparse: the rest reads as zeros
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise SetupError(f"disk full while writing the io disk in {folder}", code="disk_full") from exc
-        raise
+        full = disk_full_from(exc, doing="writing the io disk", where=folder)
+        if full is None:
+            raise
+        raise full from exc
     return image
 
 

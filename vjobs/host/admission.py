@@ -5,7 +5,8 @@ fit is refused at once (``exceeds_host_budget``).
 
 There is no daemon and no lock that can go stale. Each admitted job holds an exclusive ``flock`` on a share
 file of its own, ``<work_dir>/admission/<pid>-<random>.json`` (its vCPUs, memory, pid and job id), for as
-long as it runs; the kernel drops that lock when the process ends, however it ends, SIGKILL included. To
+long as it runs; the kernel drops that lock when the process ends, however it ends, SIGKILL included
+(vjobs/host/locks.py). To
 admit a job, vjobs takes the lock on ``<work_dir>/admission/.lock``, counts the share files whose lock is
 still held (one whose lock it can take belongs to a process that is gone, and is removed), and creates and
 locks the job's own share file when the job fits. Only then does it let go of ``.lock``, so that the next
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import secrets
@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from vjobs.errors import AdmissionRefused
+from vjobs.host import locks
 from vjobs.result import utc_now
 from vjobs.config.site import HostBudget, SiteConfig
 
 FOLDER = "admission"
 LOCK_NAME = ".lock"
 POLL_S = 0.25  # how often a waiting job counts again
-LOCK_RETRY_S = 0.01  # how soon it tries .lock again while another vjobs is counting
 LOCK_GRACE_S = 5.0  # the longest .lock may stay taken by others (counting takes milliseconds)
 REPORT_EVERY_S = 10.0
 SHARE_MAX_BYTES = 4096
@@ -119,11 +119,11 @@ def _gc_folder(path: Path) -> list[str]:
     try:
         lock = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder)
         try:
-            if not _lock_within(lock, time.monotonic() + LOCK_GRACE_S):
+            if not locks.lock(lock, until=time.monotonic() + LOCK_GRACE_S):
                 return [f"skipped {path}: another process held {LOCK_NAME} for {LOCK_GRACE_S:g} s"]
             return _count(folder, path)[1]
         finally:
-            os.close(lock)  # lets go of the lock too
+            locks.release(lock)
     finally:
         os.close(folder)
 
@@ -136,12 +136,11 @@ def _unlocked(lock_file: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
+        return locks.try_lock(fd)
     except OSError:
         return False
     finally:
-        os.close(fd)
+        locks.release(fd)
 
 
 class _Claim:
@@ -159,7 +158,7 @@ class _Claim:
                            path=self.path / name)
         self.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                           dir_fd=self.folder)
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+        locks.lock(self.fd)  # a new file: nobody else can hold it, so this never waits
         record = {"job_id": job_id, "pid": os.getpid(), "vcpus": vcpus, "memory_mib": memory_mib,
                   "since": utc_now()}
         os.write(self.fd, json.dumps(record).encode())
@@ -169,7 +168,7 @@ class _Claim:
             return
         with contextlib.suppress(OSError):  # a file left behind without its lock is removed at the next count
             os.unlink(self.share.path.name, dir_fd=self.folder)
-        os.close(self.fd)
+        locks.release(self.fd)
         self.fd = None
 
 
@@ -182,7 +181,7 @@ def _wait_for_room(claim: _Claim, job_id: str, vcpus: int, memory_mib: int, scop
     lock = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=claim.folder)
     try:
         while True:
-            if not _lock_within(lock, max(deadline, time.monotonic() + LOCK_GRACE_S)):
+            if not locks.lock(lock, until=max(deadline, time.monotonic() + LOCK_GRACE_S)):
                 raise AdmissionRefused(
                     f"job {job_id}: another process kept {claim.path / LOCK_NAME} locked for "
                     f"{time.monotonic() - started:.0f} s (a vjobs stopped while counting?); run it later",
@@ -194,7 +193,7 @@ def _wait_for_room(claim: _Claim, job_id: str, vcpus: int, memory_mib: int, scop
                     claim.take(job_id, vcpus, memory_mib)
                     return
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                locks.unlock(lock)
             now = time.monotonic()
             if now >= deadline:
                 raise AdmissionRefused(
@@ -208,18 +207,7 @@ def _wait_for_room(claim: _Claim, job_id: str, vcpus: int, memory_mib: int, scop
                 next_report = now + REPORT_EVERY_S
             time.sleep(min(POLL_S, deadline - now))
     finally:
-        os.close(lock)
-
-
-def _lock_within(lock: int, until: float) -> bool:
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= until:
-                return False
-            time.sleep(LOCK_RETRY_S)
+        locks.release(lock)
 
 
 def _count(folder: int, path: Path) -> tuple[list[Share], list[str]]:
@@ -237,9 +225,7 @@ def _count(folder: int, path: Path) -> tuple[list[Share], list[str]]:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue
             share = _read_share(fd, path / name)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # its holder runs
+            if not locks.try_lock(fd):  # its holder runs
                 if share is not None:
                     live.append(share)
                 continue
@@ -248,7 +234,7 @@ def _count(folder: int, path: Path) -> tuple[list[Share], list[str]]:
             what = f"job {share.job_id}, pid {share.pid}" if share else "unreadable"
             removed.append(f"removed the admission share {path / name} ({what}): its process is gone")
         finally:
-            os.close(fd)
+            locks.release(fd)
     return live, removed
 
 

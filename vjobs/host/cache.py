@@ -9,7 +9,7 @@ path                                        what                                
 releases/KEY.squashfs, releases/KEY.erofs   a release or read-only bind image (vjobs/guest/disks.py); its     yes
                                             sidecar KEY.json and build lock KEY.lock go with it
 images/default-KEY/, images/debian12-KEY/   the built-in boot image and Debian 12 base                  yes
-                                            (images.build_once; build lock images/FAMILY.lock)
+                                            (store.build_once; build lock images/FAMILY.lock)
 rootfs/SHA.raw                              a raw copy of a base image for a driver that attaches raw    yes
                                             only (vjobs/images/rootfs/; build lock rootfs/SHA.lock)
 templates/FAMILY-KEY/                       a pre-booted guest, saved (drivers/qemu_user/template.py;   yes
@@ -42,15 +42,14 @@ a full hash or inspection on the next job.
   none), and by ``vjobs gc`` (``evict``). An entry larger than the bound alone still serves the job that
   built it.
 
-Lock files are opened with ``locked``/``try_locked``, which check after locking that the path still names
-the file they locked: so gc and eviction may unlink a lock file while holding it.
+The locks are vjobs/host/locks.py's, which check after locking that the path still names the file they
+locked: so gc and eviction may unlink a lock file while holding it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import json
 import math
 import os
@@ -59,8 +58,9 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
+from vjobs.host import locks
 from vjobs.host.identity import boot_id, pid_alive
 
 GIB = 1 << 30
@@ -137,20 +137,15 @@ class CacheHold:
     def take(self, entry: Path) -> bool:
         """Hold ``entry`` and mark it used; False when it is not there (evicted since the caller looked)."""
         fd = self._held.pop(entry, None)
-        if fd is not None and _names(entry, fd):
+        if fd is not None and locks.names(entry, fd):
             self._held[entry] = fd
         else:
-            if fd is not None:
-                os.close(fd)  # the path names another file now (rebuilt): hold that one
+            locks.release(fd)  # the path names another file now (rebuilt): hold that one
             try:
-                fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return False
+                fd = locks.hold_shared(entry)  # waits only while an eviction removes it
             except PermissionError:
                 return entry.exists()  # not ours to lock, nor to evict
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while an eviction removes it
-            if not _names(entry, fd):
-                os.close(fd)
+            if fd is None:
                 return False
             self._held[entry] = fd
         with contextlib.suppress(OSError):
@@ -159,7 +154,7 @@ class CacheHold:
 
     def release(self) -> None:
         for fd in self._held.values():
-            os.close(fd)
+            locks.release(fd)
         self._held.clear()
 
 
@@ -205,7 +200,7 @@ def evict(cache_dir: Path, limit: int) -> list[str]:
     if not cache_dir.is_dir():
         return []
     lines = []
-    with locked(cache_dir / "evict.lock"):
+    with locks.exclusive(cache_dir / "evict.lock"):
         found = sorted(entries(cache_dir), key=lambda entry: (entry.used, str(entry.path)))
         total = sum(entry.size for entry in found)
         for entry in found:
@@ -222,7 +217,7 @@ def evict(cache_dir: Path, limit: int) -> list[str]:
 
 
 def _remove(entry: Entry) -> bool:
-    with try_locked(entry.lock) as free:
+    with locks.try_exclusive(entry.lock) as free:
         if not free or not remove_unused(entry.path):
             return False  # being built or checked, or in use by a job
         for suffix in entry.kind.companions:
@@ -235,16 +230,10 @@ def _remove(entry: Entry) -> bool:
 def remove_unused(entry: Path) -> bool:
     """Remove ``entry`` unless a job holds it; for a builder that holds the entry's build lock itself."""
     try:
-        fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+        with locks.try_exclusive(entry, create=False) as free:
+            return free and _delete(entry)
     except OSError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return _names(entry, fd) and _delete(entry)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 # --- what dead builds and writers left (`vjobs gc`) -----------------------------------------------------
@@ -296,11 +285,11 @@ def stale_temp(path: Path, pid: int) -> bool:
 
 def _remove_unlocked(path: Path, lock: Path) -> bool:
     """Remove ``path`` if nobody holds ``lock`` (the same file when ``path`` is a lock file itself)."""
-    with try_locked(lock) as free:
+    with locks.try_exclusive(lock) as free:
         if not free:
             return False
         if path == lock:
-            lock.unlink(missing_ok=True)  # while held: see ``locked``
+            lock.unlink(missing_ok=True)  # while held: vjobs/host/locks.py says why that is safe
             return True
         return _delete(path)
 
@@ -319,50 +308,7 @@ def _old_probe_verdicts(folder: Path) -> list[str]:
     return lines
 
 
-# --- locks -----------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold ``path`` (a lock file, created if need be) exclusively; waits for the holder."""
-    fd = _lock(Path(path), fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def try_locked(path: Path) -> Iterator[bool]:
-    """Hold ``path`` exclusively if nobody else does; yields whether it does."""
-    fd = _lock(Path(path), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
-        yield fd is not None
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _lock(path: Path, operation: int) -> int | None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, operation)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        if _names(path, fd):
-            return fd
-        os.close(fd)  # unlinked by its holder (gc, eviction) while we waited: lock the file there now
-
-
-def _names(path: Path, fd: int) -> bool:
-    try:
-        there, held = os.stat(path), os.fstat(fd)
-    except OSError:
-        return False
-    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
-
+# --- files ---------------------------------------------------------------------------------------------
 
 def _delete(path: Path) -> bool:
     try:

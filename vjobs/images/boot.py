@@ -13,20 +13,20 @@ the same inputs only checks the files; ``force=True`` fetches the packages again
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from vjobs.errors import ImageError
-from vjobs.images.catalogue import ChecksumCache, build_once, sha256_file
+from vjobs.host.tools import run_tool
 from vjobs.images.cpio import CpioWriter
+from vjobs.images.store import ChecksumCache, build_once, sha256_file
 
 BUILDER_VERSION = 3
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the current versioned kernel
@@ -138,7 +138,7 @@ def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> Imag
     busybox_deb = _download(BUSYBOX_PACKAGE, downloads)
     unpacked = scratch / "root"
     for deb in (kernel_deb, busybox_deb):
-        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], f"unpack {deb.name}")
+        _dpkg_deb(["-x", deb, unpacked], f"unpacking {deb.name}", scratch)
 
     vmlinuz = _one(unpacked.glob("boot/vmlinuz-*"), f"no boot/vmlinuz-* in {kernel_deb.name}")
     kernel_version = vmlinuz.name.removeprefix("vmlinuz-")
@@ -236,20 +236,22 @@ def _depends_from_bytes(module: bytes) -> list[str]:
 
 def _download(package: str, folder: Path) -> Path:
     before = set(folder.iterdir())
-    command = ["apt-get", "download", "-q", package]
+
+    def download() -> None:
+        run_tool(["apt-get", "download", "-q", package], f"fetching {package} for the built-in guest image",
+                 error=ImageError, cwd=folder, hint="check the package sources (run apt-get update as root)",
+                 install="the built-in guest image is made from Debian packages: build it on a Debian/Ubuntu "
+                         "host, or list your own images in the site config")
+
     try:
-        attempt = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-        _raise_if_disk_full(attempt.stderr)
-        if attempt.returncode != 0 and os.geteuid() == 0:
-            # A fresh machine may have no package lists yet, or stale ones that name deleted files.
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
-            attempt = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-    except FileNotFoundError as exc:
-        raise ImageError("the built-in guest image is made from Debian packages, and apt-get was not found: "
-                         "build it on a Debian/Ubuntu host, or list your own images in the site config") from exc
-    if attempt.returncode != 0:
-        raise ImageError(f"apt-get download {package} failed: {attempt.stderr.strip()[-500:]}; check the "
-                         "package sources (run apt-get update as root)")
+        download()
+    except ImageError:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise
+        # A fresh machine may have no package lists yet, or stale ones that name deleted files.
+        with contextlib.suppress(ImageError):  # its failure shows in the second download's
+            run_tool(["apt-get", "update", "-qq"], "updating the package lists", error=ImageError)
+        download()
     return _one(set(folder.iterdir()) - before, f"apt-get download {package} wrote no .deb")
 
 
@@ -262,24 +264,11 @@ def _versioned_kernel(meta_deb: Path) -> str:
 
 
 def _deb_field(deb: Path, name: str) -> str:
-    return _run(["dpkg-deb", "-f", str(deb), name], f"read {name} of {deb.name}").strip()
+    return _dpkg_deb(["-f", deb, name], f"reading {name} of {deb.name}", deb.parent).strip()
 
 
-def _run(argv: list[str], what: str) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True)
-    except FileNotFoundError as exc:
-        raise ImageError(f"cannot {what}: {argv[0]} not found (install dpkg)") from exc
-    if done.returncode != 0:
-        _raise_if_disk_full(done.stderr)
-        raise ImageError(f"cannot {what}: {done.stderr.strip()[-500:]}")
-    return done.stdout
-
-
-def _raise_if_disk_full(stderr: str) -> None:
-    """A tool's "No space left on device" becomes ENOSPC, which build_default_image reports as disk_full."""
-    if "No space left on device" in stderr:
-        raise OSError(errno.ENOSPC, stderr.strip()[-300:])
+def _dpkg_deb(arguments: list, what: str, where: Path) -> str:
+    return run_tool(["dpkg-deb", *arguments], what, error=ImageError, where=where, install="install dpkg")
 
 
 def _one(paths, message: str) -> Path:

@@ -4,27 +4,23 @@ An image is a boot image (kernel and initramfs; the built-in one unless the cata
 optionally, a root file system the admins provide (``rootfs``): then the guest agent boots, mounts that
 read-only, and runs the payload in it (vjobs/images/rootfs/). Built-in: ``default`` (busybox only) and
 ``debian12`` (a Debian 12 minbase with Python, built on first use).
+
+The image modules import downwards only: this catalogue uses boot.py (the built-in boot image) and rootfs/
+(base images), and those build their cache entries with store.py, which imports none of them.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
-import os
-import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import Callable
 
-from vjobs.host.cache import added, locked, remove_unused, use
+from vjobs.config.site import SiteConfig
 from vjobs.drivers.contract import BootImage
 from vjobs.errors import ImageError
-from vjobs.config.site import SiteConfig
-
-if TYPE_CHECKING:
-    from vjobs.images.rootfs import RootfsImage
+from vjobs.images.boot import build_default_image, load_default_image
+from vjobs.images.rootfs import RootfsImage, debian, load_rootfs
+from vjobs.images.store import ChecksumCache
 
 BUILT_IN = ("default", "debian12")
 
@@ -62,8 +58,6 @@ def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) 
         boot = built_in_image(site.cache_dir, progress)
     rootfs = None
     if entry.rootfs is not None:
-        from vjobs.images.rootfs import load_rootfs
-
         rootfs = load_rootfs(entry.rootfs, entry.rootfs_sha256, site.cache_dir, f"images.{name}.rootfs")
     return ResolvedImage(name, boot.boot, boot.kernel_sha256, boot.initramfs_sha256, rootfs)
 
@@ -71,9 +65,6 @@ def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) 
 def catalogue_states(site: SiteConfig) -> list[dict[str, str]]:
     """Each catalogue entry and built-in image with its state ("ok", "not built", "broken") and why, as
     ``vjobs image list`` shows them. Checks what a job would check, without building anything."""
-    from vjobs.images.boot import load_default_image
-    from vjobs.images.rootfs import debian, load_rootfs
-
     rows = []
     for name, entry in sorted(site.images.items()):
         kind = "rootfs" if entry.rootfs else "boot image"
@@ -107,8 +98,6 @@ def _check_boot(name: str, entry, cache_dir: Path) -> None:
 
 def built_in_base(name: str, cache_dir: Path, progress: Callable[[str], None]) -> ResolvedImage:
     """A built-in root file system (built on first use) booted by the built-in boot image."""
-    from vjobs.images.rootfs import debian, load_rootfs
-
     manifest = debian.build(cache_dir, progress)
     boot = built_in_image(cache_dir, progress)
     rootfs = load_rootfs(Path(manifest.rootfs), manifest.rootfs_sha256, cache_dir, f"built-in image {name}")
@@ -116,84 +105,7 @@ def built_in_base(name: str, cache_dir: Path, progress: Callable[[str], None]) -
 
 
 def built_in_image(cache_dir: Path, progress: Callable[[str], None]) -> ResolvedImage:
-    from vjobs.images.boot import build_default_image  # deferred: building pulls in apt and the cpio writer
-
     manifest = build_default_image(cache_dir, progress)
     return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline,
                                               manifest.kernel_sha256, manifest.initramfs_sha256, builtin=True),
                          manifest.kernel_sha256, manifest.initramfs_sha256)
-
-
-Built = TypeVar("Built")
-
-
-def build_once(folder: Path, what: str, load: Callable[[], Built | None], build: Callable[[Path], Built],
-               force: bool = False) -> Built:
-    """Make-style: what ``load`` finds in ``folder`` (a name ending in its recipe's key), else ``build`` it
-    into a temporary folder beside it, which ``build`` renames to ``folder``. Under a lock, so two pilots
-    starting at once build once; a full disk is ``disk_full``; builds of other recipes (siblings named like
-    ``folder`` up to its last ``-``) are removed unless a job still holds them, since nothing uses them
-    again. ``folder`` is a cache entry (vjobs/host/cache.py): held for the job, evicted least recently used."""
-    if not force and (found := load()) and use(folder):
-        return found
-    family = folder.name.rsplit("-", 1)[0]
-    with locked(folder.parent / f"{family}.lock"):
-        if not force and (found := load()) and use(folder):
-            return found
-        try:
-            with tempfile.TemporaryDirectory(prefix=f".build-{family}-", dir=folder.parent) as scratch:
-                built = build(Path(scratch))
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise ImageError(f"disk full while building the {what} in {folder.parent}: free space or "
-                                 "point cache_dir in the site config elsewhere", code="disk_full") from exc
-            raise ImageError(f"cannot build the {what} in {folder.parent}: {exc}") from exc
-        use(folder)
-        for stale in folder.parent.glob(f"{family}-*"):
-            if stale != folder and stale.is_dir():
-                remove_unused(stale)
-    added(folder)
-    return built
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class ChecksumCache:
-    """Remembers a file's sha256 by (inode, size, mtime) so a large file is hashed once, not per job."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self.known = {}
-
-    def verify(self, label: str, path: Path, expected: str) -> None:
-        try:
-            info = path.stat()
-        except OSError as exc:
-            raise ImageError(f"{label}: cannot read {path}: {exc.strerror}") from exc
-        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the hash for ever
-            raise ImageError(f"{label}: {path} is not a regular file; give the path of an image file")
-        stamp = f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
-        actual = self.known.get(str(path), {}).get(stamp) or sha256_file(path)
-        if actual != expected:
-            raise ImageError(f"{label}: {path} has sha256 {actual}, the catalogue says {expected}; "
-                             "the file changed or the catalogue is out of date: ask the site admins")
-        self.known[str(path)] = {stamp: actual}
-        self._save()
-
-    def _save(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(self.known))
-            os.replace(temporary, self.path)
-        except OSError:
-            pass  # only a cache: the next job hashes again

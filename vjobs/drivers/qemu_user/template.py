@@ -36,7 +36,7 @@ from vjobs.drivers.contract import VMSpec
 from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
 from vjobs.errors import VMError
 from vjobs.drivers.qemu_user import qemu
-from vjobs.images.catalogue import build_once, sha256_file
+from vjobs.images.store import build_once, sha256_file
 
 FORMAT = 2  # of the saved state, its stand-ins and its manifest; a change makes every template anew
 CONTROLLER = "vjobs-scsi"

@@ -12,13 +12,13 @@ XAPI calls used (the closing note of issue 4 lists them too):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import time
 from pathlib import Path
 from typing import Callable, Mapping
 
 from vjobs.drivers.contract import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
 from vjobs.errors import VMError
+from vjobs.host import locks
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
 
 MIB = 1 << 20
@@ -183,10 +183,7 @@ class XenVM(VM):
         """A read-only VDI shared by jobs (a release, a base image), uploaded once per content per pool and
         found again by its ``cache_key``. A local lock keeps two jobs on this host from uploading the same
         content at once."""
-        lock_path = self.cache_dir / "xen" / f"shared-{disk.cache_key}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locks.exclusive(self.cache_dir / "xen" / f"shared-{disk.cache_key}.lock"):
             for ref, record in self.xapi.api.VDI.get_all_records().items():
                 config = record.get("other_config", {})
                 if record.get("SR") == sr and config.get(SHARED_KEY) == disk.cache_key and config.get(COMPLETE):

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vjobs.host.cache import added, locked, use
 from vjobs.drivers.contract import Disk
 from vjobs.errors import ImageError
-from vjobs.images.catalogue import ChecksumCache
+from vjobs.host import locks
+from vjobs.host.cache import added, use
+from vjobs.host.tools import run_tool
 from vjobs.images.rootfs.inspect import RootfsInfo, inspect_rootfs
+from vjobs.images.store import ChecksumCache
 
 INSPECTION_VERSION = 1  # bump when inspect.py learns something that changes its verdicts
 
@@ -85,16 +86,15 @@ def disk_for(rootfs: RootfsImage, formats: tuple[str, ...], cache_dir: Path,
 
 def _raw_copy(rootfs: RootfsImage, folder: Path, progress: Callable[[str], None]) -> Path:
     target = folder / f"{rootfs.sha256}.raw"
-    with locked(folder / f"{rootfs.sha256}.lock"):
+    with locks.exclusive(folder / f"{rootfs.sha256}.lock"):
         if target.exists() and use(target):
             return target
         progress(f"converting the {rootfs.info.container} base image {rootfs.path} to raw, once")
         partial = folder / f"{rootfs.sha256}.{os.getpid()}.partial"
         try:
-            done = subprocess.run(["qemu-img", "convert", "-f", rootfs.info.container, "-O", "raw",
-                                   str(rootfs.path), str(partial)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise ImageError(f"converting {rootfs.path} to raw failed: {done.stderr.strip()[-300:]}")
+            run_tool(["qemu-img", "convert", "-f", rootfs.info.container, "-O", "raw", rootfs.path, partial],
+                     f"converting the base image {rootfs.path} to raw", error=ImageError, where=folder,
+                     install="install qemu-utils")
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)

@@ -12,19 +12,18 @@ sources into an LZ4 squashfs, so that a job runs on a real distribution with no 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from vjobs.errors import ImageError
-from vjobs.images.catalogue import ChecksumCache, build_once, sha256_file
+from vjobs.host.tools import run_tool
+from vjobs.images.store import ChecksumCache, build_once, sha256_file
 
 NAME = "debian12"
 BUILDER_VERSION = 1
@@ -88,7 +87,8 @@ def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> Base
     output = scratch / "image"
     output.mkdir()
     progress(f"{NAME}: {len(packages)} packages; making the LZ4 squashfs")
-    _run(["mksquashfs", str(tree), str(output / "rootfs.squashfs"), *SQUASHFS], "mksquashfs")
+    run_tool(["mksquashfs", tree, output / "rootfs.squashfs", *SQUASHFS], f"making the {NAME} squashfs",
+             error=ImageError, where=output, env=_reproducible(), install="apt-get install squashfs-tools")
     manifest = BaseManifest(
         name=NAME, rootfs=str(folder / "rootfs.squashfs"), rootfs_sha256=sha256_file(output / "rootfs.squashfs"),
         size=(output / "rootfs.squashfs").stat().st_size, suite=SUITE, packages=packages,
@@ -106,23 +106,14 @@ def _mmdebstrap(tree: Path, progress: Callable[[str], None]) -> None:
             *(f"--dpkgopt={rule}" for rule in DPKG_FILTERS), SUITE, str(tree)]
     if os.geteuid() != 0:
         argv.insert(1, "--mode=unshare")  # no root: user namespaces instead of chroot as root
-    try:
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
-    except FileNotFoundError as exc:
-        raise ImageError(f"building the {NAME} image needs mmdebstrap: apt-get install mmdebstrap "
-                         "(scripts/install.sh does)") from exc
-    tail: list[str] = []
-    for line in process.stderr:
-        tail = (tail + [line.rstrip()])[-8:]
+
+    def each_line(line: str) -> None:
         if line.startswith("I: "):
             progress(f"{NAME}: {line[3:].strip()}")
-    if process.wait() != 0:
-        text = " / ".join(tail)
-        if "No space left" in text:
-            raise OSError(errno.ENOSPC, text)
-        raise ImageError(f"mmdebstrap {SUITE} failed (exit {process.returncode}): {text[-600:]}; check the "
-                         "host's apt sources (apt-get update as root)")
+
+    run_tool(argv, f"installing {SUITE} into the {NAME} image", error=ImageError, where=tree.parent,
+             env=_reproducible(), each_line=each_line, install="apt-get install mmdebstrap (scripts/install.sh does)",
+             hint="check the host's apt sources (apt-get update as root)")
 
 
 def _packages(tree: Path) -> list[str]:
@@ -136,14 +127,6 @@ def _packages(tree: Path) -> list[str]:
     return sorted(packages)
 
 
-def _run(argv: list[str], what: str) -> None:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True,
-                              env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
-    except FileNotFoundError as exc:
-        raise ImageError(f"{argv[0]} is not installed (apt-get install squashfs-tools)") from exc
-    if done.returncode != 0:
-        text = (done.stderr or done.stdout).strip()[-400:]
-        if "space" in text.lower():
-            raise OSError(errno.ENOSPC, text)
-        raise ImageError(f"{what} failed: {text}")
+def _reproducible() -> dict[str, str]:
+    """The environment of the tools that write the image: the same bytes for the same packages."""
+    return {**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH}

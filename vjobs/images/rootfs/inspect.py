@@ -17,12 +17,12 @@ import json
 import os
 import stat
 import struct
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vjobs.errors import ImageError
+from vjobs.host.tools import run_tool
 
 HEAD_BYTES = 65536  # the guest agent recognises its disks by the sha256 of this many leading bytes
 SECTOR = 512
@@ -151,17 +151,9 @@ def _qcow2_info(path: Path, label: str) -> dict:
 
 
 def _qemu_img(arguments: list[str], label: str, path: Path) -> str:
-    argv = [*QEMU_IMG_LIMITS, "qemu-img", *arguments]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
-    except FileNotFoundError as exc:
-        raise ImageError(f"{label}: inspecting the qcow2 {path} needs qemu-img and prlimit (install "
-                         "qemu-utils and util-linux)") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise ImageError(f"{label}: qemu-img took more than {QEMU_IMG_TIMEOUT_S} s on {path}; refused") from exc
-    if done.returncode != 0:
-        raise ImageError(f"{label}: qemu-img refused {path}: {done.stderr.strip()[-300:]}")
-    return done.stdout
+    return run_tool(["qemu-img", *arguments], f"{label}: reading the qcow2 {path}", error=ImageError,
+                    wrapper=QEMU_IMG_LIMITS, timeout=QEMU_IMG_TIMEOUT_S,
+                    install="install qemu-utils and util-linux (prlimit)")
 
 
 # --- file systems and partition tables --------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""The host's tools (mke2fs, mksquashfs, mkfs.erofs, mmdebstrap, apt-get, dpkg-deb, qemu-img), run one way,
+and a full disk recognised one way.
+
+``run_tool`` runs a tool to its end and turns how it failed into vjobs' own errors, here and nowhere else:
+
+- the tool is not installed: the caller's error class, saying what installs it;
+- a file system filled up: ``DiskFull`` (vjobs/errors.py words it). Only ENOSPC is a full disk: an OSError
+  with that errno, or the tool's output holding ENOSPC's own text, "No space left on device", which every
+  tool prints as strerror gives it. A message that merely mentions space ("not enough space in the
+  image", "Could not allocate block") is the tool's failure, not the host's;
+- any other failure, or a tool that ran past its ``timeout``: the caller's error class, naming the tool, its
+  exit status and the last lines it wrote.
+
+``disk_full_from`` recognises ENOSPC in an exception raised anywhere else: writing a file, copying a tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from vjobs.errors import DiskFull, SetupError, VjobsError
+
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), as the tools print it
+TAIL_LINES = 5  # of the tool's output, in the message of its failure
+TAIL_CHARS = 600
+
+
+def run_tool(argv: Sequence[str | os.PathLike], what: str, *, error: type[VjobsError] = SetupError,
+             code: str | None = None, missing_code: str | None = None, install: str = "", hint: str = "",
+             where: Path | None = None, wrapper: Sequence[str] = (), cwd: Path | None = None,
+             env: Mapping[str, str] | None = None, timeout: float | None = None,
+             each_line: Callable[[str], None] | None = None) -> str:
+    """Run ``argv`` (under ``wrapper``, such as a prlimit command line) and return what it wrote to stdout.
+
+    ``what`` says what the run is for ("building the scratch disk of job 1"), to begin every message;
+    ``error``, ``code``: what a failure raises; ``missing_code``: the code when the tool is not installed
+    (``error``'s own by default), and ``install`` what installs it; ``hint``: what to do about a failure;
+    ``where``: the folder the tool writes to, named when it fills up (``cwd`` by default);
+    ``each_line``: given, it gets each line of the tool's stderr as the tool writes it (progress), and
+    stdout is discarded; ``timeout`` then does not apply. Raises ``DiskFull`` on ENOSPC (see above)."""
+    command = [*wrapper, *map(str, argv)]
+    tool = Path(str(argv[0])).name
+    try:
+        if each_line is None:
+            done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+            status, stdout, said = done.returncode, done.stdout, done.stderr or done.stdout
+        else:
+            status, said = _follow(command, cwd, env, each_line)
+            stdout = ""
+    except FileNotFoundError as exc:
+        if exc.filename not in command[:1]:  # a folder that is not there (cwd), not a missing program
+            raise
+        installing = f"; {install}" if install else ""
+        raise error(f"{what}: {exc.filename} is not installed{installing}", code=missing_code) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise error(f"{what}: {tool} took more than {timeout:g} s and was stopped", code=code) from exc
+    except OSError as exc:
+        full = disk_full_from(exc, doing=what, where=where or cwd)
+        if full is None:
+            raise
+        raise full from exc
+    if status == 0:
+        return stdout
+    if NO_SPACE in said:
+        raise DiskFull.at(where or cwd, doing=what, detail=_tail(said))
+    advice = f"; {hint}" if hint else ""
+    raise error(f"{what}: {tool} failed with exit status {status}: {_tail(said) or 'it said nothing'}{advice}",
+                code=code)
+
+
+def disk_full_from(error: BaseException, *, doing: str = "", where: Path | None = None) -> DiskFull | None:
+    """``error`` as ``DiskFull`` when a full file system caused it (ENOSPC, or a ``shutil.copytree`` error
+    that gathered one), else None: a full disk anywhere on the way (building disks, copying binds, caching
+    images) is the host's state, not a bug. ``where`` defaults to the file that could not be written."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list):
+        # copytree gathers its errors as (source, target, "[Errno 28] ...") and raises them together
+        full = [target for _, target, why in error.args[0] if f"[Errno {errno.ENOSPC}]" in str(why)]
+        return DiskFull.at(where or full[0], doing=doing) if full else None
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return DiskFull.at(where or error.filename, doing=doing)
+    return None
+
+
+def _follow(command: list[str], cwd: Path | None, env: Mapping[str, str] | None,
+            each_line: Callable[[str], None]) -> tuple[int, str]:
+    """Run ``command``, handing each line of its stderr to ``each_line``; its exit status, and its last lines
+    of stderr after the first that says the disk is full, if one does."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                               env=env)
+    tail: list[str] = []
+    no_space: list[str] = []
+    with process:
+        for line in process.stderr:
+            line = line.rstrip("\n")
+            tail = (tail + [line])[-TAIL_LINES:]
+            if NO_SPACE in line and not no_space:
+                no_space.append(line)
+            each_line(line)
+    return process.returncode, "\n".join(no_space + [line for line in tail if line not in no_space])
+
+
+def _tail(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " / ".join(lines[-TAIL_LINES:])[-TAIL_CHARS:]
