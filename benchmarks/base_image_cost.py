@@ -19,6 +19,7 @@ from pathlib import Path
 
 import vjobs
 from run_overhead import arguments, driver_setups  # the same options and driver set-ups as that benchmark
+from vjobs.testing.figures import median_range
 
 JOBS = {
     "busybox": {"id": "trivial-busybox", "command": ["true"], "image": "default"},
@@ -29,7 +30,7 @@ MEASURED = ("total", "boot", "guest_setup", "run")
 
 
 def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    return median_range(values, 2, dash="-", range_of_one=True)
 
 
 def measure(site, runs: int, scratch: Path) -> dict[str, dict[str, list[float]]]:

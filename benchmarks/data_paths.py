@@ -60,6 +60,7 @@ from vjobs.guest.collect import read_results  # noqa: E402
 from vjobs.guest.disks import RELEASE_TOOLS, build_scratch, release_image, tree_fingerprint  # noqa: E402
 from vjobs.images.store import sha256_file  # noqa: E402
 from vjobs.config.job import job_from_dict  # noqa: E402
+from vjobs.testing.sites import seed_cache  # noqa: E402
 
 GB = 10 ** 9
 MIB = 1 << 20
@@ -390,14 +391,10 @@ def goal_d(tree: Path, site, scratch: Path, runs: int) -> list[Comparison]:
 @contextlib.contextmanager
 def bench_site(args, folder: Path) -> Iterator:
     """The site's config with a cache and work folder of our own (the release image of 3d goes there and
-    goes with it), the site's built boot image hard-linked in so that nothing is rebuilt."""
+    goes with it), the site's built boot image and probe verdicts hard-linked in so that nothing is rebuilt."""
     site = vjobs.load_site(args.site)
     cache = folder / "cache"
-    (cache / "images").mkdir(parents=True)
-    for built in sorted((Path(site.cache_dir) / "images").glob("default-*")):
-        run("cp", "-al", str(built), str(cache / "images" / built.name))
-    if (Path(site.cache_dir) / "probes").is_dir():
-        run("cp", "-a", str(Path(site.cache_dir) / "probes"), str(cache / "probes"))
+    seed_cache(Path(site.cache_dir), cache, probes=True)
     yield dataclasses.replace(site, cache_dir=cache, work_dir=folder / "work")
 
 

@@ -57,7 +57,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -67,6 +66,10 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ is on the path, th
     sys.path.insert(0, str(REPO))
 
 from benchmarks.report import Comparison, Section, print_section  # noqa: E402
+from vjobs.images.cpio import CpioWriter  # noqa: E402
+from vjobs.testing.figures import median_range  # noqa: E402
+from vjobs.testing.processes import job_qemu  # noqa: E402
+from vjobs.testing.sites import example_job, merged, site_document, vjobs_command, write_site  # noqa: E402
 
 GOAL = "4. QEMU memory beyond the guest"
 GOAL_MIB = 64.0
@@ -155,43 +158,6 @@ def read_smaps(pid: int, guest_mib: int) -> Sample | None:
                   anonymous=sum(m[4] for m in mappings if m is not guest))
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid: (ppid, comm) of every process."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        close = stat.rfind(")")
-        table[int(entry.name)] = (int(stat[close + 2:].split()[1]), stat[stat.index("(") + 1:close])
-    return table
-
-
-def find_qemu(root: int) -> int | None:
-    """The first process named qemu-system-* among ``root`` and its descendants, but not one that boots a
-    template guest to save it (``vjobs.template`` on its kernel command line and no ``-incoming``: it makes
-    a template and runs no job; a job's QEMU restored from a template has both)."""
-    table = _process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        if pid in table and table[pid][1].startswith("qemu-system"):
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"-incoming" in argv or not any(b"vjobs.template" in arg for arg in argv):
-                    return pid
-            except OSError:
-                pass
-        todo += children.get(pid, [])
-    return None
-
-
 @dataclass
 class Peaks:
     """The peaks of one run, KiB; ``at_peak``: the sample where QEMU's own memory peaked."""
@@ -262,7 +228,7 @@ def run_process(command: list[str], log: Path, timeout_s: float, *, guest_mib: i
                     in_time = False
                     break
                 if qemu is None:
-                    qemu = find_qemu(proc.pid)
+                    qemu = job_qemu(proc.pid)
                 if qemu is not None:
                     sample = read_smaps(qemu, guest_mib)
                     if sample is not None:
@@ -280,106 +246,8 @@ def run_process(command: list[str], log: Path, timeout_s: float, *, guest_mib: i
 
 # --- jobs, site files, the floor's material ------------------------------------------------------------------
 
-def vjobs_command() -> list[str]:
-    """The CLI a batch system would run: the venv's ``vjobs`` beside this interpreter."""
-    script = Path(sys.executable).parent / "vjobs"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vjobs"]
-
-
-def example_job(memory_mib: int | None = None, append: str = "") -> dict:
-    """examples/hello with absolute paths; ``memory_mib`` (when set) and a shell tail after its command."""
-    base = REPO / "examples/hello"
-    job = json.loads((base / "job.json").read_text())
-    job["inputs"], job["release"]["path"] = str(base / job["inputs"]), str(base / job["release"]["path"])
-    if memory_mib:
-        job["resources"]["memory_mib"] = memory_mib
-    if append:
-        job["command"] = [*job["command"][:-1], f"{job['command'][-1]} {append}"]
-    return job
-
-
 def job_memory_mib(job: Mapping[str, Any]) -> int:
     return int(job.get("resources", {}).get("memory_mib", DEFAULT_MEMORY_MIB))
-
-
-_PATH_KEYS = (("cache_dir",), ("work_dir",), ("drivers", "xen", "password_file"),
-              ("staging", "http", "bearer_token_file"), ("staging", "http", "ca_path"))
-
-
-def base_site(explicit: str | None) -> tuple[dict, Path | None]:
-    """The site config the CLI would load (``--site``, $VJOBS_SITE, /etc/vjobs/site.toml), as a dict with
-    its relative paths made absolute, and its file."""
-    from vjobs.config.site import find_site_file
-
-    path = find_site_file(explicit)
-    if path is None:
-        return {}, None
-    document = tomllib.loads(path.read_text())
-    here = path.resolve().parent
-
-    def absolute(table: dict, keys: tuple[str, ...]) -> None:
-        *parents, last = keys
-        for key in parents:
-            table = table.get(key)
-            if not isinstance(table, dict):
-                return
-        if isinstance(table.get(last), str):
-            table[last] = str(here / table[last])
-
-    for keys in _PATH_KEYS:
-        absolute(document, keys)
-    for image in document.get("images", {}).values():
-        for key in ("kernel", "initramfs", "rootfs"):
-            if isinstance(image.get(key), str):
-                image[key] = str(here / image[key])
-    return document, path
-
-
-def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out.get(key, {}), value) if isinstance(value, Mapping) else value
-    return out
-
-
-def toml_text(document: Mapping[str, Any]) -> str:
-    """TOML for a site config (tables, strings, numbers, booleans, lists of those)."""
-    def key(name: str) -> str:
-        return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
-
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, (int, float)):
-            return repr(item)
-        if isinstance(item, str):
-            return json.dumps(item)  # a JSON string is a TOML basic string
-        if isinstance(item, (list, tuple)):
-            return "[" + ", ".join(value(element) for element in item) + "]"
-        raise TypeError(f"cannot write {item!r} as TOML here")
-
-    lines: list[str] = []
-
-    def table(entries: Mapping[str, Any], prefix: str) -> None:
-        scalars = {k: v for k, v in entries.items() if not isinstance(v, Mapping)}
-        tables = {k: v for k, v in entries.items() if isinstance(v, Mapping)}
-        if prefix and (scalars or not tables):
-            lines.append(f"[{prefix}]")
-        lines.extend(f"{key(k)} = {value(v)}" for k, v in scalars.items())
-        for name, entries_below in tables.items():
-            table(entries_below, f"{prefix}.{key(name)}" if prefix else key(name))
-
-    table(document, "")
-    return "\n".join(lines) + "\n"
-
-
-def write_site(path: Path, base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Path:
-    """``base`` with ``overrides`` as a TOML file, checked by vjobs' own loader."""
-    from vjobs.config.site import load_site
-
-    path.write_text(toml_text(merged(base, overrides)))
-    load_site(path)  # InvalidSite now rather than in every job
-    return path
 
 
 def benchmark_site(base: Mapping[str, Any], scratch: Path, pin: bool = True) -> dict:
@@ -525,28 +393,15 @@ poweroff -f
 """
 
 
-def _newc(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
-    """A cpio archive in the kernel's initramfs format (newc) of (name, mode, data)."""
-    out = bytearray()
-
-    def pad() -> None:
-        out.extend(b"\0" * (-len(out) % 4))
-
-    for number, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
-        encoded = name.encode() + b"\0"
-        fields = [number if mode else 0, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
-        out += b"070701" + b"".join(b"%08X" % value for value in fields) + encoded
-        pad()
-        out += data
-        pad()
-    return bytes(out)
-
-
 def sleeping_initrd(folder: Path, sleep_s: float, into: Path) -> Path:
     """The floor's initrd.raw with a second archive appended whose /init sleeps before powering off (the
     kernel unpacks both; the later /init replaces the earlier)."""
     init = _FLOOR_INIT.format(sleep=f"{sleep_s:g}").encode()
-    into.write_bytes((folder / "initrd.raw").read_bytes() + _newc([("init", 0o100755, init)]))
+    with open(into, "wb") as out:
+        out.write((folder / "initrd.raw").read_bytes())
+        archive = CpioWriter(out)
+        archive.add_file("init", init, 0o755)
+        archive.close()
     return into
 
 
@@ -662,13 +517,6 @@ def start_names(value: Any, default: Iterable[str] = DEFAULT_STARTS) -> list[str
     return names
 
 
-def _cell(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "–"
-    text = f"{statistics.median(values):.{digits}f}"
-    return text + (f" ({min(values):.{digits}f}–{max(values):.{digits}f})" if len(values) > 1 else "")
-
-
 def tb_table(results: dict[tuple[str, int], Results], kinds: list[str], default_tb: int) -> str:
     """Markdown: per start and tb-size, QEMU's memory beyond the guest and the time of each payload, wall
     and CPU; medians (min–max)."""
@@ -677,9 +525,9 @@ def tb_table(results: dict[tuple[str, int], Results], kinds: list[str], default_
         head += [KINDS[kind], "its job's CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for (start, tb), out in results.items():
-        cells = [start, f"{tb}" + (" (default)" if tb == default_tb else ""), _cell(_mib(p.own for p in out.peaks), 1)]
+        cells = [start, f"{tb}" + (" (default)" if tb == default_tb else ""), median_range(_mib(p.own for p in out.peaks), 1)]
         for kind in kinds:
-            cells += [_cell(out.wall_s[kind]), _cell(out.cpu_s[kind])]
+            cells += [median_range(out.wall_s[kind]), median_range(out.cpu_s[kind])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -692,7 +540,7 @@ def measure(args: argparse.Namespace) -> Section:
     interval_s = getattr(args, "interval_s", None) or DEFAULT_INTERVAL_S
     floor_timeout_s = getattr(args, "floor_timeout_s", None) or DEFAULT_FLOOR_TIMEOUT_S
     starts = start_names(getattr(args, "starts", None))
-    base, site_path = base_site(getattr(args, "site", None))
+    base, site_path = site_document(getattr(args, "site", None))
     default_tb = default_tb_size(base)
     sizes = sorted(set(_sizes(getattr(args, "tb_sizes", None))) | {default_tb})
 
@@ -714,8 +562,8 @@ def measure(args: argparse.Namespace) -> Section:
     with tempfile.TemporaryDirectory(prefix="vjobs-memory-") as folder:
         scratch = Path(folder)
         overrides = benchmark_site(base, scratch)
-        sites = {(start, tb): write_site(scratch / f"site-{start}-tb{tb}.toml", base, merged(overrides, {
-            "drivers": {"qemu_user": {"tb_size_mib": tb, "template": STARTS[start][0]}}})) for start, tb in configs}
+        sites = {(start, tb): write_site(scratch / f"site-{start}-tb{tb}.toml", merged(base, merged(overrides, {
+            "drivers": {"qemu_user": {"tb_size_mib": tb, "template": STARTS[start][0]}}}))) for start, tb in configs}
         material = floor_material()
         tsc_khz = floor_tsc_khz(args)
         floor = floor_argv(material, guest_mib, sleeping_initrd(material, sleep_s, scratch / "initrd-sleep.raw"),

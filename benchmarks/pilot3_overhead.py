@@ -26,7 +26,9 @@ from pathlib import Path
 import vjobs
 from vjobs.pilot3.harness import PilotSite, fetch_sdist, make_job, run_pilot
 from vjobs.pilot3.plugin import install_plugin
+from vjobs.testing.figures import median_range
 from vjobs.testing.panda_standin import PandaStandin
+from vjobs.testing.sites import write_site
 
 PAYLOAD = "#!/bin/bash\nset -e\n{ cat events.txt; uname -r; } > summary.txt\n"
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -70,7 +72,7 @@ def vjobs_run(folder: Path, site_file: Path) -> float:
 
 
 def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+    return median_range(values, 1, dash="-", range_of_one=True)
 
 
 def main() -> None:
@@ -84,8 +86,8 @@ def main() -> None:
         pilot = scratch / "pilot"
         shutil.copytree(fetch_sdist(Path(args.cache) / "pilot3"), pilot)
         install_plugin(pilot)
-        site_file = scratch / "site.toml"
-        site_file.write_text(f'driver = "qemu_user"\ncache_dir = "{args.cache}"\nwork_dir = "{scratch / "work"}"\n')
+        site_file = write_site(scratch / "site.toml", {"driver": "qemu_user", "cache_dir": args.cache,
+                                                       "work_dir": str(scratch / "work")})
         from vjobs.images.catalogue import resolve_image
 
         resolve_image("debian12", vjobs.load_site(site_file), print)  # built before the clock runs

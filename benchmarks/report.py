@@ -11,6 +11,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vjobs.testing.figures import ratio, spread
+
 BEGIN = "<!-- speed.py: begin (generated; edit benchmarks/speed.py, not this) -->"
 END = "<!-- speed.py: end -->"
 
@@ -56,34 +58,22 @@ class Comparison:
         return ", ".join(parts) or "(shown for reference)"
 
 
-def spread(values: list[float], unit: str) -> str:
-    if not values:
-        return "–"
-    median = statistics.median(values)
-    digits = 3 if max(abs(v) for v in values) < 10 else 1
-    text = f"{median:.{digits}f} {unit}"
-    if len(values) > 1:
-        text += f" ({min(values):.{digits}f}–{max(values):.{digits}f}, n={len(values)})"
-    return text
-
-
 def table(comparisons: list[Comparison]) -> str:
     lines = ["| goal | measured | median (min–max, n) | floor, same run | floor median (min–max, n) | ratio | "
              "goal | met |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in comparisons:
-        ratio = f"{c.ratio:.2f}" if c.ratio is not None else "–"
         met = {True: "**yes**", False: "**no**", None: "–"}[c.met]
         lines.append(f"| {c.goal} | {c.what} | {spread(c.values, c.unit)} | {c.floor} | "
-                     f"{spread(c.floor_values, c.unit)} | {ratio} | {c.goal_text()} | {met} |")
+                     f"{spread(c.floor_values, c.unit)} | {ratio(c.ratio)} | {c.goal_text()} | {met} |")
     notes = [f"- {c.what}: {c.note}" for c in comparisons if c.note]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def print_comparisons(comparisons: list[Comparison]) -> None:
     for c in comparisons:
-        ratio = f"{c.ratio:.2f}" if c.ratio is not None else "-"
         print(f"  {c.goal}: {c.what}: {spread(c.values, c.unit)} against {c.floor}: "
-              f"{spread(c.floor_values, c.unit)}; ratio {ratio}, goal {c.goal_text()}, met: {c.met}")
+              f"{spread(c.floor_values, c.unit)}; ratio {ratio(c.ratio, none='-')}, goal {c.goal_text()}, "
+              f"met: {c.met}")
 
 
 def print_section(section: "Section") -> None:

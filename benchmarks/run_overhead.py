@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -23,10 +22,15 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import vjobs
-from vjobs.config.site import SiteConfig, site_from_dict
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: benchmarks/ is on the path, the repository is not
+    sys.path.insert(0, str(REPO))
+
+import vjobs  # noqa: E402
+from vjobs.config.site import SiteConfig, site_from_dict  # noqa: E402
+from vjobs.testing.figures import value_range  # noqa: E402
+from vjobs.testing.sites import example_job, libvirt_settings, write_password, xen_settings  # noqa: E402
+
 CPU_PAYLOAD = "dd if=/dev/zero bs=1M count=64 2>/dev/null | busybox sha256sum"
 PHASES = ("probe", "prepare", "attach", "boot", "run", "guest_payload", "collect", "teardown", "total")
 
@@ -38,13 +42,6 @@ def run_job(document: dict, site: SiteConfig, outdir: Path) -> vjobs.Result:
     return result
 
 
-def example_job() -> dict:
-    base = REPO / "examples/hello"
-    job = json.loads((base / "job.json").read_text())
-    job["inputs"], job["release"]["path"] = str(base / job["inputs"]), str(base / job["release"]["path"])
-    return job
-
-
 def phases(site: SiteConfig, runs: int, scratch: Path) -> dict[str, float]:
     samples: dict[str, list[float]] = {}
     for number in range(runs):
@@ -54,7 +51,7 @@ def phases(site: SiteConfig, runs: int, scratch: Path) -> dict[str, float]:
     for phase in PHASES:
         if phase in samples:
             values = samples[phase]
-            print(f"    {phase:14s} {statistics.median(values):7.3f}   ({min(values):.3f}-{max(values):.3f})")
+            print(f"    {phase:14s} {statistics.median(values):7.3f}   {value_range(values, 3, dash='-')}")
     return {phase: statistics.median(values) for phase, values in samples.items()}
 
 
@@ -82,15 +79,14 @@ def driver_setups(args, scratch: Path) -> Iterator[list[tuple[str, SiteConfig]]]
     from vjobs.testing.xapi_standin import XapiStandin
 
     common = {"cache_dir": str(vjobs.load_site(args.site).cache_dir), "work_dir": str(scratch / "work")}
-    password = scratch / "xapi-password"
-    password.write_text("secret\n")
-    with XapiStandin(scratch / "xapi") as standin:
+    password = write_password(scratch / "xapi-password", "secret")
+    with XapiStandin(scratch / "xapi", password="secret") as standin:
         yield [
             ("qemu_user", site_from_dict({**common, "driver": "qemu_user"})),
             ("kvm (libvirt, virt_type qemu)", site_from_dict({**common, "driver": "kvm",
-                                                              "drivers": {"kvm": {"virt_type": "qemu"}}})),
-            ("xen (XAPI stand-in)", site_from_dict({**common, "driver": "xen", "drivers": {"xen": {
-                "url": standin.url, "password_file": str(password), "sr": "vjobs-sr", "require_dom0": False}}})),
+                                                              "drivers": {"kvm": libvirt_settings()}})),
+            ("xen (XAPI stand-in)", site_from_dict({**common, "driver": "xen",
+                                                    "drivers": {"xen": xen_settings(standin.url, password)}})),
         ]
 
 

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import vjobs
 from vjobs.images.boot import build_default_image
+from vjobs.testing.figures import ratio
 from vjobs.testing.servers.netns import LoopbackNetns
 from vjobs.testing.servers.slurm import SlurmCluster, why_not_available
+from vjobs.testing.sites import write_site
 
 REPO = Path(__file__).resolve().parent.parent
 VJOBS = REPO / ".venv/bin/vjobs"
@@ -85,8 +87,8 @@ def main() -> None:
     build_default_image(Path(args.cache))  # built before the clock runs
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        site = scratch / "site.toml"
-        site.write_text(f'driver = "qemu_user"\ncache_dir = "{args.cache}"\nwork_dir = "{scratch / "work"}"\n')
+        site = write_site(scratch / "site.toml", {"driver": "qemu_user", "cache_dir": args.cache,
+                                                  "work_dir": str(scratch / "work")})
         env = {"VJOBS": str(VJOBS), "VJOBS_SITE": str(site)}
         jobs = write_jobs(scratch / "jobs", args.jobs)
         one_after_another(jobs[:1], scratch / "warm-up", env)  # the probe's verdict, cached for both
@@ -100,7 +102,7 @@ def main() -> None:
     print(f"  one after another / array:  {sequential / array:6.2f}")
     print("\n| jobs | Slurm array, 2 CPUs | one after another | ratio |\n| --- | --- | --- | --- |")
     print(f"| {args.jobs} VM jobs (sleep 2 s) | {array:.1f} s ({array_job:.1f} s a job) | {sequential:.1f} s "
-          f"({sequential_job:.1f} s a job) | {sequential / array:.2f} |")
+          f"({sequential_job:.1f} s a job) | {ratio(sequential / array)} |")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ if str(REPO) not in sys.path:
 
 from benchmarks.report import Comparison, Section, print_comparisons, table, write_section  # noqa: E402
 from vjobs.drivers.qemu_user.qemu import DEFAULT_TB_SIZE_MIB  # noqa: E402
+from vjobs.testing.sites import (libvirt_reachable, libvirt_settings, vjobs_command, write_password,  # noqa: E402
+                                 write_site, xen_settings)
 
-VJOBS = [str(REPO / ".venv" / "bin" / "vjobs")]
+VJOBS = vjobs_command()
 FLOOR = REPO / "benchmarks" / "plain-qemu-floor.sh"
 HELLO = REPO / "examples" / "hello" / "job.json"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -78,28 +80,6 @@ def vjobs_once(site: Path, outdir: Path) -> tuple[float, dict]:
     return wall, result
 
 
-def toml(document: dict) -> str:
-    lines, tables = [], []
-    for key, value in document.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    for name, values in tables:
-        for sub, inner in values.items():
-            lines.append(f"[{name}.{sub}]")
-            lines += [f"{key} = {json.dumps(value)}" for key, value in inner.items()]
-    return "\n".join(lines) + "\n"
-
-
-def libvirt_answers() -> bool:
-    try:
-        return subprocess.run(["timeout", "10", "virsh", "-c", "qemu:///system", "list"], capture_output=True,
-                              timeout=20).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
 @contextlib.contextmanager
 def start_setups(scratch: Path):
     """Site files for each way to start a job: name -> path; the XAPI stand-in runs meanwhile."""
@@ -107,23 +87,18 @@ def start_setups(scratch: Path):
     from vjobs.testing.xapi_standin import XapiStandin
 
     common = {"cache_dir": str(vjobs.load_site(None).cache_dir), "work_dir": str(scratch / "work")}
-    password = scratch / "xapi-password"
-    password.write_text("secret\n")
-    with XapiStandin(scratch / "xapi") as standin:
+    password = write_password(scratch / "xapi-password", "secret")
+    with XapiStandin(scratch / "xapi", password="secret") as standin:
         setups = {
             "qemu_user, cold boot": {**common, "driver": "qemu_user", "drivers": {"qemu_user": {"template": False}}},
             "qemu_user, from a template": {**common, "driver": "qemu_user",
                                            "drivers": {"qemu_user": {"template": True}}},
-            "xen (XAPI stand-in)": {**common, "driver": "xen", "drivers": {"xen": {
-                "url": standin.url, "password_file": str(password), "sr": "vjobs-sr", "require_dom0": False}}},
+            "xen (XAPI stand-in)": {**common, "driver": "xen", "drivers": {"xen": xen_settings(standin.url, password)}},
         }
-        if libvirt_answers():
-            setups["kvm (libvirt, TCG)"] = {**common, "driver": "kvm", "drivers": {"kvm": {"virt_type": "qemu"}}}
-        paths = {}
-        for number, (name, document) in enumerate(setups.items()):
-            paths[name] = scratch / f"site{number}.toml"
-            paths[name].write_text(toml(document))
-        yield paths
+        if libvirt_reachable() is None:
+            setups["kvm (libvirt, TCG)"] = {**common, "driver": "kvm", "drivers": {"kvm": libvirt_settings()}}
+        yield {name: write_site(scratch / f"site{number}.toml", document)
+               for number, (name, document) in enumerate(setups.items())}
 
 
 def start(runs: int) -> Section:

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from vjobs.testing.figures import ratio, value_range
+
 SCRIPT = Path(__file__).resolve()
 MIB = 1 << 20
 TIMEOUT_S = 600  # per command; a stuck transfer ends the benchmark instead of hanging it
@@ -313,7 +315,7 @@ def rows(case: Case, mib: int) -> list[list[str]]:
         cells = [case.protocol, case.direction, label, f"{mib / floor_s:.0f}"]
         for timed_as in (CHILD_WALL, CHILD_INSIDE):
             vjobs_s = case.median("vjobs", timed_as)
-            cells += [f"{mib / vjobs_s:.0f}", f"{vjobs_s / floor_s:.2f}"]
+            cells += [f"{mib / vjobs_s:.0f}", ratio(vjobs_s / floor_s)]
         table.append(cells)
     return table
 
@@ -325,7 +327,7 @@ def extra_rows(case: Case, mib: int) -> list[list[str]]:
     for label in case.samples["extras"]:
         vjobs_s = case.median("extras", label)
         table.append([case.protocol, case.direction, case.same_work, f"{mib / floor_s:.0f}", f"{mib / vjobs_s:.0f}",
-                      f"{vjobs_s / floor_s:.2f}"])
+                      ratio(vjobs_s / floor_s)])
     return table
 
 
@@ -335,7 +337,7 @@ def spreads(cases: list[Case]) -> list[str]:
         lines.append(f"{case.protocol} {case.direction} (vjobs verified by: {', '.join(sorted(case.verified_by))})")
         for samples in case.samples.values():
             for label, values in samples.items():
-                lines.append(f"  {label:52s} {statistics.median(values):6.2f} s  ({min(values):.2f}-{max(values):.2f})")
+                lines.append(f"  {label:52s} {statistics.median(values):6.2f} s  {value_range(values, dash='-')}")
     return lines
 
 

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import vjobs  # noqa: E402
-from benchmarks.run_overhead import example_job  # noqa: E402
 from vjobs.config.site import site_from_dict  # noqa: E402
+from vjobs.testing.sites import example_job  # noqa: E402
 
 
 def sites(args, scratch: Path):

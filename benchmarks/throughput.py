@@ -48,10 +48,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: benchmarks/ is on the path, the repository is not
     sys.path.insert(0, str(REPO))
 
-from benchmarks.memory import (FLOOR_MARKER, STARTS, base_site, benchmark_site, example_job,  # noqa: E402
-                               floor_argv, floor_description, floor_material, floor_tsc_khz, keep_failure, merged,
-                               run_process, start_mode, start_names, vjobs_command, write_site)
+from benchmarks.memory import (FLOOR_MARKER, STARTS, benchmark_site, floor_argv, floor_description,  # noqa: E402
+                               floor_material, floor_tsc_khz, keep_failure, run_process, start_mode, start_names)
 from benchmarks.report import Comparison, Section, print_section  # noqa: E402
+from vjobs.testing.sites import example_job, merged, site_document, vjobs_command, write_site  # noqa: E402
 
 GOAL = "5. throughput"
 GOAL_JOBS_PER_MIN = 40.0
@@ -196,14 +196,14 @@ def measure(args: argparse.Namespace) -> Section:
     concurrencies = _concurrencies(getattr(args, "concurrency", None))
     starts = start_names(getattr(args, "starts", None))
     floor_timeout_s = getattr(args, "floor_timeout_s", None) or DEFAULT_FLOOR_TIMEOUT_S
-    base, site_path = base_site(getattr(args, "site", None))
+    base, site_path = site_document(getattr(args, "site", None))
     vjobs_batches: dict[tuple[str, int], list[Batch]] = {(s, c): [] for s in starts for c in concurrencies}
     floor_batches: dict[int, list[Batch]] = {c: [] for c in concurrencies}
     with tempfile.TemporaryDirectory(prefix="vjobs-throughput-") as folder:
         scratch = Path(folder)
         overrides = benchmark_site(base, scratch, pin=False)
-        sites = {start: write_site(scratch / f"site-{start}.toml", base, merged(overrides, {
-            "drivers": {"qemu_user": {"template": STARTS[start][0]}}})) for start in starts}
+        sites = {start: write_site(scratch / f"site-{start}.toml", merged(base, merged(overrides, {
+            "drivers": {"qemu_user": {"template": STARTS[start][0]}}}))) for start in starts}
         from vjobs.config.site import load_site
 
         budget = load_site(sites[starts[0]]).host

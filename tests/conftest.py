@@ -13,6 +13,9 @@ import pytest
 
 from vjobs.pilot3.harness import fetch_sdist, why_not_runnable
 from vjobs.config.site import SiteConfig, site_from_dict
+from vjobs.testing import sites
+from vjobs.testing.processes import qemu_processes  # noqa: F401 (tests import it from here)
+from vjobs.testing.sites import LIBVIRT_URI, libvirt_reachable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,22 +83,6 @@ def fake_image(tmp_path):
     return files
 
 
-def qemu_processes(marker: str) -> list[str]:
-    """QEMU processes that name ``marker`` in their command line or hold a file under it open: vjobs' own
-    QEMU gets every file as a descriptor (vjobs/drivers/qemu_user/qemu.py), so its command line names none."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or not (proc / "comm").read_text().startswith("qemu-system"):
-                continue
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if marker in cmdline or any(os.readlink(fd).startswith(marker) for fd in (proc / "fd").iterdir()):
-                found.append(f"{proc.name} {cmdline}")
-        except OSError:
-            continue  # it ended while we looked
-    return found
-
-
 def work_leftovers(work: Path) -> list[str]:
     """What a work folder holds besides the admission folder (which stays) and its shares of live jobs."""
     if not work.exists():
@@ -113,21 +100,6 @@ def assert_clean_host(tmp_path):
     leftovers = work_leftovers(tmp_path / "work")
     assert leftovers == [], f"job folders or admission shares left behind: {leftovers}"
     assert qemu_processes(str(tmp_path)) == []
-
-
-LIBVIRT_URI = os.environ.get("VJOBS_TEST_LIBVIRT_URI", "qemu:///system")
-
-
-def libvirt_reachable(uri: str = LIBVIRT_URI) -> str | None:
-    """None when libvirtd answers at ``uri``, else why not."""
-    import libvirt
-
-    libvirt.registerErrorHandler(lambda _context, _error: None, None)
-    try:
-        libvirt.open(uri).close()
-    except libvirt.libvirtError as exc:
-        return f"libvirtd at {uri}: {exc.get_error_message()}"
-    return None
 
 
 def vjobs_domains_of(pid: int, uri: str = LIBVIRT_URI) -> list[str]:
@@ -152,7 +124,7 @@ def libvirt_site(make_site):
         if os.environ.get("VJOBS_REQUIRE_LIBVIRT"):
             pytest.fail(f"{why_not} (scripts/test.sh should have started it)")
         pytest.skip(f"{why_not}: start it with .ci/libvirt.sh up")
-    yield make_site(driver="kvm", drivers={"kvm": {"uri": LIBVIRT_URI, "virt_type": "qemu"}})
+    yield make_site(driver="kvm", drivers={"kvm": sites.libvirt_settings()})
     assert vjobs_domains_of(os.getpid()) == [], "libvirt domains left behind"
 
 
@@ -172,11 +144,7 @@ def xapi_standin(tmp_path):
 
 @pytest.fixture
 def xen_settings(xapi_standin, tmp_path):
-    password_file = tmp_path / "xapi-password"
-    password_file.write_text("pool-secret\n")
-    password_file.chmod(0o600)
-    return {"url": xapi_standin.url, "username": "root", "password_file": str(password_file),
-            "sr": "vjobs-sr", "require_dom0": False}
+    return sites.xen_settings(xapi_standin.url, sites.write_password(tmp_path / "xapi-password", "pool-secret"))
 
 
 @pytest.fixture
