@@ -9,6 +9,7 @@ import tarfile
 import pytest
 
 import vjobs
+from vjobs.events import Events
 from vjobs.guest.disks import prepare_disks, release_image
 from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.errors import SetupError
@@ -44,7 +45,7 @@ def test_job_disks(tmp_path):
                                    "inputs": str(tmp_path / "in"), "outputs": ["*.txt"],
                                    "resources": {"output_mib": 2, "scratch_mib": 8}})
     (tmp_path / "job").mkdir()
-    disks = prepare_disks(job, tmp_path / "job", tmp_path / "cache", "squashfs", lambda m: None)
+    disks = prepare_disks(job, tmp_path / "job", tmp_path / "cache", "squashfs", Events())
     assert disks.io.path.stat().st_size == 2 << 20 and not disks.io.readonly
     with tarfile.open(disks.io.path) as job_tar:
         assert job_tar.getnames()[0] == IO_DISK_MAGIC

@@ -53,7 +53,9 @@ def test_a_failure_in_create_is_seen_in_attach_then_teardown(make_job, make_site
     assert started == ["probe", "prepare", "prepare", "admission", "attach", "teardown", "finish"]
     ended = {e.subject: e for e in seen if e.name == "phase_ended"}
     assert ended["attach"].error == "VMError" and ended["probe"].error is None
-    assert [e.subject for e in seen if e.name == "step_ended"] == ["vm_create", "save_console", "remove_job_folder"]
+    steps = [(e.subject, e.detail) for e in seen if e.name == "step_ended"]
+    assert steps == [("tool", "mke2fs"), ("scratch_disk", ""), ("io_disk", ""), ("vm_create", ""),
+                     ("save_console", ""), ("remove_job_folder", "")]
     assert all(e.job_id == "t1" for e in seen)
 
 

@@ -123,7 +123,7 @@ class VMContainer:
         staged = self._stage_in() if self.job.stage_in else None
         with self._phase("prepare"):
             disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
-                                  self.host.progress, base, stop_grace_s=self.site.stop_grace_s, staged=staged)
+                                  self.events, base, stop_grace_s=self.site.stop_grace_s, staged=staged)
             self.result.provenance["release_sha256"] = disks.release_sha256
         with self._phase("admission"):
             resources = self.job.resources

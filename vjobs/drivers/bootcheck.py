@@ -27,7 +27,8 @@ def boot_check(host: HostContext, key: str, create_vm: Callable[[VMSpec], VM], d
     cached = _read(cache)
     if cached and cached.get("boot_id") == host.boot_id:
         return Check(f"boot {key}", cached["ok"], cached["detail"] + " (cached for this host boot)")
-    ok, detail = _boot_once(host, key, create_vm, deadline_s)
+    with host.events.step("deep_probe", detail=key):
+        ok, detail = _boot_once(host, key, create_vm, deadline_s)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"boot_id": host.boot_id, "ok": ok, "detail": detail}))
     return Check(f"boot {key}", ok, detail)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from vjobs.guest.binds import copy_for_guest, link_or_copy
+from vjobs.events import Events
 from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.host import locks
 from vjobs.host.cache import added, use
@@ -79,32 +80,38 @@ class JobDisks:
                      if disk)
 
 
-def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str,
-                  progress: Callable[[str], None], base: BaseDisk | None = None, *,
-                  stop_grace_s: float = 10.0, staged: Path | None = None) -> JobDisks:
-    """``staged``: a folder of remote inputs already fetched (vjobs/staging/), merged into the working directory."""
+def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str, events: Events,
+                  base: BaseDisk | None = None, *, stop_grace_s: float = 10.0, staged: Path | None = None) -> JobDisks:
+    """``staged``: a folder of remote inputs already fetched (vjobs/staging/), merged into the working directory.
+    Each disk built is a step of the run's ``events`` (vjobs/events.py), and so is each tool run for it."""
     read_only = []
     release, release_sha256 = None, None
     if job.release:
-        image, release_sha256 = release_image(job.release.path, cache_dir / "releases", release_format, progress)
+        with events.step("release_image"):
+            image, release_sha256 = release_image(job.release.path, cache_dir / "releases", release_format,
+                                                   events.progress, events=events)
         release = Disk("release", image, "raw", readonly=True, cache_key=release_sha256)
         read_only.append(ReadOnlyDisk(release, job.release.mount))
     for bind in job.binds:
         if bind.mode == "ro":
-            image, digest = release_image(bind.source, cache_dir / "releases", release_format, progress)
+            with events.step("release_image", detail=bind.target):
+                image, digest = release_image(bind.source, cache_dir / "releases", release_format, events.progress,
+                                              events=events)
             read_only.append(ReadOnlyDisk(Disk("bind", image, "raw", readonly=True, cache_key=digest), bind.target))
-    scratch = Disk("scratch", build_scratch(job, folder, staged), "raw", readonly=False)
-    io_disk = Disk("io", build_io_disk(job, folder, scratch, read_only, release_format, base,
-                                             stop_grace_s), "raw",
-                   readonly=False)
+    with events.step("scratch_disk"):
+        scratch = Disk("scratch", build_scratch(job, folder, staged, events=events), "raw", readonly=False)
+    with events.step("io_disk"):
+        io_disk = Disk("io", build_io_disk(job, folder, scratch, read_only, release_format, base, stop_grace_s),
+                       "raw", readonly=False)
     return JobDisks(io_disk, scratch, release, release_sha256, base.disk if base else None,
                     tuple(item.disk for item in read_only if item.disk.role == "bind"))
 
 
-def build_disk(argv: list, what: str, folder: Path) -> None:
+def build_disk(argv: list, what: str, folder: Path, events: Events | None = None) -> None:
     """Run a disk-building tool that writes into ``folder``: a failure says what was built, and where."""
-    run_tool(argv, f"building the {what}", where=folder, code="disk_build_failed", missing_code="tool_missing",
-             install="install squashfs-tools, erofs-utils and e2fsprogs, see the README")
+    with (events or Events()).step("tool", detail=Path(argv[0]).name):
+        run_tool(argv, f"building the {what}", where=folder, code="disk_build_failed", missing_code="tool_missing",
+                 install="install squashfs-tools, erofs-utils and e2fsprogs, see the README")
 
 
 def head_sha256(path: Path) -> str:
@@ -144,9 +151,10 @@ def tree_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
-def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str], None]) -> tuple[Path, str]:
+def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str], None], *,
+                  events: Events | None = None) -> tuple[Path, str]:
     """The cached read-only image of ``source``: built once (under a lock), reused after, held for the job
-    (vjobs/host/cache.py). Returns the image and its sha256."""
+    (vjobs/host/cache.py). Returns the image and its sha256. ``events``: where the tool's run is a step."""
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"{fmt}\0{tree_fingerprint(source)}".encode()).hexdigest()[:32]
     image, sidecar = cache / f"{key}.{fmt}", cache / f"{key}.json"
@@ -157,7 +165,7 @@ def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str],
         started = time.monotonic()
         partial = cache / f"{key}.{os.getpid()}.partial"
         try:
-            build_disk(RELEASE_TOOLS[fmt](source, partial), f"{fmt} image of the release {source}", cache)
+            build_disk(RELEASE_TOOLS[fmt](source, partial), f"{fmt} image of the release {source}", cache, events)
             digest = sha256_file(partial)
             sidecar.write_text(json.dumps({"source": str(source), "format": fmt, "sha256": digest}))
             os.replace(partial, image)
@@ -171,7 +179,7 @@ def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str],
 
 # --- scratch -------------------------------------------------------------------------------------------
 
-def build_scratch(job: Job, folder: Path, staged: Path | None = None) -> Path:
+def build_scratch(job: Job, folder: Path, staged: Path | None = None, *, events: Events | None = None) -> Path:
     staging = folder / "scratch-root"
     (staging / "vjobs").mkdir(parents=True)
     if job.inputs:
@@ -189,7 +197,7 @@ def build_scratch(job: Job, folder: Path, staged: Path | None = None) -> Path:
     # non-zero blocks (a sparse xen upload of an empty 80 MiB scratch disk: 4 MiB instead of 14 MiB).
     build_disk(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^has_journal", "-m", "0",
                 "-L", "vjobs-scratch", "-E", "root_owner=0:0", "-d", str(staging), str(image), f"{size_kib}k"],
-               f"scratch disk of job {job.id} ({size_kib // 1024} MiB)", folder)
+               f"scratch disk of job {job.id} ({size_kib // 1024} MiB)", folder, events)
     shutil.rmtree(staging)
     return image
 
