@@ -124,17 +124,22 @@ class DriverConformance:
     """The suite; a test module runs it by subclassing (pytest collects a class named ``Test...``)."""
 
     @pytest.fixture(params=installed_drivers())
-    def driver_site(self, request, built_image) -> tuple[str, SiteConfig]:
-        """(driver name, site pinned to it) for each installed driver, from its ``NAME_site`` fixture."""
+    def driver_site(self, request) -> tuple[str, SiteConfig]:
+        """(driver name, site pinned to it) for each installed driver, from its ``NAME_site`` fixture; and the
+        built-in image the jobs boot, built once per session."""
         name = request.param
         fixture = site_fixture_name(name)
         try:
-            return name, request.getfixturevalue(fixture)
+            site = request.getfixturevalue(fixture)
         except pytest.FixtureLookupError:
+            site = None  # and the failure below says what to do, without this exception's chain
+        if site is None:
             pytest.fail(f"the driver {name!r} is installed (an entry point in {NAMESPACE}) but no fixture "
-                        f"{fixture!r} gives the conformance suite a site for it: define one in conftest.py, e.g. "
-                        f"`@pytest.fixture\\ndef {fixture}(make_site): return make_site(driver={name!r}, "
+                        f"{fixture!r} gives the conformance suite a site for it: define one in conftest.py, "
+                        f"e.g. `@pytest.fixture def {fixture}(make_site): return make_site(driver={name!r}, "
                         f"drivers={{{name!r}: {{...}}}})` (see vjobs.testing.conformance)", pytrace=False)
+        request.getfixturevalue("built_image")
+        return name, site
 
     # --- a job in, its results out ----------------------------------------------------------------------------
 
