@@ -1,1 +1,10 @@
-"""Test stand-ins for parts that cannot exist on a development machine. Not used by vjobs itself."""
+"""What vjobs' tests and benchmarks stand on, shipped so that another package's tests can stand on it too. Not
+used by vjobs itself.
+
+- ``fixtures``: the pytest plugin of sites, jobs, images and a clean host (``pytest_plugins = [...]``).
+- ``conformance``: what every driver must do, run against every installed driver.
+- ``fake_driver``: a driver that boots nothing, configured by callables, for the container's tests.
+- ``host_state``: what a test sees on the host from outside vjobs (QEMU processes, job folders, domains).
+- Stand-ins for parts that cannot exist on a development machine: ``xapi_standin`` (a XAPI pool),
+  ``panda_standin`` (a PanDA server); real servers started on loopback: ``servers``; ``fuzz``: the campaign.
+"""
