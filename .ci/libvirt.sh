@@ -17,7 +17,8 @@ running() {  # running NAME: the pidfile names a live process
 }
 
 # QEMU must run as root here: as libvirt-qemu it cannot open /dev/kvm (0600 root), and libvirt then
-# re-probes the QEMU binary at every domain start, which made each start take about 68 s (HOST_FACTS.md).
+# re-probes the QEMU binary at every domain start ("KVM was enabled when probing, but it is not available
+# now"), which made each start take about 68 s.
 configure_qemu() {
     local key
     for key in user group; do

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """How fast does vjobs stage a file, against the protocol's own client moving the same file in the same run?
-Run by hand (it needs root for a network namespace); results go into docs/ (docs/staging-throughput.md).
+Run by hand (it needs root for a network namespace); results go into docs/staging.md (its Throughput part).
 
     .venv/bin/python benchmarks/staging_throughput.py [--mib 512] [--repeat 3] [--protocols xrootd,webdav]
-                                                      [--markdown docs/staging-throughput.md]
+                                                      [--markdown FILE]
 
 XRootD: the real xrootd in a throwaway loopback-only network namespace, serving a --mib MiB file of random bytes.
   floor  `xrdcp -f` (download, and upload of a local file) run inside the namespace against root://127.0.0.1:PORT,

@@ -1,196 +1,226 @@
-"""Shared fixtures. Guest images are built once per session; every test gets its own work folder and checks
-that nothing is left behind (no QEMU, no job folder)."""
+"""Fixtures every folder of tests may use. The ones another package's tests may want too (sites, jobs, images,
+a clean host) are the plugin vjobs.testing.fixtures, loaded here; a folder's own ones are in its conftest.py.
+
+Here: the repository (``repo``), ``vjobs run`` as a batch system starts it (``start_vjobs``,
+``wait_for_payload``), a base image the guest cannot mount (``corrupt_base``), and real servers started once
+per session and always stopped by their PIDs: XRootD and WebDAV, S3 (Swift), Slurm."""
 
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from vjobs.pilot3.harness import fetch_sdist, why_not_runnable
-from vjobs.config.site import SiteConfig, site_from_dict
-from vjobs.testing import sites
-from vjobs.testing.processes import qemu_processes  # noqa: F401 (tests import it from here)
-from vjobs.testing.sites import LIBVIRT_URI, libvirt_reachable
+from vjobs.testing.servers.netns import LoopbackNetns, Relay
+from vjobs.testing.servers.processes import end_processes
+from vjobs.testing.servers.xrootd import XRootDServer
 
-REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["vjobs.testing.fixtures"]
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """One cache for the session: the built-in image and release images are built once. Set
-    VJOBS_TEST_CACHE to keep it across sessions while developing."""
-    kept = os.environ.get("VJOBS_TEST_CACHE")
-    return Path(kept) if kept else tmp_path_factory.mktemp("cache")
+def repo() -> Path:
+    """The repository's root folder (scripts, examples and benchmarks the tests run)."""
+    return Path(__file__).resolve().parent.parent
+
+
+# --- vjobs as a batch system runs it -------------------------------------------------------------------------
+
+@pytest.fixture
+def start_vjobs():
+    """``start_vjobs(job, site_file, outdir)``: ``vjobs run --json`` as a child process (a test sends it the
+    signals a batch system would); one still running after the test is ended by its PID."""
+    started: list[subprocess.Popen] = []
+
+    def start(job: Path, site: Path, outdir: Path) -> subprocess.Popen:
+        started.append(subprocess.Popen([sys.executable, "-m", "vjobs", "run", str(job), "--site", str(site),
+                                         "--outdir", str(outdir), "--json"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True))
+        return started[-1]
+
+    yield start
+    end_processes(started)
+
+
+@pytest.fixture
+def wait_for_payload():
+    """``wait_for_payload(work_dir, process)``: returns once a job under ``work_dir`` started its payload (its
+    console says so); fails if ``process`` ends first or nothing starts within ``timeout`` seconds."""
+    def wait(work: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            for log in work.glob("*/console.*.log"):
+                if b"running the payload" in log.read_bytes():
+                    return
+            time.sleep(0.2)
+        raise AssertionError("the payload never started")
+    return wait
 
 
 @pytest.fixture(scope="session")
-def built_image(cache_dir):
-    from vjobs.images.boot import build_default_image
-
-    return build_default_image(cache_dir)
-
-
-@pytest.fixture
-def make_site(tmp_path, cache_dir):
-    """A site config (as the TOML would give it) with this test's work folder and the session's cache."""
-    def make(**settings) -> SiteConfig:
-        document = {"cache_dir": str(cache_dir), "work_dir": str(tmp_path / "work"), **settings}
-        return site_from_dict(document, source="test site")
-    return make
-
-
-@pytest.fixture
-def make_job(tmp_path):
-    """Writes a job file (and returns its path); ``inputs``/``release`` dicts of name -> text become folders."""
-    def make(command, *, inputs=None, release=None, mount="/opt/release", **fields) -> Path:
-        document = {"id": fields.pop("id", "t1"), "command": command, **fields}
-        if inputs is not None:
-            document["inputs"] = str(_tree(tmp_path / "inputs", inputs))
-        if release is not None:
-            document["release"] = {"path": str(_tree(tmp_path / "release", release)), "mount": mount}
-        path = tmp_path / "job.json"
-        path.write_text(json.dumps(document))
-        return path
-    return make
+def corrupt_base(tmp_path_factory) -> tuple[Path, str]:
+    """(image, sha256) of a squashfs whose superblock is fine (the host accepts it) and whose tables are
+    garbage: the guest cannot mount it."""
+    folder = tmp_path_factory.mktemp("broken-base")
+    tree = folder / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "sh").write_text("#!/bin/false\n")
+    image = folder / "broken.squashfs"
+    subprocess.run(["mksquashfs", str(tree), str(image), "-comp", "lz4", "-noappend", "-quiet"], check=True)
+    data = bytearray(image.read_bytes())
+    data[96:] = bytes(len(data) - 96)  # keep the 96-byte superblock, zero the rest
+    image.write_bytes(bytes(data))
+    return image, hashlib.sha256(bytes(data)).hexdigest()
 
 
-def _tree(root: Path, files: dict) -> Path:
-    root.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(text, bytes):
-            (root / name).write_bytes(text)
-        else:
-            (root / name).write_text(text)
-    return root
+# --- real servers: XRootD (in a loopback-only network namespace, reached through a relay), WebDAV, S3, Slurm -----
+
+# The XRootD client reads its connection settings once per process, at its first use: vjobs sets them from
+# [staging] timeout_s before that (one job, one process), but this session's first XRootD client may be a test's.
+# The same short bounds for every test, whichever comes first.
+for _name, _value in (("XRD_CONNECTIONWINDOW", "5"), ("XRD_CONNECTIONRETRY", "1"), ("XRD_STREAMERRORWINDOW", "0"),
+                      ("XRD_REQUESTTIMEOUT", "30")):
+    os.environ.setdefault(_name, _value)
 
 
-@pytest.fixture
-def fake_image(tmp_path):
-    """A catalogue entry with real files and their real sums, for tests that never boot it."""
-    files = {}
-    for name in ("kernel", "initramfs"):
-        path = tmp_path / "img" / name
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(name.encode() * 100)
-        files[name] = str(path)
-        files[f"{name}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return files
+def server_unavailable(reason: str) -> None:
+    """Skip a test whose server cannot run here; CI (scripts/test.sh sets VJOBS_REQUIRE_SERVERS=1) fails it
+    instead, so that a server that stopped installing is never passed silently."""
+    if os.environ.get("VJOBS_REQUIRE_SERVERS"):
+        pytest.fail(f"a required test server is unavailable: {reason}")
+    pytest.skip(reason)
 
 
-def work_leftovers(work: Path) -> list[str]:
-    """What a work folder holds besides the admission folder (which stays) and its shares of live jobs."""
-    if not work.exists():
-        return []
-    folders = [work / "admission", *work.glob("admission.*")]  # the host's, and batch allocations'
-    shares = [f"{folder.name}/{p.name}" for folder in folders for p in folder.glob("*.json")]
-    return sorted([p.name for p in work.iterdir() if p not in folders] + shares)
+def why_no_netns() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: XRootD runs in a throwaway network namespace (ip netns add)"
+    missing = [tool for tool in ("ip", "nsenter") if shutil.which(tool) is None]
+    return f"needs {' and '.join(missing)} (iproute2, util-linux) for a network namespace" if missing else None
 
 
-@pytest.fixture
-def assert_clean_host(tmp_path):
-    """After the test: no QEMU of this test's jobs runs and the work folder holds no job folder (the
-    admission folder stays, with no job's share in it)."""
-    yield
-    leftovers = work_leftovers(tmp_path / "work")
-    assert leftovers == [], f"job folders or admission shares left behind: {leftovers}"
-    assert qemu_processes(str(tmp_path)) == []
+@pytest.fixture(scope="session")
+def grid_netns():
+    """A network namespace holding only lo, for servers that cannot bind to loopback only."""
+    why_not = why_no_netns()
+    if why_not:
+        server_unavailable(why_not)
+    with LoopbackNetns("vjobs-grid") as netns:
+        yield netns
 
 
-def vjobs_domains_of(pid: int, uri: str = LIBVIRT_URI) -> list[str]:
-    """Names of the libvirt domains that vjobs started from process ``pid``."""
-    import libvirt
-
-    from vjobs.drivers.kvm.driver import owner_labels
-
-    conn = libvirt.open(uri)
+@pytest.fixture(scope="session")
+def xrootd_server(grid_netns):
+    """The session's XRootD server, inside ``grid_netns``. Its data folder is under /tmp, not pytest's tmp_path:
+    the xrootd user must be able to reach it, and pytest's base folder is 0700."""
+    if shutil.which("xrootd") is None:
+        server_unavailable("needs the xrootd binary (Debian package xrootd-server)")
+    data = Path(tempfile.mkdtemp(prefix="vjobs-xrootd-data-"))
     try:
-        return [dom.name() for dom in conn.listAllDomains() if owner_labels(dom).get("vjobs.pid") == str(pid)]
+        with XRootDServer(grid_netns, data) as server:
+            yield server
     finally:
-        conn.close()
-
-
-@pytest.fixture
-def libvirt_site(make_site):
-    """A site pinned to the kvm driver with TCG (KVM cannot boot guests here), against a real libvirtd.
-    scripts/test.sh starts libvirtd and sets VJOBS_REQUIRE_LIBVIRT, so in CI an absent libvirtd fails."""
-    why_not = libvirt_reachable()
-    if why_not:
-        if os.environ.get("VJOBS_REQUIRE_LIBVIRT"):
-            pytest.fail(f"{why_not} (scripts/test.sh should have started it)")
-        pytest.skip(f"{why_not}: start it with .ci/libvirt.sh up")
-    yield make_site(driver="kvm", drivers={"kvm": sites.libvirt_settings()})
-    assert vjobs_domains_of(os.getpid()) == [], "libvirt domains left behind"
-
-
-@pytest.fixture
-def xapi_standin(tmp_path):
-    """A XAPI stand-in of this test's own (real XML-RPC on loopback; started VMs are QEMU TCG guests).
-    After the test: no VM, VBD or job VDI is left in it (a release VDI is kept on purpose)."""
-    from vjobs.testing.xapi_standin import XapiStandin
-
-    with XapiStandin(tmp_path / "xapi", password="pool-secret") as standin:
-        yield standin
-        left = {cls: len(standin.store.objects[cls]) for cls in ("VM", "VBD")}
-        job_vdis = [r["name_label"] for r in standin.store.objects["VDI"].values()
-                    if "vjobs.content_key" not in r["other_config"]]
-        assert left == {"VM": 0, "VBD": 0} and job_vdis == [], f"left in the pool: {left}, {job_vdis}"
-
-
-@pytest.fixture
-def xen_settings(xapi_standin, tmp_path):
-    return sites.xen_settings(xapi_standin.url, sites.write_password(tmp_path / "xapi-password", "pool-secret"))
-
-
-@pytest.fixture
-def xen_site(make_site, xen_settings):
-    """A site pinned to the xen driver, pointed at the XAPI stand-in (not in dom0: require_dom0 = false)."""
-    return make_site(driver="xen", drivers={"xen": xen_settings})
-
-
-@pytest.fixture(params=["qemu_user", pytest.param("kvm", marks=pytest.mark.libvirt), "xen"])
-def driver_site(request, make_site, built_image):
-    """(driver name, site config) for each driver set-up under test: the conformance suites run on every
-    driver, as Nova runs one test class against every virt driver."""
-    name = request.param
-    setups = {"qemu_user": lambda: make_site(driver="qemu_user"),
-              "kvm": lambda: request.getfixturevalue("libvirt_site"),
-              "xen": lambda: request.getfixturevalue("xen_site")}
-    return name, setups[name]()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def debian_image(cache_dir, built_image):
-    """The built-in Debian 12 base (mmdebstrap, ~20 s), built once per session."""
-    from vjobs.images.rootfs import debian
-
-    return debian.build(cache_dir)
+def xrootd_relay(grid_netns, xrootd_server):
+    with Relay(grid_netns, xrootd_server.port) as relay:
+        yield relay
 
 
-# --- PanDA Pilot 3 -----------------------------------------------------------------------------------------
+@dataclass
+class XRootDEndpoint:
+    """The session's XRootD server as host-side code sees it: root:// URLs on 127.0.0.1 through the relay."""
+
+    server: XRootDServer
+    relay: Relay
+
+    @property
+    def data(self) -> Path:
+        """The server's data folder (files the server writes belong to the xrootd user)."""
+        return self.server.data
+
+    def url(self, path: str) -> str:
+        return f"root://127.0.0.1:{self.relay.port}//{str(path).lstrip('/')}"
+
+
+@pytest.fixture
+def xrootd(xrootd_server, xrootd_relay) -> XRootDEndpoint:
+    """The session's XRootD server, started again first if an earlier test stopped or killed it."""
+    if not xrootd_server.running:
+        xrootd_server.restart()
+    return XRootDEndpoint(xrootd_server, xrootd_relay)
+
+
+@pytest.fixture
+def make_webdav(tmp_path):
+    """Starts WebDAV servers for this test: ``make_webdav(read_only=True)``, ``make_webdav(corrupt_uploads=True)``.
+    Each gets a fresh root under tmp_path and keeps its log there; all are stopped after the test."""
+    from vjobs.testing.servers.webdav import WebDAVServer
+
+    started = []
+
+    def make(**options) -> WebDAVServer:
+        name = f"webdav{len(started)}"
+        server = WebDAVServer(tmp_path / name, log=tmp_path / f"{name}.log", **options)
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def webdav(make_webdav):
+    """A fresh, writable WebDAV server on 127.0.0.1 for this test."""
+    return make_webdav()
+
+
+_bucket_numbers = itertools.count(1)
+
 
 @pytest.fixture(scope="session")
-def pilot3_sdist(cache_dir) -> Path:
-    """The unpacked panda-pilot sdist: VJOBS_PILOT3_SDIST names one, else it is downloaded once into the
-    session cache. Skips when it cannot be had or run safely here; scripts/test.sh makes that a failure."""
-    required = os.environ.get("VJOBS_REQUIRE_PILOT3")
-    try:
-        given = os.environ.get("VJOBS_PILOT3_SDIST")
-        folder = Path(given) if given else fetch_sdist(cache_dir / "pilot3")
-    except RuntimeError as exc:
-        (pytest.fail if required else pytest.skip)(str(exc))
-    why_not = why_not_runnable(folder)
+def s3_server(tmp_path_factory):
+    """The session's OpenStack Swift with its S3 API (s3api + tempauth + memcached) on 127.0.0.1 (about 1.5-5 s
+    to start). Skips where Swift or memcached is missing."""
+    from vjobs.testing.servers.s3 import SwiftS3Server, why_not_available
+
+    why_not = why_not_available()
     if why_not:
-        (pytest.fail if required else pytest.skip)(f"PanDA Pilot 3 cannot run here: {why_not}")
-    return folder
+        server_unavailable(f"OpenStack Swift with s3api cannot run here ({why_not}): apt-get install swift swift-proxy "
+                           "swift-account swift-container swift-object memcached")
+    with SwiftS3Server(tmp_path_factory.mktemp("swift-s3")) as server:
+        yield server
 
 
-# Real servers, started once per session and always stopped: XRootD and WebDAV, S3 (Swift), Slurm.
-from fixtures_grid import *  # noqa: E402,F401,F403
-from fixtures_s3 import *  # noqa: E402,F401,F403
-from fixtures_slurm import *  # noqa: E402,F401,F403
+@pytest.fixture
+def s3_bucket(s3_server):
+    """(server, name of a fresh empty bucket of this test's own)."""
+    return s3_server, s3_server.bucket(f"test-bucket-{next(_bucket_numbers)}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(request, tmp_path_factory):
+    """A real one-node Slurm cluster (vjobs.testing.servers.slurm) in ``grid_netns``, so that its batch jobs
+    reach the XRootD server there: slurmctld and slurmd with one 2-CPU node (4096 MiB), stopped (and its left
+    jobs cancelled) at the end of the session whatever happened. Skipped, with the reason, where Slurm is not
+    installed or we are not root."""
+    from vjobs.testing.servers.slurm import SlurmCluster, why_not_available
+
+    why_not = why_not_available()
+    if why_not:
+        server_unavailable(f"no Slurm cluster: {why_not}")
+    netns = request.getfixturevalue("grid_netns")
+    with SlurmCluster(netns, tmp_path_factory.mktemp("slurm"), cpus=2, memory_mib=4096) as cluster:
+        yield cluster

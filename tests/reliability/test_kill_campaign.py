@@ -34,7 +34,7 @@ def test_a_target_that_vjobs_does_not_emit_stops_the_campaign_at_once(capsys):
 @pytest.mark.parametrize("driver", ["qemu_user", pytest.param("kvm", marks=pytest.mark.libvirt), "xen"])
 def test_nothing_is_left_after_sigkill_and_gc(driver, request, cache_dir, built_image, tmp_path):
     if driver == "kvm":
-        request.getfixturevalue("libvirt_site")  # skips without libvirtd (fails in CI: scripts/test.sh)
+        request.getfixturevalue("kvm_site")  # skips without libvirtd (fails in CI: scripts/test.sh)
     report_path = tmp_path / "campaign.json"
     done = subprocess.run([sys.executable, "-m", "vjobs.testing.kill_campaign", "--kills", str(KILLS),
                            "--drivers", driver, "--seed", str(SEED), "--json", str(report_path),

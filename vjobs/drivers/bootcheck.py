@@ -2,7 +2,8 @@
 this host boot.
 
 Why: on some hosts /dev/kvm opens, KVM_CREATE_VM works and libvirt advertises KVM, yet every Linux guest
-hangs at boot (docs/host-notes.md). Only a real boot tells. Drivers that offer hardware acceleration call
+hangs at boot (so on the machines vjobs is developed on: the guest kernel spins at 100 % of a host CPU that
+shows no vmx; the README's probe section shows the verdict). Only a real boot tells. Drivers that offer hardware acceleration call
 ``boot_check`` with a function that creates a VM the way they would for a job.
 """
 

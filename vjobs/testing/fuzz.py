@@ -1,6 +1,6 @@
 """Fuzzing every surface a user or a guest controls: vjobs must answer each input with a result or a typed
 ``VjobsError`` (``VMError`` for the guest), never another exception. Used by ``fuzz/run.py`` (the campaign,
-10,000 cases a surface by default, its counts in docs/security.md) and by tests/test_fuzz.py (a short run).
+10,000 cases a surface by default, its counts in docs/security.md) and by tests/security/test_fuzz.py (a short run).
 
 Surfaces:
   job      job documents: valid jobs mutated field by field (NUL bytes, huge and odd strings, wrong types,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +95,24 @@ def job_qemu(root: int) -> int | None:
         if proc and proc.is_qemu and ("-incoming" in proc.argv or not any("vjobs.template" in a for a in proc.argv)):
             return pid
     return None
+
+
+def qemu_named_for(job_id: str, deadline_s: float = 30) -> Path:
+    """The /proc folder of the QEMU that runs job ``job_id`` (its ``-name`` is ``vjobs-JOB-...``, under qemu_user
+    and libvirt alike), waited for up to ``deadline_s``; not one that makes a template for it first."""
+    give_up = time.monotonic() + deadline_s
+    while time.monotonic() < give_up:
+        for proc in Path("/proc").iterdir():
+            try:
+                if not proc.name.isdigit() or not (proc / "comm").read_text().startswith("qemu-system"):
+                    continue
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                names = [argv[i + 1].removeprefix(b"guest=").split(b",")[0]  # libvirt: guest=NAME,debug-...
+                         for i, arg in enumerate(argv[:-1]) if arg == b"-name"]
+                if any(name.startswith(f"vjobs-{job_id}-".encode()) and not name.endswith(b"-template")
+                       for name in names):
+                    return proc
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"no QEMU for job {job_id} appeared within {deadline_s} s")

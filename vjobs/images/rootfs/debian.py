@@ -5,7 +5,7 @@ sources into an LZ4 squashfs, so that a job runs on a real distribution with no 
 - Reproducible: ``SOURCE_DATE_EPOCH`` is fixed, so mmdebstrap and mksquashfs write the same bytes for the
   same package versions (a newer package in the archive is a new image, by design).
 - LZ4 rather than zstd or xz: under TCG every byte a job reads is decompressed by an emulated CPU, and LZ4
-  costs the least (BASE_IMAGES.md: 100 MiB against 74 MiB for zstd).
+  costs the least (the image is 100 MiB against 74 MiB for zstd level 3).
 - Cached make-style under ``CACHE/images/debian12-KEY`` (KEY hashes the recipe); documentation, man pages
   and locales are left out by dpkg filters (~50 MiB nobody reads in a batch job).
 """

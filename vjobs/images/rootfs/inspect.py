@@ -4,7 +4,7 @@ An admin's image is a file vjobs did not write, so it is read as hostile input:
 - only fixed, bounded ranges are read (superblocks, partition tables): no parser loops over the image;
 - a qcow2 file is opened only by ``qemu-img``, always with ``-f qcow2`` (never probed), under ``prlimit``
   (address space, CPU time) and a timeout, and refused when it would make QEMU open any other file
-  (a backing file, an external data file) or needs a key (encryption): see BASE_IMAGES.md for why;
+  (a backing file, an external data file) or needs a key (encryption): docs/base-images.md says why;
 - the result names the file system the guest will mount and where it starts, so the guest never guesses.
 
 Accepted: squashfs, erofs and ext4 (clean) as a whole disk, or in a partition of a GPT or MBR disk, either
@@ -31,7 +31,7 @@ QEMU_IMG_LIMITS = ["prlimit", "--as=2147483648", "--cpu=30", "--nofile=64", "--c
 QEMU_IMG_TIMEOUT_S = 60
 
 # What the guest kernel (Debian's 6.1 cloud kernel) can read: its squashfs has no LZMA (the old format 2,
-# not xz), its erofs only LZ4 (BASE_IMAGES.md).
+# not xz), its erofs only LZ4.
 SQUASHFS_COMPRESSION = {1: "gzip", 2: "lzma", 3: "lzo", 4: "xz", 5: "lz4", 6: "zstd"}
 SQUASHFS_GUEST_CAN_READ = {"gzip", "lzo", "xz", "lz4", "zstd"}
 EROFS_COMPRESSION_BITS = {0: "lz4", 1: "lzma", 2: "deflate", 3: "zstd"}

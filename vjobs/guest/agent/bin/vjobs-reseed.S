@@ -5,7 +5,7 @@
 # Exit status 0 on success, 1 when any step fails. No libc: a static x86-64 ELF of 584 bytes, committed as
 # vjobs-reseed beside this file (busybox cannot make an ioctl, and a worker node need not have a compiler):
 #   as -o r.o vjobs-reseed.S && ld --build-id=none -static -s -N -o vjobs-reseed r.o
-# tests/test_guest_image.py checks that the binary is what this source assembles to.
+# tests/drivers/qemu_user/test_template.py checks that the binary is what this source assembles to.
     .intel_syntax noprefix
     .globl _start
 _start:

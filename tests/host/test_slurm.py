@@ -1,0 +1,135 @@
+"""vjobs jobs as a Slurm job array, submitted with examples/slurm/ to a real one-node Slurm with 2 CPUs.
+
+Six VM jobs of one CPU each: all succeed, Slurm runs two at a time (never more, and more than one), and each
+job's output is staged out to a real XRootD server. Slurm, its batch jobs (so vjobs and QEMU) and XRootD all run
+in one loopback-only network namespace. And scancel reaches vjobs, which stops the VM and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from vjobs.testing.processes import qemu_processes
+
+pytestmark = [pytest.mark.slurm, pytest.mark.vm, pytest.mark.timeout(600)]
+
+TASKS = 6
+
+# Stands in for vjobs (the sbatch script runs $VJOBS): records when each task's vjobs starts and ends.
+TIMED = """#!/bin/sh
+echo "$SLURM_ARRAY_TASK_ID start $(date +%s.%N)" >> {times}
+{vjobs} "$@"
+status=$?
+echo "$SLURM_ARRAY_TASK_ID end $(date +%s.%N)" >> {times}
+exit $status
+"""
+
+
+def write_job(folder: Path, task: str, command: str, **fields) -> Path:
+    job = {"id": task, "command": ["sh", "-c", command], "env": {"TASK": task}, "walltime_s": 300,
+           "resources": {"vcpus": 1, "memory_mib": 256, "scratch_mib": 16, "output_mib": 4}, **fields}
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{task}.json"
+    path.write_text(json.dumps(job))
+    return path
+
+
+@pytest.fixture
+def vjobs_program(repo) -> Path:
+    """The vjobs command the batch jobs run: the repository's own installation."""
+    return repo / ".venv/bin/vjobs"
+
+
+@pytest.fixture
+def submit(slurm_cluster, tmp_path, cache_dir, repo, vjobs_program):
+    """``submit(jobs, vjobs=...)``: the job files as one array with examples/slurm/submit-array.sh (results in
+    tmp_path/out/TASK), run by ``vjobs`` (the repository's vjobs unless given); returns the array's job id."""
+    def submit(jobs: list[Path], vjobs: Path = vjobs_program) -> str:
+        site = tmp_path / "site.toml"
+        site.write_text(f'driver = "qemu_user"\ncache_dir = "{cache_dir}"\nwork_dir = "{tmp_path / "work"}"\n')
+        submitted = slurm_cluster.run(["sh", str(repo / "examples/slurm/submit-array.sh"), str(tmp_path / "out"),
+                                       *map(str, jobs)], env={"VJOBS": str(vjobs), "VJOBS_SITE": str(site)})
+        return slurm_cluster.submitted_job(submitted.stdout)
+    return submit
+
+
+def task_logs(out: Path) -> str:
+    return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-1500:]}"
+                     for log in sorted(out.glob("slurm-*.out")))
+
+
+def max_overlap(lines: list[str]) -> int:
+    """The most tasks running at once, from ``TASK start|end SECONDS`` lines (an end before a start at the same
+    instant)."""
+    events = sorted((float(seconds), 1 if what == "start" else -1)
+                    for _task, what, seconds in (line.split() for line in lines))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_a_job_array_runs_two_vms_at_a_time_and_stages_out(slurm_cluster, xrootd, built_image, submit,
+                                                           vjobs_program, tmp_path):
+    times, timed = tmp_path / "times.txt", tmp_path / "vjobs-timed"
+    timed.write_text(TIMED.format(times=times, vjobs=vjobs_program))
+    timed.chmod(0o755)
+    tasks = [f"task{n}" for n in range(1, TASKS + 1)]
+    stage_out = {task: {"stage_out": {"destination": xrootd.server.url_in_netns(f"/slurm/{task}")}} for task in tasks}
+    jobs = [write_job(tmp_path / "jobs", task, 'sleep 2 && mkdir -p out && echo "output of $TASK" > out/task.txt',
+                      outputs=["out"], **stage_out[task]) for task in tasks]
+
+    array = submit(jobs, vjobs=timed)
+    slurm_cluster.wait(array, timeout=480)
+
+    out = tmp_path / "out"
+    logs = task_logs(out)
+    for number, task in enumerate(tasks, start=1):
+        result = json.loads((out / str(number) / "result.json").read_text())
+        assert (result["job_id"], result["status"]) == (task, "succeeded"), (result.get("error"), logs)
+        assert (out / str(number) / "outputs/out/task.txt").read_text() == f"output of {task}\n"
+        assert [(u["path"], u["verified"]) for u in result["uploads"]] == [("out/task.txt", True)], result
+        assert (xrootd.data / "slurm" / task / "out/task.txt").read_text() == f"output of {task}\n"
+    finished = {row["ArrayTaskId"]: row for row in slurm_cluster.jobcomp() if row.get("ArrayJobId") == array}
+    assert sorted(finished, key=int) == [str(n) for n in range(1, TASKS + 1)], logs
+    assert {(row["JobState"], row["ExitCode"]) for row in finished.values()} == {("COMPLETED", "0:0")}, logs
+    assert all(row["Tres"].startswith("cpu=1,mem=1G") for row in finished.values()), finished
+
+    lines = times.read_text().splitlines()
+    assert len(lines) == 2 * TASKS, lines
+    assert max_overlap(lines) == 2, f"VMs at once: {max_overlap(lines)} (the node has 2 CPUs): {lines}"
+
+
+def test_scancel_stops_the_vm_and_vjobs_says_cancelled(slurm_cluster, built_image, submit, tmp_path):
+    job = write_job(tmp_path / "jobs", "long", "sleep 300")
+    array = submit([job])
+    deadline = time.monotonic() + 120
+    while not any(line.endswith("RUNNING") for line in slurm_cluster.queued(array)):
+        assert time.monotonic() < deadline, slurm_cluster.queued(array)
+        time.sleep(0.5)
+    time.sleep(5)  # into the boot or the payload: either way vjobs must stop the VM and say so
+
+    slurm_cluster.run(["scancel", array])
+    slurm_cluster.wait(array, timeout=60)
+
+    result = json.loads((tmp_path / "out/1/result.json").read_text())
+    assert (result["status"], result["error"]["code"]) == ("cancelled", "cancelled"), task_logs(tmp_path / "out")
+    assert qemu_processes(str(tmp_path)) == []
+    assert [p.name for p in (tmp_path / "work").iterdir() if not p.name.startswith("admission")] == []
+
+
+def test_a_vm_bigger_than_the_task_was_granted_is_refused_before_it_boots(slurm_cluster, built_image, submit,
+                                                                          tmp_path):
+    """The sbatch script asks for one CPU; a job that wants two vCPUs is refused, saying what to ask for."""
+    job = write_job(tmp_path / "jobs", "wide", "true", resources={"vcpus": 2, "memory_mib": 256})
+    array = submit([job])
+    slurm_cluster.wait(array, timeout=120)
+    result = json.loads((tmp_path / "out/1/result.json").read_text())
+    assert (result["status"], result["error"]["code"]) == ("setup_error", "exceeds_allocation"), result["error"]
+    assert f"Slurm job {array}_1 (1 CPU" in result["error"]["message"] and "sbatch -c 2" in result["error"]["message"]
+    assert "boot" not in result["timings"]

@@ -1,0 +1,125 @@
+"""PanDA Pilot 3 (3.7.0.36, its own files unmodified) runs its jobs' payloads in vjobs VMs through the user
+plugin vjobs ships (``vjobs pilot3 install``), against the PanDA server stand-in on loopback: stage-in and
+stage-out by the pilot's own copytool on the host, the payload in the VM on the Debian base, the final state
+sent to the stand-in. Failures of the VM reach the server as pilot errors.
+
+Always PILOT_NOKILL=1 and a PID namespace of its own (vjobs.pilot3.harness): the pilot's orphan killer must
+never see this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from vjobs.pilot3.errors import CONTAINERFAILURE
+from vjobs.pilot3.harness import PilotSite, leftover_processes, make_job, run_pilot
+from vjobs.pilot3.plugin import install_plugin
+from vjobs.testing.panda_standin import PandaStandin
+
+pytestmark = [pytest.mark.pilot3, pytest.mark.vm]
+
+CANCELLED_BY_SERVER = "1144"  # pilot/common/errorcodes.py PANDAKILL
+
+# The payload: reads the staged-in input, writes the declared output, and says where it ran.
+PAYLOAD = """#!/bin/bash
+set -e
+{ echo "input: $(cat events.txt)"; echo "kernel: $(uname -r)"; grep PRETTY_NAME /etc/os-release;
+  echo "cores: $(nproc)"; } > summary.txt
+echo "payload done"
+"""
+
+
+@pytest.fixture(scope="session")
+def vjobs_pilot(pilot3_sdist, tmp_path_factory) -> Path:
+    """A copy of the published pilot with the vjobs user added (the published tree stays as it was)."""
+    tree = tmp_path_factory.mktemp("pilot") / pilot3_sdist.name
+    shutil.copytree(pilot3_sdist, tree)
+    install_plugin(tree)
+    return tree
+
+
+@pytest.fixture
+def site(tmp_path) -> PilotSite:
+    return PilotSite(tmp_path / "site")
+
+
+@pytest.fixture
+def vjobs_site_file(tmp_path, cache_dir, debian_image, corrupt_base) -> Path:
+    """The vjobs site config the pilot's payloads use (VJOBS_SITE): qemu_user, the session's cache, and a
+    catalogue image the guest cannot mount (for the boot-failure test)."""
+    image, digest = corrupt_base
+    path = tmp_path / "vjobs-site.toml"
+    path.write_text(f'driver = "qemu_user"\ncache_dir = "{cache_dir}"\nwork_dir = "{tmp_path / "vjobs-work"}"\n'
+                    f'[images.broken]\nrootfs = "{image}"\nrootfs_sha256 = "{digest}"\n')
+    return path
+
+
+def run_vjobs_pilot(site, vjobs_pilot, standin, vjobs_site_file, **options):
+    return run_pilot(site, vjobs_pilot, standin.url, user="vjobs", env={"VJOBS_SITE": str(vjobs_site_file)},
+                     **options)
+
+
+def vjobs_result_from_log(site: PilotSite, panda_id: str) -> dict:
+    """vjobs-result.json as the pilot archived it with the job's work directory in its log tarball."""
+    with tarfile.open(site.stored(f"{panda_id}.log.tgz")) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith("/vjobs-result.json"))
+        return json.load(archive.extractfile(member))
+
+
+def no_vm_left(site: PilotSite) -> bool:
+    found = subprocess.run(["pgrep", "-f", f"qemu-system.*{site.root}"], capture_output=True, text=True).stdout
+    return not found.strip()
+
+
+def test_a_pilot_job_runs_its_payload_in_a_vm_and_finishes(site, vjobs_pilot, vjobs_site_file):
+    job = make_job(site, 4101, PAYLOAD, inputs={"events.txt": b"muon jet muon\n"}, outputs=("summary.txt",),
+                   core_count=2, min_ram_mb=768, max_walltime_s=600, container_name="debian12")
+    with PandaStandin(job) as standin:
+        run = run_vjobs_pilot(site, vjobs_pilot, standin, vjobs_site_file, timeout_s=400)
+        final = standin.final("4101")
+    assert not run.timed_out, run.output.read_text()[-3000:]
+    assert final["state"] == "finished", (final, run.output.read_text()[-3000:])
+    assert final.get("pilotErrorCode", "0") == "0" and final.get("transExitCode") == "0"
+    summary = site.stored("summary.txt").read_text()
+    assert "input: muon jet muon" in summary  # staged in on the host, read in the guest
+    assert "cloud-amd64" in summary and 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"' in summary  # the VM
+    assert "cores: 2" in summary  # coreCount became the VM's vCPUs
+    assert leftover_processes(site) == [] and no_vm_left(site)
+
+
+def test_the_server_killing_the_job_stops_the_vm(site, vjobs_pilot, vjobs_site_file):
+    job = make_job(site, 4102, "#!/bin/bash\necho started; sleep 600\n", container_name="debian12",
+                   max_walltime_s=900)
+    with PandaStandin(job) as standin:
+        def kill_once_running() -> bool:
+            if "running" in standin.states("4102"):
+                standin.kill("4102")  # answered to the next heartbeat (10 s): the VM is up by then
+            return standin.final("4102") is not None
+
+        run = run_vjobs_pilot(site, vjobs_pilot, standin, vjobs_site_file, timeout_s=400,
+                              stop_when=kill_once_running)
+        final = standin.final("4102")
+    assert final["state"] == "failed" and final["pilotErrorCode"] == CANCELLED_BY_SERVER, final
+    # The pilot SIGTERMs the payload and SIGKILLs it 3 s later: a result.json saying "cancelled" (in the
+    # job's log tarball) means vjobs stopped the VM and finished its teardown within those 3 s.
+    result = vjobs_result_from_log(site, "4102")
+    assert result["status"] == "cancelled" and result["error"]["code"] == "cancelled", result
+    assert leftover_processes(site) == [] and no_vm_left(site), run.output
+
+
+def test_a_vm_that_cannot_boot_its_base_is_a_pilot_error(site, vjobs_pilot, vjobs_site_file):
+    job = make_job(site, 4103, PAYLOAD, container_name="broken", max_walltime_s=600)
+    with PandaStandin(job) as standin:
+        run_vjobs_pilot(site, vjobs_pilot, standin, vjobs_site_file, timeout_s=600,
+                        stop_when=lambda: standin.final("4103") is not None)
+        final = standin.final("4103")
+    assert final["state"] == "failed", final
+    assert final["pilotErrorCode"] == str(CONTAINERFAILURE)
+    assert "rootfs_mount_failed" in final["pilotErrorDiag"]
+    assert leftover_processes(site) == [] and no_vm_left(site)

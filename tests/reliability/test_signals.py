@@ -1,0 +1,55 @@
+"""The batch system ends vjobs: SIGTERM gives a 'cancelled' result and a clean host; SIGKILL leaves no VM
+running (QEMU dies with its parent) and `vjobs gc` removes the files."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vjobs.testing.host_state import work_leftovers
+from vjobs.testing.processes import qemu_processes
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def site_file(tmp_path, cache_dir, built_image):
+    path = tmp_path / "site.toml"
+    path.write_text(f'driver = "qemu_user"\ncache_dir = "{cache_dir}"\nwork_dir = "{tmp_path / "work"}"\n')
+    return path
+
+
+def test_sigterm_cancels_and_cleans_up(make_job, site_file, tmp_path, start_vjobs, wait_for_payload,
+                                      assert_clean_host):
+    process = start_vjobs(make_job(["sleep", "600"]), site_file, tmp_path / "out")
+    wait_for_payload(tmp_path / "work", process)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 204
+    result = json.loads(stdout)
+    assert result["status"] == "cancelled" and result["error"]["code"] == "cancelled"
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "cancelled"
+
+
+def test_sigkill_takes_qemu_down_and_gc_removes_the_files(make_job, site_file, tmp_path, start_vjobs,
+                                                         wait_for_payload):
+    process = start_vjobs(make_job(["sleep", "600"]), site_file, tmp_path / "out")
+    wait_for_payload(tmp_path / "work", process)
+    assert qemu_processes(str(tmp_path))
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while qemu_processes(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_processes(str(tmp_path)) == []
+    unrelated = tmp_path / "work" / "not-ours"
+    unrelated.mkdir()
+    gc = subprocess.run([sys.executable, "-m", "vjobs", "gc", "--site", str(site_file)], capture_output=True,
+                        text=True, check=True)
+    assert "removed job folder" in gc.stdout
+    assert work_leftovers(tmp_path / "work") == ["not-ours"]

@@ -1,0 +1,218 @@
+"""The pytest fixtures vjobs' tests stand on, as a plugin that another package's tests can load too (a driver's
+package runs the conformance suite with them, vjobs.testing.conformance)::
+
+    # conftest.py
+    pytest_plugins = ["vjobs.testing.fixtures"]
+
+What they give:
+
+- ``cache_dir`` (session): one cache for the session, so that the built-in image (``built_image``) and the
+  Debian base (``debian_image``, ``debian_formats``) are built once. VJOBS_TEST_CACHE keeps it across sessions.
+- ``make_site(**settings)``: a site config with this test's own work folder and the session's cache.
+- ``make_job(command, inputs=..., release=..., **fields)``: writes a job file, returns its path.
+- ``fake_image``: a catalogue entry of real files with their real sums, for tests that never boot it.
+- ``assert_clean_host``: after the test, no QEMU of the test's jobs runs and no job folder is left.
+- A site for each of vjobs' own drivers, named ``<driver>_site`` as the conformance suite looks them up:
+  ``qemu_user_site``; ``kvm_site`` (a real libvirtd at ``VJOBS_TEST_LIBVIRT_URI``, TCG; skipped where none
+  answers, a failure when VJOBS_REQUIRE_LIBVIRT is set); ``xen_site`` (the XAPI stand-in,
+  ``xapi_standin``, with ``xen_settings``).
+
+A test run on the kvm driver (a ``driver_site`` parameter named ``kvm``) gets the ``libvirt`` mark, as every
+other kvm test has it, so that ``-m "not libvirt"`` leaves it out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vjobs.config.site import SiteConfig, site_from_dict
+from vjobs.testing import sites
+from vjobs.testing.host_state import vjobs_domains_of, work_leftovers
+from vjobs.testing.processes import qemu_processes
+from vjobs.testing.sites import libvirt_reachable
+
+# The suite's asserts say what they compared, as a test module's do: pytest rewrites it when it is imported.
+pytest.register_assert_rewrite("vjobs.testing.conformance")
+
+MARKERS = {
+    "vm": "boots a real virtual machine (slow under TCG; select with -m vm, skip with -m 'not vm')",
+    "libvirt": "needs a running libvirtd",
+}
+
+
+def pytest_configure(config):
+    """The marks these fixtures and the conformance suite use, declared for a package that did not."""
+    declared = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    for name, meaning in MARKERS.items():
+        if name not in declared:
+            config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("driver_site") == "kvm":
+            item.add_marker(pytest.mark.libvirt)
+
+
+# --- images and the session's cache --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the session: the built-in image and release images are built once. Set
+    VJOBS_TEST_CACHE to keep it across sessions while developing."""
+    kept = os.environ.get("VJOBS_TEST_CACHE")
+    return Path(kept) if kept else tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def built_image(cache_dir):
+    from vjobs.images.boot import build_default_image
+
+    return build_default_image(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def debian_image(cache_dir, built_image):
+    """The built-in Debian 12 base (mmdebstrap, ~20 s), built once per session."""
+    from vjobs.images.rootfs import debian
+
+    return debian.build(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def debian_formats(debian_image, tmp_path_factory) -> dict[str, Path]:
+    """The Debian base in other forms a site may have: an erofs (LZ4), and a qcow2 of a GPT disk whose
+    second partition holds an ext4 (the first is a small unformatted one, so the partition must be found)."""
+    folder = tmp_path_factory.mktemp("formats")
+    tree = folder / "tree"
+    subprocess.run(["unsquashfs", "-q", "-no-progress", "-d", str(tree), debian_image.rootfs], check=True)
+    erofs = folder / "debian12.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", "-zlz4", str(erofs), str(tree)], check=True, capture_output=True)
+    ext4 = folder / "root.ext4"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(ext4), "400M"], check=True)
+    disk = folder / "disk.raw"
+    with open(disk, "wb") as handle:
+        handle.truncate((1 + 8 + 400 + 1) << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], check=True, text=True,
+                   input="label: gpt\nstart=2048, size=16384\nstart=18432, size=819200, type=L\n")
+    subprocess.run(["dd", f"if={ext4}", f"of={disk}", "bs=1M", "seek=9", "conv=notrunc,sparse", "status=none"],
+                   check=True)
+    qcow2 = folder / "debian12-gpt-ext4.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(qcow2)], check=True)
+    return {"erofs": erofs, "qcow2": qcow2}
+
+
+@pytest.fixture
+def fake_image(tmp_path):
+    """A catalogue entry with real files and their real sums, for tests that never boot it."""
+    files = {}
+    for name in ("kernel", "initramfs"):
+        path = tmp_path / "img" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(name.encode() * 100)
+        files[name] = str(path)
+        files[f"{name}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+# --- jobs and sites ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def make_site(tmp_path, cache_dir):
+    """A site config (as the TOML would give it) with this test's work folder and the session's cache."""
+    def make(**settings) -> SiteConfig:
+        document = {"cache_dir": str(cache_dir), "work_dir": str(tmp_path / "work"), **settings}
+        return site_from_dict(document, source="test site")
+    return make
+
+
+@pytest.fixture
+def make_job(tmp_path):
+    """Writes a job file (and returns its path); ``inputs``/``release`` dicts of name -> text become folders."""
+    def make(command, *, inputs=None, release=None, mount="/opt/release", **fields) -> Path:
+        document = {"id": fields.pop("id", "t1"), "command": command, **fields}
+        if inputs is not None:
+            document["inputs"] = str(_tree(tmp_path / "inputs", inputs))
+        if release is not None:
+            document["release"] = {"path": str(_tree(tmp_path / "release", release)), "mount": mount}
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps(document))
+        return path
+    return make
+
+
+def _tree(root: Path, files: dict) -> Path:
+    root.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            (root / name).write_bytes(text)
+        else:
+            (root / name).write_text(text)
+    return root
+
+
+@pytest.fixture
+def assert_clean_host(tmp_path):
+    """After the test: no QEMU of this test's jobs runs and the work folder holds no job folder (the
+    admission folder stays, with no job's share in it)."""
+    yield
+    leftovers = work_leftovers(tmp_path / "work")
+    assert leftovers == [], f"job folders or admission shares left behind: {leftovers}"
+    assert qemu_processes(str(tmp_path)) == []
+
+
+# --- a site for each of vjobs' own drivers ---------------------------------------------------------------------
+
+@pytest.fixture
+def qemu_user_site(make_site) -> SiteConfig:
+    """A site pinned to the qemu_user driver (QEMU run by vjobs itself)."""
+    return make_site(driver="qemu_user")
+
+
+@pytest.fixture
+def kvm_site(make_site):
+    """A site pinned to the kvm driver with TCG (KVM cannot boot guests on the machines these tests run on),
+    against a real libvirtd. scripts/test.sh starts libvirtd and sets VJOBS_REQUIRE_LIBVIRT, so in CI an absent
+    libvirtd fails. After the test: no libvirt domain of this process is left."""
+    why_not = libvirt_reachable()
+    if why_not:
+        if os.environ.get("VJOBS_REQUIRE_LIBVIRT"):
+            pytest.fail(f"{why_not} (scripts/test.sh should have started it)")
+        pytest.skip(f"{why_not}: start it with .ci/libvirt.sh up")
+    yield make_site(driver="kvm", drivers={"kvm": sites.libvirt_settings()})
+    assert vjobs_domains_of(os.getpid()) == [], "libvirt domains left behind"
+
+
+@pytest.fixture
+def xapi_standin(tmp_path):
+    """A XAPI stand-in of this test's own (real XML-RPC on loopback; started VMs are QEMU TCG guests).
+    After the test: no VM, VBD or job VDI is left in it (a release VDI is kept on purpose)."""
+    from vjobs.testing.xapi_standin import XapiStandin
+
+    with XapiStandin(tmp_path / "xapi", password="pool-secret") as standin:
+        yield standin
+        left = {cls: len(standin.store.objects[cls]) for cls in ("VM", "VBD")}
+        job_vdis = [r["name_label"] for r in standin.store.objects["VDI"].values()
+                    if "vjobs.content_key" not in r["other_config"]]
+        assert left == {"VM": 0, "VBD": 0} and job_vdis == [], f"left in the pool: {left}, {job_vdis}"
+
+
+@pytest.fixture
+def xen_settings(xapi_standin, tmp_path) -> dict:
+    """The site's ``[drivers.xen]`` table for the stand-in (with a password file, as a site keeps it)."""
+    return sites.xen_settings(xapi_standin.url, sites.write_password(tmp_path / "xapi-password", "pool-secret"))
+
+
+@pytest.fixture
+def xen_site(make_site, xen_settings) -> SiteConfig:
+    """A site pinned to the xen driver, pointed at the XAPI stand-in (not in dom0: require_dom0 = false)."""
+    return make_site(driver="xen", drivers={"xen": xen_settings})
