@@ -121,6 +121,20 @@ def test_cancel_during_wait_tears_down(make_job, site, tmp_path, assert_clean_ho
     assert driver.calls[-1] == "destroy"
 
 
+def test_a_guest_disk_that_could_not_grow_is_disk_full_in_the_cores_words(make_job, site, tmp_path,
+                                                                          assert_clean_host):
+    class FillingDriver(ScriptedDriver):
+        def create(self, spec):
+            vm = super().create(spec)
+            vm.full_disk = self.full_disk = spec.disks[0].path  # the hypervisor paused the guest: it could not grow
+            return vm
+    driver = FillingDriver(stop=Stop.DISK_FULL)
+    result = run(make_job(["true"], image="fake"), site, driver, tmp_path)
+    assert result.status == "setup_error" and result.error["code"] == "disk_full"
+    assert str(driver.full_disk) in result.error["message"] and "free space" in result.error["message"]
+    assert driver.calls[-1] == "destroy"
+
+
 def test_unusable_pinned_driver(make_job, site, tmp_path, assert_clean_host):
     result = run(make_job(["true"], image="fake"), site, ScriptedDriver(usable=False), tmp_path)
     assert result.error["code"] == "no_usable_driver"

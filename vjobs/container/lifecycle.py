@@ -100,7 +100,7 @@ class VMContainer:
         with self._phase("probe"):
             driver, verdict = choose_driver(self.site, self.host, self.driver_choice)
             self.result.driver = driver.name
-            self.result.provenance.update(probe=verdict.to_json(), hypervisor=driver.version(),
+            self.result.provenance.update(probe=verdict.to_json(), hypervisor=verdict.hypervisor,
                                           driver_version=_distribution_version(driver))
         with self._phase("prepare"):
             self.site.check_limits(self.job)
@@ -131,6 +131,8 @@ class VMContainer:
             # what it wrote; the host waits that long and a margin for the delivery, then kills the VM.
             stop = vm.wait_until_stopped(deadline_in(self.job.walltime_s + self.site.stop_grace_s
                                                      + DELIVERY_MARGIN_S))
+            if stop is Stop.DISK_FULL:
+                raise _guest_disk_full(vm.full_disk)
             if stop is Stop.DEADLINE:
                 raise WalltimeExceeded(f"job {self.job.id} ran past its wall time of {self.job.walltime_s} s and "
                                        f"the guest did not end it within {self.site.stop_grace_s} s more; the VM "
@@ -231,6 +233,8 @@ class VMContainer:
         while not vm.agent_started():
             ask_s = stop_check_s if console.ended else moment_s
             stop = vm.wait_until_stopped(min(deadline, time.monotonic() + ask_s))
+            if stop is Stop.DISK_FULL:
+                raise _guest_disk_full(vm.full_disk)
             if stop is not Stop.DEADLINE:
                 if vm.agent_started():
                     return True  # it ran and already stopped: the run phase will see that at once
@@ -400,6 +404,13 @@ def _full_disk(error: Exception) -> DiskFull | None:
         return DiskFull(f"no space left on the host's file system{where}: free space under work_dir and "
                         "cache_dir (or point them elsewhere in the site config) and run the job again")
     return None
+
+
+def _guest_disk_full(path: Path) -> DiskFull:
+    """A guest's writable disk could not grow (its hypervisor paused it, ``Stop.DISK_FULL``): the host file system
+    holding it is full."""
+    return DiskFull(f"the host file system holding {path} is full: the guest's disk could not grow; free space "
+                    "under work_dir (or point it elsewhere in the site config) and run the job again")
 
 
 def _add_guest_timing(timings: dict[str, float], status: dict[str, str]) -> None:

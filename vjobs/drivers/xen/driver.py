@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from vjobs.drivers.contract import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
+from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
+                                    destroyed_on_failure, first_failure)
 from vjobs.errors import VMError
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
 
@@ -28,13 +29,24 @@ COMPLETE = "vjobs.complete"
 UPLOADER = "vjobs.uploader."  # on a shared VDI being uploaded: the uploader's owner labels, for gc
 NULL_REF = "OpaqueRef:NULL"
 XEN_CAPABILITIES = Path("/proc/xen/capabilities")
+FORMATS = ("raw",)  # a VDI takes the disk's bytes as they are
 
 
 class XenDriver(Driver):
     def probe(self) -> Capabilities:
+        # Outside dom0 the kernel paths may still be valid on the XAPI host: the site says so with require_dom0.
+        advisory = () if self.settings.get("require_dom0", True) else ("dom0",)
         checks = [self._dom0_check()]
-        if not checks[0].ok and self.settings.get("require_dom0", True):
-            return self._verdict(False, checks[0].detail, checks)
+        facts = self._xapi_checks(checks) if checks[0].ok or advisory else {}
+        usable = first_failure(checks, advisory) is None
+        return Capabilities.from_checks(
+            self.name, checks, facts.get("hypervisor", ""), advisory=advisory,
+            acceleration="xen-pv" if usable else None,
+            acceleration_reason="Xen paravirtualised guest (PV direct kernel boot)" if usable else "",
+            read_only_disks=True, disk_formats=FORMATS, **facts)
+
+    def _xapi_checks(self, checks: list[Check]) -> dict:
+        """Log in and look at the host and the SR, adding a check for each; the facts learnt on the way."""
         try:
             with Xapi(self.settings) as xapi, xapi_errors("probe", xapi.url):
                 checks.append(Check("login", True, f"logged in to {xapi.url} as {xapi.username}"))
@@ -51,15 +63,8 @@ class XenDriver(Driver):
                 checks.append(self._sr_check(xapi))
         except Exception as exc:  # any failure is the verdict
             checks.append(Check("xapi", False, str(exc)))
-            return self._verdict(False, str(exc), checks)
-        usable = all(check.ok for check in checks[1:])
-        reason = hypervisor if usable else next(c.detail for c in checks[1:] if not c.ok)
-        return self._verdict(usable, reason, checks, hypervisor=hypervisor, max_memory_mib=free)
-
-    def _verdict(self, usable: bool, reason: str, checks: list[Check], **fields) -> Capabilities:
-        return Capabilities(self.name, usable, reason, acceleration="xen-pv" if usable else None,
-                            acceleration_reason="Xen paravirtualised guest (PV direct kernel boot)" if usable else "",
-                            read_only_disks=True, disk_formats=("raw",), checks=tuple(checks), **fields)
+            return {}
+        return {"hypervisor": hypervisor, "max_memory_mib": free}
 
     def _dom0_check(self) -> Check:
         try:
@@ -82,11 +87,12 @@ class XenDriver(Driver):
         free = (int(record["physical_size"]) - int(record["physical_utilisation"])) // MIB
         return Check("sr", free > 0, f"SR {name!r}: {free} MiB free")
 
-    def version(self) -> str | None:
-        return None  # the hypervisor's version comes with the probe verdict
-
     def create(self, spec: VMSpec) -> VM:
-        return XenVM(spec, self.settings, self.host.cache_dir)
+        check_disk_formats(spec, FORMATS, self.name)
+        vm = XenVM(spec, self.settings, self.host.cache_dir)
+        with destroyed_on_failure(vm):
+            vm.attach()
+        return vm
 
     def collect_garbage(self, is_orphan: Callable[[Mapping[str, str]], bool]) -> list[str]:
         if not self.settings.get("password_file"):
@@ -122,7 +128,9 @@ class XenVM(VM):
 
     # --- create and attach -------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def attach(self) -> None:
+        """``create``'s part: log in, create the VM (halted), give it its disks as VDIs (uploaded, or a shared
+        one found) plugged in with VBDs."""
         self.xapi.__enter__()
         with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
             sr = self._sr()
@@ -130,6 +138,9 @@ class XenVM(VM):
             for position, disk in enumerate(self.spec.disks):
                 vdi = self._shared_vdi(sr, disk) if disk.cache_key else self._job_vdi(sr, disk)
                 self.xapi.api.VBD.create(self._vbd_record(vdi, position, disk.readonly))
+
+    def start(self) -> None:
+        with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
             self.xapi.api.VM.start(self.vm, False, False)
         self._follow_console()
 
