@@ -25,7 +25,7 @@ then, for each kill:
 To aim every kill at one step (to reproduce a finding), e.g. the xen driver's upload of a shared VDI:
 
     .venv/bin/python benchmarks/kill_campaign.py --drivers xen --kills 4 --targeted-share 1 \
-        --max-release-mib 48 --only-targets boot/xapi-start/shared-vdi/vdi-upload
+        --max-release-mib 48 --only-targets attach/xapi-attach/shared-vdi/vdi-upload
 
 The campaign process is a child subreaper, so every process vjobs started is re-parented to it when vjobs
 dies: what still runs after gc is counted as an orphan process.
@@ -149,11 +149,15 @@ _wrap("vjobs.container.lifecycle", "VMContainer._save_console", "save-console")
 _wrap("shutil", "rmtree", "rmtree")  # the job folder's removal in teardown, the staging folder's in prepare
 _wrap("vjobs.container.lifecycle", "VMContainer._publish", "publish")
 _DRIVER_STEPS = {
-    "qemu_user": [("vjobs.drivers.qemu_user.driver", "QemuUserVM.start", "qemu-start"),
+    "qemu_user": [("vjobs.drivers.qemu_user.driver", "QemuUserVM.attach", "qemu-attach"),
+                  ("vjobs.drivers.qemu_user.driver", "TemplateVM.attach", "template-attach"),
+                  ("vjobs.drivers.qemu_user.driver", "QemuUserVM.start", "qemu-start"),
                   ("vjobs.drivers.qemu_user.driver", "QemuUserVM.destroy", "vm-destroy")],
-    "kvm": [("vjobs.drivers.kvm.driver", "KvmVM.start", "domain-start"),
+    "kvm": [("vjobs.drivers.kvm.driver", "KvmVM.attach", "domain-create"),
+            ("vjobs.drivers.kvm.driver", "KvmVM.start", "domain-start"),
             ("vjobs.drivers.kvm.driver", "KvmVM.destroy", "vm-destroy")],
-    "xen": [("vjobs.drivers.xen.driver", "XenVM.start", "xapi-start"),
+    "xen": [("vjobs.drivers.xen.driver", "XenVM.attach", "xapi-attach"),
+            ("vjobs.drivers.xen.driver", "XenVM.start", "xapi-start"),
             ("vjobs.drivers.xen.driver", "XenVM._shared_vdi", "shared-vdi"),
             ("vjobs.drivers.xen.xapi", "Xapi.import_vdi", "vdi-upload"),
             ("vjobs.drivers.xen.xapi", "Xapi.export_raw_vdi", "vdi-download"),
