@@ -108,7 +108,7 @@ def _say(kind, text=""):
         pass
 
 import importlib
-import vjobs.cli as _cli
+_cli = importlib.import_module("vjobs.cli.main")  # the module: vjobs.cli's attribute `main` is its function
 import vjobs.container.lifecycle as _container
 _say("ready")
 _orig_phase, _orig_finish = _container.VMContainer._phase, _container.VMContainer._finish
