@@ -44,7 +44,7 @@ STEPS = (
     "tool",               # prepare: a host tool runs (detail: its name, e.g. mksquashfs)
     "vm_create",          # attach: the driver defines the VM and attaches its disks
     "vm_start",           # boot: the driver starts it
-    "shared_vdi",         # attach (xen): a read-only disk is found in, or uploaded to, the pool
+    "shared_vdi",         # attach (xen): a read-only disk is found in, or uploaded to, the pool (detail: its role)
     "vdi_upload",         # attach (xen): a disk is uploaded
     "vdi_download",       # collect (xen): the io disk is downloaded
     "fetch_disk",         # collect: the driver hands over the io disk as the guest left it

@@ -135,3 +135,13 @@ def test_unusable_pinned_driver(make_job, site, tmp_path, assert_clean_host):
     result = run(make_job(["true"], image="fake"), site, driver, tmp_path)
     assert result.error["code"] == "no_usable_driver"
     assert "pinned driver 'fake'" in result.error["message"]
+
+
+def test_a_guest_disk_that_could_not_grow_is_disk_full_in_the_cores_words(make_job, site, tmp_path,
+                                                                          assert_clean_host):
+    driver = FakeDriver(run=lambda spec: FakeOutcome(stop=Stop.DISK_FULL))
+    result = run(make_job(["true"], image="fake"), site, driver, tmp_path)
+    assert result.status == "setup_error" and result.error["code"] == "disk_full"
+    full = driver.vms[0].full_disk
+    assert full is not None and str(full) in result.error["message"] and "free space" in result.error["message"]
+    assert driver.vms[0].calls[-1] == "destroy"

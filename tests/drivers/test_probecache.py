@@ -134,11 +134,14 @@ def test_a_damaged_record_is_asked_again_and_rewritten(tmp_path, new_process):
     assert len(ask.asked) == 2 and json.loads(stored.read_text())["answer"] == "v1"
 
 
-def test_inside_a_probe_the_probed_hosts_cache_is_used(tmp_path, new_process):
+def test_without_a_host_the_answer_is_kept_in_memory_only(tmp_path, new_process):
     binary = program(tmp_path / "tool", "#!/bin/sh\n")
-    with probecache.probing(host(tmp_path)):
-        probecache.remember("tool-version", str(binary), Asker())
-    assert list((tmp_path / "cache" / "probes").glob("answer-tool-version-*.json"))
+    ask = Asker()
+    for _ in range(2):
+        probecache.remember("tool-version", str(binary), ask, None)
+    new_process()
+    probecache.remember("tool-version", str(binary), ask, None)
+    assert len(ask.asked) == 2 and not (tmp_path / "cache").exists()
 
 
 # --- qemu_user: its version and its network backends ------------------------------------------------------
@@ -164,23 +167,22 @@ def calls(tmp_path: Path) -> list[str]:
 def test_qemu_is_asked_its_version_once_per_binary(tmp_path, new_process):
     binary = fake_qemu(tmp_path)
     driver = QemuUserDriver({"binary": str(binary)}, host(tmp_path))
-    assert driver.version() == "QEMU 9.9.1"
+    assert driver.qemu_version() == "QEMU 9.9.1"
     new_process()
-    assert QemuUserDriver({"binary": str(binary)}, host(tmp_path)).version() == "QEMU 9.9.1"
+    assert QemuUserDriver({"binary": str(binary)}, host(tmp_path)).qemu_version() == "QEMU 9.9.1"
     assert calls(tmp_path) == ["-version"]
     fake_qemu(tmp_path, version="10.0.0")  # upgraded in place
-    assert driver.version() == "QEMU 10.0.0"
+    assert driver.qemu_version() == "QEMU 10.0.0"
 
 
 def test_qemu_network_backends_are_asked_once_and_again_when_qemu_changes(tmp_path, new_process):
     binary = fake_qemu(tmp_path)
-    with probecache.probing(host(tmp_path)):
-        assert _user_network_check(str(binary)).ok
-        new_process()
-        assert _user_network_check(str(binary)).ok
-        assert calls(tmp_path) == ["-netdev help"]
-        fake_qemu(tmp_path, user=False)  # rebuilt without slirp
-        assert not _user_network_check(str(binary)).ok
+    assert _user_network_check(str(binary), host(tmp_path)).ok
+    new_process()
+    assert _user_network_check(str(binary), host(tmp_path)).ok
+    assert calls(tmp_path) == ["-netdev help"]
+    fake_qemu(tmp_path, user=False)  # rebuilt without slirp
+    assert not _user_network_check(str(binary), host(tmp_path)).ok
 
 
 def test_qemu_probe_twice_asks_qemu_once(tmp_path, new_process):
@@ -194,3 +196,5 @@ def test_qemu_probe_twice_asks_qemu_once(tmp_path, new_process):
         verdict = safe_probe(driver)
         assert verdict.usable and verdict.hypervisor == "QEMU 9.9.1" and verdict.network
     assert sorted(calls(tmp_path)) == ["-netdev help", "-version"]
+    # both answers are in the probed host's cache, where the next process finds them
+    assert len(list((tmp_path / "cache" / "probes").glob("answer-qemu-*.json"))) == 2

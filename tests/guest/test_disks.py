@@ -12,7 +12,6 @@ import vjobs
 from vjobs.events import Events
 from vjobs.guest.disks import prepare_disks, release_image
 from vjobs.guest.protocol import IO_DISK_MAGIC
-from vjobs.errors import SetupError
 
 
 def test_release_image_is_cached_by_content(tmp_path):

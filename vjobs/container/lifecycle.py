@@ -45,7 +45,7 @@ from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_ERRORS, AGENT_UP_MARKER, OUTPUT_TOO_LARGE, PAYLOAD_MARKER
 from vjobs.drivers.contract import (VM, Driver, HostContext, Stop, VMSpec,
                                     deadline_in)
-from vjobs.errors import (BootTimeout, Cancelled, LimitExceeded, StageOutFailed, VjobsError,
+from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError,
                           VMError, WalltimeExceeded, internal_error)
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
 from vjobs.host.tools import disk_full_from
@@ -105,7 +105,7 @@ class VMContainer:
         with self._phase("probe"):
             driver, verdict = choose_driver(self.site, self.host, self.driver_choice)
             self.result.driver = driver.name
-            self.result.provenance.update(probe=verdict.to_json(), hypervisor=driver.version(),
+            self.result.provenance.update(probe=verdict.to_json(), hypervisor=verdict.hypervisor,
                                           driver_version=_distribution_version(driver))
         with self._phase("prepare"):
             self.site.check_limits(self.job)
@@ -136,6 +136,8 @@ class VMContainer:
             # what it wrote; the host waits that long and a margin for the delivery, then kills the VM.
             stop = vm.wait_until_stopped(deadline_in(self.job.walltime_s + self.site.stop_grace_s
                                                      + DELIVERY_MARGIN_S))
+            if stop is Stop.DISK_FULL:
+                raise _guest_disk_full(vm.full_disk)
             if stop is Stop.DEADLINE:
                 raise WalltimeExceeded(f"job {self.job.id} ran past its wall time of {self.job.walltime_s} s and "
                                        f"the guest did not end it within {self.site.stop_grace_s} s more; the VM "
@@ -240,6 +242,8 @@ class VMContainer:
         while not vm.agent_started():
             ask_s = stop_check_s if console.ended else moment_s
             stop = vm.wait_until_stopped(min(deadline, time.monotonic() + ask_s))
+            if stop is Stop.DISK_FULL:
+                raise _guest_disk_full(vm.full_disk)
             if stop is not Stop.DEADLINE:
                 if vm.agent_started():
                     return True  # it ran and already stopped: the run phase will see that at once
@@ -404,6 +408,11 @@ class VMContainer:
             return None
         disk = rootfs_disk_for(image.rootfs, formats, self.site.cache_dir, self.host.progress)
         return BaseDisk(disk, image.rootfs.info, self.site.payload_user)
+
+
+def _guest_disk_full(path: Path) -> DiskFull:
+    """A guest's writable disk could not grow (its hypervisor paused it, ``Stop.DISK_FULL``)."""
+    return DiskFull.at(path, doing="the guest wrote to its disk, which could not grow")
 
 
 def _add_guest_timing(timings: dict[str, float], status: dict[str, str]) -> None:

@@ -4,21 +4,51 @@ A driver is a plugin found through the ``vjobs.drivers`` entry-point group (see 
 parts, both small:
 
 ``Driver`` (one per host and site config)
-    ``probe()``              -> ``Capabilities``: can this host run VMs with me, and with what? Never raises for
-                                "no"; says why in ``reason`` and the individual ``checks``.
-    ``create(spec)``         -> ``VM``: define a VM from a ``VMSpec`` and attach its disks. Nothing runs yet.
+    ``probe()``              -> ``Capabilities``: can this host run VMs with me, and with what (the hypervisor's
+                                name and version included)? Never raises for "no"; says why in ``reason`` and the
+                                individual ``checks``; make it with ``Capabilities.from_checks``.
+    ``create(spec)``         -> ``VM``: make the VM a ``VMSpec`` describes and attach its disks, so that ``start``
+                                has nothing left to do but run it; no guest instruction runs yet. Refuses a disk
+                                in a format the driver does not take (``check_disk_formats``). If it raises, it
+                                has released whatever it made (``destroyed_on_failure``): the core only ever
+                                destroys VMs it was handed.
     ``collect_garbage(is_orphan)`` remove VMs and disks that vjobs created for processes that are gone.
 
 ``VM`` (one per boot attempt)
-    ``start()``               boot it; returns once the hypervisor accepted it.
+    ``start()``               run the guest; returns once the hypervisor runs it.
     ``provenance()``          how it started, for the result (optional; e.g. restored from a template).
     ``agent_started()``       has the guest agent announced itself (``AGENT_UP_MARKER`` on the console)?
     ``wait_until_stopped(deadline)`` block until the guest stops or ``time.monotonic()`` passes ``deadline``;
-                              return a ``Stop``.
+                              return a ``Stop``. A guest the hypervisor paused because a writable disk could not
+                              grow (the host file system is full) is ``Stop.DISK_FULL``, with ``full_disk`` naming
+                              that disk's file: the core says so to the user, in its own words.
     ``fetch_disk(disk)``      a local file holding the disk's bytes as the guest left them (for a driver whose
                               disks live elsewhere: download it). The core reads results from it, never mounts it.
-    ``destroy()``             kill the guest and remove what ``create`` made. Idempotent, must not raise when
-                              things are already gone: the core calls it in every outcome, sometimes twice.
+    ``destroy()``             kill the guest and remove what ``create`` made, whether or not it started.
+                              Idempotent, must not raise when things are already gone: the core calls it in every
+                              outcome, sometimes twice.
+
+What each of vjobs' drivers does where, and so what the result's timings measure (the core times ``create`` as
+the phase ``attach``; ``start`` and the wait for the agent as ``boot``). Where the hypervisor's own start-up
+falls differs: kvm's QEMU starts in ``attach`` (libvirt creates the domain paused), qemu_user's in ``boot``.
+
+============  =========================================================  ===========================================
+driver        ``create`` (attach)                                        ``start`` (boot, with the wait for the agent)
+============  =========================================================  ===========================================
+qemu_user     opens the disks as descriptors, copies the kernel and       starts QEMU paused with them, connects its
+              initramfs into sealed memory files, makes the console and   console and monitor, lets the guest run
+              monitor socket pairs, builds the confined command line.
+              From a template: finds the template (makes it once, a boot  starts QEMU from the saved guest,
+              of its own, when none is saved for the guest's shape) and   hot-plugs the disks, lets it run, waits
+              prepares its restore with the job's disks; when it cannot,  for the agent; a failed restore boots
+              prepares a cold boot as above                               cold instead
+kvm           builds the domain description, creates the transient       resumes the domain
+              domain paused (QEMU starts and opens the disks), opens
+              its console
+xen           logs in, creates the VM, uploads each job disk to a new     starts the VM, connects its console
+              VDI or finds the shared one (release, base image) already
+              uploaded, plugs them in with VBDs
+============  =========================================================  ===========================================
 
 Everything else (job validation, building disks, deadlines, retries, result files, signals) is the core's.
 Example of a spec a driver receives::
@@ -44,12 +74,14 @@ attached read-only at the device level, not just mounted so.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, TypeVar
 
+from vjobs.errors import VMError
 from vjobs.events import Events
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER
@@ -107,6 +139,7 @@ class Stop(enum.Enum):
     POWEROFF = "poweroff"  # the guest shut itself down
     CRASH = "crash"  # the guest reset, panicked or the hypervisor process died
     DEADLINE = "deadline"  # still running when the deadline passed
+    DISK_FULL = "disk_full"  # paused by the hypervisor: a writable disk could not grow (``VM.full_disk``)
 
 
 @dataclass(frozen=True)
@@ -127,7 +160,7 @@ class Capabilities:
     reason: str  # one line: why usable or not
     acceleration: str | None = None  # "kvm", "tcg", "xen-pv", ...
     acceleration_reason: str = ""
-    hypervisor: str | None = None  # name and version, e.g. "QEMU 7.2.19"
+    hypervisor: str | None = None  # name and version, e.g. "QEMU 7.2.19"; also the result's provenance.hypervisor
     read_only_disks: bool = True
     disk_formats: tuple[str, ...] = ("raw",)
     network: bool = False
@@ -135,11 +168,31 @@ class Capabilities:
     max_memory_mib: int | None = None
     checks: tuple[Check, ...] = ()
 
+    @classmethod
+    def from_checks(cls, driver: str, checks: Iterable[Check], summary: str, *, advisory: Collection[str] = (),
+                    explain: Callable[[Check], str] | None = None, **facts: Any) -> Capabilities:
+        """A probe's verdict, made from its checks the one way every driver makes it: usable when every check
+        passed but the ``advisory`` ones (named: they inform and never decide, e.g. a network only some jobs
+        ask for); ``reason`` is then ``summary``, else the first deciding check that failed, as
+        ``explain(check)`` words it (default: the check's own detail). ``facts``: the other fields."""
+        checks = tuple(checks)
+        failed = first_failure(checks, advisory)
+        if failed is None:
+            reason = summary
+        else:
+            reason = explain(failed) if explain else failed.detail
+        return cls(driver, failed is None, reason, checks=checks, **facts)
+
     def to_json(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
         data["disk_formats"] = list(self.disk_formats)
         data["checks"] = [vars(c) for c in self.checks]
         return data
+
+
+def first_failure(checks: Iterable[Check], advisory: Collection[str] = ()) -> Check | None:
+    """The check that decides a probe's "no": the first failed one not named ``advisory``; None for "yes"."""
+    return next((check for check in checks if not check.ok and check.name not in advisory), None)
 
 
 @dataclass
@@ -159,6 +212,7 @@ class HostContext:
 class VM(abc.ABC):
     def __init__(self, spec: VMSpec):
         self.spec = spec
+        self.full_disk: Path | None = None  # with ``Stop.DISK_FULL``: the file of the disk that could not grow
 
     @abc.abstractmethod
     def start(self) -> None: ...
@@ -199,10 +253,6 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def create(self, spec: VMSpec) -> VM: ...
 
-    def version(self) -> str | None:
-        """The hypervisor's name and version for a result's provenance; drivers override when they know."""
-        return None
-
     def collect_garbage(self, is_orphan: Callable[[Mapping[str, str]], bool]) -> list[str]:
         """Remove what this driver made outside the core's work folders for owners that ``is_orphan``
         says are gone; return a line for each thing removed. Drivers that make nothing outside them keep this."""
@@ -211,3 +261,28 @@ class Driver(abc.ABC):
 
 def deadline_in(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+def check_disk_formats(spec: VMSpec, formats: Collection[str], driver: str) -> None:
+    """For ``create``, before it makes anything: a disk in a format the driver cannot attach is refused, never
+    handed to a hypervisor to guess at. The core builds disks in the formats the probe named, so this only
+    trips on a bug."""
+    for disk in spec.disks:
+        if disk.format not in formats:
+            raise VMError(f"the {disk.role} disk {disk.path} is {disk.format}, which the {driver} driver cannot "
+                          f"attach (it takes {', '.join(formats)})", code="disk_format_unsupported")
+
+
+VM_T = TypeVar("VM_T", bound=VM)
+
+
+@contextlib.contextmanager
+def destroyed_on_failure(vm: VM_T) -> Iterator[VM_T]:
+    """For ``create``: when attaching raises, what it made so far is released (the core only destroys VMs it
+    was handed), and the error that stopped it is the one raised."""
+    try:
+        yield vm
+    except BaseException:
+        with contextlib.suppress(Exception):
+            vm.destroy()
+        raise

@@ -8,14 +8,13 @@ program's file as the kernel sees it (its resolved path, device, inode, size, mo
 times): a package upgrade, a rebuilt or replaced binary changes one of them and the question is asked again.
 A question that fails (raises) is not remembered.
 
-Which ``cache_dir``: the one of the host passed in, else the one of the driver being probed (``probing``, set
-by vjobs.drivers.registry around every ``Driver.probe``), else none: the answer is then kept in memory only.
+Which ``cache_dir``: the one of the host the caller passes (a driver passes its own, ``self.host``); with none,
+the answer is kept in memory only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import os
@@ -23,38 +22,27 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 from vjobs.drivers.contract import HostContext
 
 T = TypeVar("T")
 
-_probing: contextvars.ContextVar[HostContext | None] = contextvars.ContextVar("vjobs_probing", default=None)
 _remembered: dict[tuple, Any] = {}  # this process's answers, by where they are stored and what they depend on
 
 
-@contextlib.contextmanager
-def probing(host: HostContext | None) -> Iterator[None]:
-    """Answers remembered inside go to ``host``'s cache unless a caller names one."""
-    token = _probing.set(host)
-    try:
-        yield
-    finally:
-        _probing.reset(token)
-
-
-def remember(question: str, program: str, ask: Callable[[str], T], host: HostContext | None = None) -> T:
+def remember(question: str, program: str, ask: Callable[[str], T], host: HostContext | None) -> T:
     """``ask(path)``'s answer for ``program`` (a name looked up on PATH, or a path), asked only when this
     program's file or the host boot changed since it was last asked. ``question`` names the question in file
     names (letters, digits, ``-``); the answer must be a JSON value (a string, usually) and is shared: do not
-    change it. ``ask`` gets the path found on PATH; what it raises goes to the caller and is not kept."""
+    change it. ``ask`` gets the path found on PATH; what it raises goes to the caller and is not kept. ``host``:
+    whose ``cache_dir`` keeps the answer for the next process (None: this process only)."""
     if not re.fullmatch(r"[a-z0-9-]+", question):
         raise ValueError(f"question {question!r}: lower-case letters, digits and '-' only")
     path = shutil.which(program)
     identity = _identity(path) if path else None
     if identity is None:  # not found, or gone: let ``ask`` say what is wrong, every time
         return ask(program)
-    host = host or _probing.get()
     boot_id = host.boot_id if host is not None else None
     store = None
     if host is not None and boot_id != "unknown":  # with no boot id, nothing would tell a stale record

@@ -15,7 +15,6 @@ from stevedore.exception import NoMatches
 
 from vjobs.drivers.contract import Capabilities, Check, Driver, HostContext
 from vjobs.errors import DriverNotFound, NoUsableDriver
-from vjobs.drivers.probecache import probing
 from vjobs.config.site import DEFAULT_PREFERENCE, SiteConfig
 
 NAMESPACE = "vjobs.drivers"
@@ -68,8 +67,7 @@ def load_driver(name: str, site: SiteConfig, host: HostContext) -> Driver:
 def safe_probe(driver: Driver) -> Capabilities:
     """A probe that raises is a driver bug; it must still not stop the pilot from trying the next driver."""
     try:
-        with probing(driver.host):  # what it asks its programs is remembered in this host's cache
-            return driver.probe()
+        return driver.probe()
     except Exception as exc:
         return Capabilities(driver.name, False, f"probe failed: {type(exc).__name__}: {exc}",
                             checks=(Check("probe", False, repr(exc)),))

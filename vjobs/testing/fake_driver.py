@@ -97,6 +97,9 @@ class FakeVM(VM):
         self._called("wait_until_stopped")
         if not (self.started and self.outcome.reports_in):
             return Stop.DEADLINE  # still booting, and never getting anywhere
+        if self.outcome.stop is Stop.DISK_FULL:  # the hypervisor paused it: the host could not grow its disk
+            self.full_disk = io_disk(self.spec).path
+            return Stop.DISK_FULL
         if self.outcome.stop is not Stop.DEADLINE and self.outcome.writes_results:
             write_results(io_disk(self.spec).path, self.outcome)
         return self.outcome.stop

@@ -228,14 +228,32 @@ def test_domain_with_the_same_name_already_running(kvm_site, blocker, built_imag
 
     driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
     boot = BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline)
-    vm = driver.create(make_spec(tmp_path, name=blocker, boot=boot))
     with pytest.raises(vjobs.VMError) as failure:
-        vm.start()
-    vm.destroy()
+        driver.create(make_spec(tmp_path, name=blocker, boot=boot))  # releases what it made: there is no VM to destroy
     assert failure.value.code == "domain_exists" and "vjobs gc" in str(failure.value)
     conn = libvirt.open(LIBVIRT_URI)
     assert conn.lookupByName(blocker).isActive()  # vjobs' failure did not take the other domain down
     conn.close()
+
+
+@pytest.mark.vm
+@pytest.mark.libvirt
+def test_create_makes_the_domain_paused_and_destroy_removes_it(kvm_site, built_image, tmp_path):
+    from vjobs.api import host_context
+
+    driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
+    boot = BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline)
+    spec = make_spec(tmp_path, name=f"vjobs-t1-{uuid.uuid4().hex[:8]}", boot=boot)
+    vm = driver.create(spec)
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        assert conn.lookupByName(spec.name).state()[0] == libvirt.VIR_DOMAIN_PAUSED  # its disks are open
+        vm.destroy()
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByName(spec.name)
+    finally:
+        conn.close()
+        spec.console.close()
 
 
 @pytest.mark.vm

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 
 import pytest
 
@@ -14,6 +16,54 @@ from vjobs.images.cpio import CpioWriter
 def test_probe_says_tcg(make_site):
     verdict = next(v for v in vjobs.probe(make_site()) if v.driver == "qemu_user")
     assert verdict.usable and verdict.acceleration == "tcg" and verdict.hypervisor.startswith("QEMU ")
+
+
+def _qemu_user_driver(make_site, **settings):
+    from vjobs.api import host_context
+    from vjobs.drivers.registry import load_driver
+
+    site = make_site(driver="qemu_user", drivers={"qemu_user": {"template": False, **settings}})
+    return load_driver("qemu_user", site, host_context(site))
+
+
+def _spec(tmp_path, built_image):
+    from vjobs.drivers.contract import BootImage, Disk, Owner, VMSpec
+    from vjobs.guest.console import ConsoleLog
+
+    disk = tmp_path / "io.raw"
+    disk.write_bytes(bytes(1 << 20))
+    owner = Owner(job_id="t1", pid=os.getpid(), boot_id="b" * 32, hostname=socket.gethostname(), run_id="abcd1234")
+    return VMSpec(name="vjobs-t1-abcd1234", vcpus=1, memory_mib=256,
+                  boot=BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline),
+                  disks=(Disk("io", disk, "raw", False),), console=ConsoleLog(tmp_path / "console.log"),
+                  network=False, owner=owner, workdir=tmp_path)
+
+
+def _open_files() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_create_opens_what_qemu_gets_runs_nothing_and_destroy_lets_it_go(make_site, built_image, tmp_path):
+    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_image)
+    before = _open_files()
+    vm = driver.create(spec)
+    assert vm.process is None and "-kernel" in vm.prepared.argv  # the command line is written, QEMU not started
+    assert len(_open_files() - before) >= 5  # the disk (read-write and read-only), kernel, initramfs, sockets
+    vm.destroy()
+    vm.destroy()
+    assert _open_files() == before
+    spec.console.close()
+
+
+def test_a_create_that_fails_half_way_leaves_nothing_open(make_site, built_image, tmp_path):
+    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_image)
+    spec.disks[0].path.unlink()
+    spec.disks[0].path.mkdir()  # fails to open read-write: last, after the kernel, the initramfs and the sockets
+    before = _open_files()
+    with pytest.raises(IsADirectoryError):
+        driver.create(spec)
+    assert _open_files() == before
+    spec.console.close()
 
 
 def test_missing_qemu_is_a_clear_error(make_site, make_job, tmp_path, assert_clean_host):

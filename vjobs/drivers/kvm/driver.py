@@ -1,5 +1,9 @@
 """The kvm driver: each job runs in a transient libvirt domain, watched through libvirt's domain events.
 
+``create`` creates the domain paused (QEMU opens the disks then) and opens its console; ``start`` resumes it. A
+transient domain, not a defined one: nothing of it outlives its QEMU, and one a killed vjobs left running is
+found by ``vjobs gc`` through its owner labels.
+
 Site settings (``[drivers.kvm]``): ``uri`` (``qemu:///system`` default, or ``qemu:///session``),
 ``virt_type`` (``kvm`` default, or ``qemu`` for TCG, as Nova's libvirt driver has it), ``machine`` (``q35``
 default, or ``pc``; libvirt has no microvm).
@@ -15,13 +19,15 @@ import threading
 import time
 import tty
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Callable, Mapping
 
 import libvirt
 
 from vjobs.drivers.bootcheck import boot_check
-from vjobs.drivers.contract import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
-from vjobs.errors import DiskFull, VjobsError, VMError
+from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
+                                    destroyed_on_failure, first_failure)
+from vjobs.errors import VjobsError, VMError
 from vjobs.drivers.kvm import connection
 from vjobs.drivers.kvm.connection import libvirt_errors
 from vjobs.drivers.kvm.domain import NAMESPACE_URI, DomainSettings, domain_xml, parse_owner
@@ -32,6 +38,8 @@ BOOT_DEADLINE_S = {"kvm": 15.0, "qemu": 60.0}
 ACCELERATION = {"kvm": "kvm", "qemu": "tcg"}
 NETWORK = "default"  # the libvirt network a job that may use the network is attached to
 RECONNECT_S = 30.0  # how long destroy() waits for a restarted libvirtd to answer again
+FORMATS = ("raw", "qcow2")  # named in the domain description (vjobs/drivers/kvm/domain.py)
+ADVISORY = ("network",)  # a host without the network still runs every job that does not ask for one
 
 
 class KvmDriver(Driver):
@@ -47,16 +55,13 @@ class KvmDriver(Driver):
     def machine(self) -> str:
         return self.settings.get("machine", "q35")
 
-    def version(self) -> str | None:
-        try:
-            with connection.connection(self.uri) as conn, libvirt_errors("version", self.uri):
-                return _versions(conn)
-        except VjobsError:
-            return None
-
     def create(self, spec: VMSpec) -> VM:
+        check_disk_formats(spec, FORMATS, self.name)
         settings = DomainSettings(virt_type=self.virt_type, machine=self.machine, network=NETWORK)
-        return KvmVM(spec, self.uri, domain_xml(spec, settings))
+        vm = KvmVM(spec, self.uri, domain_xml(spec, settings))
+        with destroyed_on_failure(vm):
+            vm.attach()
+        return vm
 
     # --- probe -------------------------------------------------------------------------------------------
 
@@ -71,25 +76,24 @@ class KvmDriver(Driver):
                 network = _network_active(conn)
         except VjobsError as error:
             checks.append(Check("libvirtd", False, str(error)))
-            return Capabilities(self.name, False, str(error), checks=tuple(checks))
+            return Capabilities.from_checks(self.name, checks, "")
         if all(check.ok for check in checks):
             checks.append(boot_check(self.host, f"kvm-{self.uri}-{self.virt_type}", self.create,
                                      BOOT_DEADLINE_S[self.virt_type]))
         return self._verdict(checks, hypervisor, network, limits)
 
     def _verdict(self, checks: list[Check], hypervisor: str, network: bool, limits: dict) -> Capabilities:
-        failed = next((check for check in checks if not check.ok), None)
+        failed = first_failure(checks, ADVISORY)
         accel = ACCELERATION[self.virt_type] if failed is None else None
         why = self._acceleration_reason(checks, failed)
-        reason = f"{hypervisor} at {self.uri}, {accel} acceleration" if failed is None else why
-        # Informational: a host without the network still runs every job that does not ask for one.
         network_check = Check("network", network, f"libvirt network {NETWORK!r} is active: jobs that ask for a "
                                                   "network are attached to it" if network else
                               f"libvirt network {NETWORK!r} is not active: jobs that ask for a network are "
                               f"refused (`virsh net-start {NETWORK}` enables them)")
-        return Capabilities(self.name, failed is None, reason, acceleration=accel, acceleration_reason=why,
-                            hypervisor=hypervisor, read_only_disks=True, disk_formats=("raw", "qcow2"),
-                            network=network, checks=(*checks, network_check), **limits)
+        return Capabilities.from_checks(self.name, [*checks, network_check], f"{hypervisor} at {self.uri}, {accel} "
+                                        "acceleration", advisory=ADVISORY, explain=lambda _failed: why,
+                                        acceleration=accel, acceleration_reason=why, hypervisor=hypervisor,
+                                        read_only_disks=True, disk_formats=FORMATS, network=network, **limits)
 
     def _acceleration_reason(self, checks: list[Check], failed: Check | None) -> str:
         if self.virt_type == "qemu":
@@ -154,9 +158,9 @@ class KvmVM(VM):
         self.reset = False  # the guest reset itself (a panic with panic=-1, or reboot)
         self.lost: str | None = None  # why the connection to libvirtd closed
         self.console: int | None = None  # the guest's serial pty, read by vjobs itself
-        self.full_disk: str | None = None  # a disk file that could not grow (ENOSPC on the host)
 
-    def start(self) -> None:
+    def attach(self) -> None:
+        """``create``'s part: the domain, created paused (QEMU has opened the disks), and its console open."""
         self.conn = connection.open_connection(self.uri)
         with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
             self.conn.registerCloseCallback(self._on_close, None)
@@ -170,6 +174,9 @@ class KvmVM(VM):
             self.dom = self.conn.createXML(self.xml, libvirt.VIR_DOMAIN_START_PAUSED)
             self.console = _open_pty(_console_pty(self.dom))
             self.spec.console.follow(self._read_console)
+
+    def start(self) -> None:
+        with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
             self.dom.resume()
 
     def _read_console(self) -> bytes:
@@ -191,9 +198,8 @@ class KvmVM(VM):
             while self.stop is None and self.lost is None:
                 if self.reset:
                     break
-                if self.full_disk:
-                    raise DiskFull(f"the host file system holding {self.full_disk} is full: the guest's disk "
-                                   "could not grow; free space or move work_dir")
+                if self.full_disk is not None:
+                    return Stop.DISK_FULL  # paused, not ended: destroy() ends it
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return Stop.DEADLINE
@@ -228,7 +234,7 @@ class KvmVM(VM):
         """QEMU paused the guest because a writable disk could not grow: the host file system is full."""
         if dom.name() == self.spec.name and reason == "enospc":
             with self.changed:
-                self.full_disk = path
+                self.full_disk = Path(path)
                 self.changed.notify_all()
 
     def _on_close(self, _conn, reason: int, _opaque) -> None:

@@ -15,22 +15,24 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vjobs.drivers import probecache
-from vjobs.drivers.qemu_user import qemu
 from vjobs.drivers.bootcheck import boot_check
-from vjobs.drivers.qemu_user.confine import confinement_for
+from vjobs.drivers.contract import (VM, Capabilities, Check, Driver, HostContext, Stop, VMSpec, check_disk_formats,
+                                    destroyed_on_failure)
+from vjobs.drivers.qemu_user import qemu, template
+from vjobs.drivers.qemu_user.confine import Confinement, confinement_for
+from vjobs.errors import VMError
 from vjobs.guest.console import ConsoleLog
-from vjobs.drivers.contract import VM, Capabilities, Check, Driver, Stop, VMSpec
-from vjobs.errors import DiskFull, VMError
-from vjobs.drivers.qemu_user import template
 
 KVM_DEVICE = "/dev/kvm"
 KVM_BOOT_DEADLINE_S = 15.0  # a healthy KVM host boots the built-in guest in well under a second
 QMP_CONNECT_TIMEOUT_S = 15.0
 QEMU_LOG_MAX_BYTES = 1 << 20
+FORMATS = ("raw", "qcow2")  # QEMU is told each disk's format (vjobs/drivers/qemu_user/qemu.py)
 
 
 class QemuUserDriver(Driver):
@@ -41,32 +43,38 @@ class QemuUserDriver(Driver):
     def binary(self) -> str:
         return self._setting("binary", qemu.DEFAULT_BINARY)
 
-    def version(self) -> str | None:
-        try:  # asked once per binary and host boot (vjobs/drivers/probecache.py)
+    def qemu_version(self) -> str | None:
+        """``QEMU 7.2.19``, or None when the binary cannot say; asked once per binary and host boot
+        (vjobs/drivers/probecache.py)."""
+        try:
             return probecache.remember("qemu-version", self.binary, qemu.version, self.host)
         except (OSError, subprocess.SubprocessError):
             return None
 
     def probe(self) -> Capabilities:
         found = shutil.which(self.binary)
-        if not found:
-            return Capabilities(self.name, False, f"{self.binary} not found on PATH: install qemu-system-x86",
-                                checks=(Check("binary", False, f"{self.binary} not on PATH"),))
-        version = self.version()
+        version = self.qemu_version() if found else None
         if version is None:
-            return Capabilities(self.name, False, f"{found} -version fails: the QEMU install is broken",
-                                checks=(Check("binary", False, f"{found} -version failed"),))
-        checks = [Check("binary", True, f"{found}: {version}"), self._network_check()]
+            return self._broken_binary(found)
+        network = _user_network_check(found, self.host)
+        checks = [Check("binary", True, f"{found}: {version}"), network]
         accel, why = self._choose_acceleration(checks)
-        usable = accel is not None
-        reason = f"{version}, {accel} acceleration" if usable else why
-        return Capabilities(self.name, usable, reason, acceleration=accel, acceleration_reason=why,
-                            hypervisor=version, read_only_disks=True, disk_formats=("raw", "qcow2"),
-                            network=checks[1].ok, max_vcpus=os.cpu_count(), checks=tuple(checks))
+        # A network only some jobs ask for, and under accel = "auto" KVM (TCG stands in), inform but never decide.
+        advisory = ("network", "kvm") if self._setting("accel", "tcg") == "auto" else ("network",)
+        return Capabilities.from_checks(self.name, checks, f"{version}, {accel} acceleration", advisory=advisory,
+                                        explain=lambda _kvm: why, acceleration=accel, acceleration_reason=why,
+                                        hypervisor=version, read_only_disks=True, disk_formats=FORMATS,
+                                        network=network.ok, max_vcpus=os.cpu_count())
 
-    def _network_check(self) -> Check:
-        """A job that asks for a network gets QEMU's user-mode stack, if this QEMU was built with it."""
-        return _user_network_check(shutil.which(self.binary) or self.binary)
+    def _broken_binary(self, found: str | None) -> Capabilities:
+        """No QEMU on PATH, or one that cannot say its version: the verdict says which, and what to do."""
+        if found is None:
+            check = Check("binary", False, f"{self.binary} not on PATH")
+            advice = f"{self.binary} not found on PATH: install qemu-system-x86"
+        else:
+            check = Check("binary", False, f"{found} -version failed")
+            advice = f"{found} -version fails: the QEMU install is broken"
+        return Capabilities.from_checks(self.name, [check], "", explain=lambda _binary: advice)
 
     def _choose_acceleration(self, checks: list[Check]) -> tuple[str | None, str]:
         wanted = self._setting("accel", "tcg")
@@ -94,12 +102,20 @@ class QemuUserDriver(Driver):
         return None if wanted == "seabios" else wanted  # else a -bios file the site names
 
     def create(self, spec: VMSpec) -> VM:
+        check_disk_formats(spec, FORMATS, self.name)
         accel = self._setting("accel", "tcg")
         if accel != "tcg":
             accel = "kvm" if self._kvm_check().ok else "tcg"
         return self._new_vm(spec, accel)
 
     def _new_vm(self, spec: VMSpec, accel: str, allow_template: bool = True) -> "QemuUserVM":
+        """The VM, attached (``QemuUserVM.attach``): nothing runs until ``start``."""
+        vm = self._vm_for(spec, accel, allow_template)
+        with destroyed_on_failure(vm):
+            vm.attach()
+        return vm
+
+    def _vm_for(self, spec: VMSpec, accel: str, allow_template: bool) -> "QemuUserVM":
         machine = qemu.QemuMachine(self._setting("machine", "q35"), accel, self._setting("tb_size_mib", qemu.DEFAULT_TB_SIZE_MIB),
                                    self._firmware())
         run_as = self._setting("run_as", None)
@@ -107,11 +123,29 @@ class QemuUserDriver(Driver):
         if allow_template and wanted:
             why_not = template.eligible(spec, machine, wanted)
             if why_not is None:
-                recipe = template.recipe_for(spec, machine, f"{shutil.which(self.binary)} {self.version()}")
+                recipe = template.recipe_for(spec, machine, f"{shutil.which(self.binary)} {self.qemu_version()}")
                 store = template.TemplateStore(self.host.cache_dir, self.host.progress)
                 return TemplateVM(spec, self.binary, machine, run_as, store, recipe)
             return QemuUserVM(spec, self.binary, machine, run_as, start={"mode": "cold", "why": why_not})
         return QemuUserVM(spec, self.binary, machine, run_as)
+
+
+class Launch:
+    """One start of QEMU, made ready by ``QemuUserVM.prepare`` before anything runs: the files QEMU gets as
+    descriptors, our ends of its console and monitor socket pairs, its confinement and its command line."""
+
+    def __init__(self, confinement: Confinement):
+        self.confinement = confinement
+        self.files = qemu.PassedFiles()
+        self.console, self.qemus_console = socket.socketpair()
+        self.monitor, self.qemus_monitor = socket.socketpair()
+        self.argv: list[str] = []
+
+    def close(self) -> None:
+        """Let go of a launch that will not run."""
+        self.files.close()
+        for sock in (self.console, self.qemus_console, self.monitor, self.qemus_monitor):
+            sock.close()  # QEMU's ends are no-ops once ``files`` took them
 
 
 class QemuUserVM(VM):
@@ -127,40 +161,58 @@ class QemuUserVM(VM):
         self.shutdown_reason: str | None = None
         self.sockets: list[socket.socket] = []
         self.qemu_log: ConsoleLog | None = None  # QEMU's own messages, bounded as the console is
+        self.prepared: Launch | None = None  # made by ``attach`` (in ``create``), run by ``start``
+
+    def attach(self) -> None:
+        """``create``'s part: the QEMU that boots the spec, prepared (``prepare``)."""
+        self.prepared = self.prepare(cmdline=self.spec.boot.cmdline, disks=self.spec.disks)
 
     def start(self) -> None:
-        self.launch(cmdline=self.spec.boot.cmdline, disks=self.spec.disks)
+        self.launch(self.take_prepared())
         self.monitor.cmd("cont")
 
-    def launch(self, *, cmdline: str, disks, extra=(), max_file_bytes: int | None = None,
-               kernel=None, initramfs=None) -> None:
-        """Start QEMU paused with its console, its log and its monitor connected. ``extra`` gets the
-        ``PassedFiles`` to add options to (a template's devices, ``-incoming``); ``kernel`` and ``initramfs``
-        replace the spec's (a restore's stand-ins)."""
+    def take_prepared(self) -> Launch:
+        """The launch ``attach`` prepared, handed over once: whoever takes it runs it or closes it."""
+        launch, self.prepared = self.prepared, None
+        return launch
+
+    def prepare(self, *, cmdline: str, disks, extra=(), max_file_bytes: int | None = None,
+                kernel: Path | None = None, initramfs: Path | None = None) -> Launch:
+        """One start of QEMU, made ready without running anything: its confinement, every file it gets as a
+        descriptor (the disks, sealed copies of the kernel and initramfs), its command line. ``extra``: more
+        options, or a function of the ``PassedFiles`` that adds them (a template's devices, ``-incoming``);
+        ``kernel`` and ``initramfs`` replace the spec's (a restore's stand-ins)."""
         spec = self.spec
-        confinement = confinement_for(self.run_as, network=spec.network, kvm=self.machine.accel == "kvm",
-                                      max_file_bytes=max_file_bytes or _largest_writable_disk(spec))
-        console, console_for_qemu = socket.socketpair()
-        monitor, monitor_for_qemu = socket.socketpair()
-        self.sockets = [console, monitor]
-        files = qemu.PassedFiles()
+        launch = Launch(confinement_for(self.run_as, network=spec.network, kvm=self.machine.accel == "kvm",
+                                        max_file_bytes=max_file_bytes or _largest_writable_disk(spec)))
         try:
-            argv = qemu.qemu_argv(binary=self.binary, name=spec.name, vcpus=spec.vcpus,
-                                  memory_mib=spec.memory_mib, kernel=kernel or spec.boot.kernel,
-                                  initramfs=initramfs or spec.boot.initramfs, cmdline=f"{cmdline} console=ttyS0",
-                                  disks=disks, machine=self.machine, files=files, console=console_for_qemu,
-                                  monitor=monitor_for_qemu, network=spec.network,
-                                  extra=extra(files) if callable(extra) else extra)
-            self.process = qemu.spawn(argv, files, confinement)
+            launch.argv = qemu.qemu_argv(
+                binary=self.binary, name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+                kernel=kernel or spec.boot.kernel, initramfs=initramfs or spec.boot.initramfs,
+                cmdline=f"{cmdline} console=ttyS0", disks=disks, machine=self.machine, files=launch.files,
+                console=launch.qemus_console, monitor=launch.qemus_monitor, network=spec.network,
+                extra=extra(launch.files) if callable(extra) else extra)
+        except BaseException:
+            launch.close()
+            raise
+        return launch
+
+    def launch(self, launch: Launch) -> None:
+        """Start a prepared QEMU, paused, with its console, its log and its monitor connected."""
+        spec = self.spec
+        console = launch.console
+        self.sockets = [console, launch.monitor]
+        try:
+            self.process = qemu.spawn(launch.argv, launch.files, launch.confinement)
         finally:
-            files.close()  # QEMU holds its own copies now; ours would keep its sockets open after it dies
+            launch.files.close()  # QEMU holds its own copies now; ours would keep its sockets open after it dies
         spec.console.follow(lambda: console.recv(65536))
         if self.qemu_log is not None:
             self.qemu_log.close()  # a start before this one (a template that failed): its log is complete
         self.qemu_log = ConsoleLog(spec.workdir / "qemu.log", QEMU_LOG_MAX_BYTES, what="QEMU's messages",
                                    setting="the qemu.log limit")
         self.qemu_log.follow(lambda: self.process.stdout.read1(65536), name="qemu-log")
-        self.monitor = self._connect_monitor(monitor)
+        self.monitor = self._connect_monitor(launch.monitor)
 
     def provenance(self) -> dict:
         return {"start": self.start_record}
@@ -177,7 +229,7 @@ class QemuUserVM(VM):
             raise VMError(f"QEMU exited at start: {self.log_tail() or exc}", code="hypervisor_failed") from exc
 
     def wait_until_stopped(self, deadline: float) -> Stop:
-        while self.shutdown_reason is None:
+        while self.shutdown_reason is None and self.full_disk is None:
             if self.process.poll() is not None:
                 self._next_event(0.2)  # what QEMU said just before it exited
                 break
@@ -185,6 +237,8 @@ class QemuUserVM(VM):
             if remaining <= 0:
                 return Stop.DEADLINE
             self._next_event(min(remaining, 0.5))
+        if self.full_disk is not None:
+            return Stop.DISK_FULL  # paused, not ended: destroy() ends it
         self.process.wait()
         return Stop.POWEROFF if self.shutdown_reason == "guest-shutdown" else Stop.CRASH
 
@@ -198,18 +252,26 @@ class QemuUserVM(VM):
             return False
         if event and event.get("event") == "BLOCK_IO_ERROR" and event.get("data", {}).get("nospace"):
             # QEMU paused the guest: a writable disk's file system on the host is full (sparse files grow)
-            raise DiskFull(f"the host file system under {self.spec.workdir.parent} is full: the guest's "
-                           f"{event['data'].get('device') or 'disk'} could not grow; free space or move work_dir")
+            self.full_disk = self._disk_file(event["data"].get("device", ""))
         if event and event.get("event") == "SHUTDOWN":
             self.shutdown_reason = event.get("data", {}).get("reason", "unknown")
         elif event and event.get("event") == "GUEST_PANICKED":
             self.shutdown_reason = "guest-panic"
         return True
 
+    def _disk_file(self, drive: str) -> Path:
+        """The file behind one of QEMU's drives: ``diskN`` is the spec's Nth disk, cold or restored alike."""
+        number = drive.removeprefix("disk")
+        if number.isdigit() and int(number) < len(self.spec.disks):
+            return self.spec.disks[int(number)].path
+        return self.spec.workdir  # a drive vjobs did not name: its writable disks all live on this file system
+
     def fetch_disk(self, disk):
         return disk.path  # QEMU wrote straight into the host file
 
     def destroy(self) -> None:
+        if self.prepared is not None:  # created, never started
+            self.take_prepared().close()
         self.stop_qemu()
         if self.qemu_log is not None:
             self.qemu_log.close()
@@ -244,32 +306,47 @@ class TemplateVM(QemuUserVM):
                  store: template.TemplateStore, recipe: template.Recipe):
         super().__init__(spec, binary, machine, run_as)
         self.store, self.recipe = store, recipe
+        self.template: Path | None = None  # the saved guest ``start`` restores; None: it boots cold
 
-    def start(self) -> None:
+    def attach(self) -> None:
+        """The template found, or made (a boot of its own, once per guest shape), and its restore prepared with
+        the job's disks (``template.prepare_restore``); a cold boot prepared instead when either fails."""
         try:
             state = self.store.ensure(self.recipe, self._template_vm)
         except Exception as error:  # whatever went wrong, it is not the job's: a cold boot still runs it
-            self._boot_cold(str(error) or type(error).__name__)
+            self._prepare_cold(str(error) or type(error).__name__)
             return
         try:
-            template.restore(self, state)
-            self.start_record = {"mode": "template", "template": state.parent.name}
+            self.prepared = template.prepare_restore(self, state)
+        except Exception as error:  # before QEMU ran (a site's run_as that does not exist, say): nothing the
+            self._prepare_cold(f"restoring {state.parent.name} failed: {error or type(error).__name__}")
+            return  # template did; a cold boot fails the same way and reports it
+        self.template = state
+
+    def start(self) -> None:
+        if self.template is None:
+            super().start()
+            return
+        try:
+            template.restore(self, self.take_prepared())
+            self.start_record = {"mode": "template", "template": self.template.parent.name}
             return
         except Exception as error:
-            reason = f"restoring {state.parent.name} failed: {error or type(error).__name__}"
-            # Only a failure once QEMU ran says something about the template; one before (a site's run_as
-            # that does not exist, say) would fail a cold boot the same way, and that boot reports it.
+            reason = f"restoring {self.template.parent.name} failed: {error or type(error).__name__}"
+            # Only a failure once QEMU ran says something about the template; one before would fail a cold
+            # boot the same way, and that boot reports it.
             templates_fault = self.process is not None
         self.stop_qemu()
         if templates_fault:
             self.store.remember_failure(self.recipe, reason)
-        self._boot_cold(reason)
+        self._prepare_cold(reason)
+        super().start()
 
-    def _boot_cold(self, reason: str) -> None:
-        self.stop_qemu()
+    def _prepare_cold(self, reason: str) -> None:
+        self.template = None
         self.spec.console.write(f"\n[vjobs: starting from the template failed ({reason}); booting cold]\n".encode())
         self.start_record = {"mode": "cold", "fallback": reason}
-        super().start()
+        super().attach()
 
     def _template_vm(self, scratch) -> QemuUserVM:
         return QemuUserVM(template.template_spec(self.spec, scratch), self.binary, self.machine, self.run_as)
@@ -280,10 +357,11 @@ def _largest_writable_disk(spec: VMSpec) -> int:
     return max((disk.path.stat().st_size for disk in spec.disks if not disk.readonly), default=0) or 1 << 20
 
 
-def _user_network_check(binary: str) -> Check:
+def _user_network_check(binary: str, host: HostContext | None) -> Check:
+    """A job that asks for a network gets QEMU's user-mode stack, if this QEMU was built with it."""
     try:  # asked once per binary and host boot (vjobs/drivers/probecache.py): a pilot runs job after job
         backends = probecache.remember("qemu-netdev-help", binary, lambda path: subprocess.run(
-            [path, "-netdev", "help"], capture_output=True, text=True, check=True, timeout=10).stdout).split()
+            [path, "-netdev", "help"], capture_output=True, text=True, check=True, timeout=10).stdout, host).split()
     except (OSError, subprocess.SubprocessError) as exc:
         return Check("network", False, f"cannot list QEMU's network backends: {exc}")
     if "user" in backends:

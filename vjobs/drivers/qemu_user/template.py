@@ -185,8 +185,8 @@ class TemplateStore:
 def save_template(vm, state: Path) -> None:
     """Boot ``vm`` (a QemuUserVM for the template's spec) until its agent waits for a job, then save it."""
     try:
-        vm.launch(cmdline=template_cmdline(vm.spec), disks=(), extra=controller_args(),
-                  max_file_bytes=state_bytes_limit(vm.spec))
+        vm.launch(vm.prepare(cmdline=template_cmdline(vm.spec), disks=(), extra=controller_args(),
+                             max_file_bytes=state_bytes_limit(vm.spec)))
         vm.monitor.cmd("cont")
         _wait_for(lambda: vm.spec.console.saw(TEMPLATE_READY_MARKER), vm, BUILD_DEADLINE_S,
                   "the template guest to boot")
@@ -214,16 +214,25 @@ def write_stand_ins(kernel: Path, folder: Path) -> None:
     (folder / STAND_INS[1]).write_bytes(bytes(512))
 
 
-def restore(vm, state: Path) -> None:
-    """Start ``vm``'s QEMU from ``state``, hot-plug the job's disks, run it, wait for the agent's "up"."""
+def prepare_restore(vm, state: Path):
+    """``vm``'s QEMU that restores ``state``, prepared (``vm.prepare``, nothing runs): the saved guest comes in
+    through ``-incoming``, the stand-ins beside it serve as kernel and initramfs, the job's disks are drive
+    backends that ``restore`` hot-plugs once the guest is loaded."""
     spec = vm.spec
 
     def extra(files: qemu.PassedFiles) -> list[str]:
         incoming = files.add_file(state)
         return controller_args() + qemu.drive_backends(spec.disks, files) + ["-incoming", f"fd:{incoming}"]
 
-    vm.launch(cmdline=template_cmdline(spec), disks=(), extra=extra, kernel=state.parent / STAND_INS[0],
-              initramfs=state.parent / STAND_INS[1])
+    return vm.prepare(cmdline=template_cmdline(spec), disks=(), extra=extra, kernel=state.parent / STAND_INS[0],
+                      initramfs=state.parent / STAND_INS[1])
+
+
+def restore(vm, launch) -> None:
+    """Run the restoring QEMU (``launch``, from ``prepare_restore``), hot-plug the job's disks, let the guest
+    run, wait for the agent's "up"."""
+    spec = vm.spec
+    vm.launch(launch)
     _wait_for(lambda: _loaded(vm), vm, RESTORE_DEADLINE_S, "QEMU to load the template")
     for index, _disk in enumerate(spec.disks):
         # One SCSI target per disk, in the spec's order (the agent finds them by content anyway).

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from vjobs.drivers.contract import VM, Capabilities, Check, Disk, Driver, Stop, VMSpec
+from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
+                                    destroyed_on_failure, first_failure)
+from vjobs.events import Events
 from vjobs.errors import VMError
 from vjobs.host import locks
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
@@ -28,13 +30,24 @@ COMPLETE = "vjobs.complete"
 UPLOADER = "vjobs.uploader."  # on a shared VDI being uploaded: the uploader's owner labels, for gc
 NULL_REF = "OpaqueRef:NULL"
 XEN_CAPABILITIES = Path("/proc/xen/capabilities")
+FORMATS = ("raw",)  # a VDI takes the disk's bytes as they are
 
 
 class XenDriver(Driver):
     def probe(self) -> Capabilities:
+        # Outside dom0 the kernel paths may still be valid on the XAPI host: the site says so with require_dom0.
+        advisory = () if self.settings.get("require_dom0", True) else ("dom0",)
         checks = [self._dom0_check()]
-        if not checks[0].ok and self.settings.get("require_dom0", True):
-            return self._verdict(False, checks[0].detail, checks)
+        facts = self._xapi_checks(checks) if checks[0].ok or advisory else {}
+        usable = first_failure(checks, advisory) is None
+        return Capabilities.from_checks(
+            self.name, checks, facts.get("hypervisor", ""), advisory=advisory,
+            acceleration="xen-pv" if usable else None,
+            acceleration_reason="Xen paravirtualised guest (PV direct kernel boot)" if usable else "",
+            read_only_disks=True, disk_formats=FORMATS, **facts)
+
+    def _xapi_checks(self, checks: list[Check]) -> dict:
+        """Log in and look at the host and the SR, adding a check for each; the facts learnt on the way."""
         try:
             with Xapi(self.settings) as xapi, xapi_errors("probe", xapi.url):
                 checks.append(Check("login", True, f"logged in to {xapi.url} as {xapi.username}"))
@@ -51,15 +64,8 @@ class XenDriver(Driver):
                 checks.append(self._sr_check(xapi))
         except Exception as exc:  # any failure is the verdict
             checks.append(Check("xapi", False, str(exc)))
-            return self._verdict(False, str(exc), checks)
-        usable = all(check.ok for check in checks[1:])
-        reason = hypervisor if usable else next(c.detail for c in checks[1:] if not c.ok)
-        return self._verdict(usable, reason, checks, hypervisor=hypervisor, max_memory_mib=free)
-
-    def _verdict(self, usable: bool, reason: str, checks: list[Check], **fields) -> Capabilities:
-        return Capabilities(self.name, usable, reason, acceleration="xen-pv" if usable else None,
-                            acceleration_reason="Xen paravirtualised guest (PV direct kernel boot)" if usable else "",
-                            read_only_disks=True, disk_formats=("raw",), checks=tuple(checks), **fields)
+            return {}
+        return {"hypervisor": hypervisor, "max_memory_mib": free}
 
     def _dom0_check(self) -> Check:
         try:
@@ -82,11 +88,12 @@ class XenDriver(Driver):
         free = (int(record["physical_size"]) - int(record["physical_utilisation"])) // MIB
         return Check("sr", free > 0, f"SR {name!r}: {free} MiB free")
 
-    def version(self) -> str | None:
-        return None  # the hypervisor's version comes with the probe verdict
-
     def create(self, spec: VMSpec) -> VM:
-        return XenVM(spec, self.settings, self.host.cache_dir)
+        check_disk_formats(spec, FORMATS, self.name)
+        vm = XenVM(spec, self.settings, self.host.cache_dir, self.host.events)
+        with destroyed_on_failure(vm):
+            vm.attach()
+        return vm
 
     def collect_garbage(self, is_orphan: Callable[[Mapping[str, str]], bool]) -> list[str]:
         if not self.settings.get("password_file"):
@@ -109,8 +116,9 @@ class XenDriver(Driver):
 
 
 class XenVM(VM):
-    def __init__(self, spec: VMSpec, settings: Mapping, cache_dir: Path):
+    def __init__(self, spec: VMSpec, settings: Mapping, cache_dir: Path, events: Events | None = None):
         super().__init__(spec)
+        self.events = events or Events()  # the run's: its uploads and downloads are steps of it
         self.xapi = Xapi(settings)
         self.sr_name = settings.get("sr")
         self.upload_format = settings.get("upload_format", "vhd")
@@ -122,14 +130,23 @@ class XenVM(VM):
 
     # --- create and attach -------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def attach(self) -> None:
+        """``create``'s part: log in, create the VM (halted), give it its disks as VDIs (uploaded, or a shared
+        one found) plugged in with VBDs."""
         self.xapi.__enter__()
         with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
             sr = self._sr()
             self.vm = self.xapi.api.VM.create(self._vm_record())
             for position, disk in enumerate(self.spec.disks):
-                vdi = self._shared_vdi(sr, disk) if disk.cache_key else self._job_vdi(sr, disk)
+                if disk.cache_key:
+                    with self.events.step("shared_vdi", detail=disk.role):
+                        vdi = self._shared_vdi(sr, disk)
+                else:
+                    vdi = self._job_vdi(sr, disk)
                 self.xapi.api.VBD.create(self._vbd_record(vdi, position, disk.readonly))
+
+    def start(self) -> None:
+        with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
             self.xapi.api.VM.start(self.vm, False, False)
         self._follow_console()
 
@@ -176,7 +193,8 @@ class XenVM(VM):
     def _job_vdi(self, sr: str, disk: Disk) -> str:
         vdi = self._new_vdi(sr, disk, self.labels)
         self.vdis[disk.role] = vdi  # recorded before the upload, so destroy() removes a half-uploaded one
-        self.xapi.import_vdi(vdi, disk.path, self.upload_format)
+        with self.events.step("vdi_upload", detail=disk.role):
+            self.xapi.import_vdi(vdi, disk.path, self.upload_format)
         return vdi
 
     def _shared_vdi(self, sr: str, disk: Disk) -> str:
@@ -193,7 +211,8 @@ class XenVM(VM):
             uploader = {f"{UPLOADER}{key}": value for key, value in self.labels.items()}
             vdi = self._new_vdi(sr, disk, {SHARED_KEY: disk.cache_key, **uploader})
             try:
-                self.xapi.import_vdi(vdi, disk.path, self.upload_format)
+                with self.events.step("vdi_upload", detail=disk.role):
+                    self.xapi.import_vdi(vdi, disk.path, self.upload_format)
             except Exception:
                 with contextlib.suppress(Exception):
                     self.xapi.api.VDI.destroy(vdi)
@@ -238,7 +257,8 @@ class XenVM(VM):
 
     def fetch_disk(self, disk: Disk) -> Path:
         local = self.spec.workdir / f"{disk.role}.downloaded"
-        self.xapi.export_raw_vdi(self.vdis[disk.role], local, disk.path.stat().st_size)
+        with self.events.step("vdi_download", detail=disk.role):
+            self.xapi.export_raw_vdi(self.vdis[disk.role], local, disk.path.stat().st_size)
         return local
 
     def destroy(self) -> None:
