@@ -48,9 +48,11 @@ def measure(site, runs: int, scratch: Path) -> dict[str, dict[str, list[float]]]
 def main() -> None:
     args = arguments(__doc__)
     site = vjobs.load_site(args.site)
+    from vjobs.host.cache import CacheHold
     from vjobs.images.catalogue import resolve_image
 
-    resolve_image("debian12", site, lambda message: print(f"  {message}"))  # built before the clock runs
+    held = CacheHold()  # never released: the images stay until the benchmark's process exits
+    resolve_image("debian12", site, lambda message: print(f"  {message}"), hold=held)  # built before the clock runs
     rows = []
     with tempfile.TemporaryDirectory() as folder, driver_setups(args, Path(folder)) as setups:
         for label, driver_site in setups:

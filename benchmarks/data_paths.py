@@ -216,9 +216,9 @@ def goal_a(tree: Path, scratch: Path, runs: int, trees: Trees) -> list[Compariso
 
     def build(number: int) -> float:
         cache = scratch / f"a-cache-{number}"
-        with CacheHold():
-            seconds = timed(lambda: release_image(tree, cache, "squashfs", progress.append))
-            image, _ = release_image(tree, cache, "squashfs", progress.append)
+        with CacheHold() as hold:
+            seconds = timed(lambda: release_image(tree, cache, "squashfs", progress.append, hold=hold))
+            image, _ = release_image(tree, cache, "squashfs", progress.append, hold=hold)
             image_bytes.append(image.stat().st_size)
         remove(cache)  # a few files
         return seconds
@@ -241,10 +241,10 @@ def goal_a(tree: Path, scratch: Path, runs: int, trees: Trees) -> list[Compariso
         remove(image)
 
     cache = scratch / "a-cache-reuse"
-    with CacheHold():
-        release_image(tree, cache, "squashfs", progress.append)
+    with CacheHold() as hold:
+        release_image(tree, cache, "squashfs", progress.append, hold=hold)
         reused, walked = interleaved(
-            runs, lambda _: timed(lambda: release_image(tree, cache, "squashfs", progress.append)),
+            runs, lambda _: timed(lambda: release_image(tree, cache, "squashfs", progress.append, hold=hold)),
             lambda _: timed(lambda: run("find", str(tree), "-printf", "%P %y %m %s %T@ %l\n")))
     remove(cache)
 

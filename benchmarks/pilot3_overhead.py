@@ -88,9 +88,11 @@ def main() -> None:
         install_plugin(pilot)
         site_file = write_site(scratch / "site.toml", {"driver": "qemu_user", "cache_dir": args.cache,
                                                        "work_dir": str(scratch / "work")})
+        from vjobs.host.cache import CacheHold
         from vjobs.images.catalogue import resolve_image
 
-        resolve_image("debian12", vjobs.load_site(site_file), print)  # built before the clock runs
+        held = CacheHold()  # never released: the images stay until the benchmark's process exits
+        resolve_image("debian12", vjobs.load_site(site_file), print, hold=held)  # built before the clock runs
         for number in range(args.runs):
             for user in ("generic", "vjobs"):
                 total, phase = pilot_job(scratch / f"{user}-{number}", pilot, user, site_file, 5000 + number)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import vjobs
+from vjobs.host.cache import CacheHold
 from vjobs.images.boot import build_default_image
 from vjobs.testing.figures import ratio
 from vjobs.testing.servers.netns import LoopbackNetns
@@ -84,7 +85,8 @@ def main() -> None:
     why_not = why_not_available()
     if why_not:
         sys.exit(f"cannot start Slurm here: {why_not}")
-    build_default_image(Path(args.cache))  # built before the clock runs
+    held = CacheHold()  # never released: the image stays until the benchmark's process exits
+    build_default_image(Path(args.cache), hold=held)  # built before the clock runs
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         site = write_site(scratch / "site.toml", {"driver": "qemu_user", "cache_dir": args.cache,

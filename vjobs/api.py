@@ -27,19 +27,23 @@ SiteLike = SiteConfig | str | os.PathLike | None
 
 
 def host_context(site: SiteConfig, progress: Callable[[str], None] | None = None, *,
-                 progress_bars: bool = False, events: Events | None = None) -> HostContext:
-    """What the core lends the drivers. Progress lines go out as ``progress`` events, to ``progress`` too."""
+                 progress_bars: bool = False, events: Events | None = None,
+                 cache_hold: CacheHold | None = None) -> HostContext:
+    """What the core lends the drivers. Progress lines go out as ``progress`` events, to ``progress`` too.
+    ``cache_hold``: the hold on the cache that keeps what the drivers and the built-in image use (default: a
+    new one with the site's bound); its owner releases it."""
     events = events or Events()
+    cache_hold = cache_hold or CacheHold(site.cache_max_gib)
     if progress is not None:
         events.subscribe("progress", lambda event: progress(event.subject))
 
     @functools.cache
     def default_boot_image():
-        return built_in_image(site.cache_dir, events.progress).boot
+        return built_in_image(site.cache_dir, events.progress, hold=cache_hold).boot
 
     return HostContext(cache_dir=site.cache_dir, work_dir=site.work_dir, boot_id=boot_id(),
-                       default_boot_image=default_boot_image, progress=events.progress, progress_bars=progress_bars,
-                       events=events)
+                       default_boot_image=default_boot_image, cache_hold=cache_hold, progress=events.progress,
+                       progress_bars=progress_bars, events=events)
 
 
 def _site(site: SiteLike) -> SiteConfig:
@@ -82,10 +86,9 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
         return failed(job_id, failure, target / RESULT_NAME)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
     events.job_id = the_job.id
-    context = host_context(site_config, progress, progress_bars=progress_bars, events=events)
-    container = VMContainer(the_job, site_config, context, target, driver=driver)
-    with CacheHold(site_config.cache_max_gib):  # the cached images the job uses stay until it ends
-        return container.run()
+    hold = CacheHold(site_config.cache_max_gib)  # the job's: the container releases it after its teardown
+    context = host_context(site_config, progress, progress_bars=progress_bars, events=events, cache_hold=hold)
+    return VMContainer(the_job, site_config, context, target, driver=driver).run()
 
 
 def _job_id_guess(job: Any) -> str:
@@ -100,7 +103,8 @@ def _job_id_guess(job: Any) -> str:
 def probe(site: SiteLike = None, progress: Callable[[str], None] = lambda message: None) -> list[Capabilities]:
     """Every installed driver's verdict on this host."""
     site_config = _site(site)
-    return probe_all(site_config, host_context(site_config, progress))
+    with CacheHold(site_config.cache_max_gib) as hold:  # the built-in image a deep probe boots, while it does
+        return probe_all(site_config, host_context(site_config, progress, cache_hold=hold))
 
 
 def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Driver | None" = None,

@@ -13,11 +13,12 @@ import pytest
 from vjobs.drivers import probecache
 from vjobs.drivers.contract import HostContext
 from vjobs.drivers.qemu_user.driver import QemuUserDriver, _user_network_check
+from vjobs.host.cache import CacheHold
 
 
 def host(tmp_path: Path, boot_id: str = "boot-1") -> HostContext:
     return HostContext(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", boot_id=boot_id,
-                       default_boot_image=lambda: None)
+                       default_boot_image=lambda: None, cache_hold=CacheHold())
 
 
 @pytest.fixture

@@ -14,37 +14,37 @@ from vjobs.guest.disks import prepare_disks, release_image
 from vjobs.guest.protocol import IO_DISK_MAGIC
 
 
-def test_release_image_is_cached_by_content(tmp_path):
+def test_release_image_is_cached_by_content(tmp_path, cache_hold):
     release = tmp_path / "release"
     (release / "bin").mkdir(parents=True)
     (release / "bin" / "tool").write_text("v1")
     messages = []
-    first, digest = release_image(release, tmp_path / "cache", "squashfs", messages.append)
-    second, again = release_image(release, tmp_path / "cache", "squashfs", messages.append)
+    first, digest = release_image(release, tmp_path / "cache", "squashfs", messages.append, hold=cache_hold)
+    second, again = release_image(release, tmp_path / "cache", "squashfs", messages.append, hold=cache_hold)
     assert (first, digest) == (second, again)
     assert sum("building" in m for m in messages) == 1
     listing = subprocess.run(["unsquashfs", "-l", str(first)], capture_output=True, text=True).stdout
     assert "squashfs-root/bin/tool" in listing
     (release / "bin" / "tool").write_text("v2, longer")
-    changed, _ = release_image(release, tmp_path / "cache", "squashfs", messages.append)
+    changed, _ = release_image(release, tmp_path / "cache", "squashfs", messages.append, hold=cache_hold)
     assert changed != first
 
 
-def test_erofs_release(tmp_path):
+def test_erofs_release(tmp_path, cache_hold):
     (tmp_path / "release").mkdir()
     (tmp_path / "release" / "f").write_text("x")
-    image, _ = release_image(tmp_path / "release", tmp_path / "cache", "erofs", lambda m: None)
+    image, _ = release_image(tmp_path / "release", tmp_path / "cache", "erofs", lambda m: None, hold=cache_hold)
     assert image.read_bytes()[1024:1028] == bytes.fromhex("e2e1f5e0")  # the erofs superblock magic
 
 
-def test_job_disks(tmp_path):
+def test_job_disks(tmp_path, cache_hold):
     (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "in" / "sub" / "data").write_text("payload")
     job = vjobs.config.job.job_from_dict({"id": "d", "command": ["echo", "it's"], "env": {"A": "b c"},
                                    "inputs": str(tmp_path / "in"), "outputs": ["*.txt"],
                                    "resources": {"output_mib": 2, "scratch_mib": 8}})
     (tmp_path / "job").mkdir()
-    disks = prepare_disks(job, tmp_path / "job", tmp_path / "cache", "squashfs", Events())
+    disks = prepare_disks(job, tmp_path / "job", tmp_path / "cache", "squashfs", Events(), hold=cache_hold)
     assert disks.io.path.stat().st_size == 2 << 20 and not disks.io.readonly
     with tarfile.open(disks.io.path) as job_tar:
         assert job_tar.getnames()[0] == IO_DISK_MAGIC

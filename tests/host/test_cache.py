@@ -95,17 +95,17 @@ def test_least_recently_used_go_first_until_the_bound_holds(tmp_path):
 
 def test_use_marks_the_entry_used_and_says_when_it_is_gone(tmp_path):
     image = release_entry(tmp_path, "1", time.time() - 1000)
-    with cache.CacheHold():
-        assert cache.use(image)
+    with cache.CacheHold() as hold:
+        assert hold.use(image)
         assert time.time() - image.stat().st_mtime < 5
-        assert not cache.use(tmp_path / "releases" / f"{'9' * 32}.squashfs")
+        assert not hold.use(tmp_path / "releases" / f"{'9' * 32}.squashfs")
 
 
 def test_an_entry_held_by_a_live_process_is_never_evicted(tmp_path):
     now = time.time()
     held = release_entry(tmp_path, "1", now - 400)
     free = release_entry(tmp_path, "2", now - 300)
-    child = in_child(f"from vjobs.host import cache\nassert cache.use({str(held)!r})")
+    child = in_child(f"from vjobs.host import cache\nhold = cache.CacheHold()\nassert hold.use({str(held)!r})")
     try:
         os.utime(held, (now - 400, now - 400))  # the oldest still
         lines = cache.evict(tmp_path, 0)
@@ -141,15 +141,17 @@ def test_adding_a_release_image_evicts_down_to_the_holds_bound(tmp_path):
         trees[name] = tmp_path / name
         trees[name].mkdir()
         (trees[name] / "data").write_bytes(os.urandom(64 * KIB))
-    with cache.CacheHold():  # no bound: nothing evicted
-        old, _ = release_image(trees["old"], tmp_path / "cache" / "releases", "squashfs", lambda m: None)
+    with cache.CacheHold() as hold:  # no bound: nothing evicted
+        old, _ = release_image(trees["old"], tmp_path / "cache" / "releases", "squashfs", lambda m: None, hold=hold)
     os.utime(old, (time.time() - 600,) * 2)
     messages = []
-    with cache.CacheHold(1e-9):  # a bound smaller than any image
-        new, _ = release_image(trees["new"], tmp_path / "cache" / "releases", "squashfs", messages.append)
+    with cache.CacheHold(1e-9) as hold:  # a bound smaller than any image
+        new, _ = release_image(trees["new"], tmp_path / "cache" / "releases", "squashfs", messages.append,
+                               hold=hold)
         assert not old.exists() and not old.with_suffix(".json").exists() and new.exists()
         assert any(m.startswith(f"evicted release image {old} ") for m in messages)
-        again, _ = release_image(trees["new"], tmp_path / "cache" / "releases", "squashfs", messages.append)
+        again, _ = release_image(trees["new"], tmp_path / "cache" / "releases", "squashfs", messages.append,
+                                 hold=hold)
     assert again == new and new.exists()  # the job's own image stays, though alone it is above the bound
 
 
@@ -242,8 +244,9 @@ def test_a_job_evicts_an_old_release_and_keeps_its_own(tmp_path, make_site, make
     (folder / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "old-release").mkdir()
     (tmp_path / "old-release" / "tool").write_text("old")
-    with cache.CacheHold():
-        old, _ = release_image(tmp_path / "old-release", own_cache / "releases", "squashfs", lambda m: None)
+    with cache.CacheHold() as hold:
+        old, _ = release_image(tmp_path / "old-release", own_cache / "releases", "squashfs", lambda m: None,
+                               hold=hold)
     os.utime(old, (time.time() - 86400,) * 2)
 
     site = make_site(driver="qemu_user", cache_dir=str(own_cache), cache_max_gib=0.001)  # ~1 MiB: below the boot image

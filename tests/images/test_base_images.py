@@ -89,8 +89,8 @@ def test_the_readme_example_runs(tmp_path, make_site, debian_image, repo, assert
     assert summary["kinds"]["muon"] == {"events": 3, "mean_energy_gev": 41.7, "max_energy_gev": 45.0}
 
 
-def test_a_built_base_is_reused_not_rebuilt(cache_dir, debian_image, monkeypatch):
+def test_a_built_base_is_reused_not_rebuilt(cache_dir, debian_image, monkeypatch, cache_hold):
     from vjobs.images.rootfs import debian
 
     monkeypatch.setattr(debian, "_mmdebstrap", lambda *args: pytest.fail("rebuilt an up-to-date image"))
-    assert debian.build(cache_dir) == debian_image
+    assert debian.build(cache_dir, hold=cache_hold) == debian_image

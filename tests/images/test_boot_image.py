@@ -70,31 +70,31 @@ def test_each_module_is_listed_with_every_device_group_that_needs_it(built_image
     assert set().union(*groups.values()) == set(image.MODULE_ROOTS.values())
 
 
-def test_second_build_with_same_inputs_does_nothing(built_image, cache_dir):
+def test_second_build_with_same_inputs_does_nothing(built_image, cache_dir, cache_hold):
     before = built_image.initramfs.stat().st_mtime_ns
-    again = image.build_default_image(cache_dir)
+    again = image.build_default_image(cache_dir, hold=cache_hold)
     assert again == built_image
     assert again.initramfs.stat().st_mtime_ns == before
 
 
-def test_damaged_image_is_rebuilt(built_image, cache_dir, tmp_path):
+def test_damaged_image_is_rebuilt(built_image, cache_dir, tmp_path, cache_hold):
     own_cache = tmp_path / "cache"
-    first = image.build_default_image(own_cache)
+    first = image.build_default_image(own_cache, hold=cache_hold)
     first.initramfs.write_bytes(b"damaged")
     assert image.load_default_image(own_cache) is None
-    rebuilt = image.build_default_image(own_cache)
+    rebuilt = image.build_default_image(own_cache, hold=cache_hold)
     assert rebuilt.initramfs_sha256 == first.initramfs_sha256
     assert not list((own_cache / "images").glob(".build-*"))
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="mounting a small tmpfs needs root")
-def test_disk_full_while_building_the_image_is_a_clear_error_and_leaves_nothing(tmp_path):
+def test_disk_full_while_building_the_image_is_a_clear_error_and_leaves_nothing(tmp_path, cache_hold):
     full = tmp_path / "full"
     full.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(full)], check=True)
     try:
         with pytest.raises(DiskFull) as failure:
-            image.build_default_image(full)
+            image.build_default_image(full, hold=cache_hold)
         assert failure.value.code == "disk_full" and str(full) in str(failure.value)
         assert [p.name for p in (full / "images").iterdir()] == ["default.lock"]
     finally:

@@ -376,37 +376,37 @@ def test_cached_inspection_does_not_pass_a_changed_file(tmp_path):
 
 # --- disk_for: what a driver attaches -------------------------------------------------------------------
 
-def test_disk_for_a_raw_rootfs_is_the_file_itself(tmp_path):
+def test_disk_for_a_raw_rootfs_is_the_file_itself(tmp_path, cache_hold):
     image, cache = squashfs(tmp_path), tmp_path / "cache"
     rootfs = load_rootfs(image, file_sha256(image), cache, "images.base.rootfs")
     messages = []
-    attached = disk_for(rootfs, ("raw", "qcow2"), cache, messages.append)
+    attached = disk_for(rootfs, ("raw", "qcow2"), cache, messages.append, hold=cache_hold)
     assert (attached.role, attached.path, attached.format, attached.readonly, attached.cache_key) == \
         ("rootfs", image, "raw", True, rootfs.sha256)
-    assert disk_for(rootfs, ("raw",), cache, messages.append).path == image
+    assert disk_for(rootfs, ("raw",), cache, messages.append, hold=cache_hold).path == image
     assert messages == []
 
 
-def test_disk_for_a_qcow2_rootfs_and_a_driver_that_takes_qcow2(tmp_path):
+def test_disk_for_a_qcow2_rootfs_and_a_driver_that_takes_qcow2(tmp_path, cache_hold):
     image, cache = qcow2_of(squashfs(tmp_path)), tmp_path / "cache"
     rootfs = load_rootfs(image, file_sha256(image), cache, "images.base.rootfs")
     messages = []
-    attached = disk_for(rootfs, ("raw", "qcow2"), cache, messages.append)
+    attached = disk_for(rootfs, ("raw", "qcow2"), cache, messages.append, hold=cache_hold)
     assert (attached.path, attached.format, attached.readonly) == (image, "qcow2", True)
     assert messages == [] and not (cache / "rootfs" / f"{rootfs.sha256}.raw").exists()
 
 
-def test_disk_for_converts_a_qcow2_rootfs_to_raw_once(tmp_path):
+def test_disk_for_converts_a_qcow2_rootfs_to_raw_once(tmp_path, cache_hold):
     raw = disk(tmp_path / "gpt.raw", "gpt", [None, ext4(tmp_path)])
     image, cache = qcow2_of(raw), tmp_path / "cache"
     rootfs = load_rootfs(image, file_sha256(image), cache, "images.base.rootfs")
     messages = []
-    attached = disk_for(rootfs, ("raw",), cache, messages.append)
+    attached = disk_for(rootfs, ("raw",), cache, messages.append, hold=cache_hold)
     assert (attached.format, attached.readonly, attached.cache_key) == ("raw", True, rootfs.sha256)
     assert attached.path.parent == cache / "rootfs" and attached.path != image
     assert attached.path.read_bytes() == raw.read_bytes()
     assert inspect_rootfs(attached.path, "copy").guest_head_sha256 == rootfs.info.guest_head_sha256
-    again = disk_for(rootfs, ("raw",), cache, messages.append)
+    again = disk_for(rootfs, ("raw",), cache, messages.append, hold=cache_hold)
     assert again.path == attached.path
     assert len(messages) == 1 and "converting" in messages[0]
     assert [p.name for p in (cache / "rootfs").iterdir() if p.name.endswith(".partial")] == []

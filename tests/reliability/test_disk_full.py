@@ -52,12 +52,12 @@ def test_a_guest_that_fills_the_host_disk_while_it_runs_gives_disk_full(driver, 
     assert _job_folders(small_disk / "work") == []
 
 
-def test_a_release_image_that_does_not_fit_the_cache_gives_disk_full(small_disk, tmp_path):
+def test_a_release_image_that_does_not_fit_the_cache_gives_disk_full(small_disk, tmp_path, cache_hold):
     """The release image alone goes to the small file system: the job's other cached images stay usable."""
     release = tmp_path / "release"
     release.mkdir()
     (release / "data.bin").write_bytes(os.urandom(1 << 20) * 70)  # incompressible: 70 MiB of image
     with pytest.raises(SetupError) as refused:
-        release_image(release, small_disk / "releases", "squashfs", lambda message: None)
+        release_image(release, small_disk / "releases", "squashfs", lambda message: None, hold=cache_hold)
     assert refused.value.code == "disk_full" and "free space" in str(refused.value)
     assert [p.name for p in (small_disk / "releases").iterdir() if not p.name.endswith(".lock")] == []

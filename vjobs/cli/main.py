@@ -104,21 +104,21 @@ def cmd_drivers(args) -> int:
 def cmd_image_build(args) -> int:
     site = api.load_site(args.site)
     progress = _progress(args.json)
-    with CacheHold(site.cache_max_gib):  # a build evicts down to the site's bound
-        return _image_build(args, site, progress)
+    with CacheHold(site.cache_max_gib) as hold:  # a build evicts down to the site's bound
+        return _image_build(args, site, progress, hold)
 
 
-def _image_build(args, site, progress) -> int:
+def _image_build(args, site, progress, hold: CacheHold) -> int:
     from vjobs.images.boot import build_default_image
     from vjobs.images.rootfs import debian
 
     if args.name == "default":
-        manifest = build_default_image(site.cache_dir, progress, force=args.force)
+        manifest = build_default_image(site.cache_dir, progress, hold=hold, force=args.force)
         summary = f"default image: kernel {manifest.kernel} ({manifest.kernel_version}), initramfs {manifest.initramfs}"
         document = manifest.to_json()
     else:
-        base = debian.build(site.cache_dir, progress, force=args.force)
-        build_default_image(site.cache_dir, progress)  # its boot image
+        base = debian.build(site.cache_dir, progress, hold=hold, force=args.force)
+        build_default_image(site.cache_dir, progress, hold=hold)  # its boot image
         summary = (f"{base.name} image: {base.rootfs} ({base.size >> 20} MiB, {len(base.packages)} packages, "
                    f"python3 {base.python_version()}), sha256 {base.rootfs_sha256}")
         document = vars(base)

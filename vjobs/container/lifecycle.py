@@ -18,8 +18,9 @@ are named after them):
     finish     write result.json (the one place it is written: vjobs/result.py ``conclude``)
 
 The container owns everything job-specific on the host: the job folder under ``work_dir`` (disks, console
-logs, sockets), the VMs it created, and the result written to the output folder. Drivers only turn a
-``VMSpec`` into a running VM and back (vjobs/drivers/contract.py).
+logs, sockets), the VMs it created, its hold on the cached images it uses (vjobs/host/cache.py), and the
+result written to the output folder. Drivers only turn a ``VMSpec`` into a running VM and back
+(vjobs/drivers/contract.py).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ DELIVERY_MARGIN_S = 60.0  # after the wall time and the grace: the agent collect
 class VMContainer:
     def __init__(self, job: Job, site: SiteConfig, host: HostContext, outdir: Path, *,
                  driver: str | Driver | None = None):
-        """``driver``: a driver name to pin, a ready ``Driver`` object to use, or None to probe and choose."""
+        """``host``: this job's own; its ``cache_hold`` becomes the job's hold on the cache, released after
+        the teardown. ``driver``: a driver name to pin, a ready ``Driver`` object to use, or None to probe and
+        choose."""
         self.job, self.site, self.host, self.outdir = job, site, host, Path(outdir)
         self.driver_choice = driver
         self.events = host.events
@@ -75,6 +78,7 @@ class VMContainer:
         self.consoles: list[ConsoleLog] = []  # one per boot attempt
         self.bind_snapshots: dict[int, dict] = {}  # read-write binds as they were copied in
         self.held = contextlib.ExitStack()  # the job's share of the host, given back after teardown
+        self.cache_hold = self.held.enter_context(host.cache_hold)  # the cached images it uses (vjobs/host/cache.py)
         self.result = Result(job_id=job.id, vjobs_version=__version__, started_at=utc_now())
         self.allocation = current_allocation()  # what a batch system granted, if vjobs runs inside one
         self._started = time.monotonic()
@@ -115,7 +119,7 @@ class VMContainer:
                 raise LimitExceeded(f"job {self.job.id}: /network: the job asks for a network and the site allows "
                                     f"it, but the {driver.name} driver gives its guests none here; run it where "
                                     "`vjobs probe` shows a network, or without /network")
-            image = resolve_image(self.job.image, self.site, self.host.progress)
+            image = resolve_image(self.job.image, self.site, self.host.progress, hold=self.cache_hold)
             self.result.provenance.update(image.provenance())
             base = self._base_disk(image, verdict.disk_formats)
             create_owned_folder(self.folder, self.owner)
@@ -123,7 +127,8 @@ class VMContainer:
         staged = self._stage_in() if self.job.stage_in else None
         with self._phase("prepare"):
             disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
-                                  self.events, base, stop_grace_s=self.site.stop_grace_s, staged=staged)
+                                  self.events, base, hold=self.cache_hold, stop_grace_s=self.site.stop_grace_s,
+                                  staged=staged)
             self.result.provenance["release_sha256"] = disks.release_sha256
         with self._phase("admission"):
             resources = self.job.resources
@@ -406,7 +411,7 @@ class VMContainer:
     def _base_disk(self, image: ResolvedImage, formats: tuple[str, ...]) -> BaseDisk | None:
         if image.rootfs is None:
             return None
-        disk = rootfs_disk_for(image.rootfs, formats, self.site.cache_dir, self.host.progress)
+        disk = rootfs_disk_for(image.rootfs, formats, self.site.cache_dir, self.host.progress, hold=self.cache_hold)
         return BaseDisk(disk, image.rootfs.info, self.site.payload_user)
 
 

@@ -14,6 +14,14 @@ parts, both small:
                                 destroys VMs it was handed.
     ``collect_garbage(is_orphan)`` remove VMs and disks that vjobs created for processes that are gone.
 
+    The driver is made with a ``HostContext``: what the core lends it (``self.host``), among which
+    ``cache_hold``, the job's hold on the cache. A driver that keeps files under ``cache_dir`` by content
+    for later jobs (qemu_user's templates) makes each a cache entry (vjobs/host/cache.py lists them) and
+    calls ``cache_hold.use(entry)`` each time it hands one out (False: it was evicted, build it again) and
+    ``cache_hold.added(entry, progress)`` once it has built one; ``store.build_once`` does both. So the
+    entry stays while the job runs, and the cache keeps the site's bound. The core releases the hold after
+    the job's teardown; the driver never releases it, nor keeps a hold of its own.
+
 ``VM`` (one per boot attempt)
     ``start()``               run the guest; returns once the hypervisor runs it.
     ``provenance()``          how it started, for the result (optional; e.g. restored from a template).
@@ -85,22 +93,9 @@ from vjobs.errors import VMError
 from vjobs.events import Events
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER
+from vjobs.host.cache import CacheHold
+from vjobs.host.identity import Owner  # a VMSpec's; drivers import it from here
 
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who a VM belongs to, recorded with it so that ``vjobs gc`` removes only what a dead vjobs left."""
-
-    job_id: str
-    pid: int
-    boot_id: str
-    hostname: str
-    run_id: str  # unique per vjobs run: the VM's name ends with it
-
-    def as_labels(self) -> dict[str, str]:
-        return {"vjobs.job_id": self.job_id, "vjobs.pid": str(self.pid), "vjobs.boot_id": self.boot_id,
-                "vjobs.hostname": self.hostname, "vjobs.run_id": self.run_id}
 
 
 @dataclass(frozen=True)
@@ -203,6 +198,7 @@ class HostContext:
     work_dir: Path
     boot_id: str
     default_boot_image: Callable[[], BootImage]  # builds the built-in image on first use (make-style)
+    cache_hold: CacheHold  # the job's hold on cache_dir's entries (vjobs/host/cache.py), released after it
     progress: Callable[[str], None] = field(default=lambda message: None)  # a line for a person (the events')
     events: Events = field(default_factory=Events)  # the run's public events (vjobs/events.py): drivers may
                                                     # report their steps (e.g. xen's uploads) through them

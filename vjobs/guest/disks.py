@@ -30,7 +30,7 @@ from vjobs.guest.binds import copy_for_guest, link_or_copy
 from vjobs.events import Events
 from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.host import locks
-from vjobs.host.cache import added, use
+from vjobs.host.cache import CacheHold
 from vjobs.host.tools import disk_full_from, run_tool
 from vjobs.drivers.contract import Disk
 from vjobs.errors import LimitExceeded, SetupError
@@ -81,22 +81,24 @@ class JobDisks:
 
 
 def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str, events: Events,
-                  base: BaseDisk | None = None, *, stop_grace_s: float = 10.0, staged: Path | None = None) -> JobDisks:
+                  base: BaseDisk | None = None, *, hold: CacheHold, stop_grace_s: float = 10.0,
+                  staged: Path | None = None) -> JobDisks:
     """``staged``: a folder of remote inputs already fetched (vjobs/staging/), merged into the working directory.
+    ``hold``: the job's hold on the cache, which keeps the release and bind images it uses.
     Each disk built is a step of the run's ``events`` (vjobs/events.py), and so is each tool run for it."""
     read_only = []
     release, release_sha256 = None, None
     if job.release:
         with events.step("release_image"):
             image, release_sha256 = release_image(job.release.path, cache_dir / "releases", release_format,
-                                                   events.progress, events=events)
+                                                   events.progress, hold=hold, events=events)
         release = Disk("release", image, "raw", readonly=True, cache_key=release_sha256)
         read_only.append(ReadOnlyDisk(release, job.release.mount))
     for bind in job.binds:
         if bind.mode == "ro":
             with events.step("release_image", detail=bind.target):
                 image, digest = release_image(bind.source, cache_dir / "releases", release_format, events.progress,
-                                              events=events)
+                                              hold=hold, events=events)
             read_only.append(ReadOnlyDisk(Disk("bind", image, "raw", readonly=True, cache_key=digest), bind.target))
     with events.step("scratch_disk"):
         scratch = Disk("scratch", build_scratch(job, folder, staged, events=events), "raw", readonly=False)
@@ -151,15 +153,16 @@ def tree_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
-def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str], None], *,
+def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str], None], *, hold: CacheHold,
                   events: Events | None = None) -> tuple[Path, str]:
-    """The cached read-only image of ``source``: built once (under a lock), reused after, held for the job
-    (vjobs/host/cache.py). Returns the image and its sha256. ``events``: where the tool's run is a step."""
+    """The cached read-only image of ``source``: built once (under a lock), reused after, held by ``hold``
+    (the job's; vjobs/host/cache.py). Returns the image and its sha256. ``events``: where the tool's run is a
+    step."""
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"{fmt}\0{tree_fingerprint(source)}".encode()).hexdigest()[:32]
     image, sidecar = cache / f"{key}.{fmt}", cache / f"{key}.json"
     with locks.exclusive(cache / f"{key}.lock"):
-        if image.exists() and sidecar.exists() and use(image):
+        if image.exists() and sidecar.exists() and hold.use(image):
             return image, json.loads(sidecar.read_text())["sha256"]
         progress(f"building the {fmt} release image of {source}")
         started = time.monotonic()
@@ -171,9 +174,9 @@ def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str],
             os.replace(partial, image)
         finally:
             partial.unlink(missing_ok=True)
-        use(image)
+        hold.use(image)
     progress(f"release image built in {time.monotonic() - started:.1f} s ({image.stat().st_size // MIB} MiB)")
-    added(image, progress)
+    hold.added(image, progress)
     return image, digest
 
 

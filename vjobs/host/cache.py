@@ -31,16 +31,21 @@ pilot3/                                     the test suite's PanDA Pilot 3 sdist
 The metadata (records, sums, verdicts) is a few KiB per image: not worth evicting, and losing a record costs
 a full hash or inspection on the next job.
 
-- Used: ``use(entry)`` sets the entry's mtime to now (no hashing) at every place that hands a cached entry
-  out; eviction goes by that mtime, oldest first.
-- Held: ``use`` also takes a shared ``flock`` on the entry and keeps it in the current ``CacheHold`` (``with
-  CacheHold(site.cache_max_gib):`` around a job's run) until the job ends; outside any hold, in one kept for
-  the process's life. Eviction takes ``LOCK_EX | LOCK_NB`` on the entry and on its build lock and skips what
+A ``CacheHold`` is one job's hold on the cache, handed down explicitly to everything that hands out or adds
+an entry for the job: ``vjobs.run`` makes one per job, the container owns it and releases it after the job's
+teardown (vjobs/container/lifecycle.py), and the drivers get the same one as ``HostContext.cache_hold``
+(vjobs/drivers/contract.py). What uses the cache outside a job makes its own and says how long it keeps it:
+``vjobs image build`` and ``vjobs probe`` until they end, the test suite's session fixtures for the session.
+
+- Used: ``hold.use(entry)`` sets the entry's mtime to now (no hashing) at every place that hands a cached
+  entry out; eviction goes by that mtime, oldest first.
+- Held: ``hold.use`` also takes a shared ``flock`` on the entry, kept until the hold is released: for a job,
+  until the job ends. Eviction takes ``LOCK_EX | LOCK_NB`` on the entry and on its build lock and skips what
   it cannot lock: an entry in use by a live job, or being built or checked, stays. A lock dies with its
   process, so a job killed with SIGKILL holds nothing.
-- Evicted: after an entry is added (``added``), with the current hold's limit (a hold outside a job has
-  none), and by ``vjobs gc`` (``evict``). An entry larger than the bound alone still serves the job that
-  built it.
+- Evicted: after an entry is added (``hold.added``), down to the hold's bound (the site's ``cache_max_gib``;
+  a hold made without one evicts nothing), and by ``vjobs gc`` (``evict``). An entry larger than the bound
+  alone still serves the job that built it.
 
 The locks are vjobs/host/locks.py's, which check after locking that the path still names the file they
 locked: so gc and eviction may unlink a lock file while holding it.
@@ -49,7 +54,6 @@ locked: so gc and eviction may unlink a lock file while holding it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import math
 import os
@@ -117,25 +121,24 @@ def max_bytes(max_gib: float | None) -> int | None:
 # --- holding entries -----------------------------------------------------------------------------------
 
 class CacheHold:
-    """The entries one job uses, each under a shared flock from its first ``use`` until the job ends, so that
-    no eviction removes them under its VM; and the site's bound, which adding an entry evicts down to.
-    ``with CacheHold(site.cache_max_gib):`` makes it the current hold of this thread for what runs inside."""
+    """The entries one job uses, each under a shared flock from its first ``use`` until ``release`` (the end
+    of the job), so that no eviction removes them under its VM; and the site's bound, which adding an entry
+    evicts down to. ``with CacheHold(max_gib) as hold:`` releases it at the end of the block."""
 
     def __init__(self, max_gib: float | None = None):
         self.max_bytes = max_bytes(max_gib)
         self._held: dict[Path, int] = {}
-        self._tokens: list[contextvars.Token] = []
 
     def __enter__(self) -> CacheHold:
-        self._tokens.append(_CURRENT.set(self))
         return self
 
     def __exit__(self, *_exc) -> None:
-        _CURRENT.reset(self._tokens.pop())
         self.release()
 
-    def take(self, entry: Path) -> bool:
-        """Hold ``entry`` and mark it used; False when it is not there (evicted since the caller looked)."""
+    def use(self, entry: Path) -> bool:
+        """Mark ``entry`` used now and hold it; False when it is not there (evicted since the caller looked):
+        build it again."""
+        entry = Path(entry)
         fd = self._held.pop(entry, None)
         if fd is not None and locks.names(entry, fd):
             self._held[entry] = fd
@@ -152,32 +155,17 @@ class CacheHold:
             os.utime(entry)
         return True
 
+    def added(self, entry: Path, progress: Callable[[str], None] = lambda message: None) -> list[str]:
+        """After ``entry`` was built (and used): evict down to this hold's bound, if it has one."""
+        lines = [] if self.max_bytes is None else evict(Path(entry).parent.parent, self.max_bytes)
+        for line in lines:
+            progress(line)
+        return lines
+
     def release(self) -> None:
         for fd in self._held.values():
             locks.release(fd)
         self._held.clear()
-
-
-_PROCESS_HOLD = CacheHold()  # outside any job: held until the process exits, never evicting
-_CURRENT: contextvars.ContextVar[CacheHold | None] = contextvars.ContextVar("vjobs_cache_hold", default=None)
-
-
-def current() -> CacheHold:
-    return _CURRENT.get() or _PROCESS_HOLD
-
-
-def use(entry: Path) -> bool:
-    """Mark ``entry`` used now and hold it for the current job. False when it is gone: build it again."""
-    return current().take(Path(entry))
-
-
-def added(entry: Path, progress: Callable[[str], None] = lambda message: None) -> list[str]:
-    """After ``entry`` was built (and used): evict down to the current hold's bound, if it has one."""
-    limit = current().max_bytes
-    lines = [] if limit is None else evict(Path(entry).parent.parent, limit)
-    for line in lines:
-        progress(line)
-    return lines
 
 
 # --- eviction ------------------------------------------------------------------------------------------

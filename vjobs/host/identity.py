@@ -9,15 +9,29 @@ import shutil
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-
-from vjobs.drivers.contract import Owner
 
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 OWNER_FILE = "owner.json"
 # A folder of vjobs' in work_dir is either labelled (OWNER_FILE inside) or hidden under one of these names
 # while it is made or removed, so that a kill at any moment leaves nothing `vjobs gc` cannot judge.
 CREATING, REMOVING = ".creating", ".removing"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a VM belongs to, recorded with it so that ``vjobs gc`` removes only what a dead vjobs left."""
+
+    job_id: str
+    pid: int
+    boot_id: str
+    hostname: str
+    run_id: str  # unique per vjobs run: the VM's name ends with it
+
+    def as_labels(self) -> dict[str, str]:
+        return {"vjobs.job_id": self.job_id, "vjobs.pid": str(self.pid), "vjobs.boot_id": self.boot_id,
+                "vjobs.hostname": self.hostname, "vjobs.run_id": self.run_id}
 
 
 def boot_id() -> str:

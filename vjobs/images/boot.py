@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from vjobs.errors import ImageError
+from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
 from vjobs.images.cpio import CpioWriter
 from vjobs.images.store import ChecksumCache, build_once, sha256_file
@@ -116,8 +117,8 @@ def load_default_image(cache_dir: Path) -> ImageManifest | None:
     return manifest
 
 
-def build_default_image(cache_dir: Path, progress: Callable[[str], None] = lambda message: None,
-                        force: bool = False) -> ImageManifest:
+def build_default_image(cache_dir: Path, progress: Callable[[str], None] = lambda message: None, *,
+                        hold: CacheHold, force: bool = False) -> ImageManifest:
     folder = default_image_dir(cache_dir)
 
     def build(scratch: Path) -> ImageManifest:
@@ -125,7 +126,7 @@ def build_default_image(cache_dir: Path, progress: Callable[[str], None] = lambd
         progress(f"guest image ready: {folder}")
         return manifest
 
-    return build_once(folder, "guest image", lambda: load_default_image(cache_dir), build, force)
+    return build_once(folder, "guest image", lambda: load_default_image(cache_dir), build, hold=hold, force=force)
 
 
 def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> ImageManifest:

@@ -18,6 +18,7 @@ from typing import Callable
 from vjobs.config.site import SiteConfig
 from vjobs.drivers.contract import BootImage
 from vjobs.errors import ImageError
+from vjobs.host.cache import CacheHold
 from vjobs.images.boot import build_default_image, load_default_image
 from vjobs.images.rootfs import RootfsImage, debian, load_rootfs
 from vjobs.images.store import ChecksumCache
@@ -39,12 +40,14 @@ class ResolvedImage:
         return {**fields, **(self.rootfs.provenance() if self.rootfs else {})}
 
 
-def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) -> ResolvedImage:
-    """The catalogue's entry ``name`` (a site may override a built-in name), else a built-in image."""
+def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None], *,
+                  hold: CacheHold) -> ResolvedImage:
+    """The catalogue's entry ``name`` (a site may override a built-in name), else a built-in image. The
+    built-in images it builds or finds in the cache stay while ``hold`` (the job's) holds them."""
     entry = site.images.get(name)
     if entry is None and name in BUILT_IN:
-        return built_in_image(site.cache_dir, progress) if name == "default" else \
-            built_in_base(name, site.cache_dir, progress)
+        return built_in_image(site.cache_dir, progress, hold=hold) if name == "default" else \
+            built_in_base(name, site.cache_dir, progress, hold=hold)
     if entry is None:
         known = ", ".join(sorted({*site.images, *BUILT_IN}))
         raise ImageError(f"/image: {name!r} is not in this site's catalogue ({site.source}) nor built in; "
@@ -55,7 +58,7 @@ def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None]) 
                                              entry.initramfs_sha256),
                              entry.kernel_sha256, entry.initramfs_sha256)
     else:
-        boot = built_in_image(site.cache_dir, progress)
+        boot = built_in_image(site.cache_dir, progress, hold=hold)
     rootfs = None
     if entry.rootfs is not None:
         rootfs = load_rootfs(entry.rootfs, entry.rootfs_sha256, site.cache_dir, f"images.{name}.rootfs")
@@ -96,16 +99,17 @@ def _check_boot(name: str, entry, cache_dir: Path) -> None:
         checked.verify(f"images.{name}.{label}", path, expected)
 
 
-def built_in_base(name: str, cache_dir: Path, progress: Callable[[str], None]) -> ResolvedImage:
+def built_in_base(name: str, cache_dir: Path, progress: Callable[[str], None], *,
+                  hold: CacheHold) -> ResolvedImage:
     """A built-in root file system (built on first use) booted by the built-in boot image."""
-    manifest = debian.build(cache_dir, progress)
-    boot = built_in_image(cache_dir, progress)
+    manifest = debian.build(cache_dir, progress, hold=hold)
+    boot = built_in_image(cache_dir, progress, hold=hold)
     rootfs = load_rootfs(Path(manifest.rootfs), manifest.rootfs_sha256, cache_dir, f"built-in image {name}")
     return ResolvedImage(name, boot.boot, boot.kernel_sha256, boot.initramfs_sha256, rootfs)
 
 
-def built_in_image(cache_dir: Path, progress: Callable[[str], None]) -> ResolvedImage:
-    manifest = build_default_image(cache_dir, progress)
+def built_in_image(cache_dir: Path, progress: Callable[[str], None], *, hold: CacheHold) -> ResolvedImage:
+    manifest = build_default_image(cache_dir, progress, hold=hold)
     return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline,
                                               manifest.kernel_sha256, manifest.initramfs_sha256, builtin=True),
                          manifest.kernel_sha256, manifest.initramfs_sha256)

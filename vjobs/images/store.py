@@ -16,24 +16,25 @@ from typing import Callable, TypeVar
 
 from vjobs.errors import ImageError
 from vjobs.host import locks
-from vjobs.host.cache import added, remove_unused, use
+from vjobs.host.cache import CacheHold, remove_unused
 from vjobs.host.tools import disk_full_from
 
 Built = TypeVar("Built")
 
 
-def build_once(folder: Path, what: str, load: Callable[[], Built | None], build: Callable[[Path], Built],
-               force: bool = False) -> Built:
+def build_once(folder: Path, what: str, load: Callable[[], Built | None], build: Callable[[Path], Built], *,
+               hold: CacheHold, force: bool = False) -> Built:
     """Make-style: what ``load`` finds in ``folder`` (a name ending in its recipe's key), else ``build`` it
     into a temporary folder beside it, which ``build`` renames to ``folder``. Under a lock, so two pilots
     starting at once build once; a full disk is ``DiskFull``; builds of other recipes (siblings named like
     ``folder`` up to its last ``-``) are removed unless a job still holds them, since nothing uses them
-    again. ``folder`` is a cache entry (vjobs/host/cache.py): held for the job, evicted least recently used."""
-    if not force and (found := load()) and use(folder):
+    again. ``folder`` is a cache entry (vjobs/host/cache.py): held by ``hold`` (the job's), evicted least
+    recently used."""
+    if not force and (found := load()) and hold.use(folder):
         return found
     family = folder.name.rsplit("-", 1)[0]
     with locks.exclusive(folder.parent / f"{family}.lock"):
-        if not force and (found := load()) and use(folder):
+        if not force and (found := load()) and hold.use(folder):
             return found
         try:
             with tempfile.TemporaryDirectory(prefix=f".build-{family}-", dir=folder.parent) as scratch:
@@ -43,11 +44,11 @@ def build_once(folder: Path, what: str, load: Callable[[], Built | None], build:
             if full:
                 raise full from exc
             raise ImageError(f"cannot build the {what} in {folder.parent}: {exc}") from exc
-        use(folder)
+        hold.use(folder)
         for stale in folder.parent.glob(f"{family}-*"):
             if stale != folder and stale.is_dir():
                 remove_unused(stale)
-    added(folder)
+    hold.added(folder)
     return built
 
 

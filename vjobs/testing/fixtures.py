@@ -7,7 +7,9 @@ package runs the conformance suite with them, vjobs.testing.conformance)::
 What they give:
 
 - ``cache_dir`` (session): one cache for the session, so that the built-in image (``built_image``) and the
-  Debian base (``debian_image``, ``debian_formats``) are built once. VJOBS_TEST_CACHE keeps it across sessions.
+  Debian base (``debian_image``, ``debian_formats``) are built once, held by ``session_cache_hold`` until the
+  session ends. VJOBS_TEST_CACHE keeps it across sessions.
+- ``cache_hold``: a hold on the cache for one test, as a job has one (vjobs/host/cache.py).
 - ``make_site(**settings)``: a site config with this test's own work folder and the session's cache.
 - ``make_job(command, inputs=..., release=..., **fields)``: writes a job file, returns its path.
 - ``fake_image``: a catalogue entry of real files with their real sums, for tests that never boot it.
@@ -73,18 +75,36 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def built_image(cache_dir):
-    from vjobs.images.boot import build_default_image
+def session_cache_hold():
+    """The session's hold on its cache: the images built once for every test stay until the session ends."""
+    from vjobs.host.cache import CacheHold
 
-    return build_default_image(cache_dir)
+    with CacheHold() as hold:
+        yield hold
+
+
+@pytest.fixture
+def cache_hold():
+    """A hold on the cache for this test, as a job has one: what the test uses stays until the test ends."""
+    from vjobs.host.cache import CacheHold
+
+    with CacheHold() as hold:
+        yield hold
 
 
 @pytest.fixture(scope="session")
-def debian_image(cache_dir, built_image):
+def built_image(cache_dir, session_cache_hold):
+    from vjobs.images.boot import build_default_image
+
+    return build_default_image(cache_dir, hold=session_cache_hold)
+
+
+@pytest.fixture(scope="session")
+def debian_image(cache_dir, built_image, session_cache_hold):
     """The built-in Debian 12 base (mmdebstrap, ~20 s), built once per session."""
     from vjobs.images.rootfs import debian
 
-    return debian.build(cache_dir)
+    return debian.build(cache_dir, hold=session_cache_hold)
 
 
 @pytest.fixture(scope="session")

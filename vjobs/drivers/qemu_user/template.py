@@ -35,6 +35,7 @@ from vjobs.guest.console import ConsoleLog
 from vjobs.drivers.contract import VMSpec
 from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
 from vjobs.errors import VMError
+from vjobs.host.cache import CacheHold
 from vjobs.drivers.qemu_user import qemu
 from vjobs.images.store import build_once, sha256_file
 
@@ -109,10 +110,12 @@ def state_bytes_limit(spec: VMSpec) -> int:
 
 
 class TemplateStore:
-    """The templates in ``cache_dir/templates``; ``ensure`` makes one the first time a recipe is asked for."""
+    """The templates in ``cache_dir/templates``; ``ensure`` makes one the first time a recipe is asked for.
+    ``hold``: the job's hold on the cache (``HostContext.cache_hold``), which keeps the template it uses."""
 
-    def __init__(self, cache_dir: Path, progress=lambda message: None):
+    def __init__(self, cache_dir: Path, hold: CacheHold, progress=lambda message: None):
         self.folder = cache_dir / "templates"
+        self.hold = hold
         self.progress = progress
 
     def ensure(self, recipe: Recipe, make_vm) -> Path:
@@ -152,7 +155,7 @@ class TemplateStore:
 
         try:
             # A template whose restore failed before is made anew, not trusted again.
-            return build_once(folder, "VM template", load, build, force=failed_before == "restore")
+            return build_once(folder, "VM template", load, build, hold=self.hold, force=failed_before == "restore")
         except VMError as error:  # QEMU's or the template guest's failure; a site's setting (DriverError)
             self.remember_failure(recipe, f"making it failed: {error}", stage="make")  # would fail a cold
             raise  # boot the same way, and a full disk passes: neither says anything about templates

@@ -20,7 +20,7 @@ from typing import Callable
 from vjobs.drivers.contract import Disk
 from vjobs.errors import ImageError
 from vjobs.host import locks
-from vjobs.host.cache import added, use
+from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
 from vjobs.images.rootfs.inspect import RootfsInfo, inspect_rootfs
 from vjobs.images.store import ChecksumCache
@@ -71,23 +71,24 @@ def _write_inspection(record: Path, info: RootfsInfo) -> None:
 
 
 def disk_for(rootfs: RootfsImage, formats: tuple[str, ...], cache_dir: Path,
-             progress: Callable[[str], None]) -> Disk:
+             progress: Callable[[str], None], *, hold: CacheHold) -> Disk:
     """The read-only disk that carries ``rootfs`` to a driver that attaches ``formats``. Its ``cache_key``
-    (the image's sha256) lets a driver that copies disks (xen) upload it once per pool."""
+    (the image's sha256) lets a driver that copies disks (xen) upload it once per pool. A raw copy is a
+    cache entry that ``hold`` (the job's) keeps."""
     container = rootfs.info.container
     if container in formats:
         return Disk("rootfs", rootfs.path, container, readonly=True, cache_key=rootfs.sha256)
     if "raw" not in formats:
         raise ImageError(f"the driver attaches only {', '.join(formats)} disks, and vjobs can only make raw "
                          f"copies of the base image {rootfs.path} ({container}); use another driver")
-    return Disk("rootfs", _raw_copy(rootfs, Path(cache_dir) / "rootfs", progress), "raw", readonly=True,
+    return Disk("rootfs", _raw_copy(rootfs, Path(cache_dir) / "rootfs", progress, hold), "raw", readonly=True,
                 cache_key=rootfs.sha256)
 
 
-def _raw_copy(rootfs: RootfsImage, folder: Path, progress: Callable[[str], None]) -> Path:
+def _raw_copy(rootfs: RootfsImage, folder: Path, progress: Callable[[str], None], hold: CacheHold) -> Path:
     target = folder / f"{rootfs.sha256}.raw"
     with locks.exclusive(folder / f"{rootfs.sha256}.lock"):
-        if target.exists() and use(target):
+        if target.exists() and hold.use(target):
             return target
         progress(f"converting the {rootfs.info.container} base image {rootfs.path} to raw, once")
         partial = folder / f"{rootfs.sha256}.{os.getpid()}.partial"
@@ -98,6 +99,6 @@ def _raw_copy(rootfs: RootfsImage, folder: Path, progress: Callable[[str], None]
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
-        use(target)
-    added(target, progress)
+        hold.use(target)
+    hold.added(target, progress)
     return target

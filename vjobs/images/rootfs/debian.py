@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from vjobs.errors import ImageError
+from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
 from vjobs.images.store import ChecksumCache, build_once, sha256_file
 
@@ -71,11 +72,11 @@ def load(cache_dir: Path) -> BaseManifest | None:
     return manifest
 
 
-def build(cache_dir: Path, progress: Callable[[str], None] = lambda message: None,
+def build(cache_dir: Path, progress: Callable[[str], None] = lambda message: None, *, hold: CacheHold,
           force: bool = False) -> BaseManifest:
     folder = image_dir(cache_dir)
     return build_once(folder, f"{NAME} image", lambda: load(cache_dir),
-                      lambda scratch: _build(scratch, folder, progress), force)
+                      lambda scratch: _build(scratch, folder, progress), hold=hold, force=force)
 
 
 def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> BaseManifest:

@@ -14,6 +14,7 @@ from typing import Callable
 
 from vjobs.guest.console import ConsoleLog
 from vjobs.drivers.contract import BootImage, Disk, HostContext, Owner, Stop, VMSpec
+from vjobs.host.cache import CacheHold
 from vjobs.host.identity import boot_id
 from vjobs.drivers.registry import load_driver
 from vjobs.config.site import SiteConfig
@@ -64,7 +65,8 @@ class GuestRunner:
     def _run(self) -> None:
         workdir = self.spec.workdir
         host = HostContext(cache_dir=workdir / "cache", work_dir=workdir, boot_id=boot_id(),
-                           default_boot_image=_no_default_image)
+                           default_boot_image=_no_default_image,
+                           cache_hold=CacheHold())  # holds nothing: a PV kernel of its own makes no template
         try:
             vm = load_driver("qemu_user", SiteConfig(), host).create(self.spec)
             vm.start()
