@@ -16,17 +16,17 @@ not raise those: it returns a ``Result`` whose ``status`` and ``error`` say what
 """
 
 from vjobs._version import __version__
-from vjobs.api import execute, host_context, probe, run, validate  # noqa: E402
-from vjobs.config.exec_request import ExecRequest  # noqa: E402
-from vjobs.events import Event  # noqa: E402
-from vjobs.drivers.contract import Capabilities, Driver, VM  # noqa: E402
-from vjobs.errors import (Cancelled, DriverError, DriverNotFound, ImageError, InvalidJob, InvalidSite,
-                          LimitExceeded, NoUsableDriver, SetupError, VjobsError, VMError, WalltimeExceeded)
-from vjobs.config.job import Job, load_job  # noqa: E402
-from vjobs.result import Result  # noqa: E402
-from vjobs.config.site import SiteConfig, load_site  # noqa: E402
+from vjobs.api import execute, host_context, probe, run, validate
+from vjobs.config.exec_request import ExecRequest
+from vjobs.config.job import Job, load_job
+from vjobs.config.site import SiteConfig, load_site
+from vjobs.drivers.contract import VM, Capabilities, Driver
+from vjobs.errors import (Cancelled, DriverError, DriverNotFound, ImageError, InvalidJob, InvalidSite, LimitExceeded,
+                          NoUsableDriver, SetupError, VjobsError, VMError, WalltimeExceeded)
+from vjobs.events import Event
+from vjobs.result import Result
 
-__all__ = ["run", "execute", "probe", "validate", "host_context", "ExecRequest", "Event", "load_job", "load_site", "Job", "SiteConfig", "Result",
-           "Capabilities", "Driver", "VM", "VjobsError", "SetupError", "InvalidJob", "InvalidSite",
-           "LimitExceeded", "ImageError", "DriverError", "DriverNotFound", "NoUsableDriver", "VMError",
-           "WalltimeExceeded", "Cancelled", "__version__"]
+__all__ = ["run", "execute", "probe", "validate", "host_context", "load_job", "load_site", "__version__",
+           "Job", "SiteConfig", "ExecRequest", "Result", "Event", "Capabilities", "Driver", "VM",
+           "VjobsError", "SetupError", "InvalidJob", "InvalidSite", "LimitExceeded", "ImageError", "DriverError",
+           "DriverNotFound", "NoUsableDriver", "VMError", "WalltimeExceeded", "Cancelled"]

@@ -25,10 +25,9 @@ from typing import Callable
 from vjobs import api
 from vjobs._version import __version__
 from vjobs.cli import exec_command as runtime
-from vjobs.host.cache import CacheHold
-from vjobs.errors import InternalError, VjobsError, internal_error
 from vjobs.drivers.registry import installed_drivers
-
+from vjobs.errors import InternalError, VjobsError, internal_error
+from vjobs.host.cache import CacheHold
 
 
 def _progress(quiet: bool) -> Callable[[str], None]:
@@ -127,8 +126,8 @@ def _image_build(args, site, progress, hold: CacheHold) -> int:
 
 
 def cmd_image_inspect(args) -> int:
-    from vjobs.images.store import sha256_file
     from vjobs.images.rootfs.inspect import inspect_rootfs
+    from vjobs.images.store import sha256_file
 
     path = Path(args.file).resolve()
     info = inspect_rootfs(path, str(path))

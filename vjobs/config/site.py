@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vjobs.config import schemas
-from vjobs.errors import InvalidSite, LimitExceeded
 from vjobs.config.job import Job
+from vjobs.errors import InvalidSite, LimitExceeded
 from vjobs.staging import StagingSettings
 
 SYSTEM_SITE_FILE = Path("/etc/vjobs/site.toml")

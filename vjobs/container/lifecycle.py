@@ -33,30 +33,29 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from vjobs import staging
 from vjobs._version import __version__
-from vjobs.guest.collect import GuestResults, read_results
-from vjobs.host.admission import admitted
-from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
-from vjobs.host.allocation import current as current_allocation
+from vjobs.config.job import Job
+from vjobs.config.site import SiteConfig
+from vjobs.drivers.contract import VM, Driver, HostContext, Stop, VMSpec, deadline_in
+from vjobs.drivers.registry import choose_driver
+from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError, VMError,
+                          WalltimeExceeded, internal_error)
 from vjobs.guest.binds import check_folders as check_bind_folders
 from vjobs.guest.binds import merge_back
 from vjobs.guest.binds import snapshot as snapshot_bind
-from vjobs.guest.disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
+from vjobs.guest.collect import GuestResults, read_results
 from vjobs.guest.console import ConsoleLog
+from vjobs.guest.disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
 from vjobs.guest.protocol import AGENT_ERRORS, AGENT_UP_MARKER, OUTPUT_TOO_LARGE, PAYLOAD_MARKER
-from vjobs.drivers.contract import (VM, Driver, HostContext, Stop, VMSpec,
-                                    deadline_in)
-from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError,
-                          VMError, WalltimeExceeded, internal_error)
+from vjobs.host.admission import admitted
+from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
+from vjobs.host.allocation import current as current_allocation
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
 from vjobs.host.tools import disk_full_from
 from vjobs.images.catalogue import ResolvedImage, resolve_image
-from vjobs.config.job import Job
-from vjobs.drivers.registry import choose_driver
-from vjobs.result import RESULT_NAME, Result, conclude, utc_now
 from vjobs.images.rootfs import disk_for as rootfs_disk_for
-from vjobs.config.site import SiteConfig
-from vjobs import staging
+from vjobs.result import RESULT_NAME, Result, conclude, utc_now
 from vjobs.staging.locations import check as check_url
 
 CONSOLE_TAIL_BYTES = 2000

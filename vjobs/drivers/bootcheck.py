@@ -15,11 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from vjobs.drivers.contract import VM, Check, HostContext, Stop, VMSpec, deadline_in
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import PROBE_MARKER
-from vjobs.drivers.contract import VM, Check, HostContext, Stop, VMSpec, deadline_in
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
-
 
 
 def boot_check(host: HostContext, key: str, create_vm: Callable[[VMSpec], VM], deadline_s: float) -> Check:

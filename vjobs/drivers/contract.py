@@ -97,7 +97,6 @@ from vjobs.host.cache import CacheHold
 from vjobs.host.identity import Owner  # a VMSpec's; drivers import it from here
 
 
-
 @dataclass(frozen=True)
 class Disk:
     role: str  # "io" (job in, results out), "scratch" (working directory), "release", "rootfs" (base image)

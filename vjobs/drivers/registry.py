@@ -13,9 +13,9 @@ from typing import Iterator
 from stevedore import DriverManager, ExtensionManager
 from stevedore.exception import NoMatches
 
+from vjobs.config.site import DEFAULT_PREFERENCE, SiteConfig
 from vjobs.drivers.contract import Capabilities, Check, Driver, HostContext
 from vjobs.errors import DriverNotFound, NoUsableDriver
-from vjobs.config.site import DEFAULT_PREFERENCE, SiteConfig
 
 NAMESPACE = "vjobs.drivers"
 

@@ -24,9 +24,9 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from vjobs.errors import LimitExceeded
 from vjobs.config.job import Job
 from vjobs.config.site import SiteConfig
+from vjobs.errors import LimitExceeded
 
 MAX_BIND_ENTRIES = 1_000_000
 CHUNK = 1 << 20

@@ -28,8 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.errors import VMError
+from vjobs.guest.protocol import IO_DISK_MAGIC
 
 MAX_MEMBERS = 100_000
 MAX_STATUS_BYTES = 64 * 1024

@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from vjobs.guest.binds import copy_for_guest, link_or_copy
+from vjobs.config.job import Job
+from vjobs.drivers.contract import Disk
+from vjobs.errors import LimitExceeded, SetupError
 from vjobs.events import Events
+from vjobs.guest.binds import copy_for_guest, link_or_copy
 from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.host import locks
 from vjobs.host.cache import CacheHold
 from vjobs.host.tools import disk_full_from, run_tool
-from vjobs.drivers.contract import Disk
-from vjobs.errors import LimitExceeded, SetupError
 from vjobs.images.store import sha256_file
-from vjobs.config.job import Job
 
 if TYPE_CHECKING:
     from vjobs.images.rootfs.inspect import RootfsInfo

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from vjobs.config.site import HostBudget, SiteConfig
 from vjobs.errors import AdmissionRefused
 from vjobs.host import locks
 from vjobs.result import utc_now
-from vjobs.config.site import HostBudget, SiteConfig
 
 FOLDER = "admission"
 LOCK_NAME = ".lock"

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:
-    from vjobs.host.admission import Scope
     from vjobs.config.site import SiteConfig
+    from vjobs.host.admission import Scope
 
 #: Host memory a VM costs beyond its own RAM (QEMU, its page tables, I/O buffers): a VM of M MiB needs an
 #: allocation of at least M + this. Measured under TCG: 60-90 MiB of RSS beyond the guest's RAM.

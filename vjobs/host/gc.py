@@ -19,14 +19,13 @@ import tempfile
 import threading
 from pathlib import Path
 
+from vjobs.config.site import SiteConfig
+from vjobs.drivers.contract import HostContext
+from vjobs.drivers.registry import installed_drivers, load_driver
+from vjobs.errors import VjobsError
 from vjobs.host import cache
 from vjobs.host.admission import gc_stale_shares
-from vjobs.drivers.contract import HostContext
-from vjobs.errors import VjobsError
 from vjobs.host.identity import abandoned_folder, owner_is_gone
-from vjobs.drivers.registry import installed_drivers, load_driver
-from vjobs.config.site import SiteConfig
-
 
 DRIVER_GC_S = 60.0  # the most one driver's gc may take (it talks to libvirtd, XAPI): others must still run
 

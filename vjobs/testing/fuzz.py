@@ -26,8 +26,8 @@ from typing import Callable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vjobs.guest.collect import read_results
 from vjobs.errors import VjobsError
+from vjobs.guest.collect import read_results
 
 TEXT = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
     ["", "\0", "a\0b", "/", "..", "../../etc", "x" * 5000, "/" + "y" * 300, "ü", "*", "-1", "1e999", "NaN"])

@@ -27,10 +27,10 @@ import libvirt
 from vjobs.drivers.bootcheck import boot_check
 from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
                                     destroyed_on_failure, first_failure)
-from vjobs.errors import VjobsError, VMError
 from vjobs.drivers.kvm import connection
 from vjobs.drivers.kvm.connection import libvirt_errors
 from vjobs.drivers.kvm.domain import NAMESPACE_URI, DomainSettings, domain_xml, parse_owner
+from vjobs.errors import VjobsError, VMError
 
 # How long the deep probe waits for the built-in guest: a healthy KVM host boots it in well under a second;
 # TCG through libvirt took about 4-5 s here (kernel decompression and boot, plus libvirt's start and stop).

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from vjobs.drivers.qemu_user.confine import Confinement, preexec, wrap
 from vjobs.drivers.contract import Disk
+from vjobs.drivers.qemu_user.confine import Confinement, preexec, wrap
 
 DEFAULT_BINARY = "qemu-system-x86_64"
 

@@ -31,12 +31,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vjobs.guest.console import ConsoleLog
 from vjobs.drivers.contract import VMSpec
-from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
-from vjobs.errors import VMError
-from vjobs.host.cache import CacheHold
 from vjobs.drivers.qemu_user import qemu
+from vjobs.errors import VMError
+from vjobs.guest.console import ConsoleLog
+from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
+from vjobs.host.cache import CacheHold
 from vjobs.images.store import build_once, sha256_file
 
 FORMAT = 2  # of the saved state, its stand-ins and its manifest; a change makes every template anew

@@ -18,10 +18,10 @@ from typing import Callable, Mapping
 
 from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
                                     destroyed_on_failure, first_failure)
-from vjobs.events import Events
-from vjobs.errors import VMError
-from vjobs.host import locks
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
+from vjobs.errors import VMError
+from vjobs.events import Events
+from vjobs.host import locks
 
 MIB = 1 << 20
 TAG = "vjobs"

@@ -20,8 +20,8 @@ from typing import Any, Iterator, Mapping
 
 import XenAPI
 
-from vjobs.errors import DriverError, VjobsError, VMError
 from vjobs.drivers.xen import vhd
+from vjobs.errors import DriverError, VjobsError, VMError
 
 LOCAL_SOCKET = "/var/lib/xcp/xapi"
 CHUNK = 1 << 20

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from vjobs.testing.servers.netns import LoopbackNetns
-
 from vjobs.testing.servers.processes import end_processes
 
 XROOTD_USER = "xrootd"

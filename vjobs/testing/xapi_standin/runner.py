@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vjobs.guest.console import ConsoleLog
+from vjobs.config.site import SiteConfig
 from vjobs.drivers.contract import BootImage, Disk, HostContext, Owner, Stop, VMSpec
+from vjobs.drivers.registry import load_driver
+from vjobs.guest.console import ConsoleLog
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import boot_id
-from vjobs.drivers.registry import load_driver
-from vjobs.config.site import SiteConfig
 
 START_TIMEOUT_S = 60.0
 # The stand-in plays dom0, whose console daemon streams everything; bounding what vjobs keeps is the xen
