@@ -78,3 +78,20 @@ def test_the_wording_of_a_full_disk_is_one():
         "no space left on the host's file system at /cache while building the x (said): free space under "
         "work_dir and cache_dir (or point them elsewhere in the site config) and try again")
     assert os.strerror(errno.ENOSPC) == NO_SPACE  # the text the tools print
+
+
+def test_a_system_tool_is_found_and_its_helpers_too_whatever_the_path(monkeypatch):
+    """An ordinary account's login PATH on Debian has no /usr/sbin, where mke2fs lives."""
+    assert os.path.exists("/usr/sbin/mke2fs") or os.path.exists("/sbin/mke2fs")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert shutil.which("mke2fs") is None
+    run_tool(["mke2fs", "-V"], "asking mke2fs its version")  # found: it would raise "not installed"
+    said = run_tool(["sh", "-c", "mke2fs -V 2>&1"], "asking mke2fs its version")  # a helper the tool runs
+    assert said.startswith("mke2fs ")
+    said = run_tool(["sh", "-c", "mke2fs -V 2>&1"], "asking mke2fs its version", env={"PATH": "/usr/bin:/bin"})
+    assert said.startswith("mke2fs ")
+
+
+def test_a_tool_that_is_nowhere_is_said_to_be_missing(monkeypatch):
+    with pytest.raises(SetupError, match="no-such-tool-vjobs is not installed; install it"):
+        run_tool(["no-such-tool-vjobs"], "running it", install="install it")

@@ -317,6 +317,27 @@ def test_random_bytes_are_refused(tmp_path):
     refused(noise, "holds no file system vjobs recognises", "give a squashfs, erofs or ext4 image")
 
 
+def _header_cut_short(magic_at: int, magic: bytes, size: int) -> bytes:
+    data = bytearray(size)
+    data[magic_at:magic_at + len(magic)] = magic
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("erofs", _header_cut_short(1024, struct.pack("<I", 0xE0F5E1E2), 1050)),
+    ("gpt", _header_cut_short(512, b"EFI PART", 1040)),
+    ("mbr", _header_cut_short(510, b"\x55\xaa", 1024)),
+])
+def test_a_header_cut_short_is_refused_with_a_reason(tmp_path, name, data):
+    """The magic of a file system or a partition table, and the file ends before the fields after it."""
+    image = tmp_path / f"{name}.img"
+    image.write_bytes(data)
+    with pytest.raises(ImageError) as refusal:
+        inspect_rootfs(image)
+    message = str(refusal.value)
+    assert str(image) in message and ("truncated" in message or "no file system" in message), message
+
+
 def test_too_small_file_is_refused(tmp_path):
     small = tmp_path / "small.img"
     small.write_bytes(b"hsqs" + bytes(96))

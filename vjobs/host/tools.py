@@ -11,6 +11,10 @@ and a full disk recognised one way.
 - any other failure, or a tool that ran past its ``timeout``: the caller's error class, naming the tool, its
   exit status and the last lines it wrote.
 
+A tool is found, and runs with a ``PATH``, that holds the system folders where Debian and EL keep tools such
+as mke2fs (``/usr/sbin``, ``/sbin``), after the caller's own: an ordinary account's login ``PATH`` on Debian
+has none of them, and vjobs must work for such an account as it is.
+
 ``disk_full_from`` recognises ENOSPC in an exception raised anywhere else: writing a file, copying a tree.
 """
 
@@ -26,6 +30,7 @@ from typing import Callable, Mapping, Sequence
 from vjobs.errors import DiskFull, SetupError, VjobsError
 
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as the tools print it
+SYSTEM_TOOL_FOLDERS = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not on an ordinary Debian account's PATH
 TAIL_LINES = 5  # of the tool's output, in the message of its failure
 TAIL_CHARS = 600
 
@@ -43,7 +48,10 @@ def run_tool(argv: Sequence[str | os.PathLike], what: str, *, error: type[VjobsE
     ``where``: the folder the tool writes to, named when it fills up (``cwd`` by default);
     ``each_line``: given, it gets each line of the tool's stderr as the tool writes it (progress), and
     stdout is discarded; ``timeout`` then does not apply. Raises ``DiskFull`` on ENOSPC (see above)."""
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = tool_path(env.get("PATH"))  # for the tool, and for the helpers it runs in turn
     command = [*wrapper, *map(str, argv)]
+    command[0] = shutil.which(command[0], path=env["PATH"]) or command[0]
     tool = Path(str(argv[0])).name
     try:
         if each_line is None:
@@ -71,6 +79,13 @@ def run_tool(argv: Sequence[str | os.PathLike], what: str, *, error: type[VjobsE
     advice = f"; {hint}" if hint else ""
     raise error(f"{what}: {tool} failed with exit status {status}: {_tail(said) or 'it said nothing'}{advice}",
                 code=code)
+
+
+def tool_path(path: str | None = None) -> str:
+    """``path`` (default: this process's ``PATH``), then the system tool folders it lacks."""
+    folders = [folder for folder in (path if path is not None else os.environ.get("PATH", os.defpath)).split(os.pathsep)
+               if folder]
+    return os.pathsep.join(folders + [folder for folder in SYSTEM_TOOL_FOLDERS if folder not in folders])
 
 
 def disk_full_from(error: BaseException, *, doing: str = "", where: Path | None = None) -> DiskFull | None:

@@ -114,7 +114,9 @@ def _mmdebstrap(tree: Path, progress: Callable[[str], None]) -> None:
 
     run_tool(argv, f"installing {SUITE} into the {NAME} image", error=ImageError, where=tree.parent,
              env=_reproducible(), each_line=each_line, install="apt-get install mmdebstrap (scripts/install.sh does)",
-             hint="check the host's apt sources (apt-get update as root)")
+             hint="check the host's apt sources (apt-get update as root); without root, mmdebstrap needs "
+                  "newuidmap (the uidmap package) and subordinate ids in /etc/subuid, or the administrator "
+                  f"builds the image once for every account: vjobs image build {NAME}")
 
 
 def _packages(tree: Path) -> list[str]:

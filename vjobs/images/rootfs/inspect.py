@@ -66,9 +66,13 @@ def inspect_rootfs(path: Path, label: str = "rootfs") -> RootfsInfo:
     _check_regular_file(path, label)
     with open(path, "rb") as handle:
         magic = handle.read(4)
-    if magic == b"QFI\xfb":
-        return _inspect_disk(_Qcow2Source(path, label, _qcow2_info(path, label)), label)
-    return _inspect_disk(_RawSource(path), label)
+    try:
+        if magic == b"QFI\xfb":
+            return _inspect_disk(_Qcow2Source(path, label, _qcow2_info(path, label)), label)
+        return _inspect_disk(_RawSource(path), label)
+    except struct.error as exc:  # a header whose magic is there and whose fields are not: the file ends first
+        raise ImageError(f"{label}: {path} ends ({path.stat().st_size} bytes) inside the header its first bytes "
+                         "announce: it is truncated, or not an image; rebuild it") from exc
 
 
 def _check_regular_file(path: Path, label: str) -> None:
