@@ -395,6 +395,23 @@ def test_cached_inspection_does_not_pass_a_changed_file(tmp_path):
         load_rootfs(image, digest, cache, "images.base.rootfs")
 
 
+def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_hashed_again(tmp_path):
+    """Same inode, same size, the mtime restored with utime: only the change time tells, and it does."""
+    image, cache = squashfs(tmp_path), tmp_path / "cache"
+    digest = file_sha256(image)
+    load_rootfs(image, digest, cache, "images.base.rootfs")
+    before = image.stat()
+    data = bytearray(image.read_bytes())
+    data[-1] ^= 0xFF  # the last byte: still a squashfs by its header, other content
+    with open(image, "r+b") as handle:
+        handle.write(bytes(data))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = image.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    with pytest.raises(ImageError, match=f"catalogue says {digest}"):
+        load_rootfs(image, digest, cache, "images.base.rootfs")
+
+
 # --- disk_for: what a driver attaches -------------------------------------------------------------------
 
 def test_disk_for_a_raw_rootfs_is_the_file_itself(tmp_path, cache_hold):
