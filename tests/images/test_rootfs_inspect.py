@@ -412,6 +412,22 @@ def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_hashed_again(tmp_p
         load_rootfs(image, digest, cache, "images.base.rootfs")
 
 
+def test_a_refusal_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    noise, cache = tmp_path / "noise.img", tmp_path / "cache"
+    noise.write_bytes(random.Random(3).randbytes(MiB))
+    with pytest.raises(ImageError, match="no file system vjobs recognises"):
+        load_rootfs(noise, "0" * 64, cache, "images.base.rootfs")
+    inspections = []
+    monkeypatch.setattr(vjobs.images.rootfs, "inspect_rootfs", lambda *args: inspections.append(args))
+    with pytest.raises(ImageError, match="no file system vjobs recognises.*refused before"):
+        load_rootfs(noise, "0" * 64, cache, "images.base.rootfs")
+    assert inspections == []  # the second job paid nothing for it
+    monkeypatch.undo()
+    image = squashfs(tmp_path)
+    shutil.copyfile(image, noise)  # the admins replaced it in place: inspected again, and now it passes
+    assert load_rootfs(noise, file_sha256(noise), cache, "images.base.rootfs").info.filesystem == "squashfs"
+
+
 # --- disk_for: what a driver attaches -------------------------------------------------------------------
 
 def test_disk_for_a_raw_rootfs_is_the_file_itself(tmp_path, cache_hold):

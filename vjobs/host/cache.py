@@ -16,6 +16,7 @@ templates/FAMILY-KEY/                       a pre-booted guest, saved (drivers/q
                                             build lock templates/FAMILY.lock)
 templates/FAMILY.failed                     its last template failure: jobs boot cold for an hour       no
 rootfs/SHA.vN.json, checksums.json          a base image's inspection record; sha256 sums by inode      no
+rootfs/refused.json                         the inspections that refused a file, by its stamp           no
 probes/*.json                               deep-probe verdicts (vjobs/drivers/bootcheck.py) and remembered     no
                                             answers of programs (vjobs/drivers/probecache.py)
 xen/shared-KEY.lock                         the xen driver's upload locks                               no

@@ -60,6 +60,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_stamp(info: os.stat_result) -> str:
+    """What a file is, as the kernel sees it, for remembering what was learnt from its bytes: its device, inode,
+    size, mtime and ctime (see ``ChecksumCache``)."""
+    return f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
+
+
 class ChecksumCache:
     """Remembers a file's sha256 by (device, inode, size, mtime, ctime) so a large file is hashed once, not per
     job. The change time is what makes the stamp trustworthy: anyone who may write the file can put its mtime
@@ -80,7 +86,7 @@ class ChecksumCache:
             raise ImageError(f"{label}: cannot read {path}: {exc.strerror}") from exc
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block the hash for ever
             raise ImageError(f"{label}: {path} is not a regular file; give the path of an image file")
-        stamp = f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
+        stamp = file_stamp(info)
         actual = self.known.get(str(path), {}).get(stamp) or sha256_file(path)
         if actual != expected:
             raise ImageError(f"{label}: {path} has sha256 {actual}, the catalogue says {expected}; "

@@ -5,7 +5,7 @@
 
 On the way to a job (``load_rootfs``): the file's sha256 is checked against the catalogue (hashed once per
 inode, size and mtime), then its inspection is read from a cache keyed by that sha256, so a job pays for
-neither after the first. A driver that cannot attach the image's container format (xen takes raw only)
+neither after the first; a refusal is remembered too, for the file as it is (``file_stamp``). A driver that cannot attach the image's container format (xen takes raw only)
 gets a raw copy made once per image (``disk_for``), a cache entry (vjobs/host/cache.py) like a release image.
 """
 
@@ -23,7 +23,7 @@ from vjobs.host import locks
 from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
 from vjobs.images.rootfs.inspect import RootfsInfo, inspect_rootfs
-from vjobs.images.store import ChecksumCache
+from vjobs.images.store import ChecksumCache, file_stamp
 
 INSPECTION_VERSION = 1  # bump when inspect.py learns something that changes its verdicts
 
@@ -46,11 +46,46 @@ def load_rootfs(path: Path, sha256: str, cache_dir: Path, label: str) -> RootfsI
     record = Path(cache_dir) / "rootfs" / f"{sha256}.v{INSPECTION_VERSION}.json"
     info = _read_inspection(record)
     if info is None:
-        info = inspect_rootfs(path, label)
+        info = _inspected(path, label, Path(cache_dir) / "rootfs" / "refused.json")
     ChecksumCache(Path(cache_dir) / "checksums.json").verify(label, path, sha256)
     if not record.exists():
         _write_inspection(record, info)
     return RootfsImage(path, sha256, info)
+
+
+def _inspected(path: Path, label: str, refusals: Path) -> RootfsInfo:
+    """``inspect_rootfs``, its refusal remembered for the file as it is (``file_stamp``): a file that took
+    minutes to refuse (a qcow2 of 65,536 bogus snapshots) is refused at once for the next job, until it changes."""
+    try:
+        stamp = file_stamp(path.stat())
+    except OSError:
+        stamp = None  # it is not there: the inspection says so, and there is nothing to remember
+    known = _read_json(refusals)
+    if stamp and known.get(str(path), {}).get("stamp") == stamp:
+        raise ImageError(f"{known[str(path)]['message']} (refused before, and the file has not changed since)")
+    try:
+        return inspect_rootfs(path, label)
+    except ImageError as refusal:
+        if stamp:
+            _write_json(refusals, {**known, str(path): {"stamp": stamp, "message": str(refusal)}})
+        raise
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, document: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(document))
+        os.replace(partial, path)
+    except OSError:
+        pass  # only a cache: the next job inspects again
 
 
 def _read_inspection(record: Path) -> RootfsInfo | None:
@@ -61,13 +96,7 @@ def _read_inspection(record: Path) -> RootfsInfo | None:
 
 
 def _write_inspection(record: Path, info: RootfsInfo) -> None:
-    try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        partial = record.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(info.to_json()))
-        os.replace(partial, record)
-    except OSError:
-        pass  # only a cache: the next job inspects again
+    _write_json(record, info.to_json())
 
 
 def disk_for(rootfs: RootfsImage, formats: tuple[str, ...], cache_dir: Path,
