@@ -252,6 +252,13 @@ def test_encrypted_qcow2_is_refused(tmp_path, encryption):
     refused(image, "encrypted qcow2", "convert it once to a self-contained raw file")
 
 
+def test_a_qcow2_gets_one_budget_for_all_its_qemu_img_calls(tmp_path):
+    image = qcow2_of(disk(tmp_path / "gpt.raw", "gpt", [None, ext4(tmp_path)]))
+    assert inspect_rootfs(image).partition == 2  # within the default budget: several calls, each bounded
+    with pytest.raises(ImageError, match=r"took more than 0 s in all; convert it once to a raw file"):
+        inspect_rootfs(image, budget_s=0)
+
+
 def test_qcow2_that_qemu_img_cannot_open_is_refused(tmp_path):
     image = qcow2_of(squashfs(tmp_path))
     patch(image, 4, ">I", 99)  # qcow2 version 99

@@ -18,6 +18,7 @@ import os
 import stat
 import struct
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ HEAD_BYTES = 65536  # the guest agent recognises its disks by the sha256 of this
 SECTOR = 512
 MAX_GPT_ENTRIES = 128
 QEMU_IMG_LIMITS = ["prlimit", "--as=2147483648", "--cpu=30", "--nofile=64", "--core=0"]
-QEMU_IMG_TIMEOUT_S = 60
+QEMU_IMG_TIMEOUT_S = 60  # one qemu-img call
+INSPECTION_BUDGET_S = 120.0  # all of them for one image: a qcow2 can make each call slow and ask for many
 
 # What the guest kernel (Debian's 6.1 cloud kernel) can read: its squashfs has no LZMA (the old format 2,
 # not xz), its erofs only LZ4.
@@ -61,14 +63,16 @@ class RootfsInfo:
         return asdict(self)
 
 
-def inspect_rootfs(path: Path, label: str = "rootfs") -> RootfsInfo:
-    """Check ``path`` and say what it holds; raise ImageError naming ``label`` and what to do otherwise."""
+def inspect_rootfs(path: Path, label: str = "rootfs", *, budget_s: float = INSPECTION_BUDGET_S) -> RootfsInfo:
+    """Check ``path`` and say what it holds; raise ImageError naming ``label`` and what to do otherwise.
+    ``budget_s``: the time all of a qcow2's ``qemu-img`` calls may take together, each bounded on its own too."""
     _check_regular_file(path, label)
     with open(path, "rb") as handle:
         magic = handle.read(4)
     try:
         if magic == b"QFI\xfb":
-            return _inspect_disk(_Qcow2Source(path, label, _qcow2_info(path, label)), label)
+            budget = _Budget(budget_s)
+            return _inspect_disk(_Qcow2Source(path, label, _qcow2_info(path, label, budget), budget), label)
         return _inspect_disk(_RawSource(path), label)
     except struct.error as exc:  # a header whose magic is there and whose fields are not: the file ends first
         raise ImageError(f"{label}: {path} ends ({path.stat().st_size} bytes) inside the header its first bytes "
@@ -113,8 +117,8 @@ class _Qcow2Source:
 
     container = "qcow2"
 
-    def __init__(self, path: Path, label: str, info: dict):
-        self.path, self.label = path, label
+    def __init__(self, path: Path, label: str, info: dict, budget: _Budget):
+        self.path, self.label, self.budget = path, label, budget
         self.size = int(info["virtual-size"])
 
     def read(self, offset: int, length: int) -> bytes:
@@ -125,14 +129,14 @@ class _Qcow2Source:
             # qemu-img dd (7.2) stops at block `count` counted from block 0, not from `skip` as GNU dd does:
             # a block count read short or nothing past the head, and no partition of a qcow2 was found.
             _qemu_img(["dd", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}", f"skip={first}", f"count={end}",
-                       f"if={self.path}", f"of={out}"], self.label, self.path)
+                       f"if={self.path}", f"of={out}"], self.label, self.path, self.budget)
             data = out.read_bytes()
         start = offset - first * SECTOR
         return data[start:start + length]
 
 
-def _qcow2_info(path: Path, label: str) -> dict:
-    answer = _qemu_img(["info", "--output=json", "-f", "qcow2", str(path)], label, path)
+def _qcow2_info(path: Path, label: str, budget: _Budget) -> dict:
+    answer = _qemu_img(["info", "--output=json", "-f", "qcow2", str(path)], label, path, budget)
     try:
         info = json.loads(answer)
     except ValueError as exc:
@@ -154,9 +158,23 @@ def _qcow2_info(path: Path, label: str) -> dict:
     return info
 
 
-def _qemu_img(arguments: list[str], label: str, path: Path) -> str:
+class _Budget:
+    """The time left for one image's qemu-img calls."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.deadline = seconds, time.monotonic() + seconds
+
+    def left(self, label: str, path: Path) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise ImageError(f"{label}: reading the qcow2 {path} took more than {self.seconds:g} s in all; convert it "
+                             f"once to a raw file (qemu-img convert -f qcow2 -O raw) or give a squashfs")
+        return remaining
+
+
+def _qemu_img(arguments: list[str], label: str, path: Path, budget: _Budget) -> str:
     return run_tool(["qemu-img", *arguments], f"{label}: reading the qcow2 {path}", error=ImageError,
-                    wrapper=QEMU_IMG_LIMITS, timeout=QEMU_IMG_TIMEOUT_S,
+                    wrapper=QEMU_IMG_LIMITS, timeout=min(QEMU_IMG_TIMEOUT_S, budget.left(label, path)),
                     install="install qemu-utils and util-linux (prlimit)")
 
 
