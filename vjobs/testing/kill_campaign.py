@@ -45,7 +45,6 @@ import argparse
 import collections
 import contextlib
 import ctypes
-import fcntl
 import json
 import os
 import random
@@ -65,6 +64,7 @@ from typing import Iterable
 
 from vjobs.drivers.kvm.domain import NAMESPACE_URI as OWNER_NS
 from vjobs.events import check_targets
+from vjobs.host import locks
 from vjobs.testing.event_pipe import EXIT, STARTUP, Timeline
 from vjobs.testing.processes import descendants, process_table
 from vjobs.testing.sites import LIBVIRT_URI, StandinProcess, libvirt_settings, seed_cache, vjobs_command, write_site
@@ -598,16 +598,10 @@ def _sockets(root: Path) -> list[Path]:
 def _held(path: Path) -> bool:
     """Whether some process holds a flock on ``path`` (we take and drop it at once if nobody does)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        with locks.try_exclusive(path, create=False) as free:
+            return not free
+    except FileNotFoundError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 # --- results -------------------------------------------------------------------------------------------
