@@ -14,6 +14,8 @@ What they give:
 - ``make_job(command, inputs=..., release=..., **fields)``: writes a job file, returns its path.
 - ``fake_image``: a catalogue entry of real files with their real sums, for tests that never boot it.
 - ``assert_clean_host``: after the test, no QEMU of the test's jobs runs and no job folder is left.
+- ``pool_accounts`` (session): four ordinary accounts (vjobs.testing.accounts), in the groups that grant KVM
+  and libvirt, each with vjobs installed by pip into a virtualenv of the system's python3; removed at the end.
 - A site for each of vjobs' own drivers, named ``<driver>_site`` as the conformance suite looks them up:
   ``qemu_user_site``; ``kvm_site`` (a real libvirtd at ``VJOBS_TEST_LIBVIRT_URI``, TCG; skipped where none
   answers, a failure when VJOBS_REQUIRE_LIBVIRT is set); ``xen_site`` (the XAPI stand-in,
@@ -62,6 +64,25 @@ def pytest_collection_modifyitems(items):
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("driver_site") == "kvm":
             item.add_marker(pytest.mark.libvirt)
+
+
+# --- ordinary accounts ---------------------------------------------------------------------------------------
+
+POOL_ACCOUNTS = 4
+ACCOUNT_GROUPS = ("kvm", "libvirt")  # what a site grants the accounts that may use KVM and the system libvirtd
+
+
+@pytest.fixture(scope="session")
+def pool_accounts():
+    """Four pool accounts with the login ``PATH`` and their own vjobs (needs root); removed when the session
+    ends, with their homes and work folders."""
+    from vjobs.testing import accounts
+
+    made = accounts.create_accounts(POOL_ACCOUNTS, groups=ACCOUNT_GROUPS)
+    try:
+        yield accounts.with_venv(made, accounts.account_venv(accounts.checkout()))
+    finally:
+        accounts.remove_accounts(made)
 
 
 # --- images and the session's cache --------------------------------------------------------------------------
