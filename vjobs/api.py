@@ -20,7 +20,7 @@ from vjobs.events import EventHooks, Events
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import boot_id, create_owned_folder, new_owner, remove_owned_folder
 from vjobs.images.catalogue import built_in_image
-from vjobs.result import RESULT_NAME, Result, failed
+from vjobs.result import Result, conclude_in, failed
 
 JobLike = Job | Mapping[str, Any] | str | os.PathLike
 SiteLike = SiteConfig | str | os.PathLike | None
@@ -83,7 +83,7 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
         job_id = _job_id_guess(job)
         target = Path(outdir) if outdir else default_outdir(job_id)
         failure = error if isinstance(error, VjobsError) else internal_error(error, target)
-        return failed(job_id, failure, target / RESULT_NAME)
+        return conclude_in(failed(job_id, failure, None), target)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
     events.job_id = the_job.id
     hold = CacheHold(site_config.cache_max_gib)  # the job's: the container releases it after its teardown
@@ -125,7 +125,7 @@ def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Drive
         _relay(scratch / "stdout", stdout or sys.stdout.buffer)
         _relay(scratch / "stderr", stderr or sys.stderr.buffer)
         if result_file:
-            shutil.copyfile(scratch / RESULT_NAME, result_file)
+            result.write(Path(result_file))  # as result.json: atomically, never through a link
     finally:
         remove_owned_folder(scratch)
     return result

@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as bug:  # a bug in vjobs: one line here, the traceback in a log
-        print(f"vjobs: {internal_error(bug, Path(tempfile.gettempdir()) / 'vjobs-errors' / str(os.getpid()))}",
+        # A folder of its own with a name nobody can guess: a fixed one in /tmp could be another account's.
+        print(f"vjobs: {internal_error(bug, tempfile.mkdtemp(prefix=f'vjobs-error-{os.getpid()}-'))}",
               file=sys.stderr)
         return InternalError.exit_code

@@ -18,6 +18,8 @@ from vjobs.staging import StagingSettings
 
 SYSTEM_SITE_FILE = Path("/etc/vjobs/site.toml")
 DEFAULT_PREFERENCE = ("xen", "kvm", "qemu_user")
+UID = "{uid}"  # in work_dir: the account's uid, so that one site file gives each account a folder of its own
+STANDARD_WORK_DIR = f"/var/tmp/vjobs-{UID}"
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,10 @@ class SiteConfig:
     pinned_driver: str | None = None
     preference: tuple[str, ...] = DEFAULT_PREFERENCE
     cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
-    work_dir: Path = field(default_factory=lambda: _default_work_dir())
+    work_dir: Path = field(default_factory=lambda: work_dir_of(_default_work_dir_template(), os.getuid()))
+    # Where every account's work_dir is, with {uid}: the default, or the site's when it names {uid}; None when
+    # the site names one folder. Root's `vjobs gc` looks there for what dead vjobs of any account left.
+    work_dir_template: str | None = field(default_factory=lambda: _default_work_dir_template())
     cache_max_gib: float = 20.0  # the cache's bound: least recently used images evicted (vjobs/host/cache.py)
     boot_timeout_s: float = 30.0
     boot_retries: int = 1
@@ -99,8 +104,16 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vjobs"
 
 
-def _default_work_dir() -> Path:
-    return Path(os.environ.get("TMPDIR", "/var/tmp")) / f"vjobs-{os.getuid()}"
+def _default_work_dir_template() -> str:
+    """``$TMPDIR/vjobs-{uid}``, or ``/var/tmp/vjobs-{uid}`` when TMPDIR is unset or relative (a relative one
+    would move the work folder with the current folder). Made private, and refused when another account made
+    it first (vjobs/host/folders.py)."""
+    tmpdir = os.environ.get("TMPDIR", "")
+    return str(Path(tmpdir) / f"vjobs-{UID}") if os.path.isabs(tmpdir) else STANDARD_WORK_DIR
+
+
+def work_dir_of(template: str, uid: int) -> Path:
+    return Path(template.replace(UID, str(uid)))
 
 
 def _machine_memory_mib() -> int:
@@ -147,9 +160,12 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
         options["pinned_driver"] = document["driver"]
     if "prefer" in document:
         options["preference"] = tuple(document["prefer"])
-    for key in ("cache_dir", "work_dir"):
-        if key in document:
-            options[key] = _site_path(document[key], base_dir, f"{source}: {key}")
+    if "cache_dir" in document:
+        options["cache_dir"] = _site_path(document["cache_dir"], base_dir, f"{source}: cache_dir")
+    if "work_dir" in document:
+        template = str(_site_path(document["work_dir"], base_dir, f"{source}: work_dir"))
+        options["work_dir"] = work_dir_of(template, os.getuid())
+        options["work_dir_template"] = template if UID in template else None
     if "cache_max_gib" in document:
         options["cache_max_gib"] = float(document["cache_max_gib"])
     for key in ("boot_timeout_s", "boot_retries", "allow_network", "release_format", "payload_user", "limits",

@@ -51,11 +51,12 @@ from vjobs.guest.protocol import AGENT_ERRORS, AGENT_UP_MARKER, OUTPUT_TOO_LARGE
 from vjobs.host.admission import admitted
 from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
 from vjobs.host.allocation import current as current_allocation
+from vjobs.host.folders import output_folder
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
 from vjobs.host.tools import disk_full_from
 from vjobs.images.catalogue import ResolvedImage, resolve_image
 from vjobs.images.rootfs import disk_for as rootfs_disk_for
-from vjobs.result import RESULT_NAME, Result, conclude, utc_now
+from vjobs.result import Result, conclude_in, utc_now
 from vjobs.staging.locations import check as check_url
 
 CONSOLE_TAIL_BYTES = 2000
@@ -111,6 +112,7 @@ class VMContainer:
             self.result.provenance.update(probe=verdict.to_json(), hypervisor=verdict.hypervisor,
                                           driver_version=_distribution_version(driver))
         with self._phase("prepare"):
+            output_folder(self.outdir)  # this account's alone, before anything of the job is written anywhere
             self.site.check_limits(self.job)
             self._check_allocation()
             check_bind_folders(self.job, self.site)
@@ -313,7 +315,7 @@ class VMContainer:
 
     def _publish(self, incoming: Path, results: GuestResults) -> None:
         """Move the extracted results into the output folder, replacing those of an earlier run."""
-        self.outdir.mkdir(parents=True, exist_ok=True)
+        output_folder(self.outdir)
         for name in ("outputs", "stdout", "stderr"):
             target = self.outdir / name
             if target.is_dir() and not target.is_symlink():
@@ -342,7 +344,7 @@ class VMContainer:
         logs = [console.path for console in self.consoles if console.path.exists()]
         if not logs:
             return
-        self.outdir.mkdir(parents=True, exist_ok=True)
+        output_folder(self.outdir)
         merged = ConsoleLog(self.outdir / "console.log", self.site.console_max_bytes)
         for number, path in enumerate(logs, 1):
             if len(logs) > 1:
@@ -378,7 +380,7 @@ class VMContainer:
         try:
             with self.events.step("save_console"):
                 self._save_console()
-        except OSError as exc:
+        except (OSError, VjobsError) as exc:
             problems.append(f"saving the console log: {exc}")
         with self.events.step("remove_job_folder"):
             removed = remove_owned_folder(self.folder)
@@ -393,7 +395,7 @@ class VMContainer:
         payload_seen = [at for console in self.consoles if (at := console.seen_at(PAYLOAD_MARKER))]
         if payload_seen:  # what a user waits for: from the call to the payload's start, as the host saw it
             self.result.timings["to_payload"] = round(min(payload_seen) - self._started, 3)
-        conclude(self.result, self.outdir / RESULT_NAME)
+        conclude_in(self.result, self.outdir)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
