@@ -114,7 +114,8 @@ def test_a_sticky_folder_on_the_way_is_fine(tmp_path):
 
 def test_work_dir_may_name_the_account_s_uid_and_tmpdir_must_be_absolute(tmp_path, monkeypatch):
     site = site_from_dict({"work_dir": str(tmp_path / "vjobs-{uid}")})
-    assert site.work_dir == tmp_path / f"vjobs-{os.getuid()}" and site.work_dir_template == str(tmp_path / "vjobs-{uid}")
+    assert site.work_dir == tmp_path / f"vjobs-{os.getuid()}"
+    assert site.work_dir_template == str(tmp_path / "vjobs-{uid}")
     assert site_from_dict({"work_dir": str(tmp_path / "work")}).work_dir_template is None
     monkeypatch.setenv("TMPDIR", "relative/tmp")  # would move the work folder with the current folder
     assert site_from_dict({}).work_dir == type(tmp_path)(f"/var/tmp/vjobs-{os.getuid()}")
@@ -201,7 +202,8 @@ def test_root_s_gc_removes_dead_vjobs_leftovers_of_every_account_and_nothing_els
     assert not gone.exists() and running.exists() and planted.exists()
     assert squatted.exists() and elsewhere.exists()
     assert f"removed job folder {gone} (its VM's files and sockets)" in removed
-    assert any(line.startswith(f"left {tmp_path / f'vjobs-{THIRD}'} alone: it belongs to uid {OTHER}") for line in removed)
+    squatter = f"left {tmp_path / f'vjobs-{THIRD}'} alone: it belongs to uid {OTHER}"
+    assert any(line.startswith(squatter) for line in removed)
 
 
 def test_gc_reads_labels_an_account_wrote_without_hanging_or_following(tmp_path):
