@@ -65,7 +65,8 @@ def _print_summary(result, args) -> None:
               f"{verified})")
     for rejected in result.rejected_outputs:
         print(f"  not returned: {rejected['path']}: {rejected['reason']}")
-    print(f"  result: {where / 'result.json'}")
+    if not result.error or result.error["code"] != "outdir_unusable":  # then nothing was written there
+        print(f"  result: {where / 'result.json'}")
 
 
 def cmd_exec(args) -> int:

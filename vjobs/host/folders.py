@@ -48,7 +48,7 @@ def private_folder(path: Path, *, what: str = "work_dir", code: str = "work_dir_
     (``code``) when it is a link, not a folder, someone else's or writable by others, or when a folder on
     its way may be changed by another account."""
     path = Path(os.path.abspath(path))
-    make_folder(path)
+    _make_where_safe(path, what, code)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -74,7 +74,7 @@ def output_folder(path: Path) -> Path:
     """The output folder ``path``, made ``0700`` if missing; one that exists keeps its mode but must be this
     account's, writable by nobody else, on a way only trusted owners can change (``outdir_unusable``)."""
     path = Path(os.path.abspath(path))
-    make_folder(path)
+    _make_where_safe(path, "the output folder", "outdir_unusable")
     check_way(path, "the output folder", "outdir_unusable")
     try:
         info = os.stat(path)  # a link the account made to a folder of its own is fine: check_way checked it
@@ -102,19 +102,21 @@ def writable_by_others(info: os.stat_result) -> bool:
     return bool(mode & stat.S_IWOTH) or bool(mode & stat.S_IWGRP) and not _private_group(info.st_gid, info.st_uid)
 
 
-def check_way(path: Path, what: str, code: str) -> None:
+def check_way(path: Path, what: str, code: str, *, named: Path | None = None) -> None:
     """Every folder and link on the way to ``path`` (``path`` too, when it is a link), as written and once
     resolved, must be changeable only by trusted owners (root, a system account, this account), or be a
-    sticky folder; raises ``SetupError`` otherwise. ``path`` itself, resolved, is the caller's to judge."""
+    sticky folder; raises ``SetupError`` otherwise, naming ``named`` (default ``path``). ``path`` itself,
+    resolved, is the caller's to judge."""
+    named = named or path
     literal, resolved = Path(os.path.abspath(path)), Path(os.path.realpath(path))
     for step in dict.fromkeys([*reversed(literal.parents), literal, *reversed(resolved.parents)]):
         try:
             info = os.lstat(step)
         except OSError as exc:
-            raise SetupError(f"cannot use {what} {path}: {step}: {exc.strerror or exc}", code=code) from exc
+            raise SetupError(f"cannot use {what} {named}: {step}: {exc.strerror or exc}", code=code) from exc
         problem = _unsafe_step(info)
         if problem:
-            raise SetupError(f"cannot use {what} {path}: {step} on its way {problem}, who could swap what vjobs "
+            raise SetupError(f"cannot use {what} {named}: {step} on its way {problem}, who could swap what vjobs "
                              f"checked for something else; {_advice(what)}", code=code)
 
 
@@ -148,6 +150,16 @@ def _private_group(gid: int, uid: int) -> bool:
     except KeyError:
         return False
     return user.pw_gid == gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+
+
+def _make_where_safe(path: Path, what: str, code: str) -> None:
+    """``make_folder(path)``, once the way to the part of it that exists is found safe: nothing is made in a
+    folder another account may change."""
+    existing = path.parent
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    check_way(existing, what, code, named=path)
+    make_folder(path)
 
 
 def make_folder(path: Path) -> None:
