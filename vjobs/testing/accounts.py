@@ -94,9 +94,13 @@ def create_accounts(count: int, *, groups: tuple[str, ...] = (), prefix: str = A
         if existing_groups:
             options += ["--groups", ",".join(existing_groups)]
         subprocess.run(["useradd", *options, name], check=True, capture_output=True, timeout=60)
-        entry = pwd.getpwnam(name)
-        accounts.append(Account(name=name, uid=entry.pw_uid, gid=entry.pw_gid, home=Path(entry.pw_dir)))
+        accounts.append(existing_account(name))
     return accounts
+
+
+def existing_account(name: str) -> Account:
+    entry = pwd.getpwnam(name)
+    return Account(name=name, uid=entry.pw_uid, gid=entry.pw_gid, home=Path(entry.pw_dir))
 
 
 def remove_account(name: str) -> None:
@@ -185,5 +189,5 @@ def checkout() -> Path:
     return root
 
 
-__all__ = ["Account", "account_venv", "checkout", "create_accounts", "login_path", "remove_account",
+__all__ = ["Account", "account_venv", "checkout", "create_accounts", "existing_account", "login_path", "remove_account",
            "remove_accounts", "with_venv"]
