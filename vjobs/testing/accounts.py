@@ -23,7 +23,8 @@ from pathlib import Path
 ACCOUNT_PREFIX = os.environ.get("VJOBS_TEST_ACCOUNT_PREFIX", "vjtpool")  # another, for sessions side by side
 SYSTEM_PYTHON = "/usr/bin/python3"
 DEBIAN_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
-VENV_ROOT = Path("/var/tmp/vjobs-test-venvs")  # readable by every account, unlike a checkout under /root
+# Readable by every account, unlike a checkout under /root; VJOBS_TEST_VENVS puts a session's elsewhere.
+VENV_ROOT = Path(os.environ.get("VJOBS_TEST_VENVS", "/var/tmp/vjobs-test-venvs"))
 INSTALL_TIMEOUT_S = 600
 COMPLETE = ".vjobs-test-complete"
 VENV_UNUSED_S = 86400  # a virtualenv no session used for this long is removed; another checkout's may be in use

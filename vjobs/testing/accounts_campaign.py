@@ -73,7 +73,7 @@ KINDS = {
     "walltime": Kind(8, SLEEPER, frozenset({"timeout"}), walltime_s=3),
     "sigterm": Kind(10, SLEEPER, frozenset({"cancelled"}), signal_to_vjobs=signal.SIGTERM),
     "sigkill": Kind(10, SLEEPER, frozenset(), signal_to_vjobs=signal.SIGKILL),
-    "floods_stdout": Kind(4, "head -c 50000000 /dev/urandom", HOSTILE, walltime_s=20),
+    "floods_stdout": Kind(4, "head -c 20000000 /dev/urandom", HOSTILE, walltime_s=20),
     "fills_output": Kind(4, "mkdir -p out; dd if=/dev/zero of=out/big bs=1M 2>/dev/null; exit 0",
                          HOSTILE | {"setup_error"}, walltime_s=20),
     "fork_bomb": Kind(3, "b() { b | b & }; b", HOSTILE, walltime_s=5),
