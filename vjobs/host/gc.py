@@ -44,7 +44,7 @@ DRIVER_GC_S = 60.0  # the most one driver's gc may take (it talks to libvirtd, X
 def collect_garbage(site: SiteConfig, host: HostContext) -> list[str]:
     removed = collect_files(site)
     try:
-        removed += gc_stale_shares(site)
+        removed += gc_stale_shares(site) if _ours(site.work_dir) else []  # never in a folder another account made
     except (VjobsError, OSError) as exc:  # an unusable admission folder must not stop the rest
         removed.append(f"admission: skipped ({exc})")
     for installed in installed_drivers():
@@ -104,6 +104,15 @@ def _job_folders(site: SiteConfig) -> list[str]:
             if folder != site.work_dir:
                 removed += _abandoned_in(folder, uid)
     return removed
+
+
+def _ours(folder: Path) -> bool:
+    """A real folder of this account's alone (vjobs/host/folders.py): one to remove things from."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and not_own(info) is None
 
 
 def account_work_dirs(site: SiteConfig) -> list[tuple[int, Path]]:
