@@ -1,6 +1,10 @@
 """Site config: a TOML file the worker node's admins write (schemas/site.schema.json). No file works too.
 
 Found, first match wins: ``--site FILE``, ``$VJOBS_SITE``, ``/etc/vjobs/site.toml``.
+
+``cache_dir`` is the administrator's cache, the same for every uid: without a site config,
+``$VJOBS_SYSTEM_CACHE`` or ``/var/cache/vjobs``. Whether this process builds there or only reads it, and where
+an account builds its own images instead, is vjobs/host/roles.py's to say.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from vjobs.errors import InvalidSite, LimitExceeded
 from vjobs.staging import StagingSettings
 
 SYSTEM_SITE_FILE = Path("/etc/vjobs/site.toml")
+SYSTEM_CACHE_DIR = Path("/var/cache/vjobs")
+SYSTEM_CACHE_ENV = "VJOBS_SYSTEM_CACHE"  # another system cache, for tests and trials: no site config needed
 DEFAULT_PREFERENCE = ("xen", "kvm", "qemu_user")
 
 
@@ -49,7 +55,7 @@ class SiteConfig:
     source: str = "built-in defaults"
     pinned_driver: str | None = None
     preference: tuple[str, ...] = DEFAULT_PREFERENCE
-    cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
+    cache_dir: Path = field(default_factory=lambda: system_cache_dir())  # the administrator's (host/roles.py)
     work_dir: Path = field(default_factory=lambda: _default_work_dir())
     cache_max_gib: float = 20.0  # the cache's bound: least recently used images evicted (vjobs/host/cache.py)
     boot_timeout_s: float = 30.0
@@ -93,10 +99,9 @@ class SiteConfig:
 DEFAULT_BIND_MIB = 10240
 
 
-def _default_cache_dir() -> Path:
-    if os.getuid() == 0:
-        return Path("/var/cache/vjobs")
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vjobs"
+def system_cache_dir() -> Path:
+    """Where root builds the built-in images for every account when no site config names a ``cache_dir``."""
+    return Path(os.environ.get(SYSTEM_CACHE_ENV) or SYSTEM_CACHE_DIR)
 
 
 def _default_work_dir() -> Path:

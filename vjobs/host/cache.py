@@ -60,6 +60,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,9 +138,11 @@ class CacheHold:
         self.release()
 
     def use(self, entry: Path) -> bool:
-        """Mark ``entry`` used now and hold it; False when it is not there (evicted since the caller looked):
-        build it again."""
+        """Mark ``entry`` used now and hold it; False when it is not there (evicted since the caller looked)
+        or not ``trusted`` (someone else could have written it): build it again, where this process builds."""
         entry = Path(entry)
+        if not trusted(entry):
+            return False
         fd = self._held.pop(entry, None)
         if fd is not None and locks.names(entry, fd):
             self._held[entry] = fd
@@ -153,7 +156,8 @@ class CacheHold:
                 return False
             self._held[entry] = fd
         with contextlib.suppress(OSError):
-            os.utime(entry)
+            if os.stat(entry).st_uid == os.geteuid():  # the administrator's entries are read-only to an account
+                os.utime(entry)
         return True
 
     def added(self, entry: Path, progress: Callable[[str], None] = lambda message: None) -> list[str]:
@@ -167,6 +171,41 @@ class CacheHold:
         for fd in self._held.values():
             locks.release(fd)
         self._held.clear()
+
+
+# --- whose entries are used, and how they are left ------------------------------------------------------
+
+def trusted(entry: Path) -> bool:
+    """Whether this process may use ``entry`` (``CACHE/KIND/NAME``): the entry, its folder, the cache above them
+    and, for a folder entry, what it holds are owned by this process's uid or by root and writable by nobody
+    else, so that no other account could have written any of it (vjobs/host/roles.py). A link is never an
+    entry; the cache folder itself may be one (``/var/cache/vjobs -> /srv/vjobs``): its target is checked."""
+    me = os.geteuid()
+
+    def sound(info: os.stat_result) -> bool:
+        return info.st_uid in (me, 0) and not info.st_mode & 0o022 and not stat.S_ISLNK(info.st_mode)
+
+    try:
+        if not sound(os.stat(entry.parent.parent)) or not sound(os.lstat(entry.parent)):
+            return False
+        info = os.lstat(entry)
+        if not sound(info):
+            return False
+        return not stat.S_ISDIR(info.st_mode) or all(sound(os.lstat(inside)) for inside in entry.iterdir())
+    except OSError:
+        return False
+
+
+def seal(entry: Path) -> None:
+    """Take away group and other write permission from a new entry and what it holds, whatever the umask it
+    was written under: ``trusted`` refuses an entry others may write."""
+    for folder, _dirs, files in os.walk(entry):
+        for path in (folder, *(os.path.join(folder, name) for name in files)):
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if mode & 0o022 and not os.path.islink(path):
+                os.chmod(path, mode & ~0o022)
+    if not os.path.isdir(entry):
+        os.chmod(entry, stat.S_IMODE(os.stat(entry).st_mode) & ~0o022)
 
 
 # --- eviction ------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ system's ``python3``, as README "For sites" tells an account to do.
 Made by root (``useradd``), once per test session (vjobs.testing.fixtures: ``pool_accounts``), and removed with
 their homes and work folders when it ends. An account left by a session that was killed is removed and made
 again: the names are the suite's own (``ACCOUNT_PREFIX``; sessions that run side by side on one machine, from
-different checkouts, each set ``VJOBS_TEST_ACCOUNT_PREFIX`` to a prefix of their own).
+different checkouts, each set ``VJOBS_TEST_ACCOUNT_PREFIX`` to a prefix of their own, which gives them their
+own virtualenvs too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 ACCOUNT_PREFIX = os.environ.get("VJOBS_TEST_ACCOUNT_PREFIX", "vjtpool")  # another, for sessions side by side
 SYSTEM_PYTHON = "/usr/bin/python3"
 DEBIAN_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
-VENV_ROOT = Path("/var/tmp/vjobs-test-venvs")  # readable by every account, unlike a checkout under /root
+# Readable by every account, unlike a checkout under /root; a session with accounts of its own has its own.
+VENV_ROOT = Path("/var/tmp/vjobs-test-venvs" + ("" if ACCOUNT_PREFIX == "vjtpool" else f"-{ACCOUNT_PREFIX}"))
 INSTALL_TIMEOUT_S = 600
 COMPLETE = ".vjobs-test-complete"
 VENV_UNUSED_S = 86400  # a virtualenv no session used for this long is removed; another checkout's may be in use
