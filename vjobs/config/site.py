@@ -2,9 +2,9 @@
 
 Found, first match wins: ``--site FILE``, ``$VJOBS_SITE``, ``/etc/vjobs/site.toml``.
 
-``cache_dir`` is the administrator's cache, the same for every uid: without a site config,
-``$VJOBS_SYSTEM_CACHE`` or ``/var/cache/vjobs``. Whether this process builds there or only reads it, and where
-an account builds its own images instead, is vjobs/host/roles.py's to say.
+``cache_dir`` names the same cache for every uid, by default the administrator's: ``$VJOBS_SYSTEM_CACHE`` (for
+tests and trials), else ``/var/cache/vjobs``. Whether this process builds there or only reads it, and where an
+account builds what is its own instead, is vjobs/host/roles.py's to say.
 """
 
 from __future__ import annotations

@@ -38,12 +38,16 @@ teardown (vjobs/container/lifecycle.py), and the drivers get the same one as ``H
 (vjobs/drivers/contract.py). What uses the cache outside a job makes its own and says how long it keeps it:
 ``vjobs image build`` and ``vjobs probe`` until they end, the test suite's session fixtures for the session.
 
-- Used: ``hold.use(entry)`` sets the entry's mtime to now (no hashing) at every place that hands a cached
-  entry out; eviction goes by that mtime, oldest first.
-- Held: ``hold.use`` also takes a shared ``flock`` on the entry, kept until the hold is released: for a job,
-  until the job ends. Eviction takes ``LOCK_EX | LOCK_NB`` on the entry and on its build lock and skips what
-  it cannot lock: an entry in use by a live job, or being built or checked, stays. A lock dies with its
-  process, so a job killed with SIGKILL holds nothing.
+- Trusted: ``hold.use(entry)``, at every place that hands a cached entry out, first checks that nobody but
+  this process's uid or root could have written it (``trusted``; vjobs/host/roles.py says why): an entry
+  that fails is treated as missing. Every entry vjobs builds is ``seal``ed: nobody else may write it.
+- Used: ``hold.use(entry)`` then sets the entry's mtime to now (no hashing), when the entry is this
+  process's own (an account reads root's entries and never touches them); eviction goes by that mtime,
+  oldest first.
+- Held: ``hold.use`` also takes a shared ``flock`` on the entry (opened read-only, so an account holds root's
+  entries too), kept until the hold is released: for a job, until the job ends. Eviction takes ``LOCK_EX |
+  LOCK_NB`` on the entry and on its build lock and skips what it cannot lock: an entry in use by a live job,
+  or being built or checked, stays. A lock dies with its process, so a job killed with SIGKILL holds nothing.
 - Evicted: after an entry is added (``hold.added``), down to the hold's bound (the site's ``cache_max_gib``;
   a hold made without one evicts nothing), and by ``vjobs gc`` (``evict``). An entry larger than the bound
   alone still serves the job that built it.
