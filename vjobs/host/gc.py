@@ -25,12 +25,12 @@ from vjobs.drivers.registry import installed_drivers, load_driver
 from vjobs.errors import VjobsError
 from vjobs.host import cache
 from vjobs.host.admission import gc_stale_shares
-from vjobs.host.identity import abandoned_folder, owner_is_gone
+from vjobs.host.identity import abandoned_folder, owner_is_gone, pid_alive
 from vjobs.host.roles import caches
 
 # vjobs' folders in the system's temporary folder, named with their process's pid: an inspection's
 # (vjobs/images/rootfs/inspect.py), a kvm console socket's when the VM's folder is too deep for one.
-TEMP_FOLDER = re.compile(r"vjobs-(?:inspect|console)-(\d+)-.+")
+TEMP_FOLDER = re.compile(r"vjobs-(inspect|console)-(\d+)-.+")
 DRIVER_GC_S = 60.0  # the most one driver's gc may take (it talks to libvirtd, XAPI): others must still run
 
 
@@ -76,7 +76,8 @@ def collect_files(site: SiteConfig) -> list[str]:
 
 
 def _temp_folders(folder: Path) -> list[str]:
-    """``TEMP_FOLDER``s of gone processes, if they are ours."""
+    """``TEMP_FOLDER``s of gone processes, if they are ours. A console socket's folder is there only while its
+    process creates a domain: garbage as soon as that process is gone."""
     removed = []
     for path in sorted(folder.glob("vjobs-*")):
         match = TEMP_FOLDER.fullmatch(path.name)
@@ -84,7 +85,8 @@ def _temp_folders(folder: Path) -> list[str]:
             ours = path.lstat().st_uid == os.geteuid()
         except OSError:
             continue
-        if match and ours and cache.stale_temp(path, int(match[1])):
+        if match and ours and (cache.stale_temp(path, int(match[2])) if match[1] == "inspect" else
+                               not pid_alive(int(match[2]))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(f"removed the temporary folder {path} (its process is gone)")
     return removed

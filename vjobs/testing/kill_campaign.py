@@ -64,8 +64,8 @@ from typing import Iterable
 
 from vjobs.drivers.kvm.domain import NAMESPACE_URI as OWNER_NS
 from vjobs.events import check_targets
-from vjobs.host.gc import TEMP_FOLDER
 from vjobs.host import locks
+from vjobs.host.gc import TEMP_FOLDER
 from vjobs.testing.event_pipe import EXIT, STARTUP, Timeline
 from vjobs.testing.processes import descendants, process_table
 from vjobs.testing.sites import LIBVIRT_URI, StandinProcess, libvirt_settings, seed_cache, vjobs_command, write_site
@@ -415,7 +415,7 @@ class DriverCampaign:
         self._count_cache(found, info)
         for path in Path(tempfile.gettempdir()).glob("vjobs-*"):
             match = TEMP_FOLDER.fullmatch(path.name)
-            if match and int(match[1]) in self.killed_pids:
+            if match and int(match[2]) in self.killed_pids:
                 found["temp_folders"].append(str(path))
         return found, info
 

@@ -299,7 +299,6 @@ class KvmVM(VM):
             fd, self.console = self.console, None  # the reading thread sees None within 0.5 s and stops
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.console_socket.remove()
         conn, self.conn, self.dom = self.conn, None, None
         with contextlib.suppress(libvirt.libvirtError):
             for callback in self.callbacks:
@@ -310,10 +309,11 @@ class KvmVM(VM):
 
 @dataclass(frozen=True)
 class ConsoleSocket:
-    """The socket a domain's serial port connects to and vjobs listens on: in the VM's folder, or, when that
-    path is longer than a Unix socket takes (a long work_dir and job id), in a private folder of the system's
-    temporary folder (``own_folder``), named with this process's pid so that ``vjobs gc`` removes one that a
-    killed vjobs left. QEMU, libvirt's user (root here), reaches either; no other account does."""
+    """The socket a domain's serial port connects to and vjobs listens on, there only while the domain is
+    created: in the VM's folder, or, when that path is longer than a Unix socket takes (a long work_dir and job
+    id), in a private folder of the system's temporary folder (``own_folder``), named with this process's pid so
+    that ``vjobs gc`` removes one that a vjobs killed meanwhile left. QEMU, libvirt's user (root here), reaches
+    either; no other account does."""
 
     path: Path
     own_folder: Path | None = None
@@ -328,7 +328,8 @@ class ConsoleSocket:
 
     @contextlib.contextmanager
     def listening(self) -> Iterator[socket.socket]:
-        """Listening for the domain's QEMU while the domain is created; the file stays until ``remove``."""
+        """Listening for the domain's QEMU while the domain is created; then the socket's file is removed (the
+        connection QEMU made lives on without it)."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(self.path))
@@ -336,6 +337,7 @@ class ConsoleSocket:
             yield listener
         finally:
             listener.close()
+            self.remove()
 
     @staticmethod
     def accept(listener: socket.socket, name: str) -> int:
@@ -352,9 +354,10 @@ class ConsoleSocket:
         return connection.detach()
 
     def remove(self) -> None:
-        """The temporary folder, if the socket needed one (the VM's folder goes with the VM)."""
         if self.own_folder is not None:
             shutil.rmtree(self.own_folder, ignore_errors=True)
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 _CLOSE_REASONS = {libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",
