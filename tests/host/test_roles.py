@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from vjobs.config.site import SYSTEM_CACHE_ENV, site_from_dict
 from vjobs.errors import SetupError
 from vjobs.host.cache import CacheHold, seal, trusted
 from vjobs.host.roles import caches
+from vjobs.testing.sites import vjobs_command
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: other owners, and ordinary accounts")
 NOBODY = 65534
@@ -117,6 +119,28 @@ def test_an_account_runs_hello_on_root_built_images_and_writes_nothing_into_them
     assert own.stat().st_uid == account.uid and own.stat().st_mode & 0o777 == 0o700
     assert list((own / "releases").glob("*.squashfs"))  # what it built is its own, and only it can read it
     assert not list((own / "images").iterdir())  # it built no image of its own
+
+
+@as_root
+@pytest.mark.vm
+def test_an_account_restores_the_template_root_made_and_makes_none(pool_accounts, system_cache, repo, tmp_path):
+    """Templates hold guest memory: one root made is shared with the accounts, read-only."""
+    hello = str(repo / "examples/hello/job.json")
+    env = {**os.environ, SYSTEM_CACHE_ENV: str(system_cache)}
+    env.pop("VJOBS_SITE", None)
+    made = subprocess.run([*vjobs_command(), "run", hello, "--driver", "qemu_user", "--outdir", str(tmp_path / "root"),
+                           "--json"], env=env, capture_output=True, text=True, timeout=300)
+    by_root = json.loads(made.stdout)
+    assert by_root["status"] == "succeeded", (by_root["error"], made.stderr)
+    account = pool_accounts[3]
+    before = snapshot(system_cache)
+    done = run_hello(account, repo, "out-template", {SYSTEM_CACHE_ENV: str(system_cache)}, "--driver", "qemu_user")
+    result = json.loads(done.stdout)
+    assert result["status"] == "succeeded", (result["error"], done.stderr)
+    assert result["provenance"]["start"] == {"mode": "template", "template": by_root["provenance"]["start"]["template"]}
+    assert (system_cache / "templates" / result["provenance"]["start"]["template"]).stat().st_uid == 0
+    assert not list((account.home / ".cache" / "vjobs" / "templates").iterdir())
+    assert snapshot(system_cache) == before
 
 
 @as_root
