@@ -180,6 +180,19 @@ def test_a_root_owned_site_cache_is_read_only_to_an_account_and_no_internal_erro
 
 
 @as_root
+def test_a_folder_an_account_may_not_write_is_a_setup_error_that_names_it(pool_accounts, system_cache,
+                                                                          empty_system_cache, repo):
+    account = pool_accounts[2]
+    site = account.home / "site-root-work.toml"
+    site.write_text(f'work_dir = "{empty_system_cache}"\n')  # root's, 0755
+    done = run_hello(account, repo, "out-root-work", {SYSTEM_CACHE_ENV: str(system_cache)}, "--site", str(site),
+                     "--driver", "qemu_user")
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "permission_denied" and str(empty_system_cache) in error["message"]
+    assert list(empty_system_cache.iterdir()) == []
+
+
+@as_root
 def test_an_account_trusts_nothing_in_another_accounts_cache(pool_accounts, repo, empty_system_cache):
     owner, other = pool_accounts[:2]
     os.chown(empty_system_cache, owner.uid, owner.gid)  # a folder of the owner's that every account can read
