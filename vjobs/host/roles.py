@@ -32,7 +32,8 @@ from vjobs.config.site import SiteConfig
 from vjobs.errors import SetupError
 from vjobs.host.cache import KINDS
 
-ADMINISTRATOR_BUILDS = "the administrator builds it once, as root: vjobs image build {name} (scripts/install.sh does it)"
+ADMINISTRATOR_BUILDS = ("the administrator builds it once, as root: vjobs image build {name} "
+                        "(scripts/install.sh does it)")
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ def caches(site: SiteConfig) -> Caches:
 def account_cache_dir() -> Path:
     """An account's own cache: ``$XDG_CACHE_HOME/vjobs``, by default in its home (from the password database
     when ``$HOME`` is not set, as under some batch systems)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path(os.environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir) / ".cache"
-    return Path(base) / "vjobs"
+    home = os.environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path(home) / ".cache") / "vjobs"
 
 
 def _owner_of(folder: Path) -> int:
@@ -109,7 +110,7 @@ def _own_folder(folder: Path, *, shared: bool, where: str) -> Path:
     """``folder`` and its entries' folders made (or kept) as vjobs' rule wants them: writable by this uid alone;
     readable by every account when ``shared`` (root's cache, which accounts read), else by this uid alone."""
     try:
-        folder.mkdir(mode=0o755 if shared else 0o700, parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         for path in (folder, *(folder / kind.folder for kind in KINDS)):
             path.mkdir(mode=0o755 if shared else 0o700, exist_ok=True)
             mode = stat.S_IMODE(path.stat().st_mode)
