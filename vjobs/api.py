@@ -19,6 +19,8 @@ from vjobs.errors import VjobsError, internal_error
 from vjobs.events import EventHooks, Events
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import boot_id, create_owned_folder, new_owner, remove_owned_folder
+from vjobs.host.roles import caches
+from vjobs.host.tools import not_permitted_from
 from vjobs.images.catalogue import built_in_image
 from vjobs.result import Result, conclude_in, failed
 
@@ -31,19 +33,22 @@ def host_context(site: SiteConfig, progress: Callable[[str], None] | None = None
                  cache_hold: CacheHold | None = None) -> HostContext:
     """What the core lends the drivers. Progress lines go out as ``progress`` events, to ``progress`` too.
     ``cache_hold``: the hold on the cache that keeps what the drivers and the built-in image use (default: a
-    new one with the site's bound); its owner releases it."""
+    new one with the site's bound); its owner releases it. The cache the drivers write is this process's own,
+    the administrator's is theirs to read (vjobs/host/roles.py). Raises ``SetupError`` when this process has
+    no cache it may write."""
     events = events or Events()
     cache_hold = cache_hold or CacheHold(site.cache_max_gib)
     if progress is not None:
         events.subscribe("progress", lambda event: progress(event.subject))
+    found_in = caches(site)
 
     @functools.cache
     def default_boot_image():
-        return built_in_image(site.cache_dir, events.progress, hold=cache_hold).boot
+        return built_in_image(found_in, events.progress, hold=cache_hold).boot
 
-    return HostContext(cache_dir=site.cache_dir, work_dir=site.work_dir, boot_id=boot_id(),
+    return HostContext(cache_dir=found_in.own, work_dir=site.work_dir, boot_id=boot_id(),
                        default_boot_image=default_boot_image, cache_hold=cache_hold, progress=events.progress,
-                       progress_bars=progress_bars, events=events)
+                       progress_bars=progress_bars, events=events, shared_cache_dir=found_in.administrators)
 
 
 def _site(site: SiteLike) -> SiteConfig:
@@ -76,18 +81,19 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
     (only when it is a terminal); ``event_hooks``: the run's public events, ``{"phase_started": [hook], ...}``
     (vjobs/events.py). An unknown event name raises ``ValueError`` at once: a programming error."""
     events = Events(event_hooks)
+    the_job = None
     try:
         site_config = _site(site)
         the_job = _job(job)
+        hold = CacheHold(site_config.cache_max_gib)  # the job's: the container releases it after its teardown
+        context = host_context(site_config, progress, progress_bars=progress_bars, events=events, cache_hold=hold)
     except Exception as error:  # a VjobsError says what to fix; anything else is a bug, logged beside the result
-        job_id = _job_id_guess(job)
+        job_id = the_job.id if the_job else _job_id_guess(job)
         target = Path(outdir) if outdir else default_outdir(job_id)
-        failure = error if isinstance(error, VjobsError) else internal_error(error, target)
+        failure = error if isinstance(error, VjobsError) else not_permitted_from(error) or internal_error(error, target)
         return conclude_in(failed(job_id, failure, None), target)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
     events.job_id = the_job.id
-    hold = CacheHold(site_config.cache_max_gib)  # the job's: the container releases it after its teardown
-    context = host_context(site_config, progress, progress_bars=progress_bars, events=events, cache_hold=hold)
     return VMContainer(the_job, site_config, context, target, driver=driver).run()
 
 

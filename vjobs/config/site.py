@@ -1,6 +1,10 @@
 """Site config: a TOML file the worker node's admins write (schemas/site.schema.json). No file works too.
 
 Found, first match wins: ``--site FILE``, ``$VJOBS_SITE``, ``/etc/vjobs/site.toml``.
+
+``cache_dir`` names the same cache for every uid, by default the administrator's: ``$VJOBS_SYSTEM_CACHE`` (for
+tests and trials), else ``/var/cache/vjobs``. Whether this process builds there or only reads it, and where an
+account builds what is its own instead, is vjobs/host/roles.py's to say.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from vjobs.staging import StagingSettings
 SYSTEM_SITE_FILE = Path("/etc/vjobs/site.toml")
 #: The node's budget folder (vjobs/host/admission.py): made by root, one for every account on the node.
 HOST_BUDGET_DIR = Path("/var/lib/vjobs/admission")
+SYSTEM_CACHE_DIR = Path("/var/cache/vjobs")
+SYSTEM_CACHE_ENV = "VJOBS_SYSTEM_CACHE"  # another system cache, for tests and trials: no site config needed
 DEFAULT_PREFERENCE = ("xen", "kvm", "qemu_user")
 UID = "{uid}"  # in work_dir: the account's uid, so that one site file gives each account a folder of its own
 STANDARD_WORK_DIR = f"/var/tmp/vjobs-{UID}"
@@ -54,7 +60,7 @@ class SiteConfig:
     source: str = "built-in defaults"
     pinned_driver: str | None = None
     preference: tuple[str, ...] = DEFAULT_PREFERENCE
-    cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
+    cache_dir: Path = field(default_factory=lambda: system_cache_dir())  # the administrator's (host/roles.py)
     work_dir: Path = field(default_factory=lambda: work_dir_of(_default_work_dir_template(), os.getuid()))
     # Where every account's work_dir is, with {uid}: the default, or the site's when it names {uid}; None when
     # the site names one folder. Root's `vjobs gc` looks there for what dead vjobs of any account left.
@@ -101,10 +107,9 @@ class SiteConfig:
 DEFAULT_BIND_MIB = 10240
 
 
-def _default_cache_dir() -> Path:
-    if os.getuid() == 0:
-        return Path("/var/cache/vjobs")
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vjobs"
+def system_cache_dir() -> Path:
+    """Where root builds the built-in images for every account when no site config names a ``cache_dir``."""
+    return Path(os.environ.get(SYSTEM_CACHE_ENV) or SYSTEM_CACHE_DIR)
 
 
 def _default_work_dir_template() -> str:

@@ -52,7 +52,7 @@ from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
 from vjobs.host.allocation import current as current_allocation
 from vjobs.host.folders import output_folder
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
-from vjobs.host.tools import disk_full_from
+from vjobs.host.tools import disk_full_from, not_permitted_from
 from vjobs.images.catalogue import ResolvedImage, resolve_image
 from vjobs.images.rootfs import disk_for as rootfs_disk_for
 from vjobs.result import Result, conclude_in, utc_now
@@ -92,7 +92,7 @@ class VMContainer:
             except VjobsError as error:
                 self._fail(error)
             except Exception as bug:  # never a traceback on the terminal: a result, and the details in a log
-                self._fail(disk_full_from(bug) or internal_error(bug, self.outdir))
+                self._fail(disk_full_from(bug) or not_permitted_from(bug) or internal_error(bug, self.outdir))
             except KeyboardInterrupt as interrupt:  # Ctrl-C, or Terminated from the signal guard
                 self._fail(Cancelled(f"{interrupt.args[0] if interrupt.args else 'SIGINT'} received; "
                                      "the VM was stopped and its files removed"))
@@ -127,7 +127,7 @@ class VMContainer:
             self.bind_snapshots = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
         staged = self._stage_in() if self.job.stage_in else None
         with self._phase("prepare"):
-            disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
+            disks = prepare_disks(self.job, self.folder, self.host.cache_dir, self.site.release_format,
                                   self.events, base, hold=self.cache_hold, stop_grace_s=self.site.stop_grace_s,
                                   staged=staged)
             self.result.provenance["release_sha256"] = disks.release_sha256
@@ -412,7 +412,7 @@ class VMContainer:
     def _base_disk(self, image: ResolvedImage, formats: tuple[str, ...]) -> BaseDisk | None:
         if image.rootfs is None:
             return None
-        disk = rootfs_disk_for(image.rootfs, formats, self.site.cache_dir, self.host.progress, hold=self.cache_hold)
+        disk = rootfs_disk_for(image.rootfs, formats, self.host.cache_dir, self.host.progress, hold=self.cache_hold)
         return BaseDisk(disk, image.rootfs.info, self.site.payload_user)
 
 

@@ -36,8 +36,12 @@ from vjobs.errors import VjobsError
 from vjobs.host import cache
 from vjobs.host.admission import gc_stale_shares
 from vjobs.host.folders import not_own, writable_by_others
-from vjobs.host.identity import abandoned_entry, collectable
+from vjobs.host.identity import abandoned_entry, abandoned_folder, collectable, owner_is_gone, pid_alive
+from vjobs.host.roles import caches
 
+# vjobs' folders in the system's temporary folder, named with their process's pid: an inspection's
+# (vjobs/images/rootfs/inspect.py), a kvm console socket's when the VM's folder is too deep for one.
+TEMP_FOLDER = re.compile(r"vjobs-(inspect|console)-(\d+)-.+")
 DRIVER_GC_S = 60.0  # the most one driver's gc may take (it talks to libvirtd, XAPI): others must still run
 
 
@@ -51,7 +55,7 @@ def collect_garbage(site: SiteConfig, host: HostContext) -> list[str]:
         if installed.load_error:
             continue
         removed += [f"{installed.name}: {line}" for line in _driver_garbage(installed.name, site, host)]
-    return removed + cache.evict(site.cache_dir, cache.max_bytes(site.cache_max_gib))
+    return removed + cache.evict(host.cache_dir, cache.max_bytes(site.cache_max_gib))
 
 
 def _driver_garbage(name: str, site: SiteConfig, host: HostContext) -> list[str]:
@@ -77,20 +81,23 @@ def _driver_garbage(name: str, site: SiteConfig, host: HostContext) -> list[str]
 
 
 def collect_files(site: SiteConfig) -> list[str]:
-    """What dead vjobs processes left in ``work_dir``, the cache and the system's temporary folder."""
-    return _job_folders(site) + cache.leftovers(site.cache_dir) + _temp_folders(Path(tempfile.gettempdir()))
+    """What dead vjobs processes left in ``work_dir``, the cache this process writes (an account's own, never
+    the administrator's: vjobs/host/roles.py) and the system's temporary folder."""
+    return _job_folders(site) + cache.leftovers(caches(site).own) + _temp_folders(Path(tempfile.gettempdir()))
 
 
 def _temp_folders(folder: Path) -> list[str]:
-    """``vjobs-inspect-PID-*`` (vjobs/images/rootfs/inspect.py) of gone processes, if they are ours."""
+    """``TEMP_FOLDER``s of gone processes, if they are ours. A console socket's folder is there only while its
+    process creates a domain: garbage as soon as that process is gone."""
     removed = []
-    for path in sorted(folder.glob("vjobs-inspect-*")):
-        match = re.fullmatch(r"vjobs-inspect-(\d+)-.+", path.name)
+    for path in sorted(folder.glob("vjobs-*")):
+        match = TEMP_FOLDER.fullmatch(path.name)
         try:
             ours = path.lstat().st_uid == os.geteuid()
         except OSError:
             continue
-        if match and ours and cache.stale_temp(path, int(match[1])):
+        if match and ours and (cache.stale_temp(path, int(match[2])) if match[1] == "inspect" else
+                               not pid_alive(int(match[2]))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(f"removed the temporary folder {path} (its process is gone)")
     return removed

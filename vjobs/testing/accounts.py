@@ -5,7 +5,8 @@ system's ``python3``, as README "For sites" tells an account to do.
 Made by root (``useradd``), once per test session (vjobs.testing.fixtures: ``pool_accounts``), and removed with
 their homes and work folders when it ends. An account left by a session that was killed is removed and made
 again: the names are the suite's own (``ACCOUNT_PREFIX``; sessions that run side by side on one machine, from
-different checkouts, each set ``VJOBS_TEST_ACCOUNT_PREFIX`` to a prefix of their own).
+different checkouts, each set ``VJOBS_TEST_ACCOUNT_PREFIX`` to a prefix of their own, which gives them their
+own virtualenvs too).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 ACCOUNT_PREFIX = os.environ.get("VJOBS_TEST_ACCOUNT_PREFIX", "vjtpool")  # another, for sessions side by side
 SYSTEM_PYTHON = "/usr/bin/python3"
 DEBIAN_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
-# Readable by every account, unlike a checkout under /root; VJOBS_TEST_VENVS puts a session's elsewhere.
-VENV_ROOT = Path(os.environ.get("VJOBS_TEST_VENVS", "/var/tmp/vjobs-test-venvs"))
+# Readable by every account, unlike a checkout under /root; a session with accounts of its own has its own,
+# and VJOBS_TEST_VENVS names one outright.
+VENV_ROOT = Path(os.environ.get("VJOBS_TEST_VENVS", "/var/tmp/vjobs-test-venvs" + (
+    "" if ACCOUNT_PREFIX == "vjtpool" else f"-{ACCOUNT_PREFIX}")))
 INSTALL_TIMEOUT_S = 600
 COMPLETE = ".vjobs-test-complete"
 VENV_UNUSED_S = 86400  # a virtualenv no session used for this long is removed; another checkout's may be in use

@@ -16,6 +16,8 @@ What they give:
 - ``assert_clean_host``: after the test, no QEMU of the test's jobs runs and no job folder is left.
 - ``pool_accounts`` (session): four ordinary accounts (vjobs.testing.accounts), in the groups that grant KVM
   and libvirt, each with vjobs installed by pip into a virtualenv of the system's python3; removed at the end.
+- ``system_cache`` (session): the administrator's cache as the accounts see it, the built-in boot image built
+  by root, where they can read it; ``VJOBS_SYSTEM_CACHE`` set to it points an account's vjobs at it.
 - A site for each of vjobs' own drivers, named ``<driver>_site`` as the conformance suite looks them up:
   ``qemu_user_site``; ``kvm_site`` (a real libvirtd at ``VJOBS_TEST_LIBVIRT_URI``, TCG; skipped where none
   answers, a failure when VJOBS_REQUIRE_LIBVIRT is set); ``xen_site`` (the XAPI stand-in,
@@ -30,7 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -118,6 +122,19 @@ def built_image(cache_dir, session_cache_hold):
     from vjobs.images.boot import build_default_image
 
     return build_default_image(cache_dir, hold=session_cache_hold)
+
+
+@pytest.fixture(scope="session")
+def system_cache(cache_dir, built_image):
+    """A system cache as the administrator leaves one, in a folder every account can reach: the built-in boot
+    image, root's. An account's vjobs reads it in place of /var/cache/vjobs with ``VJOBS_SYSTEM_CACHE`` set to
+    it; removed when the session ends."""
+    folder = Path(tempfile.mkdtemp(prefix="vjobs-test-system-cache-", dir="/var/tmp"))
+    os.chmod(folder, 0o755)
+    try:
+        yield sites.system_cache(cache_dir, folder / "cache")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

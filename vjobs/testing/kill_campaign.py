@@ -65,6 +65,7 @@ from typing import Iterable
 from vjobs.drivers.kvm.domain import NAMESPACE_URI as OWNER_NS
 from vjobs.events import check_targets
 from vjobs.host import locks
+from vjobs.host.gc import TEMP_FOLDER
 from vjobs.testing.event_pipe import EXIT, STARTUP, Timeline
 from vjobs.testing.host_state import held_tokens
 from vjobs.testing.processes import descendants, process_table
@@ -93,7 +94,7 @@ LEFTOVER_KINDS = (
     "cache_locks",         # an unheld lock file whose entry is gone (but xen/shared-*.lock: see INFO_KINDS)
     "cache_unknown",       # a file in cache_dir that is none of the above nor a complete entry
     "sockets",             # a Unix socket file anywhere under work_dir or cache_dir
-    "temp_folders",        # /tmp/vjobs-inspect-PID-* of a killed vjobs
+    "temp_folders",        # /tmp/vjobs-inspect-PID-*, /tmp/vjobs-console-PID-* of a killed vjobs
 )
 #: Counted, reported, not a target: what vjobs keeps on purpose, or what XAPI itself expires.
 INFO_KINDS = (
@@ -415,9 +416,9 @@ class DriverCampaign:
             self._count_xapi(found, info)
         self._count_work(found)
         self._count_cache(found, info)
-        for path in Path(tempfile.gettempdir()).glob("vjobs-inspect-*"):
-            match = re.fullmatch(r"vjobs-inspect-(\d+)-.+", path.name)
-            if match and int(match[1]) in self.killed_pids:
+        for path in Path(tempfile.gettempdir()).glob("vjobs-*"):
+            match = TEMP_FOLDER.fullmatch(path.name)
+            if match and int(match[2]) in self.killed_pids:
                 found["temp_folders"].append(str(path))
         return found, info
 

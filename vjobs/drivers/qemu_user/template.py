@@ -111,28 +111,29 @@ def state_bytes_limit(spec: VMSpec) -> int:
 
 class TemplateStore:
     """The templates in ``cache_dir/templates``; ``ensure`` makes one the first time a recipe is asked for.
-    ``hold``: the job's hold on the cache (``HostContext.cache_hold``), which keeps the template it uses."""
+    ``hold``: the job's hold on the cache (``HostContext.cache_hold``), which keeps the template it uses.
+    ``shared_cache_dir``: the administrator's cache, when this process is an account that only reads it
+    (vjobs/host/roles.py): a template root made there is used first, never written; the account makes
+    any other in its own ``cache_dir``, for its own jobs alone (guest memory is shared only when root made it)."""
 
-    def __init__(self, cache_dir: Path, hold: CacheHold, progress=lambda message: None):
+    def __init__(self, cache_dir: Path, hold: CacheHold, progress=lambda message: None,
+                 shared_cache_dir: Path | None = None):
         self.folder = cache_dir / "templates"
+        self.shared = shared_cache_dir / "templates" if shared_cache_dir else None
         self.hold = hold
         self.progress = progress
 
     def ensure(self, recipe: Recipe, make_vm) -> Path:
         """The saved state for ``recipe``, made with ``make_vm(scratch)`` (a VM for the template guest) when
         there is none yet. Raises VMError when it cannot be made, or failed within FAILURE_MEMORY_S."""
-        folder = self.folder / f"{recipe.family}-{recipe.key}"
+        name = f"{recipe.family}-{recipe.key}"
+        folder = self.folder / name
         self.folder.mkdir(parents=True, exist_ok=True)
         failed_before = self._raise_if_failed_recently(recipe)
-
-        def load() -> Path | None:
-            try:
-                manifest = json.loads((folder / "manifest.json").read_text())
-            except (OSError, ValueError):
-                return None
-            state = folder / "state"
-            complete = all((folder / name).is_file() for name in ("state", *STAND_INS))
-            return state if manifest.get("recipe") == dataclasses.asdict(recipe) and complete else None
+        # root's, read-only; not one whose restore failed here before: this process then makes its own
+        if self.shared and failed_before != "restore" and (state := saved_state(self.shared / name, recipe)) \
+                and self.hold.use(state.parent):
+            return state
 
         def build(scratch: Path) -> Path:
             self.progress(f"template: booting a {recipe.family} guest once, to save it for the jobs after")
@@ -155,7 +156,8 @@ class TemplateStore:
 
         try:
             # A template whose restore failed before is made anew, not trusted again.
-            return build_once(folder, "VM template", load, build, hold=self.hold, force=failed_before == "restore")
+            return build_once(folder, "VM template", lambda: saved_state(folder, recipe), build, hold=self.hold,
+                              force=failed_before == "restore")
         except VMError as error:  # QEMU's or the template guest's failure; a site's setting (DriverError)
             self.remember_failure(recipe, f"making it failed: {error}", stage="make")  # would fail a cold
             raise  # boot the same way, and a full disk passes: neither says anything about templates
@@ -183,6 +185,16 @@ class TemplateStore:
 
     def _memo(self, recipe: Recipe) -> Path:
         return self.folder / f"{recipe.family}.failed"
+
+
+def saved_state(folder: Path, recipe: Recipe) -> Path | None:
+    """The state file of the complete template for ``recipe`` in ``folder``, or None."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    complete = all((folder / name).is_file() for name in ("state", *STAND_INS))
+    return folder / "state" if manifest.get("recipe") == dataclasses.asdict(recipe) and complete else None
 
 
 def save_template(vm, state: Path) -> None:
