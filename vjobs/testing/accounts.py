@@ -4,11 +4,12 @@ system's ``python3``, as README "For sites" tells an account to do.
 
 Made by root (``useradd``), once per test session (vjobs.testing.fixtures: ``pool_accounts``), and removed with
 their homes and work folders when it ends. An account left by a session that was killed is removed and made
-again: the names are the suite's own (``ACCOUNT_PREFIX``). Its virtualenv has vjobs' ``[test]`` extra too, so
-that an account runs vjobs' own test suites (the driver conformance suite) as itself.
+again: the names are the suite's own (``ACCOUNT_PREFIX``; sessions that run side by side on one machine, from
+different checkouts, each set ``VJOBS_TEST_ACCOUNT_PREFIX`` to a prefix of their own).
 
-An account cannot build the built-in images (mmdebstrap needs root or newuidmap): ``give_built_images`` copies
-the ones root built for the session into a cache of the account's own.
+Its virtualenv has vjobs' ``[test]`` extra too, so that an account runs vjobs' own test suites (the driver
+conformance suite) as itself. An account cannot build the built-in images (mmdebstrap needs root or
+newuidmap): ``give_built_images`` copies the ones root built for the session into a cache of the account's own.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-ACCOUNT_PREFIX = "vjtpool"
+ACCOUNT_PREFIX = os.environ.get("VJOBS_TEST_ACCOUNT_PREFIX", "vjtpool")  # another, for sessions side by side
 SYSTEM_PYTHON = "/usr/bin/python3"
 DEBIAN_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
 VENV_ROOT = Path("/var/tmp/vjobs-test-venvs")  # readable by every account, unlike a checkout under /root
 INSTALL_TIMEOUT_S = 600
 COMPLETE = ".vjobs-test-complete"
+VENV_UNUSED_S = 86400  # a virtualenv no session used for this long is removed; another checkout's may be in use
 
 
 def login_path() -> str:
@@ -172,11 +175,14 @@ def account_venv(source: Path) -> Path:
     key = _source_key(source)
     venv = VENV_ROOT / key
     if (venv / COMPLETE).is_file():
+        (venv / COMPLETE).touch()  # in use: see VENV_UNUSED_S
         return venv
     VENV_ROOT.mkdir(mode=0o755, exist_ok=True)
     os.chmod(VENV_ROOT, 0o755)
-    for old in VENV_ROOT.iterdir():
-        shutil.rmtree(old, ignore_errors=True)
+    for old in VENV_ROOT.iterdir():  # sessions of other checkouts may run beside this one: only the unused go
+        if old != venv and _unused_for(old, VENV_UNUSED_S):
+            shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(venv, ignore_errors=True)  # one a killed session left half made
     # Made where it stays (a virtualenv's scripts name their interpreter by path); complete once COMPLETE is in.
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, capture_output=True,
                    timeout=INSTALL_TIMEOUT_S)
@@ -186,6 +192,13 @@ def account_venv(source: Path) -> Path:
                    capture_output=True, timeout=INSTALL_TIMEOUT_S)
     (venv / COMPLETE).touch()
     return venv
+
+
+def _unused_for(venv: Path, seconds: float) -> bool:
+    try:
+        return time.time() - (venv / COMPLETE).stat().st_mtime > seconds
+    except OSError:  # not complete: being made, or left half made
+        return time.time() - venv.stat().st_mtime > seconds
 
 
 def _source_key(source: Path) -> str:
