@@ -32,6 +32,7 @@ DEBIAN_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
 VENV_ROOT = Path("/var/tmp/vjobs-test-venvs")  # readable by every account, unlike a checkout under /root
 INSTALL_TIMEOUT_S = 600
 COMPLETE = ".vjobs-test-complete"
+EXTRAS = "[test]"  # pytest and the rest: an account runs vjobs' test suites (the driver conformance suite) itself
 VENV_UNUSED_S = 86400  # a virtualenv no session used for this long is removed; another checkout's may be in use
 
 
@@ -186,9 +187,8 @@ def account_venv(source: Path) -> Path:
     # Made where it stays (a virtualenv's scripts name their interpreter by path); complete once COMPLETE is in.
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, capture_output=True,
                    timeout=INSTALL_TIMEOUT_S)
-    # A copy of the tree, not an editable install: a checkout under /root is not readable by accounts. With
-    # the [test] extra: an account runs vjobs' test suites (the driver conformance suite) with it.
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{source}[test]"], check=True,
+    # A copy of the tree, not an editable install: a checkout under /root is not readable by accounts.
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{source}{EXTRAS}"], check=True,
                    capture_output=True, timeout=INSTALL_TIMEOUT_S)
     (venv / COMPLETE).touch()
     return venv
@@ -202,7 +202,7 @@ def _unused_for(venv: Path, seconds: float) -> bool:
 
 
 def _source_key(source: Path) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(EXTRAS.encode())
     for path in sorted([source / "pyproject.toml", *(source / "vjobs").rglob("*")]):
         if path.is_file() and "__pycache__" not in path.parts:
             digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
