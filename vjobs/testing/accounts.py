@@ -188,8 +188,11 @@ def account_venv(source: Path) -> Path:
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, capture_output=True,
                    timeout=INSTALL_TIMEOUT_S)
     # A copy of the tree, not an editable install: a checkout under /root is not readable by accounts.
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{source}{EXTRAS}"], check=True,
-                   capture_output=True, timeout=INSTALL_TIMEOUT_S)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{source}{EXTRAS}"],
+                               capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    if installed.returncode != 0:
+        raise RuntimeError(f"pip install {source}{EXTRAS} into {venv}: exit {installed.returncode}: "
+                           f"{installed.stderr.strip()[-1500:]}")
     (venv / COMPLETE).touch()
     return venv
 
