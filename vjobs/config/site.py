@@ -17,6 +17,8 @@ from vjobs.errors import InvalidSite, LimitExceeded
 from vjobs.staging import StagingSettings
 
 SYSTEM_SITE_FILE = Path("/etc/vjobs/site.toml")
+#: The node's budget folder (vjobs/host/admission.py): made by root, one for every account on the node.
+HOST_BUDGET_DIR = Path("/var/lib/vjobs/admission")
 DEFAULT_PREFERENCE = ("xen", "kvm", "qemu_user")
 
 
@@ -36,12 +38,13 @@ class CatalogueImage:
 
 @dataclass(frozen=True)
 class HostBudget:
-    """What all the VMs of the vjobs on this host may have together (``[host]``; vjobs/host/admission.py): by
-    default every CPU this process may run on and all of the machine's memory."""
+    """What all the VMs of the vjobs on this host may have together, whichever account runs them (``[host]``;
+    vjobs/host/admission.py): by default every CPU this process may run on and all of the machine's memory."""
 
     vcpus: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     memory_mib: int = field(default_factory=lambda: _machine_memory_mib())
     admission_wait_s: float = 3600.0  # how long a job waits for its share before it is refused
+    budget_dir: Path = HOST_BUDGET_DIR  # where the node's budget tokens are (root's folder)
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
         if key in document:
             options[key] = document[key]
     if "host" in document:
-        options["host"] = _host_budget(document["host"], source)
+        options["host"] = _host_budget(document["host"], base_dir, source)
     if "staging" in document:
         options["staging"] = StagingSettings.from_site(document["staging"])
     options["images"] = {name: _catalogue_image(entry, base_dir) for name, entry in
@@ -175,10 +178,12 @@ def _site_path(value: str, base_dir: Path, where: str) -> Path:
     return path
 
 
-def _host_budget(entry: Mapping[str, Any], source: str) -> HostBudget:
+def _host_budget(entry: Mapping[str, Any], base_dir: Path, source: str) -> HostBudget:
     wait = entry.get("admission_wait_s", HostBudget.admission_wait_s)
+    budget_dir = _site_path(entry["budget_dir"], base_dir, f"{source}: host.budget_dir") \
+        if "budget_dir" in entry else HOST_BUDGET_DIR
     try:
-        return HostBudget(**{**entry, "admission_wait_s": float(wait)})
+        return HostBudget(**{**entry, "admission_wait_s": float(wait), "budget_dir": budget_dir})
     except OverflowError:  # an integer no clock can add: the schema has no maximum
         raise InvalidSite(f"{source}: /host/admission_wait_s: {wait} seconds is more than a clock can count") from None
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +35,7 @@ from vjobs import staging
 from vjobs._version import __version__
 from vjobs.config.job import Job
 from vjobs.config.site import SiteConfig
+from vjobs.container.signals import signals_cancel
 from vjobs.drivers.contract import VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from vjobs.drivers.registry import choose_driver
 from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError, VMError,
@@ -85,14 +84,15 @@ class VMContainer:
     # --- the lifecycle ---------------------------------------------------------------------------------
 
     def run(self) -> Result:
-        with _signals_cancel() as guard:
+        with signals_cancel() as guard:
             try:
+                guard.cancel_if_pending()  # a signal that came while vjobs started up
                 self._run_phases()
             except VjobsError as error:
                 self._fail(error)
             except Exception as bug:  # never a traceback on the terminal: a result, and the details in a log
                 self._fail(disk_full_from(bug) or internal_error(bug, self.outdir))
-            except KeyboardInterrupt as interrupt:  # Ctrl-C, or _Terminated from the signal guard
+            except KeyboardInterrupt as interrupt:  # Ctrl-C, or Terminated from the signal guard
                 self._fail(Cancelled(f"{interrupt.args[0] if interrupt.args else 'SIGINT'} received; "
                                      "the VM was stopped and its files removed"))
             finally:
@@ -438,43 +438,3 @@ def _distribution_version(driver: Driver) -> str | None:
         with contextlib.suppress(PackageNotFoundError):
             return f"{distribution} {version(distribution)}"
     return None
-
-
-class _Terminated(KeyboardInterrupt):
-    """Raised in the main thread by a signal. A KeyboardInterrupt, not an Exception, so that no
-    ``except Exception`` on the way (ours, asyncio's callback runner, a library's) can swallow it."""
-
-
-class _SignalGuard:
-    """SIGTERM (the batch system's way to end a job) raises ``_Terminated`` in the main thread, once; after
-    ``hold()`` further signals are noted but ignored so that teardown runs to its end."""
-
-    def __init__(self):
-        self.holding = False
-
-    def handle(self, signum, _frame) -> None:
-        if not self.holding:
-            self.holding = True
-            raise _Terminated(signal.Signals(signum).name)
-
-    def hold(self) -> None:
-        self.holding = True
-
-
-@contextlib.contextmanager
-def _signals_cancel() -> Iterator[_SignalGuard]:
-    guard = _SignalGuard()
-    if threading.current_thread() is not threading.main_thread():
-        yield guard  # only the main thread may own signal handlers; the caller's own handling applies
-        return
-    previous = {sig: signal.signal(sig, guard.handle) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    previous_int = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda s, f: guard.handle(s, f))
-    try:
-        yield guard
-    finally:
-        for sig, handler in {**previous, signal.SIGINT: previous_int}.items():
-            signal.signal(sig, handler)
-
-
-

@@ -1,8 +1,9 @@
-"""``vjobs gc``: remove what a killed vjobs left behind (VMs, job folders, admission shares), and only that.
+"""``vjobs gc``: remove what a killed vjobs left behind (VMs, job folders, unused allocation budgets), and only that.
 
 A thing is vjobs' when it carries vjobs' owner labels (vjobs/host/identity.py), and abandoned when the process named
-there cannot be running: another host boot, or a pid that is gone. An admission share is abandoned when no
-process holds its lock (vjobs/host/admission.py). Anything else is left alone.
+there cannot be running: another host boot, or a pid that is gone. An admission share needs no collecting (its
+tokens come back when its holder ends); a batch allocation's budget folder goes when no process holds any of its
+tokens (vjobs/host/admission.py). Anything else is left alone.
 
 Files without owner labels are judged by their locks and names (vjobs/host/cache.py): a partial build whose
 build lock nobody holds, a lock file nobody holds whose image is gone, a temporary file or folder named with

@@ -29,7 +29,8 @@ from typing import Iterable
 ACCOUNT_PREFIX = os.environ.get("VJOBS_TEST_ACCOUNT_PREFIX", "vjtpool")  # another, for sessions side by side
 SYSTEM_PYTHON = "/usr/bin/python3"
 DEBIAN_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
-VENV_ROOT = Path("/var/tmp/vjobs-test-venvs")  # readable by every account, unlike a checkout under /root
+# Readable by every account, unlike a checkout under /root; VJOBS_TEST_VENVS puts a session's elsewhere.
+VENV_ROOT = Path(os.environ.get("VJOBS_TEST_VENVS", "/var/tmp/vjobs-test-venvs"))
 INSTALL_TIMEOUT_S = 600
 COMPLETE = ".vjobs-test-complete"
 EXTRAS = "[test]"  # pytest and the rest: an account runs vjobs' test suites (the driver conformance suite) itself

@@ -42,7 +42,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vjobs.config.site import load_site
 from vjobs.host import locks
+from vjobs.host.admission import prepare_host_folder
 from vjobs.testing import accounts as pool
 from vjobs.testing.host_state import work_leftovers
 from vjobs.testing.processes import process_table
@@ -71,7 +73,7 @@ KINDS = {
     "walltime": Kind(8, SLEEPER, frozenset({"timeout"}), walltime_s=3),
     "sigterm": Kind(10, SLEEPER, frozenset({"cancelled"}), signal_to_vjobs=signal.SIGTERM),
     "sigkill": Kind(10, SLEEPER, frozenset(), signal_to_vjobs=signal.SIGKILL),
-    "floods_stdout": Kind(4, "head -c 50000000 /dev/urandom", HOSTILE, walltime_s=20),
+    "floods_stdout": Kind(4, "head -c 20000000 /dev/urandom", HOSTILE, walltime_s=20),
     "fills_output": Kind(4, "mkdir -p out; dd if=/dev/zero of=out/big bs=1M 2>/dev/null; exit 0",
                          HOSTILE | {"setup_error"}, walltime_s=20),
     "fork_bomb": Kind(3, "b() { b | b & }; b", HOSTILE, walltime_s=5),
@@ -105,16 +107,25 @@ class BudgetWatch(threading.Thread):
         super().__init__(daemon=True)
         self.uids, self.vcpus = uids, vcpus
         self.most_vms = self.most_vcpus = self.samples = self.over_budget = 0
+        self.seen_over: list[list[str]] = []  # the first few samples above the budget, for the report
         self.stopping = threading.Event()
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            vms = [proc for proc in process_table().values() if proc.uid in self.uids and proc.is_qemu]
+            vms = [proc for proc in process_table().values() if proc.uid in self.uids and _runs_a_guest(proc)]
             vcpus = sum(_smp(proc.argv) for proc in vms)
             self.samples += 1
             self.most_vms, self.most_vcpus = max(self.most_vms, len(vms)), max(self.most_vcpus, vcpus)
-            self.over_budget += vcpus > self.vcpus
+            if vcpus > self.vcpus:
+                self.over_budget += 1
+                if len(self.seen_over) < 5:
+                    self.seen_over.append([proc.describe() for proc in vms])
             time.sleep(SAMPLE_S)
+
+
+def _runs_a_guest(proc) -> bool:
+    """A QEMU that runs a guest, not one asked a question (``-version``, ``-netdev help``) by a probe."""
+    return proc.is_qemu and "-smp" in proc.argv
 
 
 def _smp(argv: list[str]) -> int:
@@ -131,6 +142,7 @@ class Campaign:
         self.budget_vcpus, self.budget_memory_mib = budget_vcpus, budget_memory_mib
         self.budget_dir = root / "budget"
         self.sites = [self._prepare(account, source_cache) for account in accounts]
+        prepare_host_folder(load_site(self.sites[0]))  # as root, as scripts/install.sh makes the node's
         self.records: list[dict] = []
         self.lock = threading.Lock()
 
@@ -145,7 +157,8 @@ class Campaign:
             (folder / name).mkdir(parents=True, exist_ok=True)
         site = write_site(folder / "site.toml", {
             "driver": "qemu_user", "cache_dir": str(folder / "cache"),
-            "host": {"vcpus": self.budget_vcpus, "memory_mib": self.budget_memory_mib, "admission_wait_s": 900}})
+            "host": {"vcpus": self.budget_vcpus, "memory_mib": self.budget_memory_mib, "admission_wait_s": 900,
+                     "budget_dir": str(self.budget_dir)}})
         _chown_tree(folder, account.uid, account.gid)
         folder.chmod(0o700)
         return site
@@ -170,7 +183,7 @@ class Campaign:
         watch.join()
         return {"jobs": len(plans), "elapsed_s": round(elapsed, 1), "budget_vcpus": self.budget_vcpus,
                 "most_vms_at_once": watch.most_vms, "most_vcpus_at_once": watch.most_vcpus,
-                "samples": watch.samples, "samples_over_budget": watch.over_budget,
+                "samples": watch.samples, "samples_over_budget": watch.over_budget, "seen_over": watch.seen_over,
                 "by_kind": _by_kind(self.records), "records": sorted(self.records, key=lambda r: r["job"]), "lost": [r for r in self.records if r["lost"]],
                 "gc_failures": gc, "left": self.leftovers()}
 

@@ -47,7 +47,7 @@ import pytest
 
 import vjobs
 from vjobs.cli import exec_command
-from vjobs.cli.main import build_parser
+from vjobs.cli.commands import build_parser
 from vjobs.config.site import SiteConfig
 from vjobs.drivers.registry import NAMESPACE
 

@@ -39,7 +39,7 @@ import pytest
 
 from vjobs.config.site import SiteConfig, site_from_dict
 from vjobs.testing import sites
-from vjobs.testing.host_state import vjobs_domains_of, work_leftovers
+from vjobs.testing.host_state import held_tokens, vjobs_domains_of, work_leftovers
 from vjobs.testing.processes import qemu_processes
 from vjobs.testing.sites import libvirt_reachable
 
@@ -192,9 +192,11 @@ def fake_image(tmp_path):
 
 @pytest.fixture
 def make_site(tmp_path, cache_dir):
-    """A site config (as the TOML would give it) with this test's work folder and the session's cache."""
+    """A site config (as the TOML would give it) with this test's work folder, its own host budget folder
+    (``host-budget``: not the node's, which other tests and accounts use) and the session's cache."""
     def make(**settings) -> SiteConfig:
-        document = {"cache_dir": str(cache_dir), "work_dir": str(tmp_path / "work"), **settings}
+        host = {"budget_dir": str(tmp_path / "host-budget"), **settings.pop("host", {})}
+        document = {"cache_dir": str(cache_dir), "work_dir": str(tmp_path / "work"), "host": host, **settings}
         return site_from_dict(document, source="test site")
     return make
 
@@ -227,10 +229,10 @@ def _tree(root: Path, files: dict) -> Path:
 
 @pytest.fixture
 def assert_clean_host(tmp_path):
-    """After the test: no QEMU of this test's jobs runs and the work folder holds no job folder (the
-    admission folder stays, with no job's share in it)."""
+    """After the test: no QEMU of this test's jobs runs, the work folder holds no job folder (admission
+    folders stay) and no token of a budget folder (make_site's or an allocation's) is held."""
     yield
-    leftovers = work_leftovers(tmp_path / "work")
+    leftovers = work_leftovers(tmp_path / "work") + held_tokens(tmp_path / "host-budget")
     assert leftovers == [], f"job folders or admission shares left behind: {leftovers}"
     assert qemu_processes(str(tmp_path)) == []
 
