@@ -7,12 +7,17 @@ their homes and work folders when it ends. An account left by a session that was
 again: the names are the suite's own (``ACCOUNT_PREFIX``; sessions that run side by side on one machine, from
 different checkouts, each set ``VJOBS_TEST_ACCOUNT_PREFIX`` to a prefix of their own, which gives them their
 own virtualenvs too).
+
+Its virtualenv has vjobs' ``[test]`` extra too, so that an account runs vjobs' own test suites (the driver
+conformance suite) as itself. An account cannot build the built-in images (mmdebstrap needs root or
+newuidmap): ``give_built_images`` copies the ones root built for the session into a cache of the account's own.
 """
 
 from __future__ import annotations
 
 import grp
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -20,6 +25,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 ACCOUNT_PREFIX = os.environ.get("VJOBS_TEST_ACCOUNT_PREFIX", "vjtpool")  # another, for sessions side by side
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -30,6 +36,7 @@ VENV_ROOT = Path(os.environ.get("VJOBS_TEST_VENVS", "/var/tmp/vjobs-test-venvs" 
     "" if ACCOUNT_PREFIX == "vjtpool" else f"-{ACCOUNT_PREFIX}")))
 INSTALL_TIMEOUT_S = 600
 COMPLETE = ".vjobs-test-complete"
+EXTRAS = "[test]"  # pytest and the rest: an account runs vjobs' test suites (the driver conformance suite) itself
 VENV_UNUSED_S = 86400  # a virtualenv no session used for this long is removed; another checkout's may be in use
 
 
@@ -61,6 +68,13 @@ class Account:
         return str(self.venv / "bin" / "vjobs")
 
     @property
+    def python(self) -> str:
+        """The Python of the account's virtualenv (the system's python3, with vjobs and pytest)."""
+        if self.venv is None:
+            raise RuntimeError(f"{self.name} has no virtualenv with vjobs")
+        return str(self.venv / "bin" / "python")
+
+    @property
     def work_dir(self) -> Path:
         """vjobs' default work folder for this account (vjobs.config.site)."""
         return Path("/var/tmp") / f"vjobs-{self.uid}"
@@ -86,6 +100,13 @@ class Account:
     def popen(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
               **options) -> subprocess.Popen:
         return subprocess.Popen(self.command(argv, env), cwd=cwd or self.home, **options)
+
+    def own(self, path: Path) -> Path:
+        """Gives ``path`` and everything under it to the account (what root set up for it), links not
+        followed; returns ``path``."""
+        for entry in [Path(path), *Path(path).rglob("*")]:
+            os.chown(entry, self.uid, self.gid, follow_symlinks=False)
+        return Path(path)
 
 
 def create_accounts(count: int, *, groups: tuple[str, ...] = (), prefix: str = ACCOUNT_PREFIX) -> list[Account]:
@@ -171,8 +192,11 @@ def account_venv(source: Path) -> Path:
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, capture_output=True,
                    timeout=INSTALL_TIMEOUT_S)
     # A copy of the tree, not an editable install: a checkout under /root is not readable by accounts.
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)], check=True, capture_output=True,
-                   timeout=INSTALL_TIMEOUT_S)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{source}{EXTRAS}"],
+                               capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    if installed.returncode != 0:
+        raise RuntimeError(f"pip install {source}{EXTRAS} into {venv}: exit {installed.returncode}: "
+                           f"{installed.stderr.strip()[-1500:]}")
     (venv / COMPLETE).touch()
     return venv
 
@@ -185,11 +209,43 @@ def _unused_for(venv: Path, seconds: float) -> bool:
 
 
 def _source_key(source: Path) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(EXTRAS.encode())
     for path in sorted([source / "pyproject.toml", *(source / "vjobs").rglob("*")]):
         if path.is_file() and "__pycache__" not in path.parts:
             digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def give_built_images(account: Account, source_cache: Path, cache: Path,
+                      families: Iterable[str] = ("default", "debian12")) -> Path:
+    """``cache``, a cache of ``account``'s own, with copies of the built images of ``families`` from
+    ``source_cache`` (root's), their manifests naming the copies: the account's jobs boot them and build
+    nothing. An image already there is kept; returns ``cache``."""
+    families = tuple(families)
+    images = Path(cache) / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for folder in sorted((Path(source_cache) / "images").glob("*-*")):
+        target = images / folder.name
+        if not folder.is_dir() or folder.name.rsplit("-", 1)[0] not in families or target.exists():
+            continue
+        staging = images / f".{folder.name}.copying"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(folder, staging)
+        _relocate_manifest(staging / "manifest.json", folder, target)
+        staging.rename(target)
+    return account.own(Path(cache))
+
+
+def _relocate_manifest(manifest: Path, source: Path, target: Path) -> None:
+    """The manifest's paths of files in ``source`` made paths of the same files in ``target`` (a manifest
+    names its files by absolute path)."""
+    def moved(value):
+        if isinstance(value, str) and (value == str(source) or value.startswith(f"{source}/")):
+            return str(target) + value[len(str(source)):]
+        return value
+
+    document = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({key: moved(value) for key, value in document.items()}, indent=2))
 
 
 def with_venv(accounts: list[Account], venv: Path) -> list[Account]:
@@ -206,5 +262,5 @@ def checkout() -> Path:
     return root
 
 
-__all__ = ["Account", "account_venv", "checkout", "create_accounts", "existing_account", "login_path", "remove_account",
-           "remove_accounts", "with_venv"]
+__all__ = ["Account", "account_venv", "checkout", "create_accounts", "existing_account", "give_built_images",
+           "login_path", "remove_account", "remove_accounts", "with_venv"]

@@ -18,6 +18,8 @@ What they give:
   and libvirt, each with vjobs installed by pip into a virtualenv of the system's python3; removed at the end.
 - ``system_cache`` (session): the administrator's cache as the accounts see it, the built-in boot image built
   by root, where they can read it; ``VJOBS_SYSTEM_CACHE`` set to it points an account's vjobs at it.
+- ``account_cache(account, debian=False)``: a cache in the account's home, its own, with copies of the
+  session's built-in image (and the Debian base): an account's jobs boot them and build nothing.
 - A site for each of vjobs' own drivers, named ``<driver>_site`` as the conformance suite looks them up:
   ``qemu_user_site``; ``kvm_site`` (a real libvirtd at ``VJOBS_TEST_LIBVIRT_URI``, TCG; skipped where none
   answers, a failure when VJOBS_REQUIRE_LIBVIRT is set); ``xen_site`` (the XAPI stand-in,
@@ -89,6 +91,20 @@ def pool_accounts():
         accounts.remove_accounts(made)
 
 
+@pytest.fixture(scope="session")
+def account_cache(request, cache_dir, built_image):
+    """``account_cache(account, debian=False)``: ``account.home/cache``, the account's own, holding copies of
+    the session's built-in image and, with ``debian``, of the Debian base (built first if need be)."""
+    from vjobs.testing import accounts
+
+    def give(account: accounts.Account, *, debian: bool = False) -> Path:
+        families = ("default", "debian12") if debian else ("default",)
+        if debian:
+            request.getfixturevalue("debian_image")
+        return accounts.give_built_images(account, cache_dir, account.home / "cache", families)
+    return give
+
+
 # --- images and the session's cache --------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -148,23 +164,31 @@ def debian_image(cache_dir, built_image, session_cache_hold):
 @pytest.fixture(scope="session")
 def debian_formats(debian_image, tmp_path_factory) -> dict[str, Path]:
     """The Debian base in other forms a site may have: an erofs (LZ4), and a qcow2 of a GPT disk whose
-    second partition holds an ext4 (the first is a small unformatted one, so the partition must be found)."""
+    second partition holds an ext4 (the first is a small unformatted one, so the partition must be found).
+    Its tools are found where Debian keeps them (mke2fs, sfdisk in /usr/sbin) for an ordinary account too."""
+    from vjobs.host.tools import tool_path
+
+    def run(argv: list[str], **options) -> None:
+        subprocess.run(argv, check=True, env={**os.environ, "PATH": tool_path()}, **options)
+
     folder = tmp_path_factory.mktemp("formats")
     tree = folder / "tree"
-    subprocess.run(["unsquashfs", "-q", "-no-progress", "-d", str(tree), debian_image.rootfs], check=True)
+    options, excluded = ["-q", "-no-progress", "-d", str(tree)], []
+    if os.geteuid() != 0:  # an ordinary account cannot make device nodes: /dev stays empty (the guest binds its own)
+        options, excluded = [*options, "-excludes"], ["dev/*"]
+    run(["unsquashfs", *options, debian_image.rootfs, *excluded])
     erofs = folder / "debian12.erofs"
-    subprocess.run(["mkfs.erofs", "--quiet", "-zlz4", str(erofs), str(tree)], check=True, capture_output=True)
+    run(["mkfs.erofs", "--quiet", "-zlz4", str(erofs), str(tree)], capture_output=True)
     ext4 = folder / "root.ext4"
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(ext4), "400M"], check=True)
+    run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(ext4), "400M"])
     disk = folder / "disk.raw"
     with open(disk, "wb") as handle:
         handle.truncate((1 + 8 + 400 + 1) << 20)
-    subprocess.run(["sfdisk", "-q", str(disk)], check=True, text=True,
-                   input="label: gpt\nstart=2048, size=16384\nstart=18432, size=819200, type=L\n")
-    subprocess.run(["dd", f"if={ext4}", f"of={disk}", "bs=1M", "seek=9", "conv=notrunc,sparse", "status=none"],
-                   check=True)
+    run(["sfdisk", "-q", str(disk)], text=True,
+        input="label: gpt\nstart=2048, size=16384\nstart=18432, size=819200, type=L\n")
+    run(["dd", f"if={ext4}", f"of={disk}", "bs=1M", "seek=9", "conv=notrunc,sparse", "status=none"])
     qcow2 = folder / "debian12-gpt-ext4.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(qcow2)], check=True)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(qcow2)])
     return {"erofs": erofs, "qcow2": qcow2}
 
 
