@@ -60,4 +60,9 @@ if [[ $EUID -eq 0 ]]; then
         .venv/bin/vjobs image build "$image" >/dev/null
     done
     echo "install.sh: the built-in images default and debian12 are built in the system cache" >&2
+    # The node's one host budget, shared by every account (vjobs/host/admission.py): root's token files in
+    # /var/lib/vjobs/admission, sized from [host] of /etc/vjobs/site.toml (or what the machine has).
+    .venv/bin/python -c 'from vjobs.config.site import load_site
+from vjobs.host.admission import prepare_host_folder
+print("install.sh:", prepare_host_folder(load_site()))' >&2
 fi
