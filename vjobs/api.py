@@ -20,6 +20,7 @@ from vjobs.events import EventHooks, Events
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import boot_id, create_owned_folder, new_owner, remove_owned_folder
 from vjobs.images.catalogue import built_in_image
+from vjobs.images.checked import CheckedFiles
 from vjobs.result import RESULT_NAME, Result, failed
 
 JobLike = Job | Mapping[str, Any] | str | os.PathLike
@@ -28,22 +29,24 @@ SiteLike = SiteConfig | str | os.PathLike | None
 
 def host_context(site: SiteConfig, progress: Callable[[str], None] | None = None, *,
                  progress_bars: bool = False, events: Events | None = None,
-                 cache_hold: CacheHold | None = None) -> HostContext:
+                 cache_hold: CacheHold | None = None, checked_files: CheckedFiles | None = None) -> HostContext:
     """What the core lends the drivers. Progress lines go out as ``progress`` events, to ``progress`` too.
     ``cache_hold``: the hold on the cache that keeps what the drivers and the built-in image use (default: a
-    new one with the site's bound); its owner releases it."""
+    new one with the site's bound); ``checked_files``: where the files VMs get are opened and checked
+    (default: a new set); their owner releases and closes them."""
     events = events or Events()
     cache_hold = cache_hold or CacheHold(site.cache_max_gib)
+    checked_files = checked_files or CheckedFiles(site.cache_dir, site.inspection)
     if progress is not None:
         events.subscribe("progress", lambda event: progress(event.subject))
 
     @functools.cache
     def default_boot_image():
-        return built_in_image(site.cache_dir, events.progress, hold=cache_hold).boot
+        return built_in_image(events.progress, hold=cache_hold, files=checked_files).boot
 
     return HostContext(cache_dir=site.cache_dir, work_dir=site.work_dir, boot_id=boot_id(),
-                       default_boot_image=default_boot_image, cache_hold=cache_hold, progress=events.progress,
-                       progress_bars=progress_bars, events=events)
+                       default_boot_image=default_boot_image, cache_hold=cache_hold, checked_files=checked_files,
+                       progress=events.progress, progress_bars=progress_bars, events=events)
 
 
 def _site(site: SiteLike) -> SiteConfig:
@@ -87,7 +90,9 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
     target = Path(outdir) if outdir else default_outdir(the_job.id)
     events.job_id = the_job.id
     hold = CacheHold(site_config.cache_max_gib)  # the job's: the container releases it after its teardown
-    context = host_context(site_config, progress, progress_bars=progress_bars, events=events, cache_hold=hold)
+    files = CheckedFiles(site_config.cache_dir, site_config.inspection)  # the job's too: closed after it
+    context = host_context(site_config, progress, progress_bars=progress_bars, events=events, cache_hold=hold,
+                           checked_files=files)
     return VMContainer(the_job, site_config, context, target, driver=driver).run()
 
 
@@ -103,8 +108,9 @@ def _job_id_guess(job: Any) -> str:
 def probe(site: SiteLike = None, progress: Callable[[str], None] = lambda message: None) -> list[Capabilities]:
     """Every installed driver's verdict on this host."""
     site_config = _site(site)
-    with CacheHold(site_config.cache_max_gib) as hold:  # the built-in image a deep probe boots, while it does
-        return probe_all(site_config, host_context(site_config, progress, cache_hold=hold))
+    # the built-in image a deep probe boots, held and open while it does
+    with CacheHold(site_config.cache_max_gib) as hold, CheckedFiles(site_config.cache_dir) as files:
+        return probe_all(site_config, host_context(site_config, progress, cache_hold=hold, checked_files=files))
 
 
 def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Driver | None" = None,

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vjobs.config.site import SiteConfig
+from vjobs.config.site import CatalogueImage, SiteConfig
 from vjobs.drivers.contract import BootImage
 from vjobs.errors import ImageError
 from vjobs.host.cache import CacheHold
-from vjobs.images.boot import build_default_image, load_default_image
+from vjobs.images.boot import build_default_image, load_default_image, open_default_image
+from vjobs.images.checked import CheckedFiles
 from vjobs.images.rootfs import RootfsImage, debian, load_rootfs
-from vjobs.images.store import ChecksumCache
 
 BUILT_IN = ("default", "debian12")
 
@@ -30,39 +30,33 @@ BUILT_IN = ("default", "debian12")
 class ResolvedImage:
     name: str
     boot: BootImage
-    kernel_sha256: str
-    initramfs_sha256: str
     rootfs: RootfsImage | None = None
 
     def provenance(self) -> dict:
-        fields = {"image": self.name, "kernel_sha256": self.kernel_sha256,
-                  "initramfs_sha256": self.initramfs_sha256}
+        fields = {"image": self.name, "kernel_sha256": self.boot.kernel.sha256(),
+                  "initramfs_sha256": self.boot.initramfs.sha256()}
         return {**fields, **(self.rootfs.provenance() if self.rootfs else {})}
 
 
-def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None], *,
-                  hold: CacheHold) -> ResolvedImage:
-    """The catalogue's entry ``name`` (a site may override a built-in name), else a built-in image. The
-    built-in images it builds or finds in the cache stay while ``hold`` (the job's) holds them."""
+def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None], *, hold: CacheHold,
+                  files: CheckedFiles) -> ResolvedImage:
+    """The catalogue's entry ``name`` (a site may override a built-in name), else a built-in image, its files
+    opened and checked among ``files`` (the job's; vjobs/images/checked.py). The built-in images it builds or
+    finds in the cache stay while ``hold`` (the job's) holds them."""
     entry = site.images.get(name)
     if entry is None and name in BUILT_IN:
-        return built_in_image(site.cache_dir, progress, hold=hold) if name == "default" else \
-            built_in_base(name, site.cache_dir, progress, hold=hold)
+        return built_in_image(progress, hold=hold, files=files) if name == "default" else \
+            built_in_base(name, progress, hold=hold, files=files)
     if entry is None:
         known = ", ".join(sorted({*site.images, *BUILT_IN}))
         raise ImageError(f"/image: {name!r} is not in this site's catalogue ({site.source}) nor built in; "
                          f"known: {known}", code="image_not_found")
-    if entry.kernel is not None:
-        _check_boot(name, entry, site.cache_dir)
-        boot = ResolvedImage(name, BootImage(entry.kernel, entry.initramfs, entry.cmdline, entry.kernel_sha256,
-                                             entry.initramfs_sha256),
-                             entry.kernel_sha256, entry.initramfs_sha256)
-    else:
-        boot = built_in_image(site.cache_dir, progress, hold=hold)
+    boot = _own_boot(name, entry, files) if entry.kernel is not None else \
+        built_in_image(progress, hold=hold, files=files).boot
     rootfs = None
     if entry.rootfs is not None:
-        rootfs = load_rootfs(entry.rootfs, entry.rootfs_sha256, site.cache_dir, f"images.{name}.rootfs")
-    return ResolvedImage(name, boot.boot, boot.kernel_sha256, boot.initramfs_sha256, rootfs)
+        rootfs = load_rootfs(entry.rootfs, entry.rootfs_sha256, f"images.{name}.rootfs", files)
+    return ResolvedImage(name, boot, rootfs)
 
 
 def catalogue_states(site: SiteConfig) -> list[dict[str, str]]:
@@ -73,12 +67,13 @@ def catalogue_states(site: SiteConfig) -> list[dict[str, str]]:
         kind = "rootfs" if entry.rootfs else "boot image"
         try:
             details = []
-            if entry.kernel is not None:
-                _check_boot(name, entry, site.cache_dir)
-                details.append(f"own kernel {entry.kernel}")
-            if entry.rootfs is not None:
-                details.append(load_rootfs(entry.rootfs, entry.rootfs_sha256, site.cache_dir,
-                                           f"images.{name}.rootfs").info.describe())
+            with CheckedFiles(site.cache_dir, site.inspection) as files:
+                if entry.kernel is not None:
+                    _own_boot(name, entry, files)
+                    details.append(f"own kernel {entry.kernel}")
+                if entry.rootfs is not None:
+                    details.append(load_rootfs(entry.rootfs, entry.rootfs_sha256, f"images.{name}.rootfs",
+                                               files).info.describe())
             rows.append({"name": name, "kind": kind, "state": "ok", "detail": "; ".join(details)})
         except ImageError as error:
             rows.append({"name": name, "kind": kind, "state": "broken", "detail": str(error)})
@@ -92,24 +87,21 @@ def catalogue_states(site: SiteConfig) -> list[dict[str, str]]:
     return rows
 
 
-def _check_boot(name: str, entry, cache_dir: Path) -> None:
-    checked = ChecksumCache(cache_dir / "checksums.json")
-    for label, path, expected in (("kernel", entry.kernel, entry.kernel_sha256),
-                                  ("initramfs", entry.initramfs, entry.initramfs_sha256)):
-        checked.verify(f"images.{name}.{label}", path, expected)
+def _own_boot(name: str, entry: CatalogueImage, files: CheckedFiles) -> BootImage:
+    return BootImage(files.verified(entry.kernel, f"images.{name}.kernel", entry.kernel_sha256),
+                     files.verified(entry.initramfs, f"images.{name}.initramfs", entry.initramfs_sha256),
+                     entry.cmdline)
 
 
-def built_in_base(name: str, cache_dir: Path, progress: Callable[[str], None], *,
-                  hold: CacheHold) -> ResolvedImage:
+def built_in_base(name: str, progress: Callable[[str], None], *, hold: CacheHold,
+                  files: CheckedFiles) -> ResolvedImage:
     """A built-in root file system (built on first use) booted by the built-in boot image."""
-    manifest = debian.build(cache_dir, progress, hold=hold)
-    boot = built_in_image(cache_dir, progress, hold=hold)
-    rootfs = load_rootfs(Path(manifest.rootfs), manifest.rootfs_sha256, cache_dir, f"built-in image {name}")
-    return ResolvedImage(name, boot.boot, boot.kernel_sha256, boot.initramfs_sha256, rootfs)
+    manifest = debian.build(files.cache_dir, progress, hold=hold)
+    boot = built_in_image(progress, hold=hold, files=files)
+    rootfs = load_rootfs(Path(manifest.rootfs), manifest.rootfs_sha256, f"built-in image {name}", files)
+    return ResolvedImage(name, boot.boot, rootfs)
 
 
-def built_in_image(cache_dir: Path, progress: Callable[[str], None], *, hold: CacheHold) -> ResolvedImage:
-    manifest = build_default_image(cache_dir, progress, hold=hold)
-    return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline,
-                                              manifest.kernel_sha256, manifest.initramfs_sha256, builtin=True),
-                         manifest.kernel_sha256, manifest.initramfs_sha256)
+def built_in_image(progress: Callable[[str], None], *, hold: CacheHold, files: CheckedFiles) -> ResolvedImage:
+    manifest = build_default_image(files.cache_dir, progress, hold=hold)
+    return ResolvedImage("default", open_default_image(manifest, files))

@@ -31,52 +31,66 @@ from vjobs.drivers.kvm import KvmDriver
 from vjobs.drivers.kvm.domain import DomainSettings, domain_xml
 from vjobs.drivers.kvm.driver import owner_labels
 from vjobs.host.identity import boot_id
+from vjobs.images.checked import CheckedFiles
 from vjobs.testing.host_state import vjobs_domains_of, work_leftovers
 from vjobs.testing.processes import qemu_named_for, qemu_processes
 from vjobs.testing.sites import LIBVIRT_URI
 
 
-def make_spec(tmp_path: Path, *, name: str = "vjobs-t1-abcd1234", network: bool = False,
-              boot: BootImage | None = None, disks: tuple[Disk, ...] | None = None) -> VMSpec:
-    if disks is None:
-        disks = (Disk("io", tmp_path / "io.raw", "raw", False), Disk("release", tmp_path / "rel.sqfs", "raw", True))
-    for disk in disks:
-        disk.path.write_bytes(b"\0" * 4096)
+def make_spec(tmp_path: Path, files: CheckedFiles, *, name: str = "vjobs-t1-abcd1234", network: bool = False,
+              boot: BootImage | None = None) -> VMSpec:
+    """A spec with an io disk and a release disk (opened among ``files``, as the core opens a read-only disk)."""
+    for name_of_file in ("io.raw", "rel.sqfs", "vmlinuz", "initrd"):
+        (tmp_path / name_of_file).write_bytes(b"\0" * 4096)
+    disks = (Disk("io", tmp_path / "io.raw", "raw", False),
+             Disk("release", tmp_path / "rel.sqfs", "raw", True, file=files.open(tmp_path / "rel.sqfs", "release")))
     owner = Owner(job_id="t1", pid=os.getpid(), boot_id="b" * 32, hostname=socket.gethostname(), run_id="abcd1234")
-    return VMSpec(name=name, vcpus=1, memory_mib=256,
-                  boot=boot or BootImage(tmp_path / "vmlinuz", tmp_path / "initrd", "panic=-1"),
-                  disks=disks, console=ConsoleLog(tmp_path / "console.log"), network=network, owner=owner,
-                  workdir=tmp_path)
+    boot = boot or BootImage(files.open(tmp_path / "vmlinuz", "kernel"), files.open(tmp_path / "initrd", "initrd"),
+                             "panic=-1")
+    return VMSpec(name=name, vcpus=1, memory_mib=256, boot=boot, disks=disks,
+                  console=ConsoleLog(tmp_path / "console.log"), network=network, owner=owner, workdir=tmp_path)
+
+
+def xml_of(spec: VMSpec, settings: DomainSettings) -> str:
+    return domain_xml(spec, settings, spec.workdir / "kernel-copy", spec.workdir / "initrd-copy")
 
 
 # --- the domain description -------------------------------------------------------------------------------
 
-def test_domain_xml_names_formats_makes_the_release_read_only_and_has_no_network(tmp_path):
-    spec = make_spec(tmp_path, network=False)
-    root = ET.fromstring(domain_xml(spec, DomainSettings(virt_type="qemu", network="default")))
+def test_domain_xml_names_formats_makes_the_release_read_only_and_has_no_network(tmp_path, checked_files):
+    spec = make_spec(tmp_path, checked_files, network=False)
+    root = ET.fromstring(xml_of(spec, DomainSettings(virt_type="qemu", network="default")))
     assert root.get("type") == "qemu" and root.findtext("name") == spec.name
     assert [d.find("driver").get("type") for d in root.iter("disk")] == ["raw", "raw"]
     assert [d.find("readonly") is not None for d in root.iter("disk")] == [False, True]
     assert root.find("./devices/interface") is None
-    assert root.findtext("./os/kernel") == str(tmp_path / "vmlinuz")
+    assert root.findtext("./os/kernel") == str(tmp_path / "kernel-copy")  # a copy made from the checked file
+    # the release is the checked descriptor (an fd group the driver fills), and no disk has a backing file
+    assert [d.find("source").get("fdgroup") for d in root.iter("disk")] == [None, "vjobs-disk1"]
+    assert all(d.find("backingStore") is not None and len(d.find("backingStore")) == 0 for d in root.iter("disk"))
     assert "console=ttyS0" in root.findtext("./os/cmdline")
     assert root.find("./devices/serial").get("type") == "pty"  # read through libvirt's console stream, bounded
     assert root.findtext("on_poweroff") == "destroy" and root.findtext("on_crash") == "destroy"
 
 
-def test_domain_gets_a_network_only_when_the_job_asks_and_the_site_has_one(tmp_path):
-    with_network = ET.fromstring(domain_xml(make_spec(tmp_path, network=True), DomainSettings(network="default")))
+def test_domain_gets_a_network_only_when_the_job_asks_and_the_site_has_one(tmp_path, checked_files):
+    spec = make_spec(tmp_path, checked_files, network=True)
+    with_network = ET.fromstring(xml_of(spec, DomainSettings(network="default")))
     assert with_network.find("./devices/interface/source").get("network") == "default"
-    no_site_network = ET.fromstring(domain_xml(make_spec(tmp_path, network=True), DomainSettings(network=None)))
+    no_site_network = ET.fromstring(xml_of(spec, DomainSettings(network=None)))
     assert no_site_network.find("./devices/interface") is None
 
 
-def test_libvirt_accepts_the_description_and_keeps_owner_metadata(tmp_path):
-    """libvirt's own parser (test:///default, no daemon) reads back what vjobs wrote."""
-    spec = make_spec(tmp_path)
+def test_libvirt_accepts_the_description_and_keeps_owner_metadata(tmp_path, checked_files):
+    """libvirt's own parser (test:///default, no daemon) reads back what vjobs wrote. That driver takes no
+    descriptors, so the fd groups are left out here; the real libvirtd takes them (the tests below)."""
+    spec = make_spec(tmp_path, checked_files)
+    description = ET.fromstring(xml_of(spec, DomainSettings(virt_type="test")))
+    for source in description.iter("source"):
+        source.attrib.pop("fdgroup", None)
     conn = libvirt.open("test:///default")
     try:
-        dom = conn.createXML(domain_xml(spec, DomainSettings(virt_type="test")), 0)
+        dom = conn.createXML(ET.tostring(description, encoding="unicode"), 0)
         described = ET.fromstring(dom.XMLDesc())
         assert [d.find("readonly") is not None for d in described.iter("disk")] == [False, True]
         assert [d.find("driver").get("type") for d in described.iter("disk")] == ["raw", "raw"]
@@ -223,13 +237,13 @@ def blocker(kvm_site, built_image, tmp_path):
 
 @pytest.mark.vm
 @pytest.mark.libvirt
-def test_domain_with_the_same_name_already_running(kvm_site, blocker, built_image, tmp_path, cache_dir):
+def test_domain_with_the_same_name_already_running(kvm_site, blocker, built_boot, checked_files, tmp_path):
     from vjobs.api import host_context
 
     driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
-    boot = BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline)
     with pytest.raises(vjobs.VMError) as failure:
-        driver.create(make_spec(tmp_path, name=blocker, boot=boot))  # releases what it made: there is no VM to destroy
+        # it releases what it made: there is no VM to destroy
+        driver.create(make_spec(tmp_path, checked_files, name=blocker, boot=built_boot))
     assert failure.value.code == "domain_exists" and "vjobs gc" in str(failure.value)
     conn = libvirt.open(LIBVIRT_URI)
     assert conn.lookupByName(blocker).isActive()  # vjobs' failure did not take the other domain down
@@ -238,12 +252,11 @@ def test_domain_with_the_same_name_already_running(kvm_site, blocker, built_imag
 
 @pytest.mark.vm
 @pytest.mark.libvirt
-def test_create_makes_the_domain_paused_and_destroy_removes_it(kvm_site, built_image, tmp_path):
+def test_create_makes_the_domain_paused_and_destroy_removes_it(kvm_site, built_boot, checked_files, tmp_path):
     from vjobs.api import host_context
 
     driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
-    boot = BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline)
-    spec = make_spec(tmp_path, name=f"vjobs-t1-{uuid.uuid4().hex[:8]}", boot=boot)
+    spec = make_spec(tmp_path, checked_files, name=f"vjobs-t1-{uuid.uuid4().hex[:8]}", boot=built_boot)
     vm = driver.create(spec)
     conn = libvirt.open(LIBVIRT_URI)
     try:

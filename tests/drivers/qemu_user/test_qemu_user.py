@@ -26,15 +26,14 @@ def _qemu_user_driver(make_site, **settings):
     return load_driver("qemu_user", site, host_context(site))
 
 
-def _spec(tmp_path, built_image):
-    from vjobs.drivers.contract import BootImage, Disk, Owner, VMSpec
+def _spec(tmp_path, built_boot):
+    from vjobs.drivers.contract import Disk, Owner, VMSpec
     from vjobs.guest.console import ConsoleLog
 
     disk = tmp_path / "io.raw"
     disk.write_bytes(bytes(1 << 20))
     owner = Owner(job_id="t1", pid=os.getpid(), boot_id="b" * 32, hostname=socket.gethostname(), run_id="abcd1234")
-    return VMSpec(name="vjobs-t1-abcd1234", vcpus=1, memory_mib=256,
-                  boot=BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline),
+    return VMSpec(name="vjobs-t1-abcd1234", vcpus=1, memory_mib=256, boot=built_boot,
                   disks=(Disk("io", disk, "raw", False),), console=ConsoleLog(tmp_path / "console.log"),
                   network=False, owner=owner, workdir=tmp_path)
 
@@ -43,8 +42,8 @@ def _open_files() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def test_create_opens_what_qemu_gets_runs_nothing_and_destroy_lets_it_go(make_site, built_image, tmp_path):
-    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_image)
+def test_create_opens_what_qemu_gets_runs_nothing_and_destroy_lets_it_go(make_site, built_boot, tmp_path):
+    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_boot)
     before = _open_files()
     vm = driver.create(spec)
     assert vm.process is None and "-kernel" in vm.prepared.argv  # the command line is written, QEMU not started
@@ -55,8 +54,8 @@ def test_create_opens_what_qemu_gets_runs_nothing_and_destroy_lets_it_go(make_si
     spec.console.close()
 
 
-def test_a_create_that_fails_half_way_leaves_nothing_open(make_site, built_image, tmp_path):
-    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_image)
+def test_a_create_that_fails_half_way_leaves_nothing_open(make_site, built_boot, tmp_path):
+    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_boot)
     spec.disks[0].path.unlink()
     spec.disks[0].path.mkdir()  # fails to open read-write: last, after the kernel, the initramfs and the sockets
     before = _open_files()

@@ -1,8 +1,10 @@
 """The kvm driver: each job runs in a transient libvirt domain, watched through libvirt's domain events.
 
-``create`` creates the domain paused (QEMU opens the disks then) and opens its console; ``start`` resumes it. A
-transient domain, not a defined one: nothing of it outlives its QEMU, and one a killed vjobs left running is
-found by ``vjobs gc`` through its owner labels.
+``create`` defines the domain, hands libvirt the checked descriptors of its read-only disks
+(``virDomainFDAssociate``, which needs a domain to hand them to), starts it paused (QEMU opens the disks then)
+and undefines it at once, which leaves it transient: nothing of it outlives its QEMU. It then opens the console;
+``start`` checks that no checked file changed (``check_unchanged``) and resumes it. A domain a killed vjobs
+left running, or left defined, is found by ``vjobs gc`` through its owner labels.
 
 Site settings (``[drivers.kvm]``): ``uri`` (``qemu:///system`` default, or ``qemu:///session``),
 ``virt_type`` (``kvm`` default, or ``qemu`` for TCG, as Nova's libvirt driver has it), ``machine`` (``q35``
@@ -26,10 +28,10 @@ import libvirt
 
 from vjobs.drivers.bootcheck import boot_check
 from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
-                                    destroyed_on_failure, first_failure)
+                                    check_unchanged, destroyed_on_failure, first_failure)
 from vjobs.drivers.kvm import connection
 from vjobs.drivers.kvm.connection import libvirt_errors
-from vjobs.drivers.kvm.domain import NAMESPACE_URI, DomainSettings, domain_xml, parse_owner
+from vjobs.drivers.kvm.domain import NAMESPACE_URI, DomainSettings, disk_fds, domain_xml, parse_owner
 from vjobs.errors import VjobsError, VMError
 
 # How long the deep probe waits for the built-in guest: a healthy KVM host boots it in well under a second;
@@ -58,7 +60,11 @@ class KvmDriver(Driver):
     def create(self, spec: VMSpec) -> VM:
         check_disk_formats(spec, FORMATS, self.name)
         settings = DomainSettings(virt_type=self.virt_type, machine=self.machine, network=NETWORK)
-        vm = KvmVM(spec, self.uri, domain_xml(spec, settings))
+        # libvirt takes no descriptor for a kernel or initramfs: copies made from the checked ones, in the VM's
+        # own folder, readable by vjobs' user alone (and by QEMU, to which libvirt lends them).
+        kernel = spec.boot.kernel.private_copy(spec.workdir / "kernel")
+        initramfs = spec.boot.initramfs.private_copy(spec.workdir / "initramfs")
+        vm = KvmVM(spec, self.uri, domain_xml(spec, settings, kernel, initramfs))
         with destroyed_on_failure(vm):
             vm.attach()
         return vm
@@ -139,6 +145,7 @@ class KvmDriver(Driver):
                 labels = owner_labels(dom)
                 if labels and is_orphan(labels):
                     _destroy_quietly(dom)
+                    _undefine_quietly(dom)  # one a killed vjobs left defined, before it made it transient
                     removed.append(f"destroyed domain {dom.name()} on {self.uri} (job {labels.get('vjobs.job_id')}, "
                                    f"pid {labels.get('vjobs.pid')})")
         return removed
@@ -160,7 +167,8 @@ class KvmVM(VM):
         self.console: int | None = None  # the guest's serial pty, read by vjobs itself
 
     def attach(self) -> None:
-        """``create``'s part: the domain, created paused (QEMU has opened the disks), and its console open."""
+        """``create``'s part: the domain, started paused (QEMU has opened the disks, the read-only ones through
+        the checked descriptors), transient, and its console open."""
         self.conn = connection.open_connection(self.uri)
         with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
             self.conn.registerCloseCallback(self._on_close, None)
@@ -170,12 +178,19 @@ class KvmVM(VM):
                 self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None),
                 self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON,
                                                  self._on_io_error, None)]
-            # Paused until the console is open: a pty drops what is written while nobody reads it.
-            self.dom = self.conn.createXML(self.xml, libvirt.VIR_DOMAIN_START_PAUSED)
+            self.dom = self.conn.defineXML(self.xml)
+            try:
+                for group, fd in disk_fds(self.spec).items():
+                    self.dom.FDAssociate(group, [fd])  # for as long as this connection lives
+                # Paused until the console is open: a pty drops what is written while nobody reads it.
+                self.dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+            finally:
+                self.dom.undefine()  # transient once it runs; gone if it did not start
             self.console = _open_pty(_console_pty(self.dom))
             self.spec.console.follow(self._read_console)
 
     def start(self) -> None:
+        check_unchanged(self.spec)  # QEMU, paused, holds every file: the guest runs only on what was checked
         with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
             self.dom.resume()
 
@@ -354,6 +369,14 @@ def _destroy_quietly(dom: libvirt.virDomain) -> None:
         dom.destroy()
     except libvirt.libvirtError as exc:
         if not connection.is_gone(exc):
+            raise
+
+
+def _undefine_quietly(dom: libvirt.virDomain) -> None:
+    try:
+        dom.undefine()
+    except libvirt.libvirtError as exc:
+        if not connection.is_gone(exc):  # gone, or transient (not defined): nothing to undefine
             raise
 
 
