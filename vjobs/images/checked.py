@@ -4,14 +4,17 @@ A catalogue's kernel, initramfs and base image, the built-in images, a job's rel
 template's saved guest: vjobs opens each once (read-only, never through a symbolic link, a FIFO or a device),
 reads, hashes and inspects it only through that descriptor, and the driver gives the hypervisor that same
 descriptor, or a copy made from it (vjobs/drivers/contract.py). The path names the file in messages and
-nowhere else, so a file renamed over it after the check changes nothing for the job that opened it.
+nowhere else, so another file put at that path after the check (its folder replaced by another, say)
+changes nothing for the job that opened it.
 
-A rewrite in place changes the file every descriptor of it reads. Its stamp says so (device, inode, size,
-mtime and ctime, ``file_stamp``: no one can set a ctime, which every write and every ``utime`` moves): a
-file whose sum was verified (``CheckedFile.verify``) is checked again, once the hypervisor holds it and
-before the guest runs (``check_unchanged``, which the drivers call), and a file rewritten since refuses the
-job. What a rewrite after that changes, the guest reads as a change of its disk: the hypervisor opened the
-file as it was checked (a qcow2 with its backing disabled), and the next job's check refuses the file.
+A change of the file itself is another matter: a rewrite in place changes what every descriptor of it reads.
+Its stamp says so (device, inode, size, mtime and ctime, ``file_stamp``: no one can set a ctime, which every
+write, ``utime``, rename and unlink moves): a file whose sum was verified (``CheckedFile.verify``) is checked
+again once the hypervisor holds it and before the guest runs (``check_unchanged``, which the drivers call),
+and one changed since refuses the job; a file renamed over is refused too, since its ctime cannot tell an
+unlink from a rewrite. What a rewrite after that changes, the guest reads as a change of its disk: the
+hypervisor opened the file as it was checked (a qcow2 with its backing disabled), and the next job's check
+refuses the file.
 
 ``CheckedFiles`` is one job's (or one command's) set of them: what it opened is closed when it ends.
 """

@@ -100,6 +100,42 @@ def test_libvirt_accepts_the_description_and_keeps_owner_metadata(tmp_path, chec
         conn.close()
 
 
+@pytest.mark.vm
+@pytest.mark.libvirt
+def test_read_only_disks_reach_qemu_as_the_descriptors_libvirt_was_handed(kvm_site, built_boot, checked_files,
+                                                                          tmp_path):
+    """A read-only qcow2 that names a backing file which is not there, owned by someone else: the domain starts
+    (QEMU opened nothing by that name), QEMU's command line names a descriptor set and not the file, libvirt left
+    the file's owner as it was, and the domain is transient."""
+    import dataclasses
+
+    from vjobs.api import host_context
+    from vjobs.testing.processes import qemu_named_for
+
+    qcow2 = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(tmp_path / "gone.raw"), "-F", "raw",
+                    str(qcow2), "1M"], check=True)
+    os.chown(qcow2, 1234, 1234)
+    qcow2.chmod(0o640)
+    job = f"fdpass{uuid.uuid4().hex[:8]}"
+    spec = make_spec(tmp_path, checked_files, name=f"vjobs-{job}-abcd1234", boot=built_boot)
+    spec = dataclasses.replace(spec, disks=(*spec.disks, Disk("rootfs", qcow2, "qcow2", True,
+                                                              file=checked_files.open(qcow2, "rootfs"))))
+    vm = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site)).create(spec)
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        dom = conn.lookupByName(spec.name)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED and not dom.isPersistent()
+        cmdline = (qemu_named_for(job) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert cmdline.count("/dev/fdset/") == 2 and str(qcow2) not in cmdline  # the release and the qcow2
+        assert str(spec.workdir / "kernel") in cmdline  # the kernel: a private copy of the checked file
+        assert (qcow2.stat().st_uid, qcow2.stat().st_gid, qcow2.stat().st_mode & 0o777) == (1234, 1234, 0o640)
+    finally:
+        vm.destroy()
+        conn.close()
+        spec.console.close()
+
+
 # --- the probe --------------------------------------------------------------------------------------------
 
 def libvirt_advertises(virt_type: str) -> bool:
@@ -310,6 +346,28 @@ def test_killed_pilot_leaves_a_domain_that_gc_removes_and_nothing_else(kvm_site,
     conn = libvirt.open(LIBVIRT_URI)
     assert conn.lookupByName(blocker).isActive()  # not vjobs': left alone
     conn.close()
+
+
+@pytest.mark.libvirt
+def test_gc_removes_a_domain_a_killed_vjobs_left_defined(kvm_site, checked_files, tmp_path):
+    """A vjobs killed between defining a domain and making it transient leaves a definition; gc removes it."""
+    import dataclasses
+
+    from vjobs.api import host_context
+
+    run_id = uuid.uuid4().hex[:8]  # the test's own: gc below removes what carries it, and nothing else
+    spec = make_spec(tmp_path, checked_files, name=f"vjobs-t1-{run_id}")
+    spec = dataclasses.replace(spec, owner=dataclasses.replace(spec.owner, run_id=run_id))
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        conn.defineXML(xml_of(spec, DomainSettings(virt_type="qemu")))
+        driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
+        removed = driver.collect_garbage(lambda labels: labels.get("vjobs.run_id") == run_id)
+        assert removed == [f"destroyed domain {spec.name} on {LIBVIRT_URI} (job t1, pid {os.getpid()})"]
+        with pytest.raises(libvirt.libvirtError, match="Domain not found"):
+            conn.lookupByName(spec.name)
+    finally:
+        conn.close()
 
 
 # --- confinement -----------------------------------------------------------------------------------------
