@@ -130,8 +130,9 @@ def cmd_image_inspect(args) -> int:
     from vjobs.images.rootfs.inspect import inspect_rootfs
 
     path = Path(args.file).resolve()
+    limits = api.load_site(args.site).inspection  # the site's [inspection]
     with CheckedFile.open(path, str(path)) as file:  # inspected and hashed as a job does: through one descriptor
-        info = inspect_rootfs(file, api.load_site(args.site).inspection)  # the site's [inspection] limits
+        info = inspect_rootfs(file, limits)
         progress = _progress(args.json)
         progress(f"hashing {path} ({file.size >> 20} MiB)")
         digest, size = file.sha256(), file.size

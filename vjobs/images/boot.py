@@ -27,8 +27,8 @@ from vjobs.drivers.contract import BootImage
 from vjobs.errors import ImageError
 from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
-from vjobs.images.cpio import CpioWriter
 from vjobs.images.checked import CheckedFiles
+from vjobs.images.cpio import CpioWriter
 from vjobs.images.store import build_once, sha256_file
 
 BUILDER_VERSION = 3

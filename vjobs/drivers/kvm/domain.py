@@ -55,7 +55,11 @@ def domain_xml(spec: VMSpec, settings: DomainSettings, kernel: Path, initramfs: 
 
 def disk_fds(spec: VMSpec) -> dict[str, int]:
     """The fd group of each read-only disk, and the checked descriptor that fills it."""
-    return {f"vjobs-disk{index}": disk.file.fd for index, disk in enumerate(spec.disks) if disk.readonly}
+    return {_fd_group(index): disk.file.fd for index, disk in enumerate(spec.disks) if disk.readonly}
+
+
+def _fd_group(index: int) -> str:
+    return f"vjobs-disk{index}"
 
 
 def _os(spec: VMSpec, machine: str, kernel: Path, initramfs: Path) -> ET.Element:
@@ -87,7 +91,7 @@ def _devices(spec: VMSpec, settings: DomainSettings) -> ET.Element:
                       cache="writethrough" if disk.readonly else "unsafe")
         source = ET.SubElement(element, "source", file=str(disk.path))
         if disk.readonly:
-            source.set("fdgroup", f"vjobs-disk{index}")  # disk_fds: the checked descriptor, not the path
+            source.set("fdgroup", _fd_group(index))  # disk_fds: the checked descriptor, not the path
         # No backing file, whatever the image's header says: libvirt then neither probes one nor lets QEMU
         # open one ("backing": null).
         ET.SubElement(element, "backingStore")

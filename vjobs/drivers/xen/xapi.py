@@ -20,9 +20,9 @@ from typing import Any, Iterator, Mapping
 
 import XenAPI
 
+from vjobs.drivers.contract import CheckedFile
 from vjobs.drivers.xen import vhd
 from vjobs.errors import DriverError, VjobsError, VMError
-from vjobs.drivers.contract import CheckedFile
 
 LOCAL_SOCKET = "/var/lib/xcp/xapi"
 CHUNK = 1 << 20
