@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Starts (up) and stops (down) libvirtd and virtlogd for the tests, as root, on a machine without systemd.
 # Installs nothing: scripts/install.sh installs libvirt-daemon-system. Idempotent.
-#   .ci/libvirt.sh up        configure qemu.conf, start virtlogd and libvirtd if not running, wait for them
+#   .ci/libvirt.sh up        configure qemu.conf and libvirtd.conf (group libvirt may use it, as
+#                            scripts/libvirtd-access.sh sets it), start virtlogd and libvirtd if not running,
+#                            wait for them
 #   .ci/libvirt.sh down      stop the daemons this script started (a daemon it found running is left alone)
 #   .ci/libvirt.sh restart   stop libvirtd (whoever started it) and start it again; tests use it
 set -euo pipefail
@@ -69,6 +71,7 @@ case "${1:-}" in
     up)
         configured=0
         configure_qemu
+        [[ -n $("$(dirname "$0")/../scripts/libvirtd-access.sh") ]] && configured=1
         # a libvirtd that was running before the change still has the old settings
         ((configured)) && running libvirtd && stop libvirtd
         start virtlogd

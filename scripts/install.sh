@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything vjobs needs on a fresh Debian 12 machine, as root: the system tools that build disks
-# and run VMs (apt-get), and vjobs itself into ./.venv (pip). Idempotent.
+# and run VMs (apt-get), vjobs itself into ./.venv (pip), and the node as README "For sites" describes it: the
+# system folders, the QEMU user, libvirtd usable by group `libvirt`, and the built-in images in the system
+# cache, built once for every account. Idempotent.
 #   scripts/install.sh          vjobs and what it runs
 #   scripts/install.sh --test   the same, plus the test tools
 set -euo pipefail
@@ -29,6 +31,21 @@ if [[ $EUID -eq 0 ]] && ! getent passwd vjobs-qemu >/dev/null; then
     echo "install.sh: created the system user vjobs-qemu" >&2
 fi
 
+if [[ $EUID -eq 0 ]]; then
+    # The system cache (root builds the built-in images there; accounts read it, never write it) and the
+    # folder of the site config. Modes as vjobs wants them: writable by root alone.
+    install -d -o root -g root -m 0755 /var/cache/vjobs /etc/vjobs
+    # The system libvirtd for the accounts a site adds to group libvirt (docs/security.md: root-equivalent).
+    if [[ -n $(scripts/libvirtd-access.sh) ]]; then
+        echo "install.sh: libvirtd.conf: group libvirt may use qemu:///system" >&2
+        if command -v systemctl >/dev/null && systemctl is-active --quiet libvirtd 2>/dev/null; then
+            systemctl restart libvirtd  # it reads its settings only when it starts
+        elif [[ -s /run/libvirtd.pid ]] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; then
+            echo "install.sh: restart libvirtd to apply it" >&2
+        fi
+    fi
+fi
+
 python=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 extra=""
@@ -36,3 +53,11 @@ extra=""
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".${extra}"
 echo "install.sh: vjobs $(.venv/bin/vjobs --version | cut -d' ' -f2) installed in $(pwd)/.venv" >&2
+
+if [[ $EUID -eq 0 ]]; then
+    # The built-in images, built once by root for every account (a no-op when they are up to date).
+    for image in default debian12; do
+        .venv/bin/vjobs image build "$image" >/dev/null
+    done
+    echo "install.sh: the built-in images default and debian12 are built in the system cache" >&2
+fi

@@ -211,7 +211,7 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(request, tmp_path_factory):
+def slurm_cluster(request):
     """A real one-node Slurm cluster (vjobs.testing.servers.slurm) in ``grid_netns``, so that its batch jobs
     reach the XRootD server there: slurmctld and slurmd with one 2-CPU node (4096 MiB), stopped (and its left
     jobs cancelled) at the end of the session whatever happened. Skipped, with the reason, where Slurm is not
@@ -222,5 +222,11 @@ def slurm_cluster(request, tmp_path_factory):
     if why_not:
         server_unavailable(f"no Slurm cluster: {why_not}")
     netns = request.getfixturevalue("grid_netns")
-    with SlurmCluster(netns, tmp_path_factory.mktemp("slurm"), cpus=2, memory_mib=4096) as cluster:
-        yield cluster
+    # Under /tmp and open to all, not in pytest's base folder (0700): an ordinary account's sbatch reads slurm.conf.
+    root = Path(tempfile.mkdtemp(prefix="vjobs-slurm-"))
+    root.chmod(0o755)
+    try:
+        with SlurmCluster(netns, root, cpus=2, memory_mib=4096) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

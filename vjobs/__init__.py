@@ -16,15 +16,36 @@ not raise those: it returns a ``Result`` whose ``status`` and ``error`` say what
 """
 
 from vjobs._version import __version__
-from vjobs.api import execute, host_context, probe, run, validate
-from vjobs.config.exec_request import ExecRequest
-from vjobs.config.job import Job, load_job
-from vjobs.config.site import SiteConfig, load_site
-from vjobs.drivers.contract import VM, Capabilities, Driver
-from vjobs.errors import (Cancelled, DriverError, DriverNotFound, ImageError, InvalidJob, InvalidSite, LimitExceeded,
-                          NoUsableDriver, SetupError, VjobsError, VMError, WalltimeExceeded)
-from vjobs.events import Event
-from vjobs.result import Result
+
+# The public names, loaded when first used: ``import vjobs.cli`` must not import all of vjobs before the
+# command line has taken the signals over (vjobs/container/signals.py).
+_PUBLIC = {
+    "vjobs.api": ("execute", "host_context", "probe", "run", "validate"),
+    "vjobs.config.exec_request": ("ExecRequest",),
+    "vjobs.config.job": ("Job", "load_job"),
+    "vjobs.config.site": ("SiteConfig", "load_site"),
+    "vjobs.drivers.contract": ("VM", "Capabilities", "Driver"),
+    "vjobs.errors": ("Cancelled", "DriverError", "DriverNotFound", "ImageError", "InvalidJob", "InvalidSite",
+                     "LimitExceeded", "NoUsableDriver", "SetupError", "VjobsError", "VMError", "WalltimeExceeded"),
+    "vjobs.events": ("Event",),
+    "vjobs.result": ("Result",),
+}
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'vjobs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])
+
 
 __all__ = ["run", "execute", "probe", "validate", "host_context", "load_job", "load_site", "__version__",
            "Job", "SiteConfig", "ExecRequest", "Result", "Event", "Capabilities", "Driver", "VM",

@@ -19,9 +19,11 @@ from vjobs.errors import VjobsError, internal_error
 from vjobs.events import EventHooks, Events
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import boot_id, create_owned_folder, new_owner, remove_owned_folder
+from vjobs.host.roles import caches
+from vjobs.host.tools import not_permitted_from
 from vjobs.images.catalogue import built_in_image
 from vjobs.images.checked import CheckedFiles
-from vjobs.result import RESULT_NAME, Result, failed
+from vjobs.result import Result, conclude_in, failed
 
 JobLike = Job | Mapping[str, Any] | str | os.PathLike
 SiteLike = SiteConfig | str | os.PathLike | None
@@ -32,21 +34,25 @@ def host_context(site: SiteConfig, progress: Callable[[str], None] | None = None
                  cache_hold: CacheHold | None = None, checked_files: CheckedFiles | None = None) -> HostContext:
     """What the core lends the drivers. Progress lines go out as ``progress`` events, to ``progress`` too.
     ``cache_hold``: the hold on the cache that keeps what the drivers and the built-in image use (default: a
-    new one with the site's bound); ``checked_files``: where the files VMs get are opened and checked
-    (default: a new set); their owner releases and closes them."""
+    new one with the site's bound); ``checked_files``: where the files VMs get are opened and checked (default:
+    a new set, its sums remembered in this process's own cache); their owner releases and closes them. The
+    cache the drivers write is this process's own, the administrator's is theirs to read (vjobs/host/roles.py).
+    Raises ``SetupError`` when this process has no cache it may write."""
     events = events or Events()
     cache_hold = cache_hold or CacheHold(site.cache_max_gib)
-    checked_files = checked_files or CheckedFiles(site.cache_dir, site.inspection)
     if progress is not None:
         events.subscribe("progress", lambda event: progress(event.subject))
+    found_in = caches(site)
+    checked_files = checked_files or CheckedFiles(found_in.own, site.inspection)
 
     @functools.cache
     def default_boot_image():
-        return built_in_image(events.progress, hold=cache_hold, files=checked_files).boot
+        return built_in_image(found_in, events.progress, hold=cache_hold, files=checked_files).boot
 
-    return HostContext(cache_dir=site.cache_dir, work_dir=site.work_dir, boot_id=boot_id(),
+    return HostContext(cache_dir=found_in.own, work_dir=site.work_dir, boot_id=boot_id(),
                        default_boot_image=default_boot_image, cache_hold=cache_hold, checked_files=checked_files,
-                       progress=events.progress, progress_bars=progress_bars, events=events)
+                       progress=events.progress, progress_bars=progress_bars, events=events,
+                       shared_cache_dir=found_in.administrators)
 
 
 def _site(site: SiteLike) -> SiteConfig:
@@ -79,20 +85,19 @@ def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = 
     (only when it is a terminal); ``event_hooks``: the run's public events, ``{"phase_started": [hook], ...}``
     (vjobs/events.py). An unknown event name raises ``ValueError`` at once: a programming error."""
     events = Events(event_hooks)
+    the_job = None
     try:
         site_config = _site(site)
         the_job = _job(job)
+        hold = CacheHold(site_config.cache_max_gib)  # the job's: the container releases it after its teardown
+        context = host_context(site_config, progress, progress_bars=progress_bars, events=events, cache_hold=hold)
     except Exception as error:  # a VjobsError says what to fix; anything else is a bug, logged beside the result
-        job_id = _job_id_guess(job)
+        job_id = the_job.id if the_job else _job_id_guess(job)
         target = Path(outdir) if outdir else default_outdir(job_id)
-        failure = error if isinstance(error, VjobsError) else internal_error(error, target)
-        return failed(job_id, failure, target / RESULT_NAME)
+        failure = error if isinstance(error, VjobsError) else not_permitted_from(error) or internal_error(error, target)
+        return conclude_in(failed(job_id, failure, None), target)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
     events.job_id = the_job.id
-    hold = CacheHold(site_config.cache_max_gib)  # the job's: the container releases it after its teardown
-    files = CheckedFiles(site_config.cache_dir, site_config.inspection)  # the job's too: closed after it
-    context = host_context(site_config, progress, progress_bars=progress_bars, events=events, cache_hold=hold,
-                           checked_files=files)
     return VMContainer(the_job, site_config, context, target, driver=driver).run()
 
 
@@ -108,9 +113,10 @@ def _job_id_guess(job: Any) -> str:
 def probe(site: SiteLike = None, progress: Callable[[str], None] = lambda message: None) -> list[Capabilities]:
     """Every installed driver's verdict on this host."""
     site_config = _site(site)
-    # the built-in image a deep probe boots, held and open while it does
-    with CacheHold(site_config.cache_max_gib) as hold, CheckedFiles(site_config.cache_dir) as files:
-        return probe_all(site_config, host_context(site_config, progress, cache_hold=hold, checked_files=files))
+    with CacheHold(site_config.cache_max_gib) as hold:  # the built-in image a deep probe boots, while it does
+        host = host_context(site_config, progress, cache_hold=hold)
+        with host.checked_files:  # and its files, open
+            return probe_all(site_config, host)
 
 
 def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Driver | None" = None,
@@ -131,7 +137,7 @@ def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Drive
         _relay(scratch / "stdout", stdout or sys.stdout.buffer)
         _relay(scratch / "stderr", stderr or sys.stderr.buffer)
         if result_file:
-            shutil.copyfile(scratch / RESULT_NAME, result_file)
+            result.write(Path(result_file))  # as result.json: atomically, never through a link
     finally:
         remove_owned_folder(scratch)
     return result

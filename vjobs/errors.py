@@ -140,14 +140,18 @@ INTERNAL_ERROR_LOG = "vjobs-internal-error.log"
 
 def internal_error(bug: BaseException, outdir) -> InternalError:
     """An unexpected exception as an ``InternalError`` whose message points at the traceback, written to
-    ``outdir/vjobs-internal-error.log`` (a report for the vjobs developers, not for the terminal)."""
+    ``outdir/vjobs-internal-error.log`` (a report for the vjobs developers, not for the terminal): as every
+    file vjobs writes for the account, never through a link and never writable by others (vjobs/host/folders.py)."""
+    import os
     import traceback
     from pathlib import Path
 
     log = Path(outdir) / INTERNAL_ERROR_LOG
     try:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("".join(traceback.format_exception(bug)))
+        log.parent.mkdir(0o700, parents=True, exist_ok=True)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("".join(traceback.format_exception(bug)))
         where = f"the traceback is in {log}"
     except OSError:
         where = "the traceback could not be saved"

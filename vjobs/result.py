@@ -6,13 +6,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vjobs._version import __version__
 from vjobs.config import schemas
+from vjobs.errors import SetupError
 from vjobs.guest.protocol import BEFORE_PAYLOAD
+from vjobs.host.folders import FILE_MODE, make_folder, output_folder
 
 RESULT_NAME = "result.json"
 
@@ -72,9 +75,13 @@ class Result:
         problem = schemas.problem("result", document)
         if problem:  # a bug in vjobs, not in the job: say so loudly
             raise AssertionError(f"vjobs produced a result that breaks result.schema.json: {problem}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(document, indent=2) + "\n")
+        make_folder(path.parent)
+        # A name nobody can guess, created here and never through a link: whoever else may write into the
+        # folder (a result file in /tmp) cannot make vjobs write into a file of their choosing.
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(document, indent=2) + "\n")
         os.replace(temporary, path)
 
     @classmethod
@@ -86,14 +93,29 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def conclude(result: Result, path: Path | str) -> Result:
-    """The one writer of ``result.json``: stamps the end of the run and writes ``path`` (the output folder's
-    ``result.json``, or the file a caller named) atomically. Returns the result."""
+def conclude(result: Result, path: Path | str | None) -> Result:
+    """The one writer of ``result.json``: stamps the end of the run and writes ``path`` (the file a caller
+    named) atomically; with None, only stamps it. Returns the result."""
     result.vjobs_version = result.vjobs_version or __version__
     result.started_at = result.started_at or utc_now()
     result.ended_at = utc_now()
-    result.write(Path(path))
+    if path is not None:
+        result.write(Path(path))
     return result
+
+
+def conclude_in(result: Result, outdir: Path) -> Result:
+    """``conclude`` into ``outdir/result.json``, once the output folder is found to be this account's alone
+    (vjobs/host/folders.py). When it is not, nothing is written into it and the result says why, unless
+    something went wrong before."""
+    try:
+        folder = output_folder(outdir)
+    except SetupError as error:
+        if result.error is None:
+            result.record(error)
+            result.exit_code = None
+        return conclude(result, None)
+    return conclude(result, folder / RESULT_NAME)
 
 
 def failed(job_id: str, error, path: Path | str | None) -> Result:

@@ -11,7 +11,7 @@ import pytest
 
 from vjobs.cli import exec_command as runtime
 from vjobs.config.exec_request import ExecRequest, job_document
-from vjobs.cli.main import build_parser
+from vjobs.cli.commands import build_parser
 
 
 def exec_args(*words: str):

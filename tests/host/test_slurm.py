@@ -2,12 +2,15 @@
 
 Six VM jobs of one CPU each: all succeed, Slurm runs two at a time (never more, and more than one), and each
 job's output is staged out to a real XRootD server. Slurm, its batch jobs (so vjobs and QEMU) and XRootD all run
-in one loopback-only network namespace. And scancel reaches vjobs, which stops the VM and says so.
+in one loopback-only network namespace. And scancel reaches vjobs, which stops the VM and says so. And an
+ordinary account submits its jobs as a grid site's pool account does: Slurm runs them as that account, with
+its own vjobs.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -133,3 +136,41 @@ def test_a_vm_bigger_than_the_task_was_granted_is_refused_before_it_boots(slurm_
     assert (result["status"], result["error"]["code"]) == ("setup_error", "exceeds_allocation"), result["error"]
     assert f"Slurm job {array}_1 (1 CPU" in result["error"]["message"] and "sbatch -c 2" in result["error"]["message"]
     assert "boot" not in result["timings"]
+
+
+def test_an_ordinary_account_submits_an_array_and_slurm_runs_its_jobs_as_that_account(slurm_cluster, pool_accounts,
+                                                                                      account_cache, repo):
+    """A pool account submits two jobs with its copy of examples/slurm/submit-array.sh, its own vjobs (VJOBS) and
+    a site in its home; slurmd starts each batch job with the submitter's uid (auth/none carries the uid of the
+    client that called sbatch). The jobs succeed, and every file they leave is the account's."""
+    account = pool_accounts[1]
+    cache = account_cache(account)
+    folder = account.home / "slurm"
+    shutil.copytree(repo / "examples/slurm", folder / "scripts")
+    site = folder / "site.toml"
+    site.write_text(f'driver = "qemu_user"\ncache_dir = "{cache}"\nwork_dir = "{folder / "work"}"\n')
+    tasks = ["acct1", "acct2"]
+    jobs = [write_job(folder / "jobs", task, 'mkdir -p out && echo "output of $TASK, uid $(id -u)" > out/task.txt',
+                      outputs=["out"]) for task in tasks]
+    account.own(folder)
+
+    environment = {"SLURM_CONF": str(slurm_cluster.conf), "VJOBS": account.vjobs, "VJOBS_SITE": str(site)}
+    submit = ["sh", str(folder / "scripts/submit-array.sh"), str(folder / "out"), *map(str, jobs)]
+    submitted = slurm_cluster.run(account.command(submit, environment), cwd=folder)
+    array = slurm_cluster.submitted_job(submitted.stdout)
+    slurm_cluster.wait(array, timeout=300)
+
+    out = folder / "out"
+    logs = task_logs(out)
+    for number, task in enumerate(tasks, start=1):
+        result = json.loads((out / str(number) / "result.json").read_text())
+        assert (result["job_id"], result["status"]) == (task, "succeeded"), (result.get("error"), logs)
+        # uid 0: the payload is root in its guest, whoever ran the VM
+        assert (out / str(number) / "outputs/out/task.txt").read_text() == f"output of {task}, uid 0\n"
+    finished = [row for row in slurm_cluster.jobcomp() if row.get("ArrayJobId") == array]
+    assert {(row["UserId"], row["JobState"]) for row in finished} == {(f"{account.name}({account.uid})",
+                                                                       "COMPLETED")}, (finished, logs)
+    strangers = sorted(str(path) for path in [out, *out.rglob("*"), folder / "work", *(folder / "work").rglob("*")]
+                       if path.stat().st_uid != account.uid)
+    assert strangers == [], f"files of the account's jobs that are not the account's: {strangers}"
+    assert [p.name for p in (folder / "work").iterdir() if not p.name.startswith("admission")] == []

@@ -3,6 +3,8 @@ plugin vjobs ships (``vjobs pilot3 install``), against the PanDA server stand-in
 stage-out by the pilot's own copytool on the host, the payload in the VM on the Debian base, the final state
 sent to the stand-in. Failures of the VM reach the server as pilot errors.
 
+And as a grid site runs it: the pilot as a pool account, its payload in a VM of that account's own vjobs.
+
 Always PILOT_NOKILL=1 and a PID namespace of its own (vjobs.pilot3.harness): the pilot's orphan killer must
 never see this machine.
 """
@@ -21,6 +23,7 @@ from vjobs.pilot3.errors import CONTAINERFAILURE
 from vjobs.pilot3.harness import PilotSite, leftover_processes, make_job, run_pilot
 from vjobs.pilot3.plugin import install_plugin
 from vjobs.testing.panda_standin import PandaStandin
+from vjobs.testing.processes import qemu_processes
 
 pytestmark = [pytest.mark.pilot3, pytest.mark.vm]
 
@@ -123,3 +126,38 @@ def test_a_vm_that_cannot_boot_its_base_is_a_pilot_error(site, vjobs_pilot, vjob
     assert final["pilotErrorCode"] == str(CONTAINERFAILURE)
     assert "rootfs_mount_failed" in final["pilotErrorDiag"]
     assert leftover_processes(site) == [] and no_vm_left(site)
+
+
+def test_a_pool_account_runs_the_pilot_and_its_payload_runs_in_a_vm_of_its_own_vjobs(pilot3_sdist, pool_accounts,
+                                                                                     account_cache):
+    """The pilot runs as an ordinary account (in its own PID namespace, made by root, with PILOT_NOKILL=1), from
+    a pilot tree the account set up with its own ``vjobs pilot3 install``; the payload runs in a VM of the
+    account's vjobs, with a site in the account's home. Everything the pilot and vjobs write is the account's."""
+    account = pool_accounts[2]
+    cache = account_cache(account, debian=True)
+    folder = account.home / "pilot3"
+    tree = folder / pilot3_sdist.name
+    shutil.copytree(pilot3_sdist, tree)
+    site = PilotSite(folder / "site")
+    vjobs_site = folder / "vjobs-site.toml"
+    vjobs_site.write_text(f'driver = "qemu_user"\ncache_dir = "{cache}"\nwork_dir = "{folder / "vjobs-work"}"\n')
+    job = make_job(site, 4104, PAYLOAD, inputs={"events.txt": b"jet jet muon\n"}, outputs=("summary.txt",),
+                   core_count=1, min_ram_mb=512, max_walltime_s=600, container_name="debian12")
+    account.own(folder)
+    account.run([account.vjobs, "pilot3", "install", str(tree)], check=True, timeout=120)
+    assert account.python in (tree / "pilot/user/vjobs/container.py").read_text()  # the account's vjobs runs it
+
+    with PandaStandin(job) as standin:
+        run = run_pilot(site, tree, standin.url, user="vjobs", env={"VJOBS_SITE": str(vjobs_site)}, account=account,
+                        timeout_s=400, stop_when=lambda: standin.final("4104") is not None)
+        final = standin.final("4104")
+    assert final is not None and final["state"] == "finished", (final, run.tail())
+    assert final.get("pilotErrorCode", "0") == "0" and final.get("transExitCode") == "0", final
+    summary = site.stored("summary.txt")
+    assert "input: jet jet muon" in summary.read_text() and "Debian GNU/Linux 12" in summary.read_text()
+    # What the pilot and vjobs wrote (the harness, root, writes pilot.cfg and catches pilot.out beside them).
+    written = [entry for top in (site.launch, site.storage, folder / "vjobs-work") for entry in [top, *top.rglob("*")]]
+    assert site.launch / "pilotlog.txt" in written  # the pilot's own log, written as the account
+    strangers = sorted(str(path) for path in written if path.stat().st_uid != account.uid)
+    assert strangers == [], f"files of the account's pilot that are not the account's: {strangers}"
+    assert leftover_processes(site) == [] and qemu_processes(str(folder)) == []

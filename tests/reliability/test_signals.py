@@ -53,3 +53,28 @@ def test_sigkill_takes_qemu_down_and_gc_removes_the_files(make_job, site_file, t
                         text=True, check=True)
     assert "removed job folder" in gc.stdout
     assert work_leftovers(tmp_path / "work") == ["not-ours"]
+
+
+EARLY_SIGTERM = """
+import os, signal, sys
+from vjobs.cli.commands import main
+from vjobs.container.signals import early_signals_held
+with early_signals_held():                 # what `vjobs run` does before it imports the rest of vjobs
+    os.kill(os.getpid(), signal.SIGTERM)   # comes while vjobs would still be importing, loading or probing
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "exec"])
+def test_a_sigterm_before_the_job_started_still_gives_a_cancelled_result(command, make_job, tmp_path):
+    """A pilot's SIGTERM at vjobs' very start: no VM is started, and result.json says cancelled."""
+    out = tmp_path / "out"
+    out.mkdir()
+    arguments = ["run", "--outdir", str(out), str(make_job(["true"]))] if command == "run" else \
+        ["exec", "--result", str(out / "result.json"), "default", "true"]
+    done = subprocess.run([sys.executable, "-c", EARLY_SIGTERM, *arguments], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 204, done.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert (result["status"], result["error"]["code"]) == ("cancelled", "cancelled")
+    assert "SIGTERM" in result["error"]["message"] and "boot" not in result["timings"]

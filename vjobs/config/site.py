@@ -1,6 +1,10 @@
 """Site config: a TOML file the worker node's admins write (schemas/site.schema.json). No file works too.
 
 Found, first match wins: ``--site FILE``, ``$VJOBS_SITE``, ``/etc/vjobs/site.toml``.
+
+``cache_dir`` names the same cache for every uid, by default the administrator's: ``$VJOBS_SYSTEM_CACHE`` (for
+tests and trials), else ``/var/cache/vjobs``. Whether this process builds there or only reads it, and where an
+account builds what is its own instead, is vjobs/host/roles.py's to say.
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ from vjobs.errors import InvalidSite, LimitExceeded
 from vjobs.staging import StagingSettings
 
 SYSTEM_SITE_FILE = Path("/etc/vjobs/site.toml")
+#: The node's budget folder (vjobs/host/admission.py): made by root, one for every account on the node.
+HOST_BUDGET_DIR = Path("/var/lib/vjobs/admission")
+SYSTEM_CACHE_DIR = Path("/var/cache/vjobs")
+SYSTEM_CACHE_ENV = "VJOBS_SYSTEM_CACHE"  # another system cache, for tests and trials: no site config needed
 DEFAULT_PREFERENCE = ("xen", "kvm", "qemu_user")
+UID = "{uid}"  # in work_dir: the account's uid, so that one site file gives each account a folder of its own
+STANDARD_WORK_DIR = f"/var/tmp/vjobs-{UID}"
 
 
 @dataclass(frozen=True)
@@ -36,12 +46,13 @@ class CatalogueImage:
 
 @dataclass(frozen=True)
 class HostBudget:
-    """What all the VMs of the vjobs on this host may have together (``[host]``; vjobs/host/admission.py): by
-    default every CPU this process may run on and all of the machine's memory."""
+    """What all the VMs of the vjobs on this host may have together, whichever account runs them (``[host]``;
+    vjobs/host/admission.py): by default every CPU this process may run on and all of the machine's memory."""
 
     vcpus: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     memory_mib: int = field(default_factory=lambda: _machine_memory_mib())
     admission_wait_s: float = 3600.0  # how long a job waits for its share before it is refused
+    budget_dir: Path = HOST_BUDGET_DIR  # where the node's budget tokens are (root's folder)
 
 
 @dataclass(frozen=True)
@@ -65,8 +76,11 @@ class SiteConfig:
     source: str = "built-in defaults"
     pinned_driver: str | None = None
     preference: tuple[str, ...] = DEFAULT_PREFERENCE
-    cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
-    work_dir: Path = field(default_factory=lambda: _default_work_dir())
+    cache_dir: Path = field(default_factory=lambda: system_cache_dir())  # the administrator's (host/roles.py)
+    work_dir: Path = field(default_factory=lambda: work_dir_of(_default_work_dir_template(), os.getuid()))
+    # Where every account's work_dir is, with {uid}: the default, or the site's when it names {uid}; None when
+    # the site names one folder. Root's `vjobs gc` looks there for what dead vjobs of any account left.
+    work_dir_template: str | None = field(default_factory=lambda: _default_work_dir_template())
     cache_max_gib: float = 20.0  # the cache's bound: least recently used images evicted (vjobs/host/cache.py)
     boot_timeout_s: float = 30.0
     boot_retries: int = 1
@@ -110,14 +124,21 @@ class SiteConfig:
 DEFAULT_BIND_MIB = 10240
 
 
-def _default_cache_dir() -> Path:
-    if os.getuid() == 0:
-        return Path("/var/cache/vjobs")
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vjobs"
+def system_cache_dir() -> Path:
+    """Where root builds the built-in images for every account when no site config names a ``cache_dir``."""
+    return Path(os.environ.get(SYSTEM_CACHE_ENV) or SYSTEM_CACHE_DIR)
 
 
-def _default_work_dir() -> Path:
-    return Path(os.environ.get("TMPDIR", "/var/tmp")) / f"vjobs-{os.getuid()}"
+def _default_work_dir_template() -> str:
+    """``$TMPDIR/vjobs-{uid}``, or ``/var/tmp/vjobs-{uid}`` when TMPDIR is unset or relative (a relative one
+    would move the work folder with the current folder). Made private, and refused when another account made
+    it first (vjobs/host/folders.py)."""
+    tmpdir = os.environ.get("TMPDIR", "")
+    return str(Path(tmpdir) / f"vjobs-{UID}") if os.path.isabs(tmpdir) else STANDARD_WORK_DIR
+
+
+def work_dir_of(template: str, uid: int) -> Path:
+    return Path(template.replace(UID, str(uid)))
 
 
 def _machine_memory_mib() -> int:
@@ -164,9 +185,12 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
         options["pinned_driver"] = document["driver"]
     if "prefer" in document:
         options["preference"] = tuple(document["prefer"])
-    for key in ("cache_dir", "work_dir"):
-        if key in document:
-            options[key] = _site_path(document[key], base_dir, f"{source}: {key}")
+    if "cache_dir" in document:
+        options["cache_dir"] = _site_path(document["cache_dir"], base_dir, f"{source}: cache_dir")
+    if "work_dir" in document:
+        template = str(_site_path(document["work_dir"], base_dir, f"{source}: work_dir"))
+        options["work_dir"] = work_dir_of(template, os.getuid())
+        options["work_dir_template"] = template if UID in template else None
     if "cache_max_gib" in document:
         options["cache_max_gib"] = float(document["cache_max_gib"])
     for key in ("boot_timeout_s", "boot_retries", "allow_network", "release_format", "payload_user", "limits",
@@ -174,7 +198,7 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
         if key in document:
             options[key] = document[key]
     if "host" in document:
-        options["host"] = _host_budget(document["host"], source)
+        options["host"] = _host_budget(document["host"], base_dir, source)
     if "inspection" in document:
         options["inspection"] = InspectionLimits(**document["inspection"])
     if "staging" in document:
@@ -194,10 +218,12 @@ def _site_path(value: str, base_dir: Path, where: str) -> Path:
     return path
 
 
-def _host_budget(entry: Mapping[str, Any], source: str) -> HostBudget:
+def _host_budget(entry: Mapping[str, Any], base_dir: Path, source: str) -> HostBudget:
     wait = entry.get("admission_wait_s", HostBudget.admission_wait_s)
+    budget_dir = _site_path(entry["budget_dir"], base_dir, f"{source}: host.budget_dir") \
+        if "budget_dir" in entry else HOST_BUDGET_DIR
     try:
-        return HostBudget(**{**entry, "admission_wait_s": float(wait)})
+        return HostBudget(**{**entry, "admission_wait_s": float(wait), "budget_dir": budget_dir})
     except OverflowError:  # an integer no clock can add: the schema has no maximum
         raise InvalidSite(f"{source}: /host/admission_wait_s: {wait} seconds is more than a clock can count") from None
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +35,7 @@ from vjobs import staging
 from vjobs._version import __version__
 from vjobs.config.job import Job
 from vjobs.config.site import SiteConfig
+from vjobs.container.signals import signals_cancel
 from vjobs.drivers.contract import VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from vjobs.drivers.registry import choose_driver
 from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError, VMError,
@@ -51,11 +50,12 @@ from vjobs.guest.protocol import AGENT_ERRORS, AGENT_UP_MARKER, OUTPUT_TOO_LARGE
 from vjobs.host.admission import admitted
 from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
 from vjobs.host.allocation import current as current_allocation
+from vjobs.host.folders import output_folder
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
-from vjobs.host.tools import disk_full_from
+from vjobs.host.tools import disk_full_from, not_permitted_from
 from vjobs.images.catalogue import ResolvedImage, resolve_image
 from vjobs.images.rootfs import disk_for as rootfs_disk_for
-from vjobs.result import RESULT_NAME, Result, conclude, utc_now
+from vjobs.result import Result, conclude_in, utc_now
 from vjobs.staging.locations import check as check_url
 
 CONSOLE_TAIL_BYTES = 2000
@@ -86,14 +86,15 @@ class VMContainer:
     # --- the lifecycle ---------------------------------------------------------------------------------
 
     def run(self) -> Result:
-        with _signals_cancel() as guard:
+        with signals_cancel() as guard:
             try:
+                guard.cancel_if_pending()  # a signal that came while vjobs started up
                 self._run_phases()
             except VjobsError as error:
                 self._fail(error)
             except Exception as bug:  # never a traceback on the terminal: a result, and the details in a log
-                self._fail(disk_full_from(bug) or internal_error(bug, self.outdir))
-            except KeyboardInterrupt as interrupt:  # Ctrl-C, or _Terminated from the signal guard
+                self._fail(disk_full_from(bug) or not_permitted_from(bug) or internal_error(bug, self.outdir))
+            except KeyboardInterrupt as interrupt:  # Ctrl-C, or Terminated from the signal guard
                 self._fail(Cancelled(f"{interrupt.args[0] if interrupt.args else 'SIGINT'} received; "
                                      "the VM was stopped and its files removed"))
             finally:
@@ -112,6 +113,7 @@ class VMContainer:
             self.result.provenance.update(probe=verdict.to_json(), hypervisor=verdict.hypervisor,
                                           driver_version=_distribution_version(driver))
         with self._phase("prepare"):
+            output_folder(self.outdir)  # this account's alone, before anything of the job is written anywhere
             self.site.check_limits(self.job)
             self._check_allocation()
             check_bind_folders(self.job, self.site)
@@ -127,7 +129,7 @@ class VMContainer:
             self.bind_snapshots = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
         staged = self._stage_in() if self.job.stage_in else None
         with self._phase("prepare"):
-            disks = prepare_disks(self.job, self.folder, self.site.cache_dir, self.site.release_format,
+            disks = prepare_disks(self.job, self.folder, self.host.cache_dir, self.site.release_format,
                                   self.events, base, hold=self.cache_hold, files=self.files,
                                   stop_grace_s=self.site.stop_grace_s, staged=staged)
             self.result.provenance["release_sha256"] = disks.release_sha256
@@ -315,7 +317,7 @@ class VMContainer:
 
     def _publish(self, incoming: Path, results: GuestResults) -> None:
         """Move the extracted results into the output folder, replacing those of an earlier run."""
-        self.outdir.mkdir(parents=True, exist_ok=True)
+        output_folder(self.outdir)
         for name in ("outputs", "stdout", "stderr"):
             target = self.outdir / name
             if target.is_dir() and not target.is_symlink():
@@ -344,7 +346,7 @@ class VMContainer:
         logs = [console.path for console in self.consoles if console.path.exists()]
         if not logs:
             return
-        self.outdir.mkdir(parents=True, exist_ok=True)
+        output_folder(self.outdir)
         merged = ConsoleLog(self.outdir / "console.log", self.site.console_max_bytes)
         for number, path in enumerate(logs, 1):
             if len(logs) > 1:
@@ -380,7 +382,7 @@ class VMContainer:
         try:
             with self.events.step("save_console"):
                 self._save_console()
-        except OSError as exc:
+        except (OSError, VjobsError) as exc:
             problems.append(f"saving the console log: {exc}")
         with self.events.step("remove_job_folder"):
             removed = remove_owned_folder(self.folder)
@@ -395,7 +397,7 @@ class VMContainer:
         payload_seen = [at for console in self.consoles if (at := console.seen_at(PAYLOAD_MARKER))]
         if payload_seen:  # what a user waits for: from the call to the payload's start, as the host saw it
             self.result.timings["to_payload"] = round(min(payload_seen) - self._started, 3)
-        conclude(self.result, self.outdir / RESULT_NAME)
+        conclude_in(self.result, self.outdir)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -440,43 +442,3 @@ def _distribution_version(driver: Driver) -> str | None:
         with contextlib.suppress(PackageNotFoundError):
             return f"{distribution} {version(distribution)}"
     return None
-
-
-class _Terminated(KeyboardInterrupt):
-    """Raised in the main thread by a signal. A KeyboardInterrupt, not an Exception, so that no
-    ``except Exception`` on the way (ours, asyncio's callback runner, a library's) can swallow it."""
-
-
-class _SignalGuard:
-    """SIGTERM (the batch system's way to end a job) raises ``_Terminated`` in the main thread, once; after
-    ``hold()`` further signals are noted but ignored so that teardown runs to its end."""
-
-    def __init__(self):
-        self.holding = False
-
-    def handle(self, signum, _frame) -> None:
-        if not self.holding:
-            self.holding = True
-            raise _Terminated(signal.Signals(signum).name)
-
-    def hold(self) -> None:
-        self.holding = True
-
-
-@contextlib.contextmanager
-def _signals_cancel() -> Iterator[_SignalGuard]:
-    guard = _SignalGuard()
-    if threading.current_thread() is not threading.main_thread():
-        yield guard  # only the main thread may own signal handlers; the caller's own handling applies
-        return
-    previous = {sig: signal.signal(sig, guard.handle) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    previous_int = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda s, f: guard.handle(s, f))
-    try:
-        yield guard
-    finally:
-        for sig, handler in {**previous, signal.SIGINT: previous_int}.items():
-            signal.signal(sig, handler)
-
-
-

@@ -207,7 +207,10 @@ def first_failure(checks: Iterable[Check], advisory: Collection[str] = ()) -> Ch
 
 @dataclass
 class HostContext:
-    """What the core lends every driver: where files go, which host boot this is, the built-in guest."""
+    """What the core lends every driver: where files go, which host boot this is, the built-in guest.
+    ``cache_dir`` is this process's own cache, the one it writes; ``shared_cache_dir``, when there is one, the
+    administrator's, which it only reads (vjobs/host/roles.py): an account's driver may take what root made
+    there (qemu_user's templates) and never writes there."""
 
     cache_dir: Path
     work_dir: Path
@@ -219,6 +222,7 @@ class HostContext:
     events: Events = field(default_factory=Events)  # the run's public events (vjobs/events.py): drivers may
                                                     # report their steps (e.g. xen's uploads) through them
     progress_bars: bool = False  # a terminal watches: staging may draw transfer bars on stderr
+    shared_cache_dir: Path | None = None  # the administrator's cache, read-only to this process
 
 
 class VM(abc.ABC):

@@ -27,6 +27,7 @@ from typing import Iterator
 from vjobs.config.job import Job
 from vjobs.config.site import SiteConfig
 from vjobs.errors import LimitExceeded
+from vjobs.host.roles import caches
 
 MAX_BIND_ENTRIES = 1_000_000
 CHUNK = 1 << 20
@@ -38,11 +39,16 @@ def check_folders(job: Job, site: SiteConfig) -> None:
     folders = [(f"/binds/{index}/source", bind.source) for index, bind in enumerate(job.binds)]
     if job.release:
         folders.append(("/release/path", job.release.path))
+    elsewhere = f"elsewhere in {site.source}"
+    own_cache = caches(site).own  # an account's own when cache_dir is the administrator's (vjobs/host/roles.py)
+    vjobs_folders = [("work_dir", site.work_dir, f"set work_dir {elsewhere}"),
+                     ("cache_dir", site.cache_dir, f"set cache_dir {elsewhere}"),
+                     ("own cache", own_cache, "set XDG_CACHE_HOME, or cache_dir in a site config, elsewhere")]
     for pointer, folder in folders:
-        for name, own in (("work_dir", site.work_dir), ("cache_dir", site.cache_dir)):
+        for name, own, advice in vjobs_folders:
             if own.resolve().is_relative_to(folder):
                 raise LimitExceeded(f"job {job.id}: {pointer}: {folder} holds vjobs' {name} ({own}); bind a "
-                                    f"folder outside it, or set {name} elsewhere in {site.source}")
+                                    f"folder outside it, or {advice}")
     _check_sizes(job.id, folders, site.bind_limit_bytes, site.source)
 
 

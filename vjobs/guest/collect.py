@@ -30,6 +30,7 @@ from pathlib import Path
 
 from vjobs.errors import VMError
 from vjobs.guest.protocol import IO_DISK_MAGIC
+from vjobs.host.folders import FOLDER_MODE
 
 MAX_MEMBERS = 100_000
 MAX_STATUS_BYTES = 64 * 1024
@@ -63,9 +64,9 @@ class GuestResults:
 def read_results(raw_disk: Path, destination: Path, limit_bytes: int) -> GuestResults:
     """Extract the results on ``raw_disk`` into ``destination`` (which must not exist yet): ``stdout``,
     ``stderr``, ``outputs/`` and ``binds/N/`` (the read-write binds)."""
-    destination.mkdir(parents=True)
-    (destination / "outputs").mkdir()
-    (destination / "binds").mkdir()
+    destination.mkdir(FOLDER_MODE, parents=True)
+    (destination / "outputs").mkdir(FOLDER_MODE)
+    (destination / "binds").mkdir(FOLDER_MODE)
     results = GuestResults()
     budget = _Budget(limit_bytes)
     try:
@@ -241,7 +242,7 @@ def _take_output(copier, member, relative, outputs: Path, taken: list[OutputFile
                  budget) -> None:
     if member.isdir():
         try:
-            (outputs / relative).mkdir(parents=True, exist_ok=True)
+            _make_folders(outputs / relative)
         except (FileExistsError, NotADirectoryError):
             rejected.append({"path": relative, "reason": "clashes with an entry that came earlier"})
         return
@@ -251,11 +252,22 @@ def _take_output(copier, member, relative, outputs: Path, taken: list[OutputFile
         return
     target = outputs / relative
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_folders(target.parent)
         budget.spend(member.size)
         copier.write(member, target, taken, relative)
     except (FileExistsError, NotADirectoryError):
         rejected.append({"path": relative, "reason": "clashes with an entry that came earlier"})
+
+
+def _make_folders(path: Path) -> None:
+    """``mkdir -p``, each folder made 0755 at most: the results are never writable by others, whatever the
+    umask (vjobs/host/folders.py). A file on the way is a clash (FileExistsError), as for ``mkdir -p``."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(FOLDER_MODE)
 
 
 def _copy_range(disk: int, offset: int, size: int, descriptor: int,

@@ -15,10 +15,13 @@ by the end of the streams it follows, never by a timer.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+from vjobs.host.folders import FILE_MODE
 
 DEFAULT_MAX_BYTES = 8 << 20  # site setting console_max_mib
 _MARKER_OVERLAP = 256  # a marker split across two writes is still found
@@ -41,7 +44,9 @@ class ConsoleLog:
         self._seen_at: dict[bytes, float] = {}  # time.monotonic() when each marker first came through
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a marker seen, a followed stream ended, closed
-        self._file = open(self.path, "wb", buffering=0)
+        # Never through a link, never writable by others whatever the umask (vjobs/host/folders.py).
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        self._file = os.fdopen(fd, "wb", buffering=0)
         self._threads: list[threading.Thread] = []
         self._following = 0  # streams that ``follow`` copies from and that have not ended
 

@@ -34,7 +34,7 @@ from vjobs.events import Events
 from vjobs.guest.binds import copy_for_guest, link_or_copy
 from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.host import locks
-from vjobs.host.cache import CacheHold
+from vjobs.host.cache import CacheHold, seal
 from vjobs.host.tools import disk_full_from, run_tool
 from vjobs.images.checked import CheckedFiles
 from vjobs.images.store import sha256_file
@@ -178,6 +178,8 @@ def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str],
             build_disk(RELEASE_TOOLS[fmt](source, partial), f"{fmt} image of the release {source}", cache, events)
             digest = sha256_file(partial)
             sidecar.write_text(json.dumps({"source": str(source), "format": fmt, "sha256": digest}))
+            seal(sidecar)
+            seal(partial)
             os.replace(partial, image)
         finally:
             partial.unlink(missing_ok=True)

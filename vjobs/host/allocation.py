@@ -6,7 +6,8 @@ kernel enforces on this process (its CPU affinity, its cgroup's ``memory.max``) 
 
 Two rules follow (vjobs/container/lifecycle.py): a job whose VM is bigger than the allocation is refused at once with
 what to ask the batch system for, and the vjobs of one allocation share it through admission
-(vjobs/host/admission.py) with each other and with nobody else: the batch system shares the host.
+(vjobs/host/admission.py) with each other and with nobody else: the batch system shares the host. Their budget
+folder is the account's own (``<work_dir>/admission.<allocation>``), with tokens as the node's has.
 """
 
 from __future__ import annotations

@@ -38,12 +38,16 @@ teardown (vjobs/container/lifecycle.py), and the drivers get the same one as ``H
 (vjobs/drivers/contract.py). What uses the cache outside a job makes its own and says how long it keeps it:
 ``vjobs image build`` and ``vjobs probe`` until they end, the test suite's session fixtures for the session.
 
-- Used: ``hold.use(entry)`` sets the entry's mtime to now (no hashing) at every place that hands a cached
-  entry out; eviction goes by that mtime, oldest first.
-- Held: ``hold.use`` also takes a shared ``flock`` on the entry, kept until the hold is released: for a job,
-  until the job ends. Eviction takes ``LOCK_EX | LOCK_NB`` on the entry and on its build lock and skips what
-  it cannot lock: an entry in use by a live job, or being built or checked, stays. A lock dies with its
-  process, so a job killed with SIGKILL holds nothing.
+- Trusted: ``hold.use(entry)``, at every place that hands a cached entry out, first checks that nobody but
+  this process's uid or root could have written it (``trusted``; vjobs/host/roles.py says why): an entry
+  that fails is treated as missing. Every entry vjobs builds is ``seal``ed: nobody else may write it.
+- Used: ``hold.use(entry)`` then sets the entry's mtime to now (no hashing), when the entry is this
+  process's own (an account reads root's entries and never touches them); eviction goes by that mtime,
+  oldest first.
+- Held: ``hold.use`` also takes a shared ``flock`` on the entry (opened read-only, so an account holds root's
+  entries too), kept until the hold is released: for a job, until the job ends. Eviction takes ``LOCK_EX |
+  LOCK_NB`` on the entry and on its build lock and skips what it cannot lock: an entry in use by a live job,
+  or being built or checked, stays. A lock dies with its process, so a job killed with SIGKILL holds nothing.
 - Evicted: after an entry is added (``hold.added``), down to the hold's bound (the site's ``cache_max_gib``;
   a hold made without one evicts nothing), and by ``vjobs gc`` (``evict``). An entry larger than the bound
   alone still serves the job that built it.
@@ -60,6 +64,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,9 +142,11 @@ class CacheHold:
         self.release()
 
     def use(self, entry: Path) -> bool:
-        """Mark ``entry`` used now and hold it; False when it is not there (evicted since the caller looked):
-        build it again."""
+        """Mark ``entry`` used now and hold it; False when it is not there (evicted since the caller looked)
+        or not ``trusted`` (someone else could have written it): build it again, where this process builds."""
         entry = Path(entry)
+        if not trusted(entry):
+            return False
         fd = self._held.pop(entry, None)
         if fd is not None and locks.names(entry, fd):
             self._held[entry] = fd
@@ -153,7 +160,8 @@ class CacheHold:
                 return False
             self._held[entry] = fd
         with contextlib.suppress(OSError):
-            os.utime(entry)
+            if os.stat(entry).st_uid == os.geteuid():  # the administrator's entries are read-only to an account
+                os.utime(entry)
         return True
 
     def added(self, entry: Path, progress: Callable[[str], None] = lambda message: None) -> list[str]:
@@ -167,6 +175,41 @@ class CacheHold:
         for fd in self._held.values():
             locks.release(fd)
         self._held.clear()
+
+
+# --- whose entries are used, and how they are left ------------------------------------------------------
+
+def trusted(entry: Path) -> bool:
+    """Whether this process may use ``entry`` (``CACHE/KIND/NAME``): the entry, its folder, the cache above them
+    and, for a folder entry, what it holds are owned by this process's uid or by root and writable by nobody
+    else, so that no other account could have written any of it (vjobs/host/roles.py). A link is never an
+    entry; the cache folder itself may be one (``/var/cache/vjobs -> /srv/vjobs``): its target is checked."""
+    me = os.geteuid()
+
+    def sound(info: os.stat_result) -> bool:
+        return info.st_uid in (me, 0) and not info.st_mode & 0o022 and not stat.S_ISLNK(info.st_mode)
+
+    try:
+        if not sound(os.stat(entry.parent.parent)) or not sound(os.lstat(entry.parent)):
+            return False
+        info = os.lstat(entry)
+        if not sound(info):
+            return False
+        return not stat.S_ISDIR(info.st_mode) or all(sound(os.lstat(inside)) for inside in entry.iterdir())
+    except OSError:
+        return False
+
+
+def seal(entry: Path) -> None:
+    """Take away group and other write permission from a new entry and what it holds, whatever the umask it
+    was written under: ``trusted`` refuses an entry others may write."""
+    for folder, _dirs, files in os.walk(entry):
+        for path in (folder, *(os.path.join(folder, name) for name in files)):
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if mode & 0o022 and not os.path.islink(path):
+                os.chmod(path, mode & ~0o022)
+    if not os.path.isdir(entry):
+        os.chmod(entry, stat.S_IMODE(os.stat(entry).st_mode) & ~0o022)
 
 
 # --- eviction ------------------------------------------------------------------------------------------

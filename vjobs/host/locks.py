@@ -17,8 +17,9 @@ The path-level functions check, after locking, that the path still names the fil
 may unlink a lock file while it holds it (gc, eviction), and a waiter must then lock the new file there, not
 the unlinked one.
 
-By descriptor, for callers that open their lock files themselves (the admission folder's files, opened
-relative to the folder and never through a link): ``lock``, ``try_lock``, ``unlock`` and ``release``.
+By descriptor, for callers that open their lock files themselves (the admission folder's tokens, opened
+relative to the folder and never through a link): ``lock``, ``try_lock``, ``unlock``, ``release`` and
+``names_at``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ def names(path: Path, fd: int) -> bool:
     """Whether ``path`` still names the file that ``fd`` holds open."""
     try:
         there, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
+
+
+def names_at(folder: int, name: str, fd: int) -> bool:
+    """Whether ``name`` in the open folder ``folder`` (not followed if a link) still names the file ``fd``
+    holds open."""
+    try:
+        there, held = os.stat(name, dir_fd=folder, follow_symlinks=False), os.fstat(fd)
     except OSError:
         return False
     return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)

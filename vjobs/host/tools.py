@@ -15,7 +15,8 @@ A tool is found, and runs with a ``PATH``, that holds the system folders where D
 as mke2fs (``/usr/sbin``, ``/sbin``), after the caller's own: an ordinary account's login ``PATH`` on Debian
 has none of them, and vjobs must work for such an account as it is.
 
-``disk_full_from`` recognises ENOSPC in an exception raised anywhere else: writing a file, copying a tree.
+``disk_full_from`` recognises ENOSPC in an exception raised anywhere else: writing a file, copying a tree;
+``not_permitted_from`` a folder this user may not use (a cache or work folder of root's or another account's).
 
 A tool that reads what vjobs did not write (``qemu-img`` on a site's image) runs unprivileged
 (``as_unprivileged``): as the user vjobs runs QEMU as when vjobs is root, else as the account itself.
@@ -132,6 +133,18 @@ def disk_full_from(error: BaseException, *, doing: str = "", where: Path | None 
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return DiskFull.at(where or error.filename, doing=doing)
     return None
+
+
+def not_permitted_from(error: BaseException) -> SetupError | None:
+    """``error`` as a ``SetupError`` naming the file or folder, when the host's permissions refused this user
+    (EACCES, EPERM) something vjobs did not expect to be refused, else None: a setup to fix, not a bug."""
+    if not isinstance(error, PermissionError):
+        return None
+    where = f" at {error.filename}" if error.filename else ""
+    return SetupError(f"permission denied{where} ({error.strerror}) for uid {os.geteuid()}: vjobs writes only into "
+                      "folders this user owns (work_dir, and its cache: vjobs/host/roles.py); point work_dir or "
+                      "cache_dir in the site config at folders of this user's, or ask the administrator",
+                      code="permission_denied")
 
 
 def _follow(command: list[str], cwd: Path | None, env: Mapping[str, str] | None,

@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 
 from vjobs.errors import ImageError
 from vjobs.host import locks
-from vjobs.host.cache import CacheHold, remove_unused
+from vjobs.host.cache import CacheHold, remove_unused, seal
 from vjobs.host.tools import disk_full_from
 
 Built = TypeVar("Built")
@@ -37,6 +37,7 @@ def build_once(folder: Path, what: str, load: Callable[[], Built | None], build:
         try:
             with tempfile.TemporaryDirectory(prefix=f".build-{family}-", dir=folder.parent) as scratch:
                 built = build(Path(scratch))
+            seal(folder)
         except OSError as exc:
             full = disk_full_from(exc, doing=f"building the {what}", where=folder.parent)
             if full:

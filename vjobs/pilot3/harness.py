@@ -35,6 +35,10 @@ Safety: the pilot's end-of-job cleanup kills every process of the user whose par
 here with PILOT_NOKILL=1 and inside its own PID namespace (``unshare --pid --fork --mount-proc
 --kill-child``): when the pilot exits, or the timeout kills ``unshare``, the kernel kills everything left in
 the namespace.
+
+As a grid site runs it, the pilot may run as a pool account (``run_pilot(..., account=...)``): root makes the
+namespace (``unshare`` needs root) and the pilot becomes the account inside it, with the account's Python and
+its login environment, PILOT_NOKILL=1 still set.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 PILOT_VERSION = "3.7.0.36"
 # One of the generic user's whitelisted transformation bases (pilot/user/generic/setup.py); never contacted:
@@ -67,6 +71,16 @@ SCOPE = "vjobs"
 # update_sleep (120 s): the wait between failed server updates (10 attempts). Neither changes the fixed
 # delays of the module docstring.
 PILOT_CONFIG = {"Pilot": {"heartbeat": "10", "update_sleep": "5"}}
+
+
+class Account(Protocol):
+    """A user the pilot runs as instead of the caller (vjobs.testing.accounts.Account is one): ``python`` is
+    the Python that runs the pilot, ``command`` gives ``argv`` as that user runs it, with its own login
+    environment plus ``extra_env`` and nothing of the caller's."""
+
+    python: str
+
+    def command(self, argv: list[str], extra_env: dict[str, str] | None = None) -> list[str]: ...
 
 
 @dataclass
@@ -220,12 +234,14 @@ def _output_fields(outputs: list[str], log_file: str, scope: str) -> dict:
 
 
 def pilot_command(site: PilotSite, pilot_dir: Path, server_url: str, *, user: str = "generic",
-                  options: tuple[str, ...] = ()) -> list[str]:
-    """The pilot's command line, inside its own PID namespace. ``server_url`` is http://host:port."""
+                  options: tuple[str, ...] = (), account: Account | None = None,
+                  account_env: dict[str, str] | None = None) -> list[str]:
+    """The pilot's command line, inside its own PID namespace. ``server_url`` is http://host:port. With
+    ``account``, the pilot runs as that account inside the namespace, in its login environment with
+    ``account_env`` added (``pilot_settings``: PILOT_NOKILL=1 is one)."""
     scheme_host, port = server_url.rsplit(":", 1)
-    return [
-        "unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--",
-        sys.executable, str(Path(pilot_dir) / "pilot.py"),
+    pilot = [
+        sys.executable if account is None else account.python, str(Path(pilot_dir) / "pilot.py"),
         "-q", site.queue, "--pilot-user", user, "-w", "generic", "-d",
         "--url", scheme_host, "-p", port,
         "--output-dir", str(site.storage), "--input-destination-dir", str(site.storage),
@@ -233,6 +249,11 @@ def pilot_command(site: PilotSite, pilot_dir: Path, server_url: str, *, user: st
         "--use-rucio-traces", "false", "-t",  # no traces to Rucio, no proxy check
         *options,
     ]
+    if account is not None:
+        if (account_env or {}).get("PILOT_NOKILL") != "1":
+            raise ValueError("the pilot runs as an account only with PILOT_NOKILL=1 (see the module docstring)")
+        pilot = account.command(pilot, account_env)
+    return ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--", *pilot]
 
 
 def write_pilot_config(site: PilotSite, pilot_dir: Path, overrides: dict) -> Path:
@@ -248,25 +269,35 @@ def write_pilot_config(site: PilotSite, pilot_dir: Path, overrides: dict) -> Pat
     return path
 
 
-def pilot_environment(site: PilotSite, config: Path, extra: dict | None = None) -> dict:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PILOT_", "PANDA", "HARVESTER_", "X509_"))}
-    env.update({"HARVESTER_WORKDIR": str(site.trf), "HARVESTER_PILOT_CONFIG": str(config), **(extra or {})})
+def pilot_settings(site: PilotSite, config: Path, extra: dict | None = None) -> dict:
+    """The variables the pilot is run with, over the environment it inherits: ``extra``, then ours."""
+    env = {"HARVESTER_WORKDIR": str(site.trf), "HARVESTER_PILOT_CONFIG": str(config), **(extra or {})}
     env["PILOT_NOKILL"] = "1"  # not negotiable: see the module docstring
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ in the sdist: its files stay as published
     return env
 
 
+def pilot_environment(site: PilotSite, config: Path, extra: dict | None = None) -> dict:
+    """The caller's environment without its pilot, PanDA and grid settings, and ``pilot_settings``."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PILOT_", "PANDA", "HARVESTER_", "X509_"))}
+    return {**env, **pilot_settings(site, config, extra)}
+
+
 def run_pilot(site: PilotSite, pilot_dir: Path, server_url: str, *, user: str = "generic",
               env: dict | None = None, options: tuple[str, ...] = (), config: dict | None = None,
-              timeout_s: float = 600, stop_when: Callable[[], bool] | None = None) -> PilotRun:
+              timeout_s: float = 600, stop_when: Callable[[], bool] | None = None,
+              account: Account | None = None) -> PilotRun:
     """Runs the pilot once (it takes one job from the server and ends) and waits for it, at most timeout_s.
     ``user`` is --pilot-user, ``env`` adds to its environment, ``options`` to its command line, ``config``
     replaces PILOT_CONFIG as the settings over its default.cfg. ``stop_when`` (polled twice a second) ends
     the pilot's namespace early once it returns True, e.g. once the server has the job's final state: after
-    a failed or cancelled job the pilot idles for minutes before it exits (see the module docstring)."""
-    command = pilot_command(site, pilot_dir, server_url, user=user, options=options)
+    a failed or cancelled job the pilot idles for minutes before it exits (see the module docstring).
+    ``account``: the pilot runs as that account, in its own PID namespace still (the site's folders and the
+    pilot tree must be the account's to use)."""
     config_file = write_pilot_config(site, pilot_dir, PILOT_CONFIG if config is None else config)
+    command = pilot_command(site, pilot_dir, server_url, user=user, options=options, account=account,
+                            account_env=pilot_settings(site, config_file, env))
     output = site.root / "pilot.out"
     started = time.monotonic()
     with open(output, "wb") as sink:

@@ -47,7 +47,7 @@ import pytest
 
 import vjobs
 from vjobs.cli import exec_command
-from vjobs.cli.main import build_parser
+from vjobs.cli.commands import build_parser
 from vjobs.config.site import SiteConfig
 from vjobs.drivers.registry import NAMESPACE
 
@@ -65,7 +65,7 @@ def site_fixture_name(driver: str) -> str:
 def _run(job: Path, driver_site: tuple[str, SiteConfig], outdir: Path) -> vjobs.Result:
     name, site = driver_site
     result = vjobs.run(job, site=site, outdir=outdir)
-    assert result.driver == name
+    assert result.driver == name, (result.status, result.error)  # why the driver did not run, if it did not
     return result
 
 

@@ -15,6 +15,12 @@ What they give:
 - ``make_job(command, inputs=..., release=..., **fields)``: writes a job file, returns its path.
 - ``fake_image``: a catalogue entry of real files with their real sums, for tests that never boot it.
 - ``assert_clean_host``: after the test, no QEMU of the test's jobs runs and no job folder is left.
+- ``pool_accounts`` (session): four ordinary accounts (vjobs.testing.accounts), in the groups that grant KVM
+  and libvirt, each with vjobs installed by pip into a virtualenv of the system's python3; removed at the end.
+- ``system_cache`` (session): the administrator's cache as the accounts see it, the built-in boot image built
+  by root, where they can read it; ``VJOBS_SYSTEM_CACHE`` set to it points an account's vjobs at it.
+- ``account_cache(account, debian=False)``: a cache in the account's home, its own, with copies of the
+  session's built-in image (and the Debian base): an account's jobs boot them and build nothing.
 - A site for each of vjobs' own drivers, named ``<driver>_site`` as the conformance suite looks them up:
   ``qemu_user_site``; ``kvm_site`` (a real libvirtd at ``VJOBS_TEST_LIBVIRT_URI``, TCG; skipped where none
   answers, a failure when VJOBS_REQUIRE_LIBVIRT is set); ``xen_site`` (the XAPI stand-in,
@@ -29,14 +35,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from vjobs.config.site import SiteConfig, site_from_dict
 from vjobs.testing import sites
-from vjobs.testing.host_state import vjobs_domains_of, work_leftovers
+from vjobs.testing.host_state import held_tokens, vjobs_domains_of, work_leftovers
 from vjobs.testing.processes import qemu_processes
 from vjobs.testing.sites import libvirt_reachable
 
@@ -63,6 +71,39 @@ def pytest_collection_modifyitems(items):
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("driver_site") == "kvm":
             item.add_marker(pytest.mark.libvirt)
+
+
+# --- ordinary accounts ---------------------------------------------------------------------------------------
+
+POOL_ACCOUNTS = 4
+ACCOUNT_GROUPS = ("kvm", "libvirt")  # what a site grants the accounts that may use KVM and the system libvirtd
+
+
+@pytest.fixture(scope="session")
+def pool_accounts():
+    """Four pool accounts with the login ``PATH`` and their own vjobs (needs root); removed when the session
+    ends, with their homes and work folders."""
+    from vjobs.testing import accounts
+
+    made = accounts.create_accounts(POOL_ACCOUNTS, groups=ACCOUNT_GROUPS)
+    try:
+        yield accounts.with_venv(made, accounts.account_venv(accounts.checkout()))
+    finally:
+        accounts.remove_accounts(made)
+
+
+@pytest.fixture(scope="session")
+def account_cache(request, cache_dir, built_image):
+    """``account_cache(account, debian=False)``: ``account.home/cache``, the account's own, holding copies of
+    the session's built-in image and, with ``debian``, of the Debian base (built first if need be)."""
+    from vjobs.testing import accounts
+
+    def give(account: accounts.Account, *, debian: bool = False) -> Path:
+        families = ("default", "debian12") if debian else ("default",)
+        if debian:
+            request.getfixturevalue("debian_image")
+        return accounts.give_built_images(account, cache_dir, account.home / "cache", families)
+    return give
 
 
 # --- images and the session's cache --------------------------------------------------------------------------
@@ -118,6 +159,19 @@ def built_image(cache_dir, session_cache_hold):
 
 
 @pytest.fixture(scope="session")
+def system_cache(cache_dir, built_image):
+    """A system cache as the administrator leaves one, in a folder every account can reach: the built-in boot
+    image, root's. An account's vjobs reads it in place of /var/cache/vjobs with ``VJOBS_SYSTEM_CACHE`` set to
+    it; removed when the session ends."""
+    folder = Path(tempfile.mkdtemp(prefix="vjobs-test-system-cache-", dir="/var/tmp"))
+    os.chmod(folder, 0o755)
+    try:
+        yield sites.system_cache(cache_dir, folder / "cache")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def debian_image(cache_dir, built_image, session_cache_hold):
     """The built-in Debian 12 base (mmdebstrap, ~20 s), built once per session."""
     from vjobs.images.rootfs import debian
@@ -128,23 +182,31 @@ def debian_image(cache_dir, built_image, session_cache_hold):
 @pytest.fixture(scope="session")
 def debian_formats(debian_image, tmp_path_factory) -> dict[str, Path]:
     """The Debian base in other forms a site may have: an erofs (LZ4), and a qcow2 of a GPT disk whose
-    second partition holds an ext4 (the first is a small unformatted one, so the partition must be found)."""
+    second partition holds an ext4 (the first is a small unformatted one, so the partition must be found).
+    Its tools are found where Debian keeps them (mke2fs, sfdisk in /usr/sbin) for an ordinary account too."""
+    from vjobs.host.tools import tool_path
+
+    def run(argv: list[str], **options) -> None:
+        subprocess.run(argv, check=True, env={**os.environ, "PATH": tool_path()}, **options)
+
     folder = tmp_path_factory.mktemp("formats")
     tree = folder / "tree"
-    subprocess.run(["unsquashfs", "-q", "-no-progress", "-d", str(tree), debian_image.rootfs], check=True)
+    options, excluded = ["-q", "-no-progress", "-d", str(tree)], []
+    if os.geteuid() != 0:  # an ordinary account cannot make device nodes: /dev stays empty (the guest binds its own)
+        options, excluded = [*options, "-excludes"], ["dev/*"]
+    run(["unsquashfs", *options, debian_image.rootfs, *excluded])
     erofs = folder / "debian12.erofs"
-    subprocess.run(["mkfs.erofs", "--quiet", "-zlz4", str(erofs), str(tree)], check=True, capture_output=True)
+    run(["mkfs.erofs", "--quiet", "-zlz4", str(erofs), str(tree)], capture_output=True)
     ext4 = folder / "root.ext4"
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(ext4), "400M"], check=True)
+    run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(ext4), "400M"])
     disk = folder / "disk.raw"
     with open(disk, "wb") as handle:
         handle.truncate((1 + 8 + 400 + 1) << 20)
-    subprocess.run(["sfdisk", "-q", str(disk)], check=True, text=True,
-                   input="label: gpt\nstart=2048, size=16384\nstart=18432, size=819200, type=L\n")
-    subprocess.run(["dd", f"if={ext4}", f"of={disk}", "bs=1M", "seek=9", "conv=notrunc,sparse", "status=none"],
-                   check=True)
+    run(["sfdisk", "-q", str(disk)], text=True,
+        input="label: gpt\nstart=2048, size=16384\nstart=18432, size=819200, type=L\n")
+    run(["dd", f"if={ext4}", f"of={disk}", "bs=1M", "seek=9", "conv=notrunc,sparse", "status=none"])
     qcow2 = folder / "debian12-gpt-ext4.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(qcow2)], check=True)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(qcow2)])
     return {"erofs": erofs, "qcow2": qcow2}
 
 
@@ -165,9 +227,11 @@ def fake_image(tmp_path):
 
 @pytest.fixture
 def make_site(tmp_path, cache_dir):
-    """A site config (as the TOML would give it) with this test's work folder and the session's cache."""
+    """A site config (as the TOML would give it) with this test's work folder, its own host budget folder
+    (``host-budget``: not the node's, which other tests and accounts use) and the session's cache."""
     def make(**settings) -> SiteConfig:
-        document = {"cache_dir": str(cache_dir), "work_dir": str(tmp_path / "work"), **settings}
+        host = {"budget_dir": str(tmp_path / "host-budget"), **settings.pop("host", {})}
+        document = {"cache_dir": str(cache_dir), "work_dir": str(tmp_path / "work"), "host": host, **settings}
         return site_from_dict(document, source="test site")
     return make
 
@@ -200,10 +264,10 @@ def _tree(root: Path, files: dict) -> Path:
 
 @pytest.fixture
 def assert_clean_host(tmp_path):
-    """After the test: no QEMU of this test's jobs runs and the work folder holds no job folder (the
-    admission folder stays, with no job's share in it)."""
+    """After the test: no QEMU of this test's jobs runs, the work folder holds no job folder (admission
+    folders stay) and no token of a budget folder (make_site's or an allocation's) is held."""
     yield
-    leftovers = work_leftovers(tmp_path / "work")
+    leftovers = work_leftovers(tmp_path / "work") + held_tokens(tmp_path / "host-budget")
     assert leftovers == [], f"job folders or admission shares left behind: {leftovers}"
     assert qemu_processes(str(tmp_path)) == []
 

@@ -10,12 +10,30 @@ from vjobs.testing.sites import LIBVIRT_URI
 
 
 def work_leftovers(work: Path) -> list[str]:
-    """What a work folder holds besides the admission folder (which stays) and its shares of live jobs."""
+    """What a work folder holds besides its admission folders (an account's own budget, batch allocations';
+    they stay), and the tokens in them that some process still holds."""
     if not work.exists():
         return []
-    folders = [work / "admission", *work.glob("admission.*")]  # the host's, and batch allocations'
-    shares = [f"{folder.name}/{p.name}" for folder in folders for p in folder.glob("*.json")]
+    folders = [work / "admission", *work.glob("admission.*")]
+    shares = [f"{folder.name}/{name} (held)" for folder in folders for name in held_tokens(folder)]
     return sorted([p.name for p in work.iterdir() if p not in folders] + shares)
+
+
+def held_tokens(folder: Path) -> list[str]:
+    """The tokens of a budget folder (vjobs/host/admission.py) that some process holds: those whose lock this
+    process cannot take. Nothing when there is no folder."""
+    import fcntl
+
+    held = []
+    for path in sorted(folder.glob("*.*")) if folder.is_dir() else ():
+        if path.name.split(".")[0] not in ("vcpu", "mem"):
+            continue
+        with open(path, "rb") as token:
+            try:
+                fcntl.flock(token, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(path.name)
+    return held
 
 
 def vjobs_domains_of(pid: int, uri: str = LIBVIRT_URI) -> list[str]:

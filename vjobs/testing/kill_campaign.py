@@ -65,7 +65,9 @@ from typing import Iterable
 from vjobs.drivers.kvm.domain import NAMESPACE_URI as OWNER_NS
 from vjobs.events import check_targets
 from vjobs.host import locks
+from vjobs.host.gc import TEMP_FOLDER
 from vjobs.testing.event_pipe import EXIT, STARTUP, Timeline
+from vjobs.testing.host_state import held_tokens
 from vjobs.testing.processes import descendants, process_table
 from vjobs.testing.sites import LIBVIRT_URI, StandinProcess, libvirt_settings, seed_cache, vjobs_command, write_site
 
@@ -87,12 +89,12 @@ LEFTOVER_KINDS = (
     "xapi_job_vdis",       # a VDI labelled with a vjobs run (vjobs.run_id)
     "xapi_partial_shared_vdis",  # a shared (release/base) VDI without vjobs.complete: a half-done upload
     "job_folders",         # anything in work_dir but admission/
-    "admission_shares",    # a share file in work_dir/admission/
+    "admission_shares",    # a token of the campaign's host budget folder that a process still holds
     "cache_partials",      # partial builds, .build-* folders, PID-named temporary files, incomplete entries
     "cache_locks",         # an unheld lock file whose entry is gone (but xen/shared-*.lock: see INFO_KINDS)
     "cache_unknown",       # a file in cache_dir that is none of the above nor a complete entry
     "sockets",             # a Unix socket file anywhere under work_dir or cache_dir
-    "temp_folders",        # /tmp/vjobs-inspect-PID-* of a killed vjobs
+    "temp_folders",        # /tmp/vjobs-inspect-PID-*, /tmp/vjobs-console-PID-* of a killed vjobs
 )
 #: Counted, reported, not a target: what vjobs keeps on purpose, or what XAPI itself expires.
 INFO_KINDS = (
@@ -168,6 +170,7 @@ class DriverCampaign:
         self.work, self.cache, self.outs = self.root / "work", self.root / "cache", self.root / "out"
         self.jobs, self.release = self.root / "jobs", self.root / "release"
         self.site = self.root / "site.toml"
+        self.budget = self.root / "host-budget"
         self.source_cache = source_cache
         self.standin: StandinProcess | None = None
         self.killed_pids: set[int] = set()
@@ -193,7 +196,8 @@ class DriverCampaign:
         (self.release / "bin" / "analyse.sh").write_text("#!/bin/sh\nwc -l \"$@\"\n")
         (self.release / "bin" / "analyse.sh").chmod(0o755)
         self._new_release()
-        site = {"driver": self.driver, "cache_dir": str(self.cache), "work_dir": str(self.work), "boot_timeout_s": 60}
+        site = {"driver": self.driver, "cache_dir": str(self.cache), "work_dir": str(self.work), "boot_timeout_s": 60,
+                "host": {"budget_dir": str(self.budget)}}  # its own, not the node's
         if self.driver == "kvm":
             site["drivers"] = {"kvm": libvirt_settings()}
         elif self.driver == "xen":
@@ -412,9 +416,9 @@ class DriverCampaign:
             self._count_xapi(found, info)
         self._count_work(found)
         self._count_cache(found, info)
-        for path in Path(tempfile.gettempdir()).glob("vjobs-inspect-*"):
-            match = re.fullmatch(r"vjobs-inspect-(\d+)-.+", path.name)
-            if match and int(match[1]) in self.killed_pids:
+        for path in Path(tempfile.gettempdir()).glob("vjobs-*"):
+            match = TEMP_FOLDER.fullmatch(path.name)
+            if match and int(match[2]) in self.killed_pids:
                 found["temp_folders"].append(str(path))
         return found, info
 
@@ -484,11 +488,7 @@ class DriverCampaign:
         for path in sorted(self.work.iterdir()):
             if path.name != "admission":
                 found["job_folders"].append(str(path))
-        admission = self.work / "admission"
-        if admission.is_dir():
-            for path in sorted(admission.iterdir()):
-                if path.name != ".lock":
-                    found["admission_shares"].append(str(path))
+        found["admission_shares"] += [str(self.budget / name) for name in held_tokens(self.budget)]
         found["sockets"] += [str(p) for p in _sockets(self.work)]
 
     def _count_cache(self, found: dict[str, list[str]], info: dict[str, int]) -> None:

@@ -261,6 +261,23 @@ def link_tree(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def system_cache(source: Path, target: Path, families: Iterable[str] = ("default",)) -> Path:
+    """``target`` made a system cache as root's ``vjobs image build`` leaves one (vjobs/host/roles.py), holding
+    copies of the built images of ``families`` in the cache ``source`` (their manifests naming the copies), all
+    root's and readable by every account: a test's accounts cannot reach a test session's own cache. An
+    account's vjobs takes it for /var/cache/vjobs with VJOBS_SYSTEM_CACHE set to it."""
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for folder in sorted((Path(source) / "images").glob("*-*")):
+        if folder.is_dir() and folder.name.rsplit("-", 1)[0] in families and not folder.name.startswith("."):
+            copy = target / "images" / folder.name
+            shutil.copytree(folder, copy)
+            manifest = copy / "manifest.json"
+            manifest.write_text(manifest.read_text().replace(str(folder), str(copy)))
+    for path in (target, *target.rglob("*")):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    return target
+
+
 # --- the example job ----------------------------------------------------------------------------------
 
 def example_job(memory_mib: int | None = None, append: str = "") -> dict:

@@ -19,6 +19,8 @@ NAMESPACE_URI = "https://vjobs.invalid/owner/1"
 NAMESPACE_PREFIX = "vjobs"
 ET.register_namespace(NAMESPACE_PREFIX, NAMESPACE_URI)
 
+CONSOLE_SOCKET = "console.sock"
+
 _OWNER = f"{{{NAMESPACE_URI}}}owner"
 _LABEL = f"{{{NAMESPACE_URI}}}label"
 
@@ -33,8 +35,10 @@ class DomainSettings:
     network: str | None = None  # a libvirt network to attach when the job may use the network
 
 
-def domain_xml(spec: VMSpec, settings: DomainSettings, kernel: Path, initramfs: Path) -> str:
-    """The description of ``spec``'s domain, booting ``kernel`` and ``initramfs`` (copies of the spec's)."""
+def domain_xml(spec: VMSpec, settings: DomainSettings, kernel: Path, initramfs: Path,
+               console: Path | None = None) -> str:
+    """The description of ``spec``'s domain, booting ``kernel`` and ``initramfs`` (copies of the spec's);
+    ``console``: the socket the serial port connects to (default: ``console_socket(spec)``)."""
     domain = ET.Element("domain", type=settings.virt_type)
     _text(domain, "name", spec.name)
     domain.append(owner_metadata(spec.owner.as_labels()))
@@ -49,7 +53,7 @@ def domain_xml(spec: VMSpec, settings: DomainSettings, kernel: Path, initramfs: 
     _text(domain, "on_poweroff", "destroy")
     _text(domain, "on_reboot", "restart")
     _text(domain, "on_crash", "destroy")
-    domain.append(_devices(spec, settings))
+    domain.append(_devices(spec, settings, console or console_socket(spec)))
     return ET.tostring(domain, encoding="unicode")
 
 
@@ -80,7 +84,7 @@ def _features(settings: DomainSettings) -> ET.Element:
     return features
 
 
-def _devices(spec: VMSpec, settings: DomainSettings) -> ET.Element:
+def _devices(spec: VMSpec, settings: DomainSettings, console: Path) -> ET.Element:
     devices = ET.Element("devices")
     for index, disk in enumerate(spec.disks):
         element = ET.SubElement(devices, "disk", type="file", device="disk")
@@ -102,14 +106,22 @@ def _devices(spec: VMSpec, settings: DomainSettings) -> ET.Element:
         interface = ET.SubElement(devices, "interface", type="network")
         ET.SubElement(interface, "source", network=settings.network)
         ET.SubElement(interface, "model", type="virtio")
-    # A pty that vjobs reads itself (KvmVM.start), bounded by the core; a file would be written by QEMU with no
-    # limit.
-    serial = ET.SubElement(devices, "serial", type="pty")
+    # A socket that vjobs listens on and QEMU connects to (KvmVM.attach), read by vjobs itself, bounded by the
+    # core: a file would be written by QEMU with no limit, and a pty belongs to QEMU's user (root for the
+    # system libvirtd), which an account cannot open.
+    serial = ET.SubElement(devices, "serial", type="unix")
+    ET.SubElement(serial, "source", mode="connect", path=str(console))
     ET.SubElement(serial, "target", port="0")
     # libvirt would otherwise add a USB controller and a memory balloon nobody uses: less to emulate
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
     return devices
+
+
+def console_socket(spec: VMSpec) -> Path:
+    """Where the domain's serial port connects to, unless its path is too long for a socket (KvmVM says where
+    then): a socket vjobs listens on in the VM's own folder."""
+    return spec.workdir / CONSOLE_SOCKET
 
 
 def owner_metadata(labels: dict[str, str]) -> ET.Element:

@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import termios
+import shutil
+import socket
+import tempfile
 import threading
 import time
-import tty
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import libvirt
 
@@ -31,7 +33,8 @@ from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop,
                                     check_unchanged, destroyed_on_failure, first_failure)
 from vjobs.drivers.kvm import connection
 from vjobs.drivers.kvm.connection import libvirt_errors
-from vjobs.drivers.kvm.domain import NAMESPACE_URI, DomainSettings, disk_fds, domain_xml, parse_owner
+from vjobs.drivers.kvm.domain import (CONSOLE_SOCKET, NAMESPACE_URI, DomainSettings, console_socket, disk_fds,
+                                     domain_xml, parse_owner)
 from vjobs.errors import VjobsError, VMError
 
 # How long the deep probe waits for the built-in guest: a healthy KVM host boots it in well under a second;
@@ -40,6 +43,9 @@ BOOT_DEADLINE_S = {"kvm": 15.0, "qemu": 60.0}
 ACCELERATION = {"kvm": "kvm", "qemu": "tcg"}
 NETWORK = "default"  # the libvirt network a job that may use the network is attached to
 RECONNECT_S = 30.0  # how long destroy() waits for a restarted libvirtd to answer again
+CONSOLE_CONNECT_S = 10.0  # QEMU connects to its console before libvirt says the domain exists: a margin
+SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108, with the NUL)
+CONSOLE_TEMP_PREFIX = "vjobs-console-"  # + PID-: a console socket's folder when the VM's is too deep (gc knows it)
 FORMATS = ("raw", "qcow2")  # named in the domain description (vjobs/drivers/kvm/domain.py)
 ADVISORY = ("network",)  # a host without the network still runs every job that does not ask for one
 
@@ -64,7 +70,8 @@ class KvmDriver(Driver):
         # own folder, readable by vjobs' user alone (and by QEMU, to which libvirt lends them).
         kernel = spec.boot.kernel.private_copy(spec.workdir / "kernel")
         initramfs = spec.boot.initramfs.private_copy(spec.workdir / "initramfs")
-        vm = KvmVM(spec, self.uri, domain_xml(spec, settings, kernel, initramfs))
+        console = ConsoleSocket.for_vm(spec)
+        vm = KvmVM(spec, self.uri, domain_xml(spec, settings, kernel, initramfs, console.path), console)
         with destroyed_on_failure(vm):
             vm.attach()
         return vm
@@ -154,9 +161,9 @@ class KvmDriver(Driver):
 class KvmVM(VM):
     """One transient domain. Its own connection carries the event callbacks, so that closing it ends them."""
 
-    def __init__(self, spec: VMSpec, uri: str, xml: str):
+    def __init__(self, spec: VMSpec, uri: str, xml: str, console_socket: ConsoleSocket):
         super().__init__(spec)
-        self.uri, self.xml = uri, xml
+        self.uri, self.xml, self.console_socket = uri, xml, console_socket
         self.conn: libvirt.virConnect | None = None
         self.dom: libvirt.virDomain | None = None
         self.callbacks: list[int] = []
@@ -164,7 +171,7 @@ class KvmVM(VM):
         self.stop: Stop | None = None  # set by the event thread once the domain is gone
         self.reset = False  # the guest reset itself (a panic with panic=-1, or reboot)
         self.lost: str | None = None  # why the connection to libvirtd closed
-        self.console: int | None = None  # the guest's serial pty, read by vjobs itself
+        self.console: int | None = None  # QEMU's connection to the console socket, read by vjobs itself
 
     def attach(self) -> None:
         """``create``'s part: the domain, started paused (QEMU has opened the disks, the read-only ones through
@@ -178,15 +185,16 @@ class KvmVM(VM):
                 self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None),
                 self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON,
                                                  self._on_io_error, None)]
-            self.dom = self.conn.defineXML(self.xml)
-            try:
-                for group, fd in disk_fds(self.spec).items():
-                    self.dom.FDAssociate(group, [fd])  # for as long as this connection lives
-                # Paused until the console is open: a pty drops what is written while nobody reads it.
-                self.dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
-            finally:
-                self.dom.undefine()  # transient once it runs; gone if it did not start
-            self.console = _open_pty(_console_pty(self.dom))
+            # QEMU connects to the console socket as it starts, before its guest runs: listening first.
+            with self.console_socket.listening() as listener:
+                self.dom = self.conn.defineXML(self.xml)
+                try:
+                    for group, fd in disk_fds(self.spec).items():
+                        self.dom.FDAssociate(group, [fd])  # for as long as this connection lives
+                    self.dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+                finally:
+                    self.dom.undefine()  # transient once it runs; gone if it did not start
+                self.console = self.console_socket.accept(listener, self.spec.name)
             self.spec.console.follow(self._read_console)
 
     def start(self) -> None:
@@ -197,13 +205,13 @@ class KvmVM(VM):
     def _read_console(self) -> bytes:
         """The next chunk the guest wrote to its serial port; b"" once the console is closed.
 
-        vjobs reads the pty itself rather than through libvirt's console stream: libvirtd 9.0 deadlocked for
+        vjobs reads the console itself rather than through libvirt's console stream: libvirtd 9.0 deadlocked for
         good (every thread waiting on a lock) when a client holding a console stream died while its domain was
         destroyed, virStreamAbort against virChrdevFree; the kill campaign hit it three times in ~250 kills."""
         while (fd := self.console) is not None:
             with contextlib.suppress(InterruptedError, BlockingIOError):
                 if select.select([fd], [], [], 0.5)[0]:
-                    return os.read(fd, 65536)  # EIO once QEMU closed its side: the VM is gone
+                    return os.read(fd, 65536)  # b"" once QEMU closed its side: the VM is gone
         return b""
 
     # --- waiting: the event thread records, the caller's thread waits --------------------------------------
@@ -314,28 +322,57 @@ class KvmVM(VM):
         connection.close_quietly(conn)
 
 
-def _console_pty(dom: libvirt.virDomain) -> str:
-    """The host pty libvirt gave the domain's serial port (its live XML says which)."""
-    source = ET.fromstring(dom.XMLDesc(0)).find("./devices/serial[@type='pty']/source")
-    path = source.get("path") if source is not None else None
-    if not path or not path.startswith("/dev/pts/"):
-        raise VMError(f"libvirt gave the domain {dom.name()} no serial pty (got {path!r})", code="boot_failed")
-    return path
+@dataclass(frozen=True)
+class ConsoleSocket:
+    """The socket a domain's serial port connects to and vjobs listens on, there only while the domain is
+    created: in the VM's folder, or, when that path is longer than a Unix socket takes (a long work_dir and job
+    id), in a private folder of the system's temporary folder (``own_folder``), named with this process's pid so
+    that ``vjobs gc`` removes one that a vjobs killed meanwhile left. QEMU, libvirt's user (root here), reaches
+    either; no other account does."""
 
+    path: Path
+    own_folder: Path | None = None
 
-def _open_pty(path: str) -> int:
-    """Open the pty's host side raw: no echo (what the guest writes must never come back to it as input), no
-    line editing, no signals; never as a controlling terminal."""
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        tty.setraw(fd, termios.TCSANOW)
-        attributes = termios.tcgetattr(fd)
-        attributes[3] &= ~(termios.ECHO | termios.ECHONL)
-        termios.tcsetattr(fd, termios.TCSANOW, attributes)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    @classmethod
+    def for_vm(cls, spec: VMSpec) -> ConsoleSocket:
+        path = console_socket(spec)
+        if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
+            return cls(path)
+        folder = Path(tempfile.mkdtemp(prefix=f"{CONSOLE_TEMP_PREFIX}{os.getpid()}-"))
+        return cls(folder / CONSOLE_SOCKET, folder)
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[socket.socket]:
+        """Listening for the domain's QEMU while the domain is created; then the socket's file is removed (the
+        connection QEMU made lives on without it)."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.path))
+            listener.listen(1)
+            yield listener
+        finally:
+            listener.close()
+            self.remove()
+
+    @staticmethod
+    def accept(listener: socket.socket, name: str) -> int:
+        """The connection QEMU made as it started (libvirt returns once QEMU runs, so it is there, or never
+        is), as a descriptor the console thread reads. Nothing is written to it (the guest gets no input), and
+        it is never shut down halfway: QEMU takes an end of its input for the end of the console."""
+        listener.settimeout(CONSOLE_CONNECT_S)
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            raise VMError(f"the QEMU of domain {name} did not connect to its console within "
+                          f"{CONSOLE_CONNECT_S:g} s", code="boot_failed") from None
+        connection.setblocking(False)
+        return connection.detach()
+
+    def remove(self) -> None:
+        if self.own_folder is not None:
+            shutil.rmtree(self.own_folder, ignore_errors=True)
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 _CLOSE_REASONS = {libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",

@@ -125,7 +125,7 @@ class QemuUserDriver(Driver):
             if why_not is None:
                 recipe = template.recipe_for(spec, machine, f"{shutil.which(self.binary)} {self.qemu_version()}")
                 store = template.TemplateStore(self.host.cache_dir, self.host.cache_hold, self.host.checked_files,
-                                               self.host.progress)
+                                               self.host.progress, self.host.shared_cache_dir)
                 return TemplateVM(spec, self.binary, machine, run_as, store, recipe)
             return QemuUserVM(spec, self.binary, machine, run_as, start={"mode": "cold", "why": why_not})
         return QemuUserVM(spec, self.binary, machine, run_as)

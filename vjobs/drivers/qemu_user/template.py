@@ -134,29 +134,31 @@ class SavedTemplate:
 class TemplateStore:
     """The templates in ``cache_dir/templates``; ``ensure`` makes one the first time a recipe is asked for.
     ``hold``: the job's hold on the cache (``HostContext.cache_hold``), which keeps the template it uses;
-    ``files``: the job's open files (``HostContext.checked_files``), among which the template is opened."""
+    ``files``: the job's open files (``HostContext.checked_files``), among which the template is opened.
+    ``shared_cache_dir``: the administrator's cache, when this process is an account that only reads it
+    (vjobs/host/roles.py): a template root made there is used first, never written; the account makes
+    any other in its own ``cache_dir``, for its own jobs alone (guest memory is shared only when root made it)."""
 
-    def __init__(self, cache_dir: Path, hold: CacheHold, files: CheckedFiles, progress=lambda message: None):
+    def __init__(self, cache_dir: Path, hold: CacheHold, files: CheckedFiles, progress=lambda message: None,
+                 shared_cache_dir: Path | None = None):
         self.folder = cache_dir / "templates"
+        self.shared = shared_cache_dir / "templates" if shared_cache_dir else None
         self.hold = hold
         self.files = files
         self.progress = progress
 
     def ensure(self, recipe: Recipe, make_vm) -> SavedTemplate:
         """The saved guest for ``recipe``, made with ``make_vm(scratch)`` (a VM for the template guest) when
-        there is none yet, opened and checked. Raises VMError when it cannot be made, or failed within
-        FAILURE_MEMORY_S; ImageError when its files are not what was saved."""
-        folder = self.folder / f"{recipe.family}-{recipe.key}"
+        there is none yet, opened and checked. Raises VMError when it cannot be made, failed within
+        FAILURE_MEMORY_S, or its files are not what was saved."""
+        name = f"{recipe.family}-{recipe.key}"
+        folder = self.folder / name
         self.folder.mkdir(parents=True, exist_ok=True)
         failed_before = self._raise_if_failed_recently(recipe)
-
-        def load() -> Path | None:
-            try:
-                manifest = json.loads((folder / "manifest.json").read_text())
-            except (OSError, ValueError):
-                return None
-            complete = all((folder / name).is_file() for name in ("state", *STAND_INS))
-            return folder if manifest.get("recipe") == dataclasses.asdict(recipe) and complete else None
+        # root's, read-only; not one whose restore failed here before: this process then makes its own
+        if self.shared and failed_before != "restore" and (state := saved_state(self.shared / name, recipe)) \
+                and self.hold.use(state.parent):
+            return self._opened(recipe, state.parent)
 
         def build(scratch: Path) -> Path:
             self.progress(f"template: booting a {recipe.family} guest once, to save it for the jobs after")
@@ -176,19 +178,25 @@ class TemplateStore:
             self._memo(recipe).unlink(missing_ok=True)
             self.progress(f"template: {folder.name} saved in {manifest['made_s']} s "
                           f"({manifest['state_bytes'] >> 20} MiB)")
-            return folder
+            return folder / "state"
 
         try:
             # A template whose restore failed before is made anew, not trusted again.
-            made = build_once(folder, "VM template", load, build, hold=self.hold, force=failed_before == "restore")
+            state = build_once(folder, "VM template", lambda: saved_state(folder, recipe), build, hold=self.hold,
+                               force=failed_before == "restore")
         except VMError as error:  # QEMU's or the template guest's failure; a site's setting (DriverError)
             self.remember_failure(recipe, f"making it failed: {error}", stage="make")  # would fail a cold
             raise  # boot the same way, and a full disk passes: neither says anything about templates
+        return self._opened(recipe, state.parent)
+
+    def _opened(self, recipe: Recipe, folder: Path) -> SavedTemplate:
+        """The template in ``folder``, opened among the job's files and checked against its manifest's sums;
+        one that is not what was saved is a failure of the template (made anew after FAILURE_MEMORY_S)."""
         try:
-            return SavedTemplate.open(made, self.files)
-        except (OSError, ValueError, KeyError, ImageError) as error:  # made anew after FAILURE_MEMORY_S
+            return SavedTemplate.open(folder, self.files)
+        except (OSError, ValueError, KeyError, ImageError) as error:
             self.remember_failure(recipe, f"its files are not what was saved: {error}")
-            raise VMError(f"the template {made.name} is damaged: {error}", code="template_failed") from error
+            raise VMError(f"the template {folder.name} is damaged: {error}", code="template_failed") from error
 
     def remember_failure(self, recipe: Recipe, reason: str, stage: str = "restore") -> None:
         """Jobs of this shape boot cold for FAILURE_MEMORY_S instead of paying for the same failure each."""
@@ -213,6 +221,16 @@ class TemplateStore:
 
     def _memo(self, recipe: Recipe) -> Path:
         return self.folder / f"{recipe.family}.failed"
+
+
+def saved_state(folder: Path, recipe: Recipe) -> Path | None:
+    """The state file of the complete template for ``recipe`` in ``folder``, or None."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    complete = all((folder / name).is_file() for name in ("state", *STAND_INS))
+    return folder / "state" if manifest.get("recipe") == dataclasses.asdict(recipe) and complete else None
 
 
 def save_template(vm, state: Path) -> None:

@@ -105,12 +105,13 @@ class SlurmCluster:
         """``argv`` run inside the namespace; run it with ``env``."""
         return self.netns.command(argv)
 
-    def run(self, argv: list[str], *, timeout: float = 30, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], *, timeout: float = 30, check: bool = True, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
         """Runs a Slurm client (or a script that calls them) in the namespace under ``timeout``: a client of a
-        daemon that is still starting can hang for minutes. ``env`` adds to ``self.env``."""
+        daemon that is still starting can hang for minutes. ``env`` adds to ``self.env``; ``cwd`` is where it
+        runs, and where sbatch's jobs start."""
         done = subprocess.run(["timeout", str(timeout), *self.command(argv)], env={**self.env, **(env or {})},
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=cwd)
         if check and done.returncode != 0:
             why = "timed out" if done.returncode == 124 else f"exit {done.returncode}"
             raise SlurmError(f"{' '.join(argv)}: {why}: {done.stderr.strip() or done.stdout.strip()}")

@@ -28,6 +28,7 @@ from vjobs.cli import exec_command as runtime
 from vjobs.drivers.registry import installed_drivers
 from vjobs.errors import InternalError, VjobsError, internal_error
 from vjobs.host.cache import CacheHold
+from vjobs.host.tools import not_permitted_from
 
 
 def _progress(quiet: bool) -> Callable[[str], None]:
@@ -65,7 +66,8 @@ def _print_summary(result, args) -> None:
               f"{verified})")
     for rejected in result.rejected_outputs:
         print(f"  not returned: {rejected['path']}: {rejected['reason']}")
-    print(f"  result: {where / 'result.json'}")
+    if not result.error or result.error["code"] != "outdir_unusable":  # then nothing was written there
+        print(f"  result: {where / 'result.json'}")
 
 
 def cmd_exec(args) -> int:
@@ -108,16 +110,20 @@ def cmd_image_build(args) -> int:
 
 
 def _image_build(args, site, progress, hold: CacheHold) -> int:
+    from vjobs.host.roles import caches
     from vjobs.images.boot import build_default_image
+    from vjobs.images.catalogue import refuse_to_build
     from vjobs.images.rootfs import debian
 
+    found_in = caches(site)
+    refuse_to_build(args.name, found_in)  # an account whose built-in images are the administrator's
     if args.name == "default":
-        manifest = build_default_image(site.cache_dir, progress, hold=hold, force=args.force)
+        manifest = build_default_image(found_in.own, progress, hold=hold, force=args.force)
         summary = f"default image: kernel {manifest.kernel} ({manifest.kernel_version}), initramfs {manifest.initramfs}"
         document = manifest.to_json()
     else:
-        base = debian.build(site.cache_dir, progress, hold=hold, force=args.force)
-        build_default_image(site.cache_dir, progress, hold=hold)  # its boot image
+        base = debian.build(found_in.own, progress, hold=hold, force=args.force)
+        build_default_image(found_in.own, progress, hold=hold)  # its boot image
         summary = (f"{base.name} image: {base.rootfs} ({base.size >> 20} MiB, {len(base.packages)} packages, "
                    f"python3 {base.python_version()}), sha256 {base.rootfs_sha256}")
         document = vars(base)
@@ -251,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except PermissionError as refused:  # a folder of root's or another account's: a setup to fix, not a bug
+        print(f"vjobs: {not_permitted_from(refused)}", file=sys.stderr)
+        return 1
     except Exception as bug:  # a bug in vjobs: one line here, the traceback in a log
-        print(f"vjobs: {internal_error(bug, Path(tempfile.gettempdir()) / 'vjobs-errors' / str(os.getpid()))}",
+        # A folder of its own with a name nobody can guess: a fixed one in /tmp could be another account's.
+        print(f"vjobs: {internal_error(bug, tempfile.mkdtemp(prefix=f'vjobs-error-{os.getpid()}-'))}",
               file=sys.stderr)
         return InternalError.exit_code

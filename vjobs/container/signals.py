@@ -1,0 +1,84 @@
+"""How a signal ends a job: SIGTERM (a batch system's or a pilot's way to end it), SIGHUP and SIGINT cancel it,
+and it still ends with its teardown done and a ``result.json`` that says ``cancelled``.
+
+A signal can come at any moment, also while the interpreter is still importing vjobs, loading the job or
+probing the host, before the job's container has taken the signals over. The command line holds the signals
+as its first act (``early_signals_held``, before it imports the rest of vjobs), and a signal held so is
+turned into the cancel as soon as the container runs (``SignalGuard.cancel_if_pending``). Only what comes
+before Python has run a line of vjobs (some tens of milliseconds from exec) still kills it the default way;
+no VM or file of the job exists then.
+
+This module imports nothing of vjobs': the command line loads it before everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+CANCELLING = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+_held: list[str] = []  # the names of signals that came before a container took them over
+
+
+@contextlib.contextmanager
+def early_signals_held() -> Iterator[None]:
+    """Until a container runs, note the cancelling signals instead of dying of them (main thread only); the
+    previous handlers again after the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _note) for sig in CANCELLING}
+    try:
+        yield
+    finally:
+        _held.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _note(signum, _frame) -> None:
+    _held.append(signal.Signals(signum).name)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by a signal. A KeyboardInterrupt, not an Exception, so that no
+    ``except Exception`` on the way (ours, asyncio's callback runner, a library's) can swallow it."""
+
+
+class SignalGuard:
+    """A cancelling signal raises ``Terminated`` in the main thread, once; after ``hold()`` further signals
+    are noted but ignored so that teardown runs to its end."""
+
+    def __init__(self):
+        self.holding = False
+
+    def handle(self, signum, _frame) -> None:
+        if not self.holding:
+            self.holding = True
+            raise Terminated(signal.Signals(signum).name)
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def cancel_if_pending(self) -> None:
+        """Raise ``Terminated`` now for a signal that came before the container took the signals over."""
+        if _held and not self.holding:
+            self.holding = True
+            raise Terminated(_held[0])
+
+
+@contextlib.contextmanager
+def signals_cancel() -> Iterator[SignalGuard]:
+    """The container's hold on the cancelling signals for the job's life; the previous handlers after it."""
+    guard = SignalGuard()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard  # only the main thread may own signal handlers; the caller's own handling applies
+        return
+    previous = {sig: signal.signal(sig, guard.handle) for sig in CANCELLING}
+    try:
+        yield guard
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
