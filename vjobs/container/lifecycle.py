@@ -35,7 +35,7 @@ from vjobs import staging
 from vjobs._version import __version__
 from vjobs.config.job import Job
 from vjobs.config.site import SiteConfig
-from vjobs.container.signals import signals_cancel
+from vjobs.container.signals import SignalGuard, signals_cancel
 from vjobs.drivers.contract import VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from vjobs.drivers.registry import choose_driver
 from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError, VMError,
@@ -59,6 +59,7 @@ from vjobs.result import Result, conclude_in, utc_now
 from vjobs.staging.locations import check as check_url
 
 CONSOLE_TAIL_BYTES = 2000
+SIGNAL_CHECK_S = 1.0  # the longest a lost signal's exception goes unnoticed while the VM runs
 DELIVERY_MARGIN_S = 60.0  # after the wall time and the grace: the agent collects and writes the outputs
 
 
@@ -77,6 +78,7 @@ class VMContainer:
         self.consoles: list[ConsoleLog] = []  # one per boot attempt
         self.bind_snapshots: dict[int, dict] = {}  # read-write binds as they were copied in
         self.held = contextlib.ExitStack()  # the job's share of the host, given back after teardown
+        self.signals = SignalGuard()  # run() puts the one that holds the signals for the job's life here
         self.cache_hold = self.held.enter_context(host.cache_hold)  # the cached images it uses (vjobs/host/cache.py)
         self.files = self.held.enter_context(host.checked_files)  # what its VMs get, open (vjobs/images/checked.py)
         self.result = Result(job_id=job.id, vjobs_version=__version__, started_at=utc_now())
@@ -88,7 +90,8 @@ class VMContainer:
     def run(self) -> Result:
         with signals_cancel() as guard:
             try:
-                guard.cancel_if_pending()  # a signal that came while vjobs started up
+                self.signals = guard
+                guard.cancel_if_signalled()  # one that came while vjobs started up
                 self._run_phases()
             except VjobsError as error:
                 self._fail(error)
@@ -142,8 +145,8 @@ class VMContainer:
             self.host.progress(f"job {self.job.id} running (wall time {self.job.walltime_s} s)")
             # The agent ends the payload at the wall time itself (SIGTERM, stop_grace_s, SIGKILL) and delivers
             # what it wrote; the host waits that long and a margin for the delivery, then kills the VM.
-            stop = vm.wait_until_stopped(deadline_in(self.job.walltime_s + self.site.stop_grace_s
-                                                     + DELIVERY_MARGIN_S))
+            stop = self._wait_for_stop(vm, deadline_in(self.job.walltime_s + self.site.stop_grace_s
+                                                       + DELIVERY_MARGIN_S))
             if stop is Stop.DISK_FULL:
                 raise _guest_disk_full(vm.full_disk)
             if stop is Stop.DEADLINE:
@@ -239,6 +242,15 @@ class VMContainer:
         raise BootTimeout(f"the guest did not boot within {self.site.boot_timeout_s} s, {attempts} times; "
                           f"console: {self._console_tail()!r}")
 
+    def _wait_for_stop(self, vm: VM, deadline: float) -> Stop:
+        """The VM's stop, or ``Stop.DEADLINE``; asked a second at a time, so that a signal whose exception was
+        lost still cancels the job within a second (vjobs/container/signals.py)."""
+        while True:
+            self.signals.cancel_if_signalled()
+            stop = vm.wait_until_stopped(min(deadline, time.monotonic() + SIGNAL_CHECK_S))
+            if stop is not Stop.DEADLINE or time.monotonic() >= deadline:
+                return stop
+
     def _wait_for_agent(self, vm: VM, deadline: float) -> bool:
         """No polling: the console wakes this wait the moment the agent's marker comes through, or when the
         streams it follows end (the hypervisor closed them: the guest is going). Before each wait, and so at
@@ -248,6 +260,7 @@ class VMContainer:
         stop_check_s, moment_s = 0.5, 0.01
         console = vm.spec.console
         while not vm.agent_started():
+            self.signals.cancel_if_signalled()
             ask_s = stop_check_s if console.ended else moment_s
             stop = vm.wait_until_stopped(min(deadline, time.monotonic() + ask_s))
             if stop is Stop.DISK_FULL:
@@ -403,6 +416,7 @@ class VMContainer:
     def _phase(self, name: str) -> Iterator[None]:
         """A phase, announced to the run's observers and timed into the result (a phase entered twice, as a
         retried boot's attach and boot are, adds up)."""
+        self.signals.cancel_if_signalled()
         started = time.monotonic()
         try:
             with self.events.phase(name):

@@ -48,25 +48,30 @@ class Terminated(KeyboardInterrupt):
 
 
 class SignalGuard:
-    """A cancelling signal raises ``Terminated`` in the main thread, once; after ``hold()`` further signals
-    are noted but ignored so that teardown runs to its end."""
+    """A cancelling signal raises ``Terminated`` in the main thread; after ``hold()`` (the teardown) further
+    signals are ignored so that the teardown runs to its end.
+
+    The raise alone is not enough: Python runs a signal handler between any two bytecodes, also inside a
+    ``__del__`` or a weakref callback, and drops what it raises there (it prints "Exception ignored"). One job
+    in the first 1,000-job accounts campaign ran on to its wall time so. So the signal is also remembered, and
+    the container asks ``cancel_if_signalled`` at every phase and every second while it waits for the VM."""
 
     def __init__(self):
         self.holding = False
+        self.signalled: str | None = _held[0] if _held else None  # one that came while vjobs started up
 
     def handle(self, signum, _frame) -> None:
         if not self.holding:
-            self.holding = True
-            raise Terminated(signal.Signals(signum).name)
+            self.signalled = self.signalled or signal.Signals(signum).name
+            raise Terminated(self.signalled)
 
     def hold(self) -> None:
         self.holding = True
 
-    def cancel_if_pending(self) -> None:
-        """Raise ``Terminated`` now for a signal that came before the container took the signals over."""
-        if _held and not self.holding:
-            self.holding = True
-            raise Terminated(_held[0])
+    def cancel_if_signalled(self) -> None:
+        """Raise ``Terminated`` for a signal that came and has not ended the job yet."""
+        if self.signalled and not self.holding:
+            raise Terminated(self.signalled)
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ from vjobs.host.admission import prepare_host_folder
 from vjobs.testing import accounts as pool
 from vjobs.testing.host_state import work_leftovers
 from vjobs.testing.processes import process_table
-from vjobs.testing.sites import example_job, seed_cache, vjobs_command, write_site
+from vjobs.testing.sites import example_job, vjobs_command, write_site
 
 SAMPLE_S = 0.05
 JOB_TIMEOUT_S = 300  # a vjobs run that takes longer is a finding (counted as lost), not a hang of the campaign
@@ -152,14 +152,15 @@ class Campaign:
     def _prepare(self, account: pool.Account, source_cache: Path | None) -> Path:
         folder = self._folder(account)
         shutil.rmtree(folder, ignore_errors=True)
-        seed_cache(source_cache, folder / "cache")
         for name in ("jobs", "out"):
             (folder / name).mkdir(parents=True, exist_ok=True)
+        if source_cache is not None:  # copies: a hard link given to the account would give it root's file
+            pool.give_built_images(account, source_cache, folder / "cache", families=("default",))
         site = write_site(folder / "site.toml", {
             "driver": "qemu_user", "cache_dir": str(folder / "cache"),
             "host": {"vcpus": self.budget_vcpus, "memory_mib": self.budget_memory_mib, "admission_wait_s": 900,
                      "budget_dir": str(self.budget_dir)}})
-        _chown_tree(folder, account.uid, account.gid)
+        account.own(folder)
         folder.chmod(0o700)
         return site
 
@@ -184,7 +185,9 @@ class Campaign:
         return {"jobs": len(plans), "elapsed_s": round(elapsed, 1), "budget_vcpus": self.budget_vcpus,
                 "most_vms_at_once": watch.most_vms, "most_vcpus_at_once": watch.most_vcpus,
                 "samples": watch.samples, "samples_over_budget": watch.over_budget, "seen_over": watch.seen_over,
-                "by_kind": _by_kind(self.records), "records": sorted(self.records, key=lambda r: r["job"]), "lost": [r for r in self.records if r["lost"]],
+                "by_kind": _by_kind(self.records),
+                "signalled_before_vjobs_started": sum(bool(r.get("before_vjobs_started")) for r in self.records),
+                "lost": [r for r in self.records if r["lost"]], "records": sorted(self.records, key=lambda r: r["job"]),
                 "gc_failures": gc, "left": self.leftovers()}
 
     def _worker(self, plans: queue.Queue) -> None:
@@ -221,7 +224,7 @@ class Campaign:
                   "seconds": round(time.monotonic() - begun, 2), "signalled": signalled}
         if kind.signal_to_vjobs == signal.SIGKILL:
             record["gc_rc"] = account.run([account.vjobs, "gc", "--site", str(site)], timeout=GC_TIMEOUT_S).returncode
-        record.update(self._judge(plan, kind, outdir, stderr.decode(errors="replace")))
+        record.update(self._judge(plan, kind, outdir, stderr.decode(errors="replace"), process.returncode))
         return record
 
     @staticmethod
@@ -233,12 +236,16 @@ class Campaign:
             process.send_signal(kind.signal_to_vjobs)  # vjobs itself: setpriv and env exec it
             return True
 
-    def _judge(self, plan: Plan, kind: Kind, outdir: Path, stderr: str) -> dict:
+    def _judge(self, plan: Plan, kind: Kind, outdir: Path, stderr: str, exit_code: int) -> dict:
         try:
             result = json.loads((outdir / "result.json").read_text())
         except (OSError, ValueError):
             if kind.signal_to_vjobs == signal.SIGKILL:
                 return {"status": None, "lost": False}
+            if exit_code == -kind.signal_to_vjobs and not stderr and not outdir.exists():
+                # Before Python ran vjobs' first line (vjobs/container/signals.py): no VM, no file yet. Counted
+                # apart, as what could not be made to hold, not as lost.
+                return {"status": None, "lost": False, "before_vjobs_started": True}
             return {"status": None, "lost": "no result.json", "stderr": stderr[-1500:]}
         status = result.get("status")
         allowed = kind.statuses or {status}  # SIGKILL: whatever it wrote before it died
@@ -299,14 +306,10 @@ def _by_kind(records: list[dict]) -> dict[str, dict[str, int]]:
     return {kind: dict(counts) for kind, counts in sorted(table.items())}
 
 
-def _chown_tree(folder: Path, uid: int, gid: int) -> None:
-    for path in [folder, *folder.rglob("*")]:
-        os.lchown(path, uid, gid)
-
-
 def summary_line(report: dict) -> str:
     left = sum(len(items) for items in report["left"].values())
     return (f"{report['jobs']} jobs in {report['elapsed_s']} s: lost {len(report['lost'])}, left {left}, "
+            f"signalled before vjobs started {report['signalled_before_vjobs_started']}, "
             f"gc failures {report['gc_failures']}, most VMs at once {report['most_vms_at_once']} "
             f"({report['most_vcpus_at_once']} vCPUs, budget {report['budget_vcpus']}), "
             f"samples over budget {report['samples_over_budget']} of {report['samples']}")
