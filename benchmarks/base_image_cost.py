@@ -50,9 +50,11 @@ def main() -> None:
     site = vjobs.load_site(args.site)
     from vjobs.host.cache import CacheHold
     from vjobs.images.catalogue import resolve_image
+    from vjobs.images.checked import CheckedFiles
 
     held = CacheHold()  # never released: the images stay until the benchmark's process exits
-    resolve_image("debian12", site, lambda message: print(f"  {message}"), hold=held)  # built before the clock runs
+    with CheckedFiles(site.cache_dir) as files:  # built before the clock runs
+        resolve_image("debian12", site, lambda message: print(f"  {message}"), hold=held, files=files)
     rows = []
     with tempfile.TemporaryDirectory() as folder, driver_setups(args, Path(folder)) as setups:
         for label, driver_site in setups:

@@ -90,9 +90,12 @@ def main() -> None:
                                                        "work_dir": str(scratch / "work")})
         from vjobs.host.cache import CacheHold
         from vjobs.images.catalogue import resolve_image
+        from vjobs.images.checked import CheckedFiles
 
         held = CacheHold()  # never released: the images stay until the benchmark's process exits
-        resolve_image("debian12", vjobs.load_site(site_file), print, hold=held)  # built before the clock runs
+        site = vjobs.load_site(site_file)
+        with CheckedFiles(site.cache_dir) as files:
+            resolve_image("debian12", site, print, hold=held, files=files)  # built before the clock runs
         for number in range(args.runs):
             for user in ("generic", "vjobs"):
                 total, phase = pilot_job(scratch / f"{user}-{number}", pilot, user, site_file, 5000 + number)

@@ -22,6 +22,7 @@ from vjobs.host.identity import boot_id, create_owned_folder, new_owner, remove_
 from vjobs.host.roles import caches
 from vjobs.host.tools import not_permitted_from
 from vjobs.images.catalogue import built_in_image
+from vjobs.images.checked import CheckedFiles
 from vjobs.result import Result, conclude_in, failed
 
 JobLike = Job | Mapping[str, Any] | str | os.PathLike
@@ -30,25 +31,28 @@ SiteLike = SiteConfig | str | os.PathLike | None
 
 def host_context(site: SiteConfig, progress: Callable[[str], None] | None = None, *,
                  progress_bars: bool = False, events: Events | None = None,
-                 cache_hold: CacheHold | None = None) -> HostContext:
+                 cache_hold: CacheHold | None = None, checked_files: CheckedFiles | None = None) -> HostContext:
     """What the core lends the drivers. Progress lines go out as ``progress`` events, to ``progress`` too.
     ``cache_hold``: the hold on the cache that keeps what the drivers and the built-in image use (default: a
-    new one with the site's bound); its owner releases it. The cache the drivers write is this process's own,
-    the administrator's is theirs to read (vjobs/host/roles.py). Raises ``SetupError`` when this process has
-    no cache it may write."""
+    new one with the site's bound); ``checked_files``: where the files VMs get are opened and checked (default:
+    a new set, its sums remembered in this process's own cache); their owner releases and closes them. The
+    cache the drivers write is this process's own, the administrator's is theirs to read (vjobs/host/roles.py).
+    Raises ``SetupError`` when this process has no cache it may write."""
     events = events or Events()
     cache_hold = cache_hold or CacheHold(site.cache_max_gib)
     if progress is not None:
         events.subscribe("progress", lambda event: progress(event.subject))
     found_in = caches(site)
+    checked_files = checked_files or CheckedFiles(found_in.own, site.inspection)
 
     @functools.cache
     def default_boot_image():
-        return built_in_image(found_in, events.progress, hold=cache_hold).boot
+        return built_in_image(found_in, events.progress, hold=cache_hold, files=checked_files).boot
 
     return HostContext(cache_dir=found_in.own, work_dir=site.work_dir, boot_id=boot_id(),
-                       default_boot_image=default_boot_image, cache_hold=cache_hold, progress=events.progress,
-                       progress_bars=progress_bars, events=events, shared_cache_dir=found_in.administrators)
+                       default_boot_image=default_boot_image, cache_hold=cache_hold, checked_files=checked_files,
+                       progress=events.progress, progress_bars=progress_bars, events=events,
+                       shared_cache_dir=found_in.administrators)
 
 
 def _site(site: SiteLike) -> SiteConfig:
@@ -110,7 +114,9 @@ def probe(site: SiteLike = None, progress: Callable[[str], None] = lambda messag
     """Every installed driver's verdict on this host."""
     site_config = _site(site)
     with CacheHold(site_config.cache_max_gib) as hold:  # the built-in image a deep probe boots, while it does
-        return probe_all(site_config, host_context(site_config, progress, cache_hold=hold))
+        host = host_context(site_config, progress, cache_hold=hold)
+        with host.checked_files:  # and its files, open
+            return probe_all(site_config, host)
 
 
 def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Driver | None" = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import vjobs
-from vjobs.config.site import load_site, site_from_dict
+from vjobs.config.site import InspectionLimits, load_site, site_from_dict
 from vjobs.errors import InvalidSite, LimitExceeded
 
 
@@ -43,3 +43,14 @@ def test_no_site_config_gives_defaults(monkeypatch, tmp_path):
     monkeypatch.setattr("vjobs.config.site.SYSTEM_SITE_FILE", tmp_path / "none.toml")
     site = load_site()
     assert site.pinned_driver is None and site.preference[-1] == "qemu_user" and site.boot_retries == 1
+
+
+def test_inspection_limits_have_defaults_and_are_checked():
+    """``[inspection]``: what checking one image file may cost (vjobs/images/checked.py, docs/base-images.md)."""
+    assert site_from_dict({}).inspection == InspectionLimits(budget_s=120.0, memory_mib=2048, max_file_gib=64.0)
+    site = site_from_dict({"inspection": {"budget_s": 30, "max_file_gib": 0.5}})
+    assert (site.inspection.budget_s, site.inspection.memory_mib, site.inspection.max_file_bytes) == (30, 2048, 1 << 29)
+    with pytest.raises(InvalidSite, match="/inspection/budget_s"):
+        site_from_dict({"inspection": {"budget_s": 0}})
+    with pytest.raises(InvalidSite, match="/inspection"):
+        site_from_dict({"inspection": {"max_file_size": 1}})

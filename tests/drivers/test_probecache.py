@@ -14,11 +14,13 @@ from vjobs.drivers import probecache
 from vjobs.drivers.contract import HostContext
 from vjobs.drivers.qemu_user.driver import QemuUserDriver, _user_network_check
 from vjobs.host.cache import CacheHold
+from vjobs.images.checked import CheckedFiles
 
 
 def host(tmp_path: Path, boot_id: str = "boot-1") -> HostContext:
     return HostContext(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", boot_id=boot_id,
-                       default_boot_image=lambda: None, cache_hold=CacheHold())
+                       default_boot_image=lambda: None, cache_hold=CacheHold(),
+                       checked_files=CheckedFiles(tmp_path / "cache"))
 
 
 @pytest.fixture

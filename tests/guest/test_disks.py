@@ -37,14 +37,15 @@ def test_erofs_release(tmp_path, cache_hold):
     assert image.read_bytes()[1024:1028] == bytes.fromhex("e2e1f5e0")  # the erofs superblock magic
 
 
-def test_job_disks(tmp_path, cache_hold):
+def test_job_disks(tmp_path, cache_hold, checked_files):
     (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "in" / "sub" / "data").write_text("payload")
     job = vjobs.config.job.job_from_dict({"id": "d", "command": ["echo", "it's"], "env": {"A": "b c"},
                                    "inputs": str(tmp_path / "in"), "outputs": ["*.txt"],
                                    "resources": {"output_mib": 2, "scratch_mib": 8}})
     (tmp_path / "job").mkdir()
-    disks = prepare_disks(job, tmp_path / "job", tmp_path / "cache", "squashfs", Events(), hold=cache_hold)
+    disks = prepare_disks(job, tmp_path / "job", tmp_path / "cache", "squashfs", Events(), hold=cache_hold,
+                          files=checked_files)
     assert disks.io.path.stat().st_size == 2 << 20 and not disks.io.readonly
     with tarfile.open(disks.io.path) as job_tar:
         assert job_tar.getnames()[0] == IO_DISK_MAGIC

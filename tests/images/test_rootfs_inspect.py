@@ -24,10 +24,11 @@ import pytest
 
 import vjobs.images.rootfs
 from vjobs.cli import main
+from vjobs.config.site import InspectionLimits, site_from_dict
 from vjobs.errors import ImageError
+from vjobs.images.checked import CheckedFile, CheckedFiles
 from vjobs.images.rootfs import disk_for, load_rootfs
 from vjobs.images.rootfs.inspect import HEAD_BYTES, inspect_rootfs
-from vjobs.config.site import site_from_dict
 
 MiB = 1 << 20
 SECTOR = 512
@@ -36,6 +37,29 @@ GPT_ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 MBR_LINUX = "83"
 EXT4_SB = 1024  # the ext4 superblock's offset; erofs's is the same
 EROFS_SB_INCOMPAT, EROFS_SB_ALGORITHMS = EXT4_SB + 0x50, EXT4_SB + 0x54  # feature_incompat, available_compr_algs
+
+
+# --- opening images, as a job does (vjobs/images/checked.py) -------------------------------------------
+
+OPENED: list[CheckedFiles] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_what_the_test_opened():
+    yield
+    while OPENED:
+        OPENED.pop().close()
+
+
+def checked(cache: Path, **limits) -> CheckedFiles:
+    """A job's set of open files, with its cache and the site's [inspection] ``limits``."""
+    OPENED.append(CheckedFiles(cache, InspectionLimits(**limits)))
+    return OPENED[-1]
+
+
+def inspect(path: Path, label: str = "rootfs", **limits):
+    with CheckedFile.open(path, label) as file:
+        return inspect_rootfs(file, InspectionLimits(**limits))
 
 
 # --- building images ----------------------------------------------------------------------------------
@@ -141,7 +165,7 @@ def file_sha256(path: Path) -> str:
 def refused(path: Path, *fragments: str) -> str:
     """Inspecting ``path`` raises ImageError naming the file and containing each fragment."""
     with pytest.raises(ImageError) as caught:
-        inspect_rootfs(path, "images.test.rootfs")
+        inspect(path, "images.test.rootfs")
     message = str(caught.value)
     assert "images.test.rootfs" in message and str(path) in message, message
     for fragment in fragments:
@@ -155,7 +179,7 @@ def refused(path: Path, *fragments: str) -> str:
                                                      ("erofs", "erofs", None), ("erofs", "erofs", "lz4")])
 def test_compressed_read_only_file_systems(tmp_path, make, filesystem, comp):
     image = {"squashfs": squashfs, "erofs": erofs}[make](tmp_path, comp)
-    info = inspect_rootfs(image, "rootfs")
+    info = inspect(image)
     assert (info.container, info.filesystem, info.partition, info.compression) == ("raw", filesystem, None, comp)
     assert info.virtual_size == image.stat().st_size
     assert info.guest_head_sha256 == head_sha256(image)
@@ -165,7 +189,7 @@ def test_compressed_read_only_file_systems(tmp_path, make, filesystem, comp):
 
 def test_clean_ext4(tmp_path):
     image = ext4(tmp_path)
-    info = inspect_rootfs(image, "rootfs")
+    info = inspect(image)
     assert (info.container, info.filesystem, info.partition, info.compression) == ("raw", "ext4", None, None)
     assert info.virtual_size == 8 * MiB
     assert info.guest_head_sha256 == head_sha256(image)
@@ -175,7 +199,7 @@ def test_clean_ext4(tmp_path):
 
 def test_gpt_disk_with_ext4_in_partition_2(tmp_path):
     raw = disk(tmp_path / "gpt.raw", "gpt", [None, ext4(tmp_path)])
-    info = inspect_rootfs(raw, "rootfs")
+    info = inspect(raw)
     assert (info.container, info.filesystem, info.partition) == ("raw", "ext4", 2)
     assert info.virtual_size == raw.stat().st_size
     assert info.guest_head_sha256 == head_sha256(raw)
@@ -185,27 +209,27 @@ def test_gpt_disk_with_ext4_in_partition_2(tmp_path):
 def test_gpt_prefers_the_partition_typed_linux_root(tmp_path):
     """Partition 1 holds an ext4 too, but partition 2 is typed root (x86-64): the root one is booted."""
     raw = disk(tmp_path / "gpt.raw", "gpt", [ext4(tmp_path), squashfs(tmp_path)], [GPT_LINUX, GPT_ROOT_X86_64])
-    info = inspect_rootfs(raw, "rootfs")
+    info = inspect(raw)
     assert (info.filesystem, info.partition, info.compression) == ("squashfs", 2, "lz4")
 
 
 def test_gpt_without_a_root_type_takes_the_first_file_system(tmp_path):
     raw = disk(tmp_path / "gpt.raw", "gpt", [None, ext4(tmp_path), squashfs(tmp_path)])
-    info = inspect_rootfs(raw, "rootfs")
+    info = inspect(raw)
     assert (info.filesystem, info.partition) == ("ext4", 2)
 
 
 def test_mbr_disk_with_squashfs_in_partition_3(tmp_path):
     raw = disk(tmp_path / "mbr.raw", "dos", [None, None, squashfs(tmp_path, "zstd")])
     assert raw.read_bytes()[SECTOR:SECTOR + 8] != b"EFI PART"
-    info = inspect_rootfs(raw, "rootfs")
+    info = inspect(raw)
     assert (info.container, info.filesystem, info.partition, info.compression) == ("raw", "squashfs", 3, "zstd")
     assert info.guest_head_sha256 == head_sha256(raw)
 
 
 def test_mbr_disk_with_ext4_in_partition_1(tmp_path):
     raw = disk(tmp_path / "mbr.raw", "dos", [ext4(tmp_path)])
-    info = inspect_rootfs(raw, "rootfs")
+    info = inspect(raw)
     assert (info.filesystem, info.partition) == ("ext4", 1)
 
 
@@ -213,7 +237,7 @@ def test_qcow2_of_a_gpt_disk(tmp_path):
     raw = disk(tmp_path / "gpt.raw", "gpt", [None, ext4(tmp_path)])
     image = qcow2_of(raw)
     assert image.stat().st_size < raw.stat().st_size  # really a qcow2, not a copy
-    info = inspect_rootfs(image, "rootfs")
+    info = inspect(image)
     assert (info.container, info.filesystem, info.partition) == ("qcow2", "ext4", 2)
     assert info.virtual_size == raw.stat().st_size
     assert info.guest_head_sha256 == head_sha256(raw)  # what the guest sees, not the qcow2's own bytes
@@ -222,7 +246,7 @@ def test_qcow2_of_a_gpt_disk(tmp_path):
 
 def test_qcow2_of_a_whole_disk_squashfs(tmp_path):
     raw = squashfs(tmp_path, "zstd")
-    info = inspect_rootfs(qcow2_of(raw), "rootfs")
+    info = inspect(qcow2_of(raw))
     assert (info.container, info.filesystem, info.partition, info.compression) == \
         ("qcow2", "squashfs", None, "zstd")
     assert info.virtual_size == raw.stat().st_size
@@ -254,9 +278,9 @@ def test_encrypted_qcow2_is_refused(tmp_path, encryption):
 
 def test_a_qcow2_gets_one_budget_for_all_its_qemu_img_calls(tmp_path):
     image = qcow2_of(disk(tmp_path / "gpt.raw", "gpt", [None, ext4(tmp_path)]))
-    assert inspect_rootfs(image).partition == 2  # within the default budget: several calls, each bounded
-    with pytest.raises(ImageError, match=r"took more than 0 s in all; convert it once to a raw file"):
-        inspect_rootfs(image, budget_s=0)
+    assert inspect(image).partition == 2  # within the default budget: several calls, each bounded
+    with pytest.raises(ImageError, match=r"took more than 0.001 s in all \(the site's \[inspection\] budget_s\)"):
+        inspect(image, budget_s=0.001)
 
 
 def test_qcow2_that_qemu_img_cannot_open_is_refused(tmp_path):
@@ -340,7 +364,7 @@ def test_a_header_cut_short_is_refused_with_a_reason(tmp_path, name, data):
     image = tmp_path / f"{name}.img"
     image.write_bytes(data)
     with pytest.raises(ImageError) as refusal:
-        inspect_rootfs(image)
+        inspect(image)
     message = str(refusal.value)
     assert str(image) in message and ("truncated" in message or "no file system" in message), message
 
@@ -365,7 +389,7 @@ def test_load_rootfs_checks_the_sha256(tmp_path):
     image = squashfs(tmp_path)
     actual, claimed = file_sha256(image), "0" * 64
     with pytest.raises(ImageError) as caught:
-        load_rootfs(image, claimed, tmp_path / "cache", "images.base.rootfs")
+        load_rootfs(image, claimed, "images.base.rootfs", checked(tmp_path / "cache"))
     message = str(caught.value)
     assert all(part in message for part in ("images.base.rootfs", str(image), actual, claimed)), message
     assert not (tmp_path / "cache" / "rootfs").exists()  # nothing cached for a file that failed
@@ -374,13 +398,13 @@ def test_load_rootfs_checks_the_sha256(tmp_path):
 def test_load_rootfs_refuses_an_unsafe_image_under_the_right_sum(tmp_path):
     image = encrypted_qcow2(tmp_path / "enc.qcow2", "aes")  # aes: no 2 s key derivation
     with pytest.raises(ImageError, match="encrypted qcow2"):
-        load_rootfs(image, file_sha256(image), tmp_path / "cache", "images.base.rootfs")
+        load_rootfs(image, file_sha256(image), "images.base.rootfs", checked(tmp_path / "cache"))
 
 
 def test_load_rootfs_caches_the_inspection(tmp_path, monkeypatch):
     image, cache = qcow2_of(disk(tmp_path / "gpt.raw", "gpt", [None, ext4(tmp_path)])), tmp_path / "cache"
     digest = file_sha256(image)
-    first = load_rootfs(image, digest, cache, "images.base.rootfs")
+    first = load_rootfs(image, digest, "images.base.rootfs", checked(cache))
     assert (first.path, first.sha256, first.info.partition) == (image, digest, 2)
     assert first.provenance() == {"rootfs_sha256": digest, "rootfs_filesystem": "ext4",
                                   "rootfs_container": "qcow2"}
@@ -390,23 +414,24 @@ def test_load_rootfs_caches_the_inspection(tmp_path, monkeypatch):
         raise AssertionError("inspected again")
 
     monkeypatch.setattr(vjobs.images.rootfs, "inspect_rootfs", inspect_again)
-    assert load_rootfs(image, digest, cache, "images.base.rootfs") == first
+    again = load_rootfs(image, digest, "images.base.rootfs", checked(cache))
+    assert (again.sha256, again.info) == (first.sha256, first.info)
 
 
 def test_cached_inspection_does_not_pass_a_changed_file(tmp_path):
     image, cache = squashfs(tmp_path), tmp_path / "cache"
     digest = file_sha256(image)
-    load_rootfs(image, digest, cache, "images.base.rootfs")
+    load_rootfs(image, digest, "images.base.rootfs", checked(cache))
     image.write_bytes(image.read_bytes() + bytes(4096))  # same path, still a squashfs, other bytes
     with pytest.raises(ImageError, match=f"catalogue says {digest}"):
-        load_rootfs(image, digest, cache, "images.base.rootfs")
+        load_rootfs(image, digest, "images.base.rootfs", checked(cache))
 
 
 def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_hashed_again(tmp_path):
     """Same inode, same size, the mtime restored with utime: only the change time tells, and it does."""
     image, cache = squashfs(tmp_path), tmp_path / "cache"
     digest = file_sha256(image)
-    load_rootfs(image, digest, cache, "images.base.rootfs")
+    load_rootfs(image, digest, "images.base.rootfs", checked(cache))
     before = image.stat()
     data = bytearray(image.read_bytes())
     data[-1] ^= 0xFF  # the last byte: still a squashfs by its header, other content
@@ -416,43 +441,44 @@ def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_hashed_again(tmp_p
     after = image.stat()
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
     with pytest.raises(ImageError, match=f"catalogue says {digest}"):
-        load_rootfs(image, digest, cache, "images.base.rootfs")
+        load_rootfs(image, digest, "images.base.rootfs", checked(cache))
 
 
 def test_a_refusal_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
     noise, cache = tmp_path / "noise.img", tmp_path / "cache"
     noise.write_bytes(random.Random(3).randbytes(MiB))
     with pytest.raises(ImageError, match="no file system vjobs recognises"):
-        load_rootfs(noise, "0" * 64, cache, "images.base.rootfs")
+        load_rootfs(noise, "0" * 64, "images.base.rootfs", checked(cache))
     inspections = []
     monkeypatch.setattr(vjobs.images.rootfs, "inspect_rootfs", lambda *args: inspections.append(args))
     with pytest.raises(ImageError, match="no file system vjobs recognises.*refused before"):
-        load_rootfs(noise, "0" * 64, cache, "images.base.rootfs")
+        load_rootfs(noise, "0" * 64, "images.base.rootfs", checked(cache))
     assert inspections == []  # the second job paid nothing for it
     monkeypatch.undo()
     image = squashfs(tmp_path)
     shutil.copyfile(image, noise)  # the admins replaced it in place: inspected again, and now it passes
-    assert load_rootfs(noise, file_sha256(noise), cache, "images.base.rootfs").info.filesystem == "squashfs"
+    assert load_rootfs(noise, file_sha256(noise), "images.base.rootfs", checked(cache)).info.filesystem == "squashfs"
 
 
 # --- disk_for: what a driver attaches -------------------------------------------------------------------
 
 def test_disk_for_a_raw_rootfs_is_the_file_itself(tmp_path, cache_hold):
     image, cache = squashfs(tmp_path), tmp_path / "cache"
-    rootfs = load_rootfs(image, file_sha256(image), cache, "images.base.rootfs")
+    rootfs = load_rootfs(image, file_sha256(image), "images.base.rootfs", checked(cache))
     messages = []
-    attached = disk_for(rootfs, ("raw", "qcow2"), cache, messages.append, hold=cache_hold)
+    attached = disk_for(rootfs, ("raw", "qcow2"), messages.append, hold=cache_hold, files=checked(cache))
     assert (attached.role, attached.path, attached.format, attached.readonly, attached.cache_key) == \
         ("rootfs", image, "raw", True, rootfs.sha256)
-    assert disk_for(rootfs, ("raw",), cache, messages.append, hold=cache_hold).path == image
+    assert attached.file is rootfs.file  # the descriptor that was checked is the one the driver gets
+    assert disk_for(rootfs, ("raw",), messages.append, hold=cache_hold, files=checked(cache)).path == image
     assert messages == []
 
 
 def test_disk_for_a_qcow2_rootfs_and_a_driver_that_takes_qcow2(tmp_path, cache_hold):
     image, cache = qcow2_of(squashfs(tmp_path)), tmp_path / "cache"
-    rootfs = load_rootfs(image, file_sha256(image), cache, "images.base.rootfs")
+    rootfs = load_rootfs(image, file_sha256(image), "images.base.rootfs", checked(cache))
     messages = []
-    attached = disk_for(rootfs, ("raw", "qcow2"), cache, messages.append, hold=cache_hold)
+    attached = disk_for(rootfs, ("raw", "qcow2"), messages.append, hold=cache_hold, files=checked(cache))
     assert (attached.path, attached.format, attached.readonly) == (image, "qcow2", True)
     assert messages == [] and not (cache / "rootfs" / f"{rootfs.sha256}.raw").exists()
 
@@ -460,14 +486,14 @@ def test_disk_for_a_qcow2_rootfs_and_a_driver_that_takes_qcow2(tmp_path, cache_h
 def test_disk_for_converts_a_qcow2_rootfs_to_raw_once(tmp_path, cache_hold):
     raw = disk(tmp_path / "gpt.raw", "gpt", [None, ext4(tmp_path)])
     image, cache = qcow2_of(raw), tmp_path / "cache"
-    rootfs = load_rootfs(image, file_sha256(image), cache, "images.base.rootfs")
+    rootfs = load_rootfs(image, file_sha256(image), "images.base.rootfs", checked(cache))
     messages = []
-    attached = disk_for(rootfs, ("raw",), cache, messages.append, hold=cache_hold)
+    attached = disk_for(rootfs, ("raw",), messages.append, hold=cache_hold, files=checked(cache))
     assert (attached.format, attached.readonly, attached.cache_key) == ("raw", True, rootfs.sha256)
     assert attached.path.parent == cache / "rootfs" and attached.path != image
     assert attached.path.read_bytes() == raw.read_bytes()
-    assert inspect_rootfs(attached.path, "copy").guest_head_sha256 == rootfs.info.guest_head_sha256
-    again = disk_for(rootfs, ("raw",), cache, messages.append, hold=cache_hold)
+    assert inspect(attached.path, "copy").guest_head_sha256 == rootfs.info.guest_head_sha256
+    again = disk_for(rootfs, ("raw",), messages.append, hold=cache_hold, files=checked(cache))
     assert again.path == attached.path
     assert len(messages) == 1 and "converting" in messages[0]
     assert [p.name for p in (cache / "rootfs").iterdir() if p.name.endswith(".partial")] == []

@@ -132,20 +132,20 @@ def _image_build(args, site, progress, hold: CacheHold) -> int:
 
 
 def cmd_image_inspect(args) -> int:
+    from vjobs.images.checked import CheckedFile
     from vjobs.images.rootfs.inspect import inspect_rootfs
-    from vjobs.images.store import sha256_file
 
     path = Path(args.file).resolve()
-    info = inspect_rootfs(path, str(path))
-    progress = _progress(args.json)
-    progress(f"hashing {path} ({path.stat().st_size >> 20} MiB)")
-    digest = sha256_file(path)
+    limits = api.load_site(args.site).inspection  # the site's [inspection]
+    with CheckedFile.open(path, str(path)) as file:  # inspected and hashed as a job does: through one descriptor
+        info = inspect_rootfs(file, limits)
+        progress = _progress(args.json)
+        progress(f"hashing {path} ({file.size >> 20} MiB)")
+        digest, size = file.sha256(), file.size
     if args.json:
-        print(json.dumps({"path": str(path), "sha256": digest, "size": path.stat().st_size, **info.to_json()},
-                         indent=2))
+        print(json.dumps({"path": str(path), "sha256": digest, "size": size, **info.to_json()}, indent=2))
         return 0
-    print(f"# {path}: {info.describe()}; {path.stat().st_size} bytes on the host, {info.virtual_size} "
-          "bytes for the guest")
+    print(f"# {path}: {info.describe()}; {size} bytes on the host, {info.virtual_size} bytes for the guest")
     print(f"[images.{_image_name(args.name or path.name.split('.')[0])}]")
     print(f"rootfs = {json.dumps(str(path))}")  # a JSON string is a valid TOML basic string
     print(f'rootfs_sha256 = "{digest}"')
@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "their sockets, partial builds, temporary and lock files), and evict the least "
                                "recently used cached images down to the site's cache_max_gib")
     gc.add_argument("--json", action="store_true", help="print what was removed as a JSON list")
-    for sub in (run, run_exec, validate, probe, build, listing, commands.choices["drivers"], commands.choices["gc"]):
+    for sub in (run, run_exec, validate, probe, build, inspect, listing, commands.choices["drivers"],
+                commands.choices["gc"]):
         sub.add_argument("--site", help="site config (TOML); default $VJOBS_SITE or /etc/vjobs/site.toml")
     return parser
 

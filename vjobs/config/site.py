@@ -56,6 +56,22 @@ class HostBudget:
 
 
 @dataclass(frozen=True)
+class InspectionLimits:
+    """What checking one image file on the host may cost (``[inspection]``; vjobs/images/checked.py): a file
+    larger than ``max_file_gib`` is refused before a byte of it is read; the ``qemu-img`` calls on one qcow2,
+    to inspect it or to convert it to raw, take ``budget_s`` seconds together at most, each with at most
+    ``memory_mib`` of address space."""
+
+    budget_s: float = 120.0
+    memory_mib: int = 2048
+    max_file_gib: float = 64.0
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_gib * (1 << 30))
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     source: str = "built-in defaults"
     pinned_driver: str | None = None
@@ -74,6 +90,7 @@ class SiteConfig:
     console_max_mib: float = 8
     stop_grace_s: float = 10.0
     host: HostBudget = field(default_factory=HostBudget)
+    inspection: InspectionLimits = field(default_factory=InspectionLimits)
     staging: StagingSettings = field(default_factory=StagingSettings)
     limits: Mapping[str, float] = field(default_factory=dict)
     images: Mapping[str, CatalogueImage] = field(default_factory=dict)
@@ -182,6 +199,8 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
             options[key] = document[key]
     if "host" in document:
         options["host"] = _host_budget(document["host"], base_dir, source)
+    if "inspection" in document:
+        options["inspection"] = InspectionLimits(**document["inspection"])
     if "staging" in document:
         options["staging"] = StagingSettings.from_site(document["staging"])
     options["images"] = {name: _catalogue_image(entry, base_dir) for name, entry in

@@ -18,9 +18,9 @@ are named after them):
     finish     write result.json (the one place it is written: vjobs/result.py ``conclude``)
 
 The container owns everything job-specific on the host: the job folder under ``work_dir`` (disks, console
-logs, sockets), the VMs it created, its hold on the cached images it uses (vjobs/host/cache.py), and the
-result written to the output folder. Drivers only turn a ``VMSpec`` into a running VM and back
-(vjobs/drivers/contract.py).
+logs, sockets), the VMs it created, its hold on the cached images it uses (vjobs/host/cache.py), the image
+files its VMs get, open and checked (vjobs/images/checked.py), and the result written to the output folder.
+Drivers only turn a ``VMSpec`` into a running VM and back (vjobs/drivers/contract.py).
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class VMContainer:
         self.held = contextlib.ExitStack()  # the job's share of the host, given back after teardown
         self.signals = SignalGuard()  # run() puts the one that holds the signals for the job's life here
         self.cache_hold = self.held.enter_context(host.cache_hold)  # the cached images it uses (vjobs/host/cache.py)
+        self.files = self.held.enter_context(host.checked_files)  # what its VMs get, open (vjobs/images/checked.py)
         self.result = Result(job_id=job.id, vjobs_version=__version__, started_at=utc_now())
         self.allocation = current_allocation()  # what a batch system granted, if vjobs runs inside one
         self._started = time.monotonic()
@@ -123,7 +124,8 @@ class VMContainer:
                 raise LimitExceeded(f"job {self.job.id}: /network: the job asks for a network and the site allows "
                                     f"it, but the {driver.name} driver gives its guests none here; run it where "
                                     "`vjobs probe` shows a network, or without /network")
-            image = resolve_image(self.job.image, self.site, self.host.progress, hold=self.cache_hold)
+            image = resolve_image(self.job.image, self.site, self.host.progress, hold=self.cache_hold,
+                                  files=self.files)
             self.result.provenance.update(image.provenance())
             base = self._base_disk(image, verdict.disk_formats)
             create_owned_folder(self.folder, self.owner)
@@ -131,8 +133,8 @@ class VMContainer:
         staged = self._stage_in() if self.job.stage_in else None
         with self._phase("prepare"):
             disks = prepare_disks(self.job, self.folder, self.host.cache_dir, self.site.release_format,
-                                  self.events, base, hold=self.cache_hold, stop_grace_s=self.site.stop_grace_s,
-                                  staged=staged)
+                                  self.events, base, hold=self.cache_hold, files=self.files,
+                                  stop_grace_s=self.site.stop_grace_s, staged=staged)
             self.result.provenance["release_sha256"] = disks.release_sha256
         with self._phase("admission"):
             resources = self.job.resources
@@ -426,7 +428,7 @@ class VMContainer:
     def _base_disk(self, image: ResolvedImage, formats: tuple[str, ...]) -> BaseDisk | None:
         if image.rootfs is None:
             return None
-        disk = rootfs_disk_for(image.rootfs, formats, self.host.cache_dir, self.host.progress, hold=self.cache_hold)
+        disk = rootfs_disk_for(image.rootfs, formats, self.host.progress, hold=self.cache_hold, files=self.files)
         return BaseDisk(disk, image.rootfs.info, self.site.payload_user)
 
 

@@ -20,7 +20,9 @@ parts, both small:
     calls ``cache_hold.use(entry)`` each time it hands one out (False: it was evicted, build it again) and
     ``cache_hold.added(entry, progress)`` once it has built one; ``store.build_once`` does both. So the
     entry stays while the job runs, and the cache keeps the site's bound. The core releases the hold after
-    the job's teardown; the driver never releases it, nor keeps a hold of its own.
+    the job's teardown; the driver never releases it, nor keeps a hold of its own. Likewise
+    ``checked_files``: a file such a driver gives the hypervisor (a saved template) is opened and checked
+    there (vjobs/images/checked.py), and closed after the job.
 
 ``VM`` (one per boot attempt)
     ``start()``               run the guest; returns once the hypervisor runs it.
@@ -43,31 +45,42 @@ falls differs: kvm's QEMU starts in ``attach`` (libvirt creates the domain pause
 ============  =========================================================  ===========================================
 driver        ``create`` (attach)                                        ``start`` (boot, with the wait for the agent)
 ============  =========================================================  ===========================================
-qemu_user     opens the disks as descriptors, copies the kernel and       starts QEMU paused with them, connects its
-              initramfs into sealed memory files, makes the console and   console and monitor, lets the guest run
-              monitor socket pairs, builds the confined command line.
+qemu_user     passes the disks as descriptors, copies the kernel and      starts QEMU paused with them, connects its
+              initramfs into sealed memory files, makes the console and   console and monitor, checks the files
+              monitor socket pairs, builds the confined command line.     (``check_unchanged``), lets the guest run
               From a template: finds the template (makes it once, a boot  starts QEMU from the saved guest,
               of its own, when none is saved for the guest's shape) and   hot-plugs the disks, lets it run, waits
               prepares its restore with the job's disks; when it cannot,  for the agent; a failed restore boots
               prepares a cold boot as above                               cold instead
-kvm           builds the domain description, creates the transient       resumes the domain
-              domain paused (QEMU starts and opens the disks), opens
-              its console
-xen           logs in, creates the VM, uploads each job disk to a new     starts the VM, connects its console
-              VDI or finds the shared one (release, base image) already
-              uploaded, plugs them in with VBDs
+kvm           copies the kernel and initramfs into the VM's folder,       checks the files (``check_unchanged``),
+              defines the domain, hands libvirt the read-only disks'     resumes the domain
+              descriptors, starts it paused (QEMU starts and opens the
+              disks) and makes it transient, opens its console
+xen           logs in, copies the kernel and initramfs into the VM's      starts the VM, connects its console
+              folder, creates the VM, uploads each job disk to a new VDI
+              or finds the shared one (release, base image) already
+              uploaded, plugs them in with VBDs, checks the files
 ============  =========================================================  ===========================================
 
 Everything else (job validation, building disks, deadlines, retries, result files, signals) is the core's.
 Example of a spec a driver receives::
 
     VMSpec(name="vjobs-job42-1a2b3c", vcpus=1, memory_mib=512,
-           boot=BootImage(kernel=Path(".../vmlinuz"), initramfs=Path(".../initramfs.cpio"),
+           boot=BootImage(kernel=CheckedFile(".../vmlinuz"), initramfs=CheckedFile(".../initramfs.cpio"),
                           cmdline="quiet panic=-1"),
            disks=(Disk("io", Path(".../io.raw"), "raw", readonly=False),
                   Disk("scratch", Path(".../scratch.ext4"), "raw", readonly=False),
-                  Disk("release", Path(".../release-<key>.squashfs"), "raw", readonly=True, cache_key="<key>")),
+                  Disk("release", Path(".../release-<key>.squashfs"), "raw", readonly=True, cache_key="<key>",
+                       file=CheckedFile(".../release-<key>.squashfs"))),
            console=ConsoleLog(Path(".../console.1.log")), network=False, owner=Owner(job_id="job42", pid=1234, ...))
+
+What boots is what vjobs checked (vjobs/images/checked.py): the kernel, the initramfs and every read-only disk
+come as a ``CheckedFile``, opened once, whose descriptor ``fd`` the driver gives the hypervisor (QEMU's
+``-add-fd``, libvirt's ``FDAssociate``), or reads to copy (a sealed memory file, a private copy in
+``spec.workdir`` for a hypervisor that takes paths only, an upload); never its ``path``, which is for messages.
+A qcow2 is opened with its backing disabled. The writable disks (io, scratch) are files vjobs made in the
+job's folder, which the driver opens by path. Once the hypervisor holds them all and before the guest runs,
+the driver calls ``check_unchanged(spec)``: a checked file rewritten since refuses the job.
 
 The guest's console goes into ``spec.console`` (a ``ConsoleLog``, vjobs/guest/console.py): ``write(bytes)`` or
 ``follow(read)`` from the stream the hypervisor offers. It is bounded by the core, so a driver never writes
@@ -95,6 +108,7 @@ from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import Owner  # a VMSpec's; drivers import it from here
+from vjobs.images.checked import CheckedFile, CheckedFiles
 
 
 @dataclass(frozen=True)
@@ -104,15 +118,14 @@ class Disk:
     format: str  # "raw" or "qcow2"
     readonly: bool
     cache_key: str | None = None  # same key, same bytes: a driver that copies disks may reuse a copy
+    file: CheckedFile | None = None  # a read-only disk's file, opened and checked: what the hypervisor gets
 
 
 @dataclass(frozen=True)
 class BootImage:
-    kernel: Path
-    initramfs: Path
+    kernel: CheckedFile
+    initramfs: CheckedFile
     cmdline: str  # without console=: each driver adds the console its platform has
-    kernel_sha256: str | None = None  # when the core knows them (it verified the files), for drivers that
-    initramfs_sha256: str | None = None  # key caches by content
     builtin: bool = False  # vjobs' own guest image (vjobs/guest/): its agent's every feature is there
 
 
@@ -127,6 +140,9 @@ class VMSpec:
     network: bool
     owner: Owner
     workdir: Path  # a host folder for this VM's own files; the core removes it after destroy()
+
+    def checked_files(self) -> tuple[CheckedFile, ...]:
+        return (self.boot.kernel, self.boot.initramfs, *(disk.file for disk in self.disks if disk.file))
 
 
 class Stop(enum.Enum):
@@ -201,6 +217,7 @@ class HostContext:
     boot_id: str
     default_boot_image: Callable[[], BootImage]  # builds the built-in image on first use (make-style)
     cache_hold: CacheHold  # the job's hold on cache_dir's entries (vjobs/host/cache.py), released after it
+    checked_files: CheckedFiles  # the job's open, checked files (vjobs/images/checked.py), closed after it
     progress: Callable[[str], None] = field(default=lambda message: None)  # a line for a person (the events')
     events: Events = field(default_factory=Events)  # the run's public events (vjobs/events.py): drivers may
                                                     # report their steps (e.g. xen's uploads) through them
@@ -270,6 +287,13 @@ def check_disk_formats(spec: VMSpec, formats: Collection[str], driver: str) -> N
         if disk.format not in formats:
             raise VMError(f"the {disk.role} disk {disk.path} is {disk.format}, which the {driver} driver cannot "
                           f"attach (it takes {', '.join(formats)})", code="disk_format_unsupported")
+
+
+def check_unchanged(spec: VMSpec) -> None:
+    """For a driver, once the hypervisor holds every file of ``spec`` (opened, or copied) and before the guest
+    runs: refuses the job (ImageError) when a file whose sum vjobs verified was rewritten since."""
+    for file in spec.checked_files():
+        file.check_unchanged()
 
 
 VM_T = TypeVar("VM_T", bound=VM)

@@ -1,7 +1,8 @@
 """Build a job's block devices on the host, with real tools, as files in the job's folder.
 
 - release, and each read-only bind: squashfs (or erofs) of the host folder, read-only, cached by the
-  tree's fingerprint so the next job with the same folder reuses the image;
+  tree's fingerprint so the next job with the same folder reuses the image, opened once for the job
+  (vjobs/images/checked.py): the guest's disk is that open file, whoever renames another over its path;
 - scratch: ext4 made by ``mke2fs -d`` (no root, no mount): ``work/`` holds the inputs and is the job's
   working directory, ``binds/N/`` a copy of each read-write bind, ``vjobs/`` receives stdout and stderr;
 - io: a raw disk of ``output_mib`` that starts with the job (a tar the agent reads) and that the agent
@@ -35,6 +36,7 @@ from vjobs.guest.protocol import IO_DISK_MAGIC
 from vjobs.host import locks
 from vjobs.host.cache import CacheHold, seal
 from vjobs.host.tools import disk_full_from, run_tool
+from vjobs.images.checked import CheckedFiles
 from vjobs.images.store import sha256_file
 
 if TYPE_CHECKING:
@@ -81,25 +83,30 @@ class JobDisks:
 
 
 def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str, events: Events,
-                  base: BaseDisk | None = None, *, hold: CacheHold, stop_grace_s: float = 10.0,
+                  base: BaseDisk | None = None, *, hold: CacheHold, files: CheckedFiles, stop_grace_s: float = 10.0,
                   staged: Path | None = None) -> JobDisks:
     """``staged``: a folder of remote inputs already fetched (vjobs/staging/), merged into the working directory.
-    ``hold``: the job's hold on the cache, which keeps the release and bind images it uses.
+    ``hold``: the job's hold on the cache, which keeps the release and bind images it uses; ``files``: the
+    job's open files, among which those images are opened.
     Each disk built is a step of the run's ``events`` (vjobs/events.py), and so is each tool run for it."""
     read_only = []
     release, release_sha256 = None, None
+
+    def imaged(role: str, source: Path) -> Disk:
+        image, digest = release_image(source, cache_dir / "releases", release_format, events.progress, hold=hold,
+                                      events=events)
+        return Disk(role, image, "raw", readonly=True, cache_key=digest,
+                    file=files.open(image, f"the {release_format} image of {source}"))
+
     if job.release:
         with events.step("release_image"):
-            image, release_sha256 = release_image(job.release.path, cache_dir / "releases", release_format,
-                                                   events.progress, hold=hold, events=events)
-        release = Disk("release", image, "raw", readonly=True, cache_key=release_sha256)
+            release = imaged("release", job.release.path)
+        release_sha256 = release.cache_key
         read_only.append(ReadOnlyDisk(release, job.release.mount))
     for bind in job.binds:
         if bind.mode == "ro":
             with events.step("release_image", detail=bind.target):
-                image, digest = release_image(bind.source, cache_dir / "releases", release_format, events.progress,
-                                              hold=hold, events=events)
-            read_only.append(ReadOnlyDisk(Disk("bind", image, "raw", readonly=True, cache_key=digest), bind.target))
+                read_only.append(ReadOnlyDisk(imaged("bind", bind.source), bind.target))
     with events.step("scratch_disk"):
         scratch = Disk("scratch", build_scratch(job, folder, staged, events=events), "raw", readonly=False)
     with events.step("io_disk"):
@@ -116,9 +123,9 @@ def build_disk(argv: list, what: str, folder: Path, events: Events | None = None
                  install="install squashfs-tools, erofs-utils and e2fsprogs, see the README")
 
 
-def head_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read(HEAD_BYTES)).hexdigest()
+def head_sha256(head: bytes) -> str:
+    """How the agent recognises a disk: the sha256 of its first HEAD_BYTES (``head``)."""
+    return hashlib.sha256(head[:HEAD_BYTES]).hexdigest()
 
 
 # --- release -------------------------------------------------------------------------------------------
@@ -244,7 +251,9 @@ def _tree_usage(root: Path) -> tuple[int, int]:
 
 def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnlyDisk], release_format: str,
                   base: BaseDisk | None = None, stop_grace_s: float = 10.0) -> Path:
-    settings = {"SCRATCH_HEAD": head_sha256(scratch.path),
+    with open(scratch.path, "rb") as scratch_file:  # vjobs' own, made for this job
+        scratch_head = head_sha256(scratch_file.read(HEAD_BYTES))
+    settings = {"SCRATCH_HEAD": scratch_head,
                 "NETWORK": "1" if job.network else "",  # the site's allow_network was checked before
                 "WORKDIR": job.workdir or "",
                 "CWD": job.start_dir,
@@ -264,8 +273,8 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnl
         "job/outputs": "".join(f"{pattern}\n" for pattern in job.outputs),
         # One line per read-only disk (disk head, file system, guest path) and per read-write bind (its
         # number on the scratch disk, guest path). Guest paths have no spaces (schemas/job.schema.json).
-        "job/ro_disks": "".join(f"{head_sha256(item.disk.path)} {release_format} {item.target}\n"
-                                for item in read_only),
+        "job/ro_disks": "".join(f"{head_sha256(item.disk.file.read(0, HEAD_BYTES))} {release_format} "
+                                f"{item.target}\n" for item in read_only),
         "job/rw_binds": "".join(f"{number} {bind.target}\n" for number, bind in read_write_binds(job)),
         # Fresh randomness for the guest kernel (vjobs-reseed): guests restored from one template would
         # otherwise share the template's random state.

@@ -17,16 +17,20 @@ has none of them, and vjobs must work for such an account as it is.
 
 ``disk_full_from`` recognises ENOSPC in an exception raised anywhere else: writing a file, copying a tree;
 ``not_permitted_from`` a folder this user may not use (a cache or work folder of root's or another account's).
+
+A tool that reads what vjobs did not write (``qemu-img`` on a site's image) runs unprivileged
+(``as_unprivileged``): as the user vjobs runs QEMU as when vjobs is root, else as the account itself.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from vjobs.errors import DiskFull, SetupError, VjobsError
 
@@ -34,13 +38,15 @@ NO_SPACE = "No space left on device"  # strerror(ENOSPC), as the tools print it
 SYSTEM_TOOL_FOLDERS = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not on an ordinary Debian account's PATH
 TAIL_LINES = 5  # of the tool's output, in the message of its failure
 TAIL_CHARS = 600
+UNPRIVILEGED_USER = "vjobs-qemu"  # scripts/install.sh creates it; QEMU and qemu-img run as it when vjobs is root
+FALLBACK_USER = "nobody"  # on a host set up without the installer
 
 
 def run_tool(argv: Sequence[str | os.PathLike], what: str, *, error: type[VjobsError] = SetupError,
              code: str | None = None, missing_code: str | None = None, install: str = "", hint: str = "",
              where: Path | None = None, wrapper: Sequence[str] = (), cwd: Path | None = None,
              env: Mapping[str, str] | None = None, timeout: float | None = None,
-             each_line: Callable[[str], None] | None = None) -> str:
+             each_line: Callable[[str], None] | None = None, pass_fds: Collection[int] = ()) -> str:
     """Run ``argv`` (under ``wrapper``, such as a prlimit command line) and return what it wrote to stdout.
 
     ``what`` says what the run is for ("building the scratch disk of job 1"), to begin every message;
@@ -48,7 +54,8 @@ def run_tool(argv: Sequence[str | os.PathLike], what: str, *, error: type[VjobsE
     (``error``'s own by default), and ``install`` what installs it; ``hint``: what to do about a failure;
     ``where``: the folder the tool writes to, named when it fills up (``cwd`` by default);
     ``each_line``: given, it gets each line of the tool's stderr as the tool writes it (progress), and
-    stdout is discarded; ``timeout`` then does not apply. Raises ``DiskFull`` on ENOSPC (see above)."""
+    stdout is discarded; ``timeout`` then does not apply. ``pass_fds``: descriptors the tool inherits (it
+    reads them as ``/dev/fd/N``). Raises ``DiskFull`` on ENOSPC (see above)."""
     env = dict(os.environ if env is None else env)
     env["PATH"] = tool_path(env.get("PATH"))  # for the tool, and for the helpers it runs in turn
     command = [*wrapper, *map(str, argv)]
@@ -56,10 +63,11 @@ def run_tool(argv: Sequence[str | os.PathLike], what: str, *, error: type[VjobsE
     tool = Path(str(argv[0])).name
     try:
         if each_line is None:
-            done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+            done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+                                  pass_fds=tuple(pass_fds))
             status, stdout, said = done.returncode, done.stdout, done.stderr or done.stdout
         else:
-            status, said = _follow(command, cwd, env, each_line)
+            status, said = _follow(command, cwd, env, each_line, tuple(pass_fds))
             stdout = ""
     except FileNotFoundError as exc:
         if exc.filename not in command[:1]:  # a folder that is not there (cwd), not a missing program
@@ -89,6 +97,31 @@ def tool_path(path: str | None = None) -> str:
     return os.pathsep.join(folders + [folder for folder in SYSTEM_TOOL_FOLDERS if folder not in folders])
 
 
+def unprivileged_user(name: str | None = None) -> pwd.struct_passwd:
+    """The user ``name`` (a site's setting), else ``vjobs-qemu``, else ``nobody``. Raises KeyError when
+    ``name`` does not exist, ValueError when it is root or in root's group."""
+    try:
+        user = pwd.getpwnam(name or UNPRIVILEGED_USER)
+    except KeyError:
+        if name:
+            raise
+        user = pwd.getpwnam(FALLBACK_USER)
+    if user.pw_uid == 0 or user.pw_gid == 0:
+        raise ValueError(f"{user.pw_name} is root")
+    return user
+
+
+def as_unprivileged() -> list[str]:
+    """A ``wrapper`` for ``run_tool`` that runs the tool as ``unprivileged_user()`` when vjobs is root: that
+    uid and gid, no supplementary groups, no capabilities, no new privileges. Nothing when vjobs is not root:
+    the tool runs as the account itself, which has nothing to give away."""
+    if os.geteuid() != 0:
+        return []
+    user = unprivileged_user()
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--no-new-privs",
+            "--inh-caps=-all", "--bounding-set=-all", "--"]
+
+
 def disk_full_from(error: BaseException, *, doing: str = "", where: Path | None = None) -> DiskFull | None:
     """``error`` as ``DiskFull`` when a full file system caused it (ENOSPC, or a ``shutil.copytree`` error
     that gathered one), else None: a full disk anywhere on the way (building disks, copying binds, caching
@@ -115,11 +148,11 @@ def not_permitted_from(error: BaseException) -> SetupError | None:
 
 
 def _follow(command: list[str], cwd: Path | None, env: Mapping[str, str] | None,
-            each_line: Callable[[str], None]) -> tuple[int, str]:
+            each_line: Callable[[str], None], pass_fds: tuple[int, ...]) -> tuple[int, str]:
     """Run ``command``, handing each line of its stderr to ``each_line``; its exit status, and its last lines
     of stderr after the first that says the disk is full, if one does."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                               env=env)
+                               env=env, pass_fds=pass_fds)
     tail: list[str] = []
     no_space: list[str] = []
     with process:

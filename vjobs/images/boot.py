@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from vjobs.drivers.contract import BootImage
 from vjobs.errors import ImageError
 from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
+from vjobs.images.checked import CheckedFiles
 from vjobs.images.cpio import CpioWriter
-from vjobs.images.store import ChecksumCache, build_once, sha256_file
+from vjobs.images.store import build_once, sha256_file
 
 BUILDER_VERSION = 3
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the current versioned kernel
@@ -100,21 +102,27 @@ def default_image_dir(cache_dir: Path) -> Path:
 
 
 def load_default_image(cache_dir: Path) -> ImageManifest | None:
-    """The built image if it is there and intact, else None. Checked on every job, through the same
-    checksum cache as the site's catalogue: a file is hashed again only when its inode, size or mtime
-    changed."""
+    """The built image if it is there and intact, else None. Its files are checked as the site's catalogue
+    is (vjobs/images/checked.py): a file is hashed again only when its stamp changed."""
     folder = default_image_dir(cache_dir)
     try:
         manifest = ImageManifest.from_json(json.loads((folder / "manifest.json").read_text()))
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    checked = ChecksumCache(Path(cache_dir) / "checksums.json")
     try:
-        checked.verify("built-in image kernel", manifest.kernel, manifest.kernel_sha256)
-        checked.verify("built-in image initramfs", manifest.initramfs, manifest.initramfs_sha256)
+        with CheckedFiles(cache_dir) as files:
+            open_default_image(manifest, files)
     except ImageError:
         return None
     return manifest
+
+
+def open_default_image(manifest: ImageManifest, files: CheckedFiles) -> BootImage:
+    """The image as a VM gets it: its kernel and initramfs opened among ``files``, checked against the
+    manifest's sums."""
+    return BootImage(files.verified(manifest.kernel, "built-in image kernel", manifest.kernel_sha256),
+                     files.verified(manifest.initramfs, "built-in image initramfs", manifest.initramfs_sha256),
+                     manifest.cmdline, builtin=True)
 
 
 def build_default_image(cache_dir: Path, progress: Callable[[str], None] = lambda message: None, *,

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from vjobs.config.site import SiteConfig
+from vjobs.config.site import CatalogueImage, SiteConfig
 from vjobs.drivers.contract import BootImage
 from vjobs.errors import ImageError
 from vjobs.host.cache import CacheHold, trusted
 from vjobs.host.roles import ADMINISTRATOR_BUILDS, Caches, caches
-from vjobs.images.boot import build_default_image, default_image_dir, load_default_image
+from vjobs.images.boot import build_default_image, default_image_dir, load_default_image, open_default_image
+from vjobs.images.checked import CheckedFiles
 from vjobs.images.rootfs import RootfsImage, debian, load_rootfs
-from vjobs.images.store import ChecksumCache
 
 # Each built-in image: how its manifest is loaded from a cache, and the cache entry (folder) it lives in.
 BUILT_IN = {"default": (load_default_image, default_image_dir), "debian12": (debian.load, debian.image_dir)}
@@ -34,40 +34,34 @@ Built = TypeVar("Built")
 class ResolvedImage:
     name: str
     boot: BootImage
-    kernel_sha256: str
-    initramfs_sha256: str
     rootfs: RootfsImage | None = None
 
     def provenance(self) -> dict:
-        fields = {"image": self.name, "kernel_sha256": self.kernel_sha256,
-                  "initramfs_sha256": self.initramfs_sha256}
+        fields = {"image": self.name, "kernel_sha256": self.boot.kernel.sha256(),
+                  "initramfs_sha256": self.boot.initramfs.sha256()}
         return {**fields, **(self.rootfs.provenance() if self.rootfs else {})}
 
 
-def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None], *,
-                  hold: CacheHold) -> ResolvedImage:
-    """The catalogue's entry ``name`` (a site may override a built-in name), else a built-in image. The
-    built-in images it builds or finds in the cache stay while ``hold`` (the job's) holds them."""
+def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None], *, hold: CacheHold,
+                  files: CheckedFiles) -> ResolvedImage:
+    """The catalogue's entry ``name`` (a site may override a built-in name), else a built-in image, its files
+    opened and checked among ``files`` (the job's; vjobs/images/checked.py). The built-in images it builds or
+    finds in the cache stay while ``hold`` (the job's) holds them."""
     found_in = caches(site)
     entry = site.images.get(name)
     if entry is None and name in BUILT_IN:
-        return built_in_image(found_in, progress, hold=hold) if name == "default" else \
-            built_in_base(name, found_in, progress, hold=hold)
+        return built_in_image(found_in, progress, hold=hold, files=files) if name == "default" else \
+            built_in_base(name, found_in, progress, hold=hold, files=files)
     if entry is None:
         known = ", ".join(sorted({*site.images, *BUILT_IN}))
         raise ImageError(f"/image: {name!r} is not in this site's catalogue ({site.source}) nor built in; "
                          f"known: {known}", code="image_not_found")
-    if entry.kernel is not None:
-        _check_boot(name, entry, found_in.own)
-        boot = ResolvedImage(name, BootImage(entry.kernel, entry.initramfs, entry.cmdline, entry.kernel_sha256,
-                                             entry.initramfs_sha256),
-                             entry.kernel_sha256, entry.initramfs_sha256)
-    else:
-        boot = built_in_image(found_in, progress, hold=hold)
+    boot = _own_boot(name, entry, files) if entry.kernel is not None else \
+        built_in_image(found_in, progress, hold=hold, files=files).boot
     rootfs = None
     if entry.rootfs is not None:
-        rootfs = load_rootfs(entry.rootfs, entry.rootfs_sha256, found_in.own, f"images.{name}.rootfs")
-    return ResolvedImage(name, boot.boot, boot.kernel_sha256, boot.initramfs_sha256, rootfs)
+        rootfs = load_rootfs(entry.rootfs, entry.rootfs_sha256, f"images.{name}.rootfs", files)
+    return ResolvedImage(name, boot, rootfs)
 
 
 def catalogue_states(site: SiteConfig) -> list[dict[str, str]]:
@@ -79,12 +73,13 @@ def catalogue_states(site: SiteConfig) -> list[dict[str, str]]:
         kind = "rootfs" if entry.rootfs else "boot image"
         try:
             details = []
-            if entry.kernel is not None:
-                _check_boot(name, entry, found_in.own)
-                details.append(f"own kernel {entry.kernel}")
-            if entry.rootfs is not None:
-                details.append(load_rootfs(entry.rootfs, entry.rootfs_sha256, found_in.own,
-                                           f"images.{name}.rootfs").info.describe())
+            with CheckedFiles(found_in.own, site.inspection) as files:
+                if entry.kernel is not None:
+                    _own_boot(name, entry, files)
+                    details.append(f"own kernel {entry.kernel}")
+                if entry.rootfs is not None:
+                    details.append(load_rootfs(entry.rootfs, entry.rootfs_sha256, f"images.{name}.rootfs",
+                                               files).info.describe())
             rows.append({"name": name, "kind": kind, "state": "ok", "detail": "; ".join(details)})
         except ImageError as error:
             rows.append({"name": name, "kind": kind, "state": "broken", "detail": str(error)})
@@ -103,29 +98,28 @@ def catalogue_states(site: SiteConfig) -> list[dict[str, str]]:
     return rows
 
 
-def _check_boot(name: str, entry, cache_dir: Path) -> None:
-    checked = ChecksumCache(cache_dir / "checksums.json")
-    for label, path, expected in (("kernel", entry.kernel, entry.kernel_sha256),
-                                  ("initramfs", entry.initramfs, entry.initramfs_sha256)):
-        checked.verify(f"images.{name}.{label}", path, expected)
+def _own_boot(name: str, entry: CatalogueImage, files: CheckedFiles) -> BootImage:
+    return BootImage(files.verified(entry.kernel, f"images.{name}.kernel", entry.kernel_sha256),
+                     files.verified(entry.initramfs, f"images.{name}.initramfs", entry.initramfs_sha256),
+                     entry.cmdline)
 
 
-def built_in_base(name: str, found_in: Caches, progress: Callable[[str], None], *,
-                  hold: CacheHold) -> ResolvedImage:
-    """A built-in root file system booted by the built-in boot image (``built_in``). Its inspection record and
-    checksum go into this process's own cache: an account trusts no record but its own and root's."""
+def built_in_base(name: str, found_in: Caches, progress: Callable[[str], None], *, hold: CacheHold,
+                  files: CheckedFiles) -> ResolvedImage:
+    """A built-in root file system booted by the built-in boot image (``built_in``), opened among ``files``.
+    Its inspection record and checksum go into this process's own cache (``files.cache_dir``): an account
+    trusts no record but its own and root's."""
     manifest = built_in(name, found_in, lambda cache: debian.build(cache, progress, hold=hold), hold=hold)
-    boot = built_in_image(found_in, progress, hold=hold)
-    rootfs = load_rootfs(Path(manifest.rootfs), manifest.rootfs_sha256, found_in.own, f"built-in image {name}")
-    return ResolvedImage(name, boot.boot, boot.kernel_sha256, boot.initramfs_sha256, rootfs)
+    boot = built_in_image(found_in, progress, hold=hold, files=files)
+    rootfs = load_rootfs(Path(manifest.rootfs), manifest.rootfs_sha256, f"built-in image {name}", files)
+    return ResolvedImage(name, boot.boot, rootfs)
 
 
-def built_in_image(found_in: Caches, progress: Callable[[str], None], *, hold: CacheHold) -> ResolvedImage:
+def built_in_image(found_in: Caches, progress: Callable[[str], None], *, hold: CacheHold,
+                   files: CheckedFiles) -> ResolvedImage:
     manifest = built_in("default", found_in, lambda cache: build_default_image(cache, progress, hold=hold),
                         hold=hold)
-    return ResolvedImage("default", BootImage(manifest.kernel, manifest.initramfs, manifest.cmdline,
-                                              manifest.kernel_sha256, manifest.initramfs_sha256, builtin=True),
-                         manifest.kernel_sha256, manifest.initramfs_sha256)
+    return ResolvedImage("default", open_default_image(manifest, files))
 
 
 def built_in(name: str, found_in: Caches, build: Callable[[Path], Built], *, hold: CacheHold) -> Built:

@@ -9,7 +9,8 @@ What they give:
 - ``cache_dir`` (session): one cache for the session, so that the built-in image (``built_image``) and the
   Debian base (``debian_image``, ``debian_formats``) are built once, held by ``session_cache_hold`` until the
   session ends. VJOBS_TEST_CACHE keeps it across sessions.
-- ``cache_hold``: a hold on the cache for one test, as a job has one (vjobs/host/cache.py).
+- ``cache_hold``: a hold on the cache for one test, as a job has one (vjobs/host/cache.py); ``checked_files``:
+  the test's open, checked files (vjobs/images/checked.py); ``built_boot``: the built-in boot image opened there.
 - ``make_site(**settings)``: a site config with this test's own work folder and the session's cache.
 - ``make_job(command, inputs=..., release=..., **fields)``: writes a job file, returns its path.
 - ``fake_image``: a catalogue entry of real files with their real sums, for tests that never boot it.
@@ -131,6 +132,23 @@ def cache_hold():
 
     with CacheHold() as hold:
         yield hold
+
+
+@pytest.fixture
+def checked_files(cache_dir):
+    """The test's open, checked files (vjobs/images/checked.py), as a job has them: closed when the test ends."""
+    from vjobs.images.checked import CheckedFiles
+
+    with CheckedFiles(cache_dir) as files:
+        yield files
+
+
+@pytest.fixture
+def built_boot(built_image, checked_files):
+    """The built-in boot image as a VM gets it (a ``BootImage`` of checked files), for a spec of a test's own."""
+    from vjobs.images.boot import open_default_image
+
+    return open_default_image(built_image, checked_files)
 
 
 @pytest.fixture(scope="session")

@@ -31,34 +31,43 @@ from vjobs.drivers.kvm import KvmDriver
 from vjobs.drivers.kvm.domain import DomainSettings, domain_xml
 from vjobs.drivers.kvm.driver import owner_labels
 from vjobs.host.identity import boot_id
+from vjobs.images.checked import CheckedFiles
 from vjobs.testing.host_state import vjobs_domains_of, work_leftovers
 from vjobs.testing.processes import qemu_named_for, qemu_processes
 from vjobs.testing.sites import LIBVIRT_URI
 
 
-def make_spec(tmp_path: Path, *, name: str = "vjobs-t1-abcd1234", network: bool = False,
-              boot: BootImage | None = None, disks: tuple[Disk, ...] | None = None) -> VMSpec:
-    if disks is None:
-        disks = (Disk("io", tmp_path / "io.raw", "raw", False), Disk("release", tmp_path / "rel.sqfs", "raw", True))
-    for disk in disks:
-        disk.path.write_bytes(b"\0" * 4096)
+def make_spec(tmp_path: Path, files: CheckedFiles, *, name: str = "vjobs-t1-abcd1234", network: bool = False,
+              boot: BootImage | None = None) -> VMSpec:
+    """A spec with an io disk and a release disk (opened among ``files``, as the core opens a read-only disk)."""
+    for name_of_file in ("io.raw", "rel.sqfs", "vmlinuz", "initrd"):
+        (tmp_path / name_of_file).write_bytes(b"\0" * 4096)
+    disks = (Disk("io", tmp_path / "io.raw", "raw", False),
+             Disk("release", tmp_path / "rel.sqfs", "raw", True, file=files.open(tmp_path / "rel.sqfs", "release")))
     owner = Owner(job_id="t1", pid=os.getpid(), boot_id="b" * 32, hostname=socket.gethostname(), run_id="abcd1234")
-    return VMSpec(name=name, vcpus=1, memory_mib=256,
-                  boot=boot or BootImage(tmp_path / "vmlinuz", tmp_path / "initrd", "panic=-1"),
-                  disks=disks, console=ConsoleLog(tmp_path / "console.log"), network=network, owner=owner,
-                  workdir=tmp_path)
+    boot = boot or BootImage(files.open(tmp_path / "vmlinuz", "kernel"), files.open(tmp_path / "initrd", "initrd"),
+                             "panic=-1")
+    return VMSpec(name=name, vcpus=1, memory_mib=256, boot=boot, disks=disks,
+                  console=ConsoleLog(tmp_path / "console.log"), network=network, owner=owner, workdir=tmp_path)
+
+
+def xml_of(spec: VMSpec, settings: DomainSettings) -> str:
+    return domain_xml(spec, settings, spec.workdir / "kernel-copy", spec.workdir / "initrd-copy")
 
 
 # --- the domain description -------------------------------------------------------------------------------
 
-def test_domain_xml_names_formats_makes_the_release_read_only_and_has_no_network(tmp_path):
-    spec = make_spec(tmp_path, network=False)
-    root = ET.fromstring(domain_xml(spec, DomainSettings(virt_type="qemu", network="default")))
+def test_domain_xml_names_formats_makes_the_release_read_only_and_has_no_network(tmp_path, checked_files):
+    spec = make_spec(tmp_path, checked_files, network=False)
+    root = ET.fromstring(xml_of(spec, DomainSettings(virt_type="qemu", network="default")))
     assert root.get("type") == "qemu" and root.findtext("name") == spec.name
     assert [d.find("driver").get("type") for d in root.iter("disk")] == ["raw", "raw"]
     assert [d.find("readonly") is not None for d in root.iter("disk")] == [False, True]
     assert root.find("./devices/interface") is None
-    assert root.findtext("./os/kernel") == str(tmp_path / "vmlinuz")
+    assert root.findtext("./os/kernel") == str(tmp_path / "kernel-copy")  # a copy made from the checked file
+    # the release is the checked descriptor (an fd group the driver fills), and no disk has a backing file
+    assert [d.find("source").get("fdgroup") for d in root.iter("disk")] == [None, "vjobs-disk1"]
+    assert all(d.find("backingStore") is not None and len(d.find("backingStore")) == 0 for d in root.iter("disk"))
     assert "console=ttyS0" in root.findtext("./os/cmdline")
     serial = root.find("./devices/serial")  # a socket vjobs listens on in the VM's folder: read by vjobs, bounded
     source = {"mode": "connect", "path": str(tmp_path / "console.sock")}
@@ -66,19 +75,24 @@ def test_domain_xml_names_formats_makes_the_release_read_only_and_has_no_network
     assert root.findtext("on_poweroff") == "destroy" and root.findtext("on_crash") == "destroy"
 
 
-def test_domain_gets_a_network_only_when_the_job_asks_and_the_site_has_one(tmp_path):
-    with_network = ET.fromstring(domain_xml(make_spec(tmp_path, network=True), DomainSettings(network="default")))
+def test_domain_gets_a_network_only_when_the_job_asks_and_the_site_has_one(tmp_path, checked_files):
+    spec = make_spec(tmp_path, checked_files, network=True)
+    with_network = ET.fromstring(xml_of(spec, DomainSettings(network="default")))
     assert with_network.find("./devices/interface/source").get("network") == "default"
-    no_site_network = ET.fromstring(domain_xml(make_spec(tmp_path, network=True), DomainSettings(network=None)))
+    no_site_network = ET.fromstring(xml_of(spec, DomainSettings(network=None)))
     assert no_site_network.find("./devices/interface") is None
 
 
-def test_libvirt_accepts_the_description_and_keeps_owner_metadata(tmp_path):
-    """libvirt's own parser (test:///default, no daemon) reads back what vjobs wrote."""
-    spec = make_spec(tmp_path)
+def test_libvirt_accepts_the_description_and_keeps_owner_metadata(tmp_path, checked_files):
+    """libvirt's own parser (test:///default, no daemon) reads back what vjobs wrote. That driver takes no
+    descriptors, so the fd groups are left out here; the real libvirtd takes them (the tests below)."""
+    spec = make_spec(tmp_path, checked_files)
+    description = ET.fromstring(xml_of(spec, DomainSettings(virt_type="test")))
+    for source in description.iter("source"):
+        source.attrib.pop("fdgroup", None)
     conn = libvirt.open("test:///default")
     try:
-        dom = conn.createXML(domain_xml(spec, DomainSettings(virt_type="test")), 0)
+        dom = conn.createXML(ET.tostring(description, encoding="unicode"), 0)
         described = ET.fromstring(dom.XMLDesc())
         assert [d.find("readonly") is not None for d in described.iter("disk")] == [False, True]
         assert [d.find("driver").get("type") for d in described.iter("disk")] == ["raw", "raw"]
@@ -86,6 +100,42 @@ def test_libvirt_accepts_the_description_and_keeps_owner_metadata(tmp_path):
         dom.destroy()
     finally:
         conn.close()
+
+
+@pytest.mark.vm
+@pytest.mark.libvirt
+def test_read_only_disks_reach_qemu_as_the_descriptors_libvirt_was_handed(kvm_site, built_boot, checked_files,
+                                                                          tmp_path):
+    """A read-only qcow2 that names a backing file which is not there, owned by someone else: the domain starts
+    (QEMU opened nothing by that name), QEMU's command line names a descriptor set and not the file, libvirt left
+    the file's owner as it was, and the domain is transient."""
+    import dataclasses
+
+    from vjobs.api import host_context
+    from vjobs.testing.processes import qemu_named_for
+
+    qcow2 = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(tmp_path / "gone.raw"), "-F", "raw",
+                    str(qcow2), "1M"], check=True)
+    os.chown(qcow2, 1234, 1234)
+    qcow2.chmod(0o640)
+    job = f"fdpass{uuid.uuid4().hex[:8]}"
+    spec = make_spec(tmp_path, checked_files, name=f"vjobs-{job}-abcd1234", boot=built_boot)
+    spec = dataclasses.replace(spec, disks=(*spec.disks, Disk("rootfs", qcow2, "qcow2", True,
+                                                              file=checked_files.open(qcow2, "rootfs"))))
+    vm = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site)).create(spec)
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        dom = conn.lookupByName(spec.name)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED and not dom.isPersistent()
+        cmdline = (qemu_named_for(job) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert cmdline.count("/dev/fdset/") == 2 and str(qcow2) not in cmdline  # the release and the qcow2
+        assert str(spec.workdir / "kernel") in cmdline  # the kernel: a private copy of the checked file
+        assert (qcow2.stat().st_uid, qcow2.stat().st_gid, qcow2.stat().st_mode & 0o777) == (1234, 1234, 0o640)
+    finally:
+        vm.destroy()
+        conn.close()
+        spec.console.close()
 
 
 # --- the probe --------------------------------------------------------------------------------------------
@@ -225,13 +275,13 @@ def blocker(kvm_site, built_image, tmp_path):
 
 @pytest.mark.vm
 @pytest.mark.libvirt
-def test_domain_with_the_same_name_already_running(kvm_site, blocker, built_image, tmp_path, cache_dir):
+def test_domain_with_the_same_name_already_running(kvm_site, blocker, built_boot, checked_files, tmp_path):
     from vjobs.api import host_context
 
     driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
-    boot = BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline)
     with pytest.raises(vjobs.VMError) as failure:
-        driver.create(make_spec(tmp_path, name=blocker, boot=boot))  # releases what it made: there is no VM to destroy
+        # it releases what it made: there is no VM to destroy
+        driver.create(make_spec(tmp_path, checked_files, name=blocker, boot=built_boot))
     assert failure.value.code == "domain_exists" and "vjobs gc" in str(failure.value)
     conn = libvirt.open(LIBVIRT_URI)
     assert conn.lookupByName(blocker).isActive()  # vjobs' failure did not take the other domain down
@@ -240,12 +290,11 @@ def test_domain_with_the_same_name_already_running(kvm_site, blocker, built_imag
 
 @pytest.mark.vm
 @pytest.mark.libvirt
-def test_create_makes_the_domain_paused_and_destroy_removes_it(kvm_site, built_image, tmp_path):
+def test_create_makes_the_domain_paused_and_destroy_removes_it(kvm_site, built_boot, checked_files, tmp_path):
     from vjobs.api import host_context
 
     driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
-    boot = BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline)
-    spec = make_spec(tmp_path, name=f"vjobs-t1-{uuid.uuid4().hex[:8]}", boot=boot)
+    spec = make_spec(tmp_path, checked_files, name=f"vjobs-t1-{uuid.uuid4().hex[:8]}", boot=built_boot)
     vm = driver.create(spec)
     conn = libvirt.open(LIBVIRT_URI)
     try:
@@ -299,6 +348,28 @@ def test_killed_pilot_leaves_a_domain_that_gc_removes_and_nothing_else(kvm_site,
     conn = libvirt.open(LIBVIRT_URI)
     assert conn.lookupByName(blocker).isActive()  # not vjobs': left alone
     conn.close()
+
+
+@pytest.mark.libvirt
+def test_gc_removes_a_domain_a_killed_vjobs_left_defined(kvm_site, checked_files, tmp_path):
+    """A vjobs killed between defining a domain and making it transient leaves a definition; gc removes it."""
+    import dataclasses
+
+    from vjobs.api import host_context
+
+    run_id = uuid.uuid4().hex[:8]  # the test's own: gc below removes what carries it, and nothing else
+    spec = make_spec(tmp_path, checked_files, name=f"vjobs-t1-{run_id}")
+    spec = dataclasses.replace(spec, owner=dataclasses.replace(spec.owner, run_id=run_id))
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        conn.defineXML(xml_of(spec, DomainSettings(virt_type="qemu")))
+        driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
+        removed = driver.collect_garbage(lambda labels: labels.get("vjobs.run_id") == run_id)
+        assert removed == [f"destroyed domain {spec.name} on {LIBVIRT_URI} (job t1, pid {os.getpid()})"]
+        with pytest.raises(libvirt.libvirtError, match="Domain not found"):
+            conn.lookupByName(spec.name)
+    finally:
+        conn.close()
 
 
 # --- confinement -----------------------------------------------------------------------------------------

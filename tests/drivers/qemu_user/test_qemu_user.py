@@ -26,15 +26,14 @@ def _qemu_user_driver(make_site, **settings):
     return load_driver("qemu_user", site, host_context(site))
 
 
-def _spec(tmp_path, built_image):
-    from vjobs.drivers.contract import BootImage, Disk, Owner, VMSpec
+def _spec(tmp_path, built_boot):
+    from vjobs.drivers.contract import Disk, Owner, VMSpec
     from vjobs.guest.console import ConsoleLog
 
     disk = tmp_path / "io.raw"
     disk.write_bytes(bytes(1 << 20))
     owner = Owner(job_id="t1", pid=os.getpid(), boot_id="b" * 32, hostname=socket.gethostname(), run_id="abcd1234")
-    return VMSpec(name="vjobs-t1-abcd1234", vcpus=1, memory_mib=256,
-                  boot=BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline),
+    return VMSpec(name="vjobs-t1-abcd1234", vcpus=1, memory_mib=256, boot=built_boot,
                   disks=(Disk("io", disk, "raw", False),), console=ConsoleLog(tmp_path / "console.log"),
                   network=False, owner=owner, workdir=tmp_path)
 
@@ -43,8 +42,8 @@ def _open_files() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def test_create_opens_what_qemu_gets_runs_nothing_and_destroy_lets_it_go(make_site, built_image, tmp_path):
-    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_image)
+def test_create_opens_what_qemu_gets_runs_nothing_and_destroy_lets_it_go(make_site, built_boot, tmp_path):
+    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_boot)
     before = _open_files()
     vm = driver.create(spec)
     assert vm.process is None and "-kernel" in vm.prepared.argv  # the command line is written, QEMU not started
@@ -55,8 +54,36 @@ def test_create_opens_what_qemu_gets_runs_nothing_and_destroy_lets_it_go(make_si
     spec.console.close()
 
 
-def test_a_create_that_fails_half_way_leaves_nothing_open(make_site, built_image, tmp_path):
-    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_image)
+@pytest.mark.vm
+def test_qemu_gets_the_checked_descriptors_and_never_opens_a_backing_file(make_site, built_boot, checked_files,
+                                                                           tmp_path):
+    """QEMU started (paused, every drive open) with a read-only qcow2 that names a backing file which is not
+    there: it opens nothing by that name (it would not start), and no image path is on its command line."""
+    import dataclasses
+    import subprocess
+
+    from vjobs.drivers.contract import Disk
+
+    qcow2 = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(tmp_path / "gone.raw"), "-F", "raw",
+                    str(qcow2), "1M"], check=True)
+    spec = _spec(tmp_path, built_boot)
+    spec = dataclasses.replace(spec, disks=(*spec.disks, Disk("rootfs", qcow2, "qcow2", True,
+                                                              file=checked_files.open(qcow2, "rootfs"))))
+    vm = _qemu_user_driver(make_site).create(spec)
+    try:
+        argv = " ".join(vm.prepared.argv)
+        vm.launch(vm.take_prepared())  # raises if QEMU exits at start
+        assert vm.process.poll() is None
+        assert '"driver":"qcow2","read-only":true,"file":{"driver":"file","filename":"/dev/fdset/' in argv
+        assert '"backing":null' in argv and str(tmp_path) not in argv
+    finally:
+        vm.destroy()
+        spec.console.close()
+
+
+def test_a_create_that_fails_half_way_leaves_nothing_open(make_site, built_boot, tmp_path):
+    driver, spec = _qemu_user_driver(make_site), _spec(tmp_path, built_boot)
     spec.disks[0].path.unlink()
     spec.disks[0].path.mkdir()  # fails to open read-write: last, after the kernel, the initramfs and the sockets
     before = _open_files()

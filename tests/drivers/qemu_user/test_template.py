@@ -3,6 +3,8 @@ and never the job's problem: any failure is a cold boot that says why."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import time
@@ -91,6 +93,9 @@ def test_a_template_that_cannot_be_restored_is_a_cold_boot_then_made_anew(
     assert first.provenance["start"]["mode"] == "template"
     state = cache_dir / "templates" / first.provenance["start"]["template"] / "state"
     state.write_bytes(b"QEVM but not a saved guest")  # a corrupt template: QEMU refuses to load it
+    manifest = json.loads((state.parent / "manifest.json").read_text())
+    manifest["sha256"]["state"] = hashlib.sha256(state.read_bytes()).hexdigest()  # its sum passes: QEMU sees it
+    (state.parent / "manifest.json").write_text(json.dumps(manifest))
 
     broken = vjobs.run(make_job(["echo", "ran"], **own), site=site, outdir=tmp_path / "broken")
     assert broken.status == "succeeded" and (tmp_path / "broken" / "stdout").read_text() == "ran\n"
@@ -107,6 +112,13 @@ def test_a_template_that_cannot_be_restored_is_a_cold_boot_then_made_anew(
     assert again.status == "succeeded" and again.provenance["start"]["mode"] == "template"
     assert state.read_bytes()[:4] == b"QEVM" and state.stat().st_size > 1 << 20
 
+    with open(state, "r+b") as saved:  # rewritten in place, its sum not: the saved guest is not restored
+        saved.seek(1 << 20)
+        saved.write(b"not what was saved")
+    damaged = vjobs.run(make_job(["true"], **own), site=site, outdir=tmp_path / "damaged")
+    assert damaged.status == "succeeded" and damaged.provenance["start"]["mode"] == "cold"
+    assert "is damaged" in damaged.provenance["start"]["fallback"]
+
 
 @pytest.mark.vm
 def test_a_job_with_a_network_boots_cold_and_says_why(template_site, make_job, tmp_path, assert_clean_host):
@@ -117,12 +129,12 @@ def test_a_job_with_a_network_boots_cold_and_says_why(template_site, make_job, t
                                                                  "does not have"}
 
 
-def test_the_recipe_changes_with_what_the_saved_guest_depends_on(built_image, tmp_path):
+def test_the_recipe_changes_with_what_the_saved_guest_depends_on(built_image, built_boot, checked_files, tmp_path):
     from vjobs.drivers.qemu_user import qemu
     from vjobs.guest.console import ConsoleLog
     from vjobs.drivers.contract import BootImage, VMSpec
 
-    boot = BootImage(built_image.kernel, built_image.initramfs, built_image.cmdline)
+    boot = built_boot
     spec = VMSpec(name="t", vcpus=1, memory_mib=512, boot=boot, disks=(), console=ConsoleLog(tmp_path / "c"),
                   network=False, owner=None, workdir=tmp_path)
     machine = qemu.QemuMachine()
@@ -135,8 +147,8 @@ def test_the_recipe_changes_with_what_the_saved_guest_depends_on(built_image, tm
     variants = [
         template.recipe_for(spec, machine, "QEMU 8.0"),
         template.recipe_for(spec.__class__(**{**spec.__dict__, "memory_mib": 1024}), machine, "QEMU 7.2"),
-        template.recipe_for(spec.__class__(**{**spec.__dict__, "boot": BootImage(boot.kernel, other_initramfs,
-                                                                                   boot.cmdline)}),
+        template.recipe_for(spec.__class__(**{**spec.__dict__, "boot": BootImage(
+            boot.kernel, checked_files.open(other_initramfs, "initramfs"), boot.cmdline)}),
                             machine, "QEMU 7.2"),
         template.recipe_for(spec, qemu.QemuMachine("pc"), "QEMU 7.2"),
     ]

@@ -197,6 +197,7 @@ def test_disk_upload_round_trip_and_sparse_vhd(xapi_standin, xen_settings, tmp_p
     """A disk with data, long zero runs and a partial last block comes back byte for byte; as VHD, the
     zero blocks are not sent (the stand-in decodes the VHD with qemu-img, an independent reader)."""
     from vjobs.drivers.xen.xapi import Xapi
+    from vjobs.images.checked import CheckedFile
 
     disk = tmp_path / "disk.raw"
     with open(disk, "wb") as handle:
@@ -210,7 +211,8 @@ def test_disk_upload_round_trip_and_sparse_vhd(xapi_standin, xen_settings, tmp_p
         vdi = xapi.api.VDI.create({"name_label": "round-trip", "SR": sr, "virtual_size": str(40 << 20),
                                    "type": "user", "sharable": False, "read_only": False, "other_config": {},
                                    "xenstore_data": {}, "sm_config": {}, "tags": []})
-        sent = xapi.import_vdi(vdi, disk, upload_format)
+        with CheckedFile.open(disk, "disk") as source:
+            sent = xapi.import_vdi(vdi, source, upload_format)
         xapi.export_raw_vdi(vdi, tmp_path / "back.raw", 40 << 20)
         xapi.api.VDI.destroy(vdi)
     assert (tmp_path / "back.raw").read_bytes() == disk.read_bytes()

@@ -1,5 +1,10 @@
 """The libvirt domain description of a ``VMSpec``, built with ElementTree, and the vjobs owner labels it
-carries in ``<metadata>`` (read back by ``vjobs gc``)."""
+carries in ``<metadata>`` (read back by ``vjobs gc``).
+
+A read-only disk is the file vjobs checked (vjobs/images/checked.py): its source names an fd group, which
+the driver fills with that file's descriptor (``virDomainFDAssociate``), so QEMU gets the descriptor and
+libvirt opens nothing by path; the path stays in the description for messages. libvirt gives a domain's
+kernel and initramfs to QEMU by path only, so the driver passes private copies made from their descriptors."""
 
 from __future__ import annotations
 
@@ -30,14 +35,16 @@ class DomainSettings:
     network: str | None = None  # a libvirt network to attach when the job may use the network
 
 
-def domain_xml(spec: VMSpec, settings: DomainSettings, console: Path | None = None) -> str:
-    """``console``: the socket the serial port connects to (default: ``console_socket(spec)``)."""
+def domain_xml(spec: VMSpec, settings: DomainSettings, kernel: Path, initramfs: Path,
+               console: Path | None = None) -> str:
+    """The description of ``spec``'s domain, booting ``kernel`` and ``initramfs`` (copies of the spec's);
+    ``console``: the socket the serial port connects to (default: ``console_socket(spec)``)."""
     domain = ET.Element("domain", type=settings.virt_type)
     _text(domain, "name", spec.name)
     domain.append(owner_metadata(spec.owner.as_labels()))
     _text(domain, "memory", str(spec.memory_mib), unit="MiB")
     _text(domain, "vcpu", str(spec.vcpus))
-    domain.append(_os(spec, settings.machine))
+    domain.append(_os(spec, settings.machine, kernel, initramfs))
     domain.append(_features(settings))
     _text(domain, "clock", None, offset="utc")
     # A reset is how a panicking guest (panic=-1) ends. With on_reboot=destroy libvirt reports it exactly
@@ -50,11 +57,20 @@ def domain_xml(spec: VMSpec, settings: DomainSettings, console: Path | None = No
     return ET.tostring(domain, encoding="unicode")
 
 
-def _os(spec: VMSpec, machine: str) -> ET.Element:
+def disk_fds(spec: VMSpec) -> dict[str, int]:
+    """The fd group of each read-only disk, and the checked descriptor that fills it."""
+    return {_fd_group(index): disk.file.fd for index, disk in enumerate(spec.disks) if disk.readonly}
+
+
+def _fd_group(index: int) -> str:
+    return f"vjobs-disk{index}"
+
+
+def _os(spec: VMSpec, machine: str, kernel: Path, initramfs: Path) -> ET.Element:
     os_element = ET.Element("os")
     _text(os_element, "type", "hvm", arch="x86_64", machine=machine)
-    _text(os_element, "kernel", str(spec.boot.kernel))
-    _text(os_element, "initrd", str(spec.boot.initramfs))
+    _text(os_element, "kernel", str(kernel))
+    _text(os_element, "initrd", str(initramfs))
     _text(os_element, "cmdline", f"{spec.boot.cmdline} console=ttyS0")
     return os_element
 
@@ -77,7 +93,12 @@ def _devices(spec: VMSpec, settings: DomainSettings, console: Path) -> ET.Elemen
         # space the host reads only after QEMU ended, so guest flushes need not reach the platter.
         ET.SubElement(element, "driver", name="qemu", type=disk.format,
                       cache="writethrough" if disk.readonly else "unsafe")
-        ET.SubElement(element, "source", file=str(disk.path))
+        source = ET.SubElement(element, "source", file=str(disk.path))
+        if disk.readonly:
+            source.set("fdgroup", _fd_group(index))  # disk_fds: the checked descriptor, not the path
+        # No backing file, whatever the image's header says: libvirt then neither probes one nor lets QEMU
+        # open one ("backing": null).
+        ET.SubElement(element, "backingStore")
         ET.SubElement(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
         if disk.readonly:
             ET.SubElement(element, "readonly")

@@ -1,8 +1,10 @@
 """The kvm driver: each job runs in a transient libvirt domain, watched through libvirt's domain events.
 
-``create`` creates the domain paused (QEMU opens the disks then) and opens its console; ``start`` resumes it. A
-transient domain, not a defined one: nothing of it outlives its QEMU, and one a killed vjobs left running is
-found by ``vjobs gc`` through its owner labels.
+``create`` defines the domain, hands libvirt the checked descriptors of its read-only disks
+(``virDomainFDAssociate``, which needs a domain to hand them to), starts it paused (QEMU opens the disks then)
+and undefines it at once, which leaves it transient: nothing of it outlives its QEMU. It then opens the console;
+``start`` checks that no checked file changed (``check_unchanged``) and resumes it. A domain a killed vjobs
+left running, or left defined, is found by ``vjobs gc`` through its owner labels.
 
 Site settings (``[drivers.kvm]``): ``uri`` (``qemu:///system`` default, or ``qemu:///session``),
 ``virt_type`` (``kvm`` default, or ``qemu`` for TCG, as Nova's libvirt driver has it), ``machine`` (``q35``
@@ -28,11 +30,11 @@ import libvirt
 
 from vjobs.drivers.bootcheck import boot_check
 from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
-                                    destroyed_on_failure, first_failure)
+                                    check_unchanged, destroyed_on_failure, first_failure)
 from vjobs.drivers.kvm import connection
 from vjobs.drivers.kvm.connection import libvirt_errors
-from vjobs.drivers.kvm.domain import (CONSOLE_SOCKET, NAMESPACE_URI, DomainSettings, console_socket, domain_xml,
-                                     parse_owner)
+from vjobs.drivers.kvm.domain import (CONSOLE_SOCKET, NAMESPACE_URI, DomainSettings, console_socket, disk_fds,
+                                     domain_xml, parse_owner)
 from vjobs.errors import VjobsError, VMError
 
 # How long the deep probe waits for the built-in guest: a healthy KVM host boots it in well under a second;
@@ -64,8 +66,12 @@ class KvmDriver(Driver):
     def create(self, spec: VMSpec) -> VM:
         check_disk_formats(spec, FORMATS, self.name)
         settings = DomainSettings(virt_type=self.virt_type, machine=self.machine, network=NETWORK)
+        # libvirt takes no descriptor for a kernel or initramfs: copies made from the checked ones, in the VM's
+        # own folder, readable by vjobs' user alone (and by QEMU, to which libvirt lends them).
+        kernel = spec.boot.kernel.private_copy(spec.workdir / "kernel")
+        initramfs = spec.boot.initramfs.private_copy(spec.workdir / "initramfs")
         console = ConsoleSocket.for_vm(spec)
-        vm = KvmVM(spec, self.uri, domain_xml(spec, settings, console.path), console)
+        vm = KvmVM(spec, self.uri, domain_xml(spec, settings, kernel, initramfs, console.path), console)
         with destroyed_on_failure(vm):
             vm.attach()
         return vm
@@ -146,6 +152,7 @@ class KvmDriver(Driver):
                 labels = owner_labels(dom)
                 if labels and is_orphan(labels):
                     _destroy_quietly(dom)
+                    _undefine_quietly(dom)  # one a killed vjobs left defined, before it made it transient
                     removed.append(f"destroyed domain {dom.name()} on {self.uri} (job {labels.get('vjobs.job_id')}, "
                                    f"pid {labels.get('vjobs.pid')})")
         return removed
@@ -167,7 +174,8 @@ class KvmVM(VM):
         self.console: int | None = None  # QEMU's connection to the console socket, read by vjobs itself
 
     def attach(self) -> None:
-        """``create``'s part: the domain, created paused (QEMU has opened the disks), and its console open."""
+        """``create``'s part: the domain, started paused (QEMU has opened the disks, the read-only ones through
+        the checked descriptors), transient, and its console open."""
         self.conn = connection.open_connection(self.uri)
         with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
             self.conn.registerCloseCallback(self._on_close, None)
@@ -179,11 +187,18 @@ class KvmVM(VM):
                                                  self._on_io_error, None)]
             # QEMU connects to the console socket as it starts, before its guest runs: listening first.
             with self.console_socket.listening() as listener:
-                self.dom = self.conn.createXML(self.xml, libvirt.VIR_DOMAIN_START_PAUSED)
+                self.dom = self.conn.defineXML(self.xml)
+                try:
+                    for group, fd in disk_fds(self.spec).items():
+                        self.dom.FDAssociate(group, [fd])  # for as long as this connection lives
+                    self.dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+                finally:
+                    self.dom.undefine()  # transient once it runs; gone if it did not start
                 self.console = self.console_socket.accept(listener, self.spec.name)
             self.spec.console.follow(self._read_console)
 
     def start(self) -> None:
+        check_unchanged(self.spec)  # QEMU, paused, holds every file: the guest runs only on what was checked
         with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
             self.dom.resume()
 
@@ -391,6 +406,14 @@ def _destroy_quietly(dom: libvirt.virDomain) -> None:
         dom.destroy()
     except libvirt.libvirtError as exc:
         if not connection.is_gone(exc):
+            raise
+
+
+def _undefine_quietly(dom: libvirt.virDomain) -> None:
+    try:
+        dom.undefine()
+    except libvirt.libvirtError as exc:
+        if not connection.is_gone(exc):  # gone, or transient (not defined): nothing to undefine
             raise
 
 

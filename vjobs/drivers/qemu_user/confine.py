@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from vjobs.errors import DriverError
+from vjobs.host.tools import unprivileged_user
 
-DEFAULT_USER = "vjobs-qemu"
-FALLBACK_USER = "nobody"
 MAX_OPEN_FILES = 1024
 KVM_DEVICE = Path("/dev/kvm")
 _PR_SET_PDEATHSIG = 1
@@ -72,17 +71,14 @@ def confinement_for(run_as: str | None, *, network: bool, kvm: bool, max_file_by
 
 
 def _qemu_user(run_as: str | None) -> pwd.struct_passwd:
-    name = run_as or DEFAULT_USER
     try:
-        user = pwd.getpwnam(name)
+        return unprivileged_user(run_as)  # vjobs-qemu by default, nobody on a host set up without the installer
     except KeyError:
-        if run_as:
-            raise DriverError(f"[drivers.qemu_user] run_as = {run_as!r}: no such user on this host; create it "
-                              "(scripts/install.sh creates vjobs-qemu) or name another") from None
-        user = pwd.getpwnam(FALLBACK_USER)  # a host set up without the installer still confines QEMU
-    if user.pw_uid == 0 or user.pw_gid == 0:
-        raise DriverError(f"[drivers.qemu_user] run_as = {name!r} is root: QEMU must run as an unprivileged user")
-    return user
+        raise DriverError(f"[drivers.qemu_user] run_as = {run_as!r}: no such user on this host; create it "
+                          "(scripts/install.sh creates vjobs-qemu) or name another") from None
+    except ValueError:
+        raise DriverError(f"[drivers.qemu_user] run_as = {run_as!r} is root: QEMU must run as an unprivileged "
+                          "user") from None
 
 
 def wrap(argv: list[str], confinement: Confinement) -> list[str]:

@@ -21,11 +21,11 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vjobs.drivers import probecache
 from vjobs.drivers.bootcheck import boot_check
-from vjobs.drivers.contract import (VM, Capabilities, Check, Driver, HostContext, Stop, VMSpec, check_disk_formats,
-                                    destroyed_on_failure)
+from vjobs.drivers.contract import (VM, Capabilities, CheckedFile, Check, Driver, HostContext, Stop, VMSpec,
+                                    check_disk_formats, check_unchanged, destroyed_on_failure)
 from vjobs.drivers.qemu_user import qemu, template
 from vjobs.drivers.qemu_user.confine import Confinement, confinement_for
-from vjobs.errors import VMError
+from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 
 KVM_DEVICE = "/dev/kvm"
@@ -124,8 +124,8 @@ class QemuUserDriver(Driver):
             why_not = template.eligible(spec, machine, wanted)
             if why_not is None:
                 recipe = template.recipe_for(spec, machine, f"{shutil.which(self.binary)} {self.qemu_version()}")
-                store = template.TemplateStore(self.host.cache_dir, self.host.cache_hold, self.host.progress,
-                                               self.host.shared_cache_dir)
+                store = template.TemplateStore(self.host.cache_dir, self.host.cache_hold, self.host.checked_files,
+                                               self.host.progress, self.host.shared_cache_dir)
                 return TemplateVM(spec, self.binary, machine, run_as, store, recipe)
             return QemuUserVM(spec, self.binary, machine, run_as, start={"mode": "cold", "why": why_not})
         return QemuUserVM(spec, self.binary, machine, run_as)
@@ -170,6 +170,7 @@ class QemuUserVM(VM):
 
     def start(self) -> None:
         self.launch(self.take_prepared())
+        check_unchanged(self.spec)  # QEMU, paused, holds every file: the guest runs only on what was checked
         self.monitor.cmd("cont")
 
     def take_prepared(self) -> Launch:
@@ -178,7 +179,7 @@ class QemuUserVM(VM):
         return launch
 
     def prepare(self, *, cmdline: str, disks, extra=(), max_file_bytes: int | None = None,
-                kernel: Path | None = None, initramfs: Path | None = None) -> Launch:
+                kernel: CheckedFile | None = None, initramfs: CheckedFile | None = None) -> Launch:
         """One start of QEMU, made ready without running anything: its confinement, every file it gets as a
         descriptor (the disks, sealed copies of the kernel and initramfs), its command line. ``extra``: more
         options, or a function of the ``PassedFiles`` that adds them (a template's devices, ``-incoming``);
@@ -253,7 +254,7 @@ class QemuUserVM(VM):
             return False
         if event and event.get("event") == "BLOCK_IO_ERROR" and event.get("data", {}).get("nospace"):
             # QEMU paused the guest: a writable disk's file system on the host is full (sparse files grow)
-            self.full_disk = self._disk_file(event["data"].get("device", ""))
+            self.full_disk = self._disk_file(event["data"].get("node-name") or "")
         if event and event.get("event") == "SHUTDOWN":
             self.shutdown_reason = event.get("data", {}).get("reason", "unknown")
         elif event and event.get("event") == "GUEST_PANICKED":
@@ -262,7 +263,7 @@ class QemuUserVM(VM):
 
     def _disk_file(self, drive: str) -> Path:
         """The file behind one of QEMU's drives: ``diskN`` is the spec's Nth disk, cold or restored alike."""
-        number = drive.removeprefix("disk")
+        number = drive.removeprefix("disk")  # the node's name (vjobs/drivers/qemu_user/qemu.py drive_backends)
         if number.isdigit() and int(number) < len(self.spec.disks):
             return self.spec.disks[int(number)].path
         return self.spec.workdir  # a drive vjobs did not name: its writable disks all live on this file system
@@ -307,33 +308,35 @@ class TemplateVM(QemuUserVM):
                  store: template.TemplateStore, recipe: template.Recipe):
         super().__init__(spec, binary, machine, run_as)
         self.store, self.recipe = store, recipe
-        self.template: Path | None = None  # the saved guest ``start`` restores; None: it boots cold
+        self.template: template.SavedTemplate | None = None  # the saved guest ``start`` restores; None: cold
 
     def attach(self) -> None:
         """The template found, or made (a boot of its own, once per guest shape), and its restore prepared with
         the job's disks (``template.prepare_restore``); a cold boot prepared instead when either fails."""
         try:
-            state = self.store.ensure(self.recipe, self._template_vm)
+            saved = self.store.ensure(self.recipe, self._template_vm)
         except Exception as error:  # whatever went wrong, it is not the job's: a cold boot still runs it
             self._prepare_cold(str(error) or type(error).__name__)
             return
         try:
-            self.prepared = template.prepare_restore(self, state)
+            self.prepared = template.prepare_restore(self, saved)
         except Exception as error:  # before QEMU ran (a site's run_as that does not exist, say): nothing the
-            self._prepare_cold(f"restoring {state.parent.name} failed: {error or type(error).__name__}")
+            self._prepare_cold(f"restoring {saved.name} failed: {error or type(error).__name__}")
             return  # template did; a cold boot fails the same way and reports it
-        self.template = state
+        self.template = saved
 
     def start(self) -> None:
         if self.template is None:
             super().start()
             return
         try:
-            template.restore(self, self.take_prepared())
-            self.start_record = {"mode": "template", "template": self.template.parent.name}
+            template.restore(self, self.take_prepared(), self.template)
+            self.start_record = {"mode": "template", "template": self.template.name}
             return
+        except ImageError:  # a checked file changed before the guest ran: the job's refusal, not the template's
+            raise
         except Exception as error:
-            reason = f"restoring {self.template.parent.name} failed: {error or type(error).__name__}"
+            reason = f"restoring {self.template.name} failed: {error or type(error).__name__}"
             # Only a failure once QEMU ran says something about the template; one before would fail a cold
             # boot the same way, and that boot reports it.
             templates_fault = self.process is not None

@@ -2,10 +2,12 @@
 
 Two rules hold for every QEMU vjobs starts:
 - each drive names its format (QEMU never guesses one: a guessed format lets a guest that writes a qcow2
-  header into a raw disk make QEMU open host files on the next boot), and read-only drives are read-only
-  at the device level;
+  header into a raw disk make QEMU open host files on the next boot), a qcow2's backing is disabled, and
+  read-only drives are read-only at the device level;
 - QEMU opens no host file by name and dies with the process that started it, even when that process is
   killed with SIGKILL; when vjobs is root it runs confined as a user of its own (vjobs/drivers/qemu_user/confine.py).
+  What it reads is what vjobs checked: the read-only disks' checked descriptors themselves, sealed copies
+  of the kernel and initramfs made from theirs (vjobs/images/checked.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 import signal
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from vjobs.drivers.contract import Disk
+from vjobs.drivers.contract import CheckedFile, Disk
 from vjobs.drivers.qemu_user.confine import Confinement, preexec, wrap
 
 DEFAULT_BINARY = "qemu-system-x86_64"
@@ -70,31 +73,30 @@ class PassedFiles:
         self.fds.append(fd)
         return fd
 
-    def add_disk(self, path: Path, readonly: bool) -> str:
-        """A ``/dev/fdset/N`` for a drive. A writable drive gets a read-only descriptor too, because QEMU
+    def add_disk(self, disk: Disk) -> str:
+        """A ``/dev/fdset/N`` for a drive. A read-only disk's is its checked descriptor, duplicated; a writable
+        disk (vjobs' own, made in the job's folder) is opened here, read-write and read-only too, because QEMU
         opens an image read-only first and reopens it for writing."""
         self._sets += 1
-        modes = (os.O_RDONLY,) if readonly else (os.O_RDWR, os.O_RDONLY)
-        for mode in modes:
-            fd = self._keep(os.open(path, mode | os.O_CLOEXEC | os.O_NOFOLLOW))
-            self.args += ["-add-fd", f"fd={fd},set={self._sets}"]
+        if disk.readonly:
+            fds = [os.dup(disk.file.fd)]
+        else:
+            fds = [os.open(disk.path, mode | os.O_CLOEXEC | os.O_NOFOLLOW) for mode in (os.O_RDWR, os.O_RDONLY)]
+        for fd in fds:
+            self.args += ["-add-fd", f"fd={self._keep(fd)},set={self._sets}"]
         return f"/dev/fdset/{self._sets}"
 
-    def add_file(self, path: Path) -> int:
+    def add_file(self, file: CheckedFile) -> int:
         """A descriptor number for a file QEMU only reads (a saved template's state: ``-incoming fd:N``)."""
-        return self._keep(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW))
+        return self._keep(os.dup(file.fd))
 
-    def add_sealed_copy(self, path: Path, name: str) -> str:
+    def add_sealed_copy(self, file: CheckedFile, name: str) -> str:
         """A ``/proc/self/fd/N`` for a file QEMU reads by path (the kernel, the initramfs): a sealed
-        in-memory copy, which any user may reopen and none may change."""
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        with open(path, "rb") as source:
-            size = os.fstat(source.fileno()).st_size
-            copied = 0
-            while copied < size:
-                copied += os.sendfile(fd, source.fileno(), copied, size - copied) or size
+        in-memory copy made from the checked descriptor, which any user may reopen and none may change."""
+        fd = self._keep(os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+        file.copy_to(fd)
         _seal(fd)
-        return f"/proc/self/fd/{self._keep(fd)}"
+        return f"/proc/self/fd/{fd}"
 
     def add_socket(self, sock: socket.socket) -> int:
         return self._keep(sock.detach())  # ours to close from now on, once: the socket object lets go
@@ -122,13 +124,18 @@ def _seal(fd: int, attempts: int = 50) -> None:
 
 
 def drive_backends(disks: Sequence[Disk], files: PassedFiles) -> list[str]:
-    """The disks' ``-drive`` options, ids ``disk0``, ``disk1``..., with no guest device yet."""
+    """The disks' block nodes, named ``disk0``, ``disk1``..., with no guest device yet: each with its format
+    named and, for a qcow2, its backing disabled (``"backing": null``: an image rewritten after its check to
+    name a backing file still makes QEMU open nothing else)."""
     args: list[str] = []
     for index, disk in enumerate(disks):
-        options = [f"file={files.add_disk(disk.path, disk.readonly)}", f"format={disk.format}", "if=none",
-                   f"id=disk{index}", "cache=unsafe" if not disk.readonly else "cache=writethrough",
-                   f"readonly={'on' if disk.readonly else 'off'}"]
-        args += ["-drive", ",".join(options)]
+        node = {"node-name": f"disk{index}", "driver": disk.format, "read-only": disk.readonly,
+                "file": {"driver": "file", "filename": files.add_disk(disk)}}
+        if disk.format == "qcow2":
+            node["backing"] = None
+        if not disk.readonly:
+            node["cache"] = {"no-flush": True}  # scratch space the host reads only after QEMU ended
+        args += ["-blockdev", json.dumps(node, separators=(",", ":"))]
     return args
 
 
@@ -139,8 +146,8 @@ def drive_args(disks: Sequence[Disk], device: str, files: PassedFiles) -> list[s
     return args
 
 
-def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Path, initramfs: Path,
-              cmdline: str, disks: Sequence[Disk], machine: QemuMachine, files: PassedFiles,
+def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: CheckedFile,
+              initramfs: CheckedFile, cmdline: str, disks: Sequence[Disk], machine: QemuMachine, files: PassedFiles,
               console: socket.socket, monitor: socket.socket | None = None, network: bool = False,
               extra: Sequence[str] = ()) -> list[str]:
     """QEMU's command line; every file and socket goes through ``files``. ``console`` and ``monitor`` are

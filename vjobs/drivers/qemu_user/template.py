@@ -10,7 +10,9 @@ no firmware), and the agent, which was waiting for exactly that, runs the job.
 One template per (QEMU, machine, acceleration, memory, vCPUs, kernel, initramfs, command line): the cache
 entry ``templates/FAMILY-KEY`` (vjobs/host/cache.py), KEY hashing all of those by content, so a new image or QEMU
 makes a new template and the old one is removed as any stale build is. Nothing of a job is ever in a
-template: it is saved before any job's disk exists, and each job's QEMU reads it read-only.
+template: it is saved before any job's disk exists, and each job's QEMU reads it read-only. Its files are
+checked as any image a VM gets (vjobs/images/checked.py): their sums, taken when the template was saved, are in
+its manifest; each job opens them once, checks them, and gives QEMU those descriptors.
 
 Restored guests start from the same RAM, so the same kernel random-number state: the agent mixes entropy
 from the host into the pool and forces the kernel to reseed before anything else runs (the job's io disk
@@ -31,15 +33,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vjobs.drivers.contract import VMSpec
+from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec, check_unchanged
 from vjobs.drivers.qemu_user import qemu
-from vjobs.errors import VMError
+from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
 from vjobs.host.cache import CacheHold
 from vjobs.images.store import build_once, sha256_file
 
-FORMAT = 2  # of the saved state, its stand-ins and its manifest; a change makes every template anew
+FORMAT = 3  # of the saved state, its stand-ins and its manifest; a change makes every template anew
 CONTROLLER = "vjobs-scsi"
 STAND_INS = ("restore-kernel", "restore-initrd")  # beside the state: see write_stand_ins
 MACHINES = ("q35", "pc")  # a PCI bus for the SCSI controller; microvm has none
@@ -80,8 +82,7 @@ def recipe_for(spec: VMSpec, machine: qemu.QemuMachine, qemu_identity: str) -> R
     boot = spec.boot
     return Recipe(qemu=qemu_identity, machine=machine.name, accel=machine.accel, tb_size_mib=machine.tb_size_mib,
                   firmware=machine.firmware, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
-                  kernel_sha256=boot.kernel_sha256 or sha256_file(boot.kernel),
-                  initramfs_sha256=boot.initramfs_sha256 or sha256_file(boot.initramfs), cmdline=boot.cmdline)
+                  kernel_sha256=boot.kernel.sha256(), initramfs_sha256=boot.initramfs.sha256(), cmdline=boot.cmdline)
 
 
 def eligible(spec: VMSpec, machine: qemu.QemuMachine, setting: bool | str) -> str | None:
@@ -109,23 +110,47 @@ def state_bytes_limit(spec: VMSpec) -> int:
     return (spec.memory_mib + 64) << 20
 
 
+@dataclass(frozen=True)
+class SavedTemplate:
+    """A template as one job's QEMU gets it: its files opened and checked against its manifest's sums."""
+
+    name: str  # its cache entry's, FAMILY-KEY
+    state: CheckedFile  # the migration stream, for ``-incoming``
+    kernel: CheckedFile  # the stand-ins for -kernel and -initrd (write_stand_ins)
+    initramfs: CheckedFile
+
+    @classmethod
+    def open(cls, folder: Path, files: CheckedFiles) -> SavedTemplate:
+        sums = json.loads((folder / "manifest.json").read_text())["sha256"]
+        state, kernel, initramfs = (files.verified(folder / name, f"the template {folder.name}", sums[name])
+                                    for name in ("state", *STAND_INS))
+        return cls(folder.name, state, kernel, initramfs)
+
+    def check_unchanged(self) -> None:
+        for file in (self.state, self.kernel, self.initramfs):
+            file.check_unchanged()
+
+
 class TemplateStore:
     """The templates in ``cache_dir/templates``; ``ensure`` makes one the first time a recipe is asked for.
-    ``hold``: the job's hold on the cache (``HostContext.cache_hold``), which keeps the template it uses.
+    ``hold``: the job's hold on the cache (``HostContext.cache_hold``), which keeps the template it uses;
+    ``files``: the job's open files (``HostContext.checked_files``), among which the template is opened.
     ``shared_cache_dir``: the administrator's cache, when this process is an account that only reads it
     (vjobs/host/roles.py): a template root made there is used first, never written; the account makes
     any other in its own ``cache_dir``, for its own jobs alone (guest memory is shared only when root made it)."""
 
-    def __init__(self, cache_dir: Path, hold: CacheHold, progress=lambda message: None,
+    def __init__(self, cache_dir: Path, hold: CacheHold, files: CheckedFiles, progress=lambda message: None,
                  shared_cache_dir: Path | None = None):
         self.folder = cache_dir / "templates"
         self.shared = shared_cache_dir / "templates" if shared_cache_dir else None
         self.hold = hold
+        self.files = files
         self.progress = progress
 
-    def ensure(self, recipe: Recipe, make_vm) -> Path:
-        """The saved state for ``recipe``, made with ``make_vm(scratch)`` (a VM for the template guest) when
-        there is none yet. Raises VMError when it cannot be made, or failed within FAILURE_MEMORY_S."""
+    def ensure(self, recipe: Recipe, make_vm) -> SavedTemplate:
+        """The saved guest for ``recipe``, made with ``make_vm(scratch)`` (a VM for the template guest) when
+        there is none yet, opened and checked. Raises VMError when it cannot be made, failed within
+        FAILURE_MEMORY_S, or its files are not what was saved."""
         name = f"{recipe.family}-{recipe.key}"
         folder = self.folder / name
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -133,7 +158,7 @@ class TemplateStore:
         # root's, read-only; not one whose restore failed here before: this process then makes its own
         if self.shared and failed_before != "restore" and (state := saved_state(self.shared / name, recipe)) \
                 and self.hold.use(state.parent):
-            return state
+            return self._opened(recipe, state.parent)
 
         def build(scratch: Path) -> Path:
             self.progress(f"template: booting a {recipe.family} guest once, to save it for the jobs after")
@@ -144,7 +169,8 @@ class TemplateStore:
             save_template(vm, output / "state")
             write_stand_ins(vm.spec.boot.kernel, output)
             manifest = {"recipe": dataclasses.asdict(recipe), "made_s": round(time.monotonic() - started, 3),
-                        "state_bytes": (output / "state").stat().st_size, "made_at": time.time()}
+                        "state_bytes": (output / "state").stat().st_size, "made_at": time.time(),
+                        "sha256": {name: sha256_file(output / name) for name in ("state", *STAND_INS)}}
             (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             if folder.exists():  # made anew after a failed restore: replace it whole
                 shutil.rmtree(folder)
@@ -156,11 +182,21 @@ class TemplateStore:
 
         try:
             # A template whose restore failed before is made anew, not trusted again.
-            return build_once(folder, "VM template", lambda: saved_state(folder, recipe), build, hold=self.hold,
-                              force=failed_before == "restore")
+            state = build_once(folder, "VM template", lambda: saved_state(folder, recipe), build, hold=self.hold,
+                               force=failed_before == "restore")
         except VMError as error:  # QEMU's or the template guest's failure; a site's setting (DriverError)
             self.remember_failure(recipe, f"making it failed: {error}", stage="make")  # would fail a cold
             raise  # boot the same way, and a full disk passes: neither says anything about templates
+        return self._opened(recipe, state.parent)
+
+    def _opened(self, recipe: Recipe, folder: Path) -> SavedTemplate:
+        """The template in ``folder``, opened among the job's files and checked against its manifest's sums;
+        one that is not what was saved is a failure of the template (made anew after FAILURE_MEMORY_S)."""
+        try:
+            return SavedTemplate.open(folder, self.files)
+        except (OSError, ValueError, KeyError, ImageError) as error:
+            self.remember_failure(recipe, f"its files are not what was saved: {error}")
+            raise VMError(f"the template {folder.name} is damaged: {error}", code="template_failed") from error
 
     def remember_failure(self, recipe: Recipe, reason: str, stage: str = "restore") -> None:
         """Jobs of this shape boot cold for FAILURE_MEMORY_S instead of paying for the same failure each."""
@@ -216,39 +252,39 @@ def save_template(vm, state: Path) -> None:
         vm.spec.console.close()
 
 
-def write_stand_ins(kernel: Path, folder: Path) -> None:
+def write_stand_ins(kernel: CheckedFile, folder: Path) -> None:
     """What a restore hands QEMU for -kernel and -initrd. QEMU reads both whole into its own memory, the
     kernel into its heap for as long as it runs (14 MiB of the cloud kernel, per VM), although a restored
     guest never boots again. It still needs a kernel, for the machine to be the template's (the same
     option ROM): the bzImage's setup part, its header and real-mode code, is all QEMU looks at. The
     initramfs can be any bytes."""
-    with open(kernel, "rb") as source:
-        setup_sectors = source.read(0x1f2)[0x1f1] or 4  # boot protocol: 0 means 4
-        source.seek(0)
-        (folder / STAND_INS[0]).write_bytes(source.read((setup_sectors + 2) * 512))
+    setup_sectors = kernel.read(0x1f1, 1)[0] or 4  # boot protocol: 0 means 4
+    (folder / STAND_INS[0]).write_bytes(kernel.read(0, (setup_sectors + 2) * 512))
     (folder / STAND_INS[1]).write_bytes(bytes(512))
 
 
-def prepare_restore(vm, state: Path):
-    """``vm``'s QEMU that restores ``state``, prepared (``vm.prepare``, nothing runs): the saved guest comes in
-    through ``-incoming``, the stand-ins beside it serve as kernel and initramfs, the job's disks are drive
-    backends that ``restore`` hot-plugs once the guest is loaded."""
+def prepare_restore(vm, saved: SavedTemplate):
+    """``vm``'s QEMU that restores ``saved``, prepared (``vm.prepare``, nothing runs): the saved guest comes in
+    through ``-incoming``, the stand-ins serve as kernel and initramfs, the job's disks are drive backends that
+    ``restore`` hot-plugs once the guest is loaded."""
     spec = vm.spec
 
     def extra(files: qemu.PassedFiles) -> list[str]:
-        incoming = files.add_file(state)
+        incoming = files.add_file(saved.state)
         return controller_args() + qemu.drive_backends(spec.disks, files) + ["-incoming", f"fd:{incoming}"]
 
-    return vm.prepare(cmdline=template_cmdline(spec), disks=(), extra=extra, kernel=state.parent / STAND_INS[0],
-                      initramfs=state.parent / STAND_INS[1])
+    return vm.prepare(cmdline=template_cmdline(spec), disks=(), extra=extra, kernel=saved.kernel,
+                      initramfs=saved.initramfs)
 
 
-def restore(vm, launch) -> None:
+def restore(vm, launch, saved: SavedTemplate) -> None:
     """Run the restoring QEMU (``launch``, from ``prepare_restore``), hot-plug the job's disks, let the guest
     run, wait for the agent's "up"."""
     spec = vm.spec
     vm.launch(launch)
     _wait_for(lambda: _loaded(vm), vm, RESTORE_DEADLINE_S, "QEMU to load the template")
+    check_unchanged(spec)  # QEMU holds every file and has read the saved guest: it runs only what was checked
+    saved.check_unchanged()
     for index, _disk in enumerate(spec.disks):
         # One SCSI target per disk, in the spec's order (the agent finds them by content anyway).
         vm.monitor.cmd("device_add", driver="scsi-hd", bus=f"{CONTROLLER}.0", drive=f"disk{index}",

@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
-from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
-                                    destroyed_on_failure, first_failure)
+from vjobs.drivers.contract import (VM, Capabilities, Check, CheckedFile, Disk, Driver, Stop, VMSpec,
+                                    check_disk_formats, check_unchanged, destroyed_on_failure, first_failure)
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
 from vjobs.errors import VMError
 from vjobs.events import Events
@@ -131,12 +131,17 @@ class XenVM(VM):
     # --- create and attach -------------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """``create``'s part: log in, create the VM (halted), give it its disks as VDIs (uploaded, or a shared
-        one found) plugged in with VBDs."""
+        """``create``'s part: log in, create the VM (halted) with copies of the kernel and initramfs (XAPI reads
+        them by path), give it its disks as VDIs (uploaded from their open files, or a shared one found)
+        plugged in with VBDs; then no checked file may have changed (``check_unchanged``): the VDIs and the
+        copies are what XAPI boots."""
+        boot = self.spec.boot
+        kernel = boot.kernel.private_copy(self.spec.workdir / "kernel")
+        initramfs = boot.initramfs.private_copy(self.spec.workdir / "initramfs")
         self.xapi.__enter__()
         with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
             sr = self._sr()
-            self.vm = self.xapi.api.VM.create(self._vm_record())
+            self.vm = self.xapi.api.VM.create(self._vm_record(kernel, initramfs))
             for position, disk in enumerate(self.spec.disks):
                 if disk.cache_key:
                     with self.events.step("shared_vdi", detail=disk.role):
@@ -144,6 +149,7 @@ class XenVM(VM):
                 else:
                     vdi = self._job_vdi(sr, disk)
                 self.xapi.api.VBD.create(self._vbd_record(vdi, position, disk.readonly))
+        check_unchanged(self.spec)
 
     def start(self) -> None:
         with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
@@ -157,7 +163,7 @@ class XenVM(VM):
                           "label of an SR of the pool", code="xapi_sr_missing")
         return found[0]
 
-    def _vm_record(self) -> dict:
+    def _vm_record(self, kernel: Path, initramfs: Path) -> dict:
         spec = self.spec
         memory = str(spec.memory_mib * MIB)
         return {
@@ -167,7 +173,7 @@ class XenVM(VM):
             "memory_static_min": memory, "VCPUs_params": {}, "VCPUs_max": str(spec.vcpus),
             "VCPUs_at_startup": str(spec.vcpus), "actions_after_shutdown": "destroy",
             "actions_after_reboot": "destroy", "actions_after_crash": "destroy",
-            "PV_bootloader": "", "PV_kernel": str(spec.boot.kernel), "PV_ramdisk": str(spec.boot.initramfs),
+            "PV_bootloader": "", "PV_kernel": str(kernel), "PV_ramdisk": str(initramfs),
             "PV_args": f"{spec.boot.cmdline} console=hvc0", "PV_bootloader_args": "", "PV_legacy_args": "",
             "HVM_boot_policy": "", "HVM_boot_params": {}, "HVM_shadow_multiplier": 1.0, "platform": {},
             "PCI_bus": "", "other_config": self.labels, "recommendations": "", "xenstore_data": {},
@@ -183,18 +189,18 @@ class XenVM(VM):
                 "mode": "RO" if readonly else "RW", "type": "Disk", "empty": False, "other_config": self.labels,
                 "qos_algorithm_type": "", "qos_algorithm_params": {}, "unpluggable": False}
 
-    def _new_vdi(self, sr: str, disk: Disk, other_config: dict) -> str:
-        size = disk.path.stat().st_size
+    def _new_vdi(self, sr: str, disk: Disk, size: int, other_config: dict) -> str:
         return self.xapi.api.VDI.create({
             "name_label": f"{self.spec.name}-{disk.role}", "name_description": f"vjobs {disk.role} disk",
             "SR": sr, "virtual_size": str(size), "type": "user", "sharable": False, "read_only": False,
             "other_config": other_config, "xenstore_data": {}, "sm_config": {}, "tags": [TAG]})
 
     def _job_vdi(self, sr: str, disk: Disk) -> str:
-        vdi = self._new_vdi(sr, disk, self.labels)
-        self.vdis[disk.role] = vdi  # recorded before the upload, so destroy() removes a half-uploaded one
-        with self.events.step("vdi_upload", detail=disk.role):
-            self.xapi.import_vdi(vdi, disk.path, self.upload_format)
+        with _opened(disk) as source:
+            vdi = self._new_vdi(sr, disk, source.size, self.labels)
+            self.vdis[disk.role] = vdi  # recorded before the upload, so destroy() removes a half-uploaded one
+            with self.events.step("vdi_upload", detail=disk.role):
+                self.xapi.import_vdi(vdi, source, self.upload_format)
         return vdi
 
     def _shared_vdi(self, sr: str, disk: Disk) -> str:
@@ -209,10 +215,10 @@ class XenVM(VM):
             # The uploader's labels, under their own prefix: gc removes an upload whose uploader died before it
             # was complete, and never a complete shared VDI (jobs of other owners use it).
             uploader = {f"{UPLOADER}{key}": value for key, value in self.labels.items()}
-            vdi = self._new_vdi(sr, disk, {SHARED_KEY: disk.cache_key, **uploader})
+            vdi = self._new_vdi(sr, disk, disk.file.size, {SHARED_KEY: disk.cache_key, **uploader})
             try:
                 with self.events.step("vdi_upload", detail=disk.role):
-                    self.xapi.import_vdi(vdi, disk.path, self.upload_format)
+                    self.xapi.import_vdi(vdi, disk.file, self.upload_format)
             except Exception:
                 with contextlib.suppress(Exception):
                     self.xapi.api.VDI.destroy(vdi)
@@ -275,6 +281,17 @@ class XenVM(VM):
             with contextlib.suppress(OSError):
                 self.console_stream.close()
         self.xapi.logout()
+
+
+@contextlib.contextmanager
+def _opened(disk: Disk) -> Iterator[CheckedFile]:
+    """The file to upload: a read-only disk's checked one; a writable disk (vjobs' own, in the job's folder)
+    opened for its upload."""
+    if disk.file is not None:
+        yield disk.file
+        return
+    with CheckedFile.open(disk.path, f"the {disk.role} disk") as own:
+        yield own
 
 
 def _destroy_vm(xapi: Xapi, vm: str) -> None:

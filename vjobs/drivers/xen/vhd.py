@@ -2,7 +2,7 @@
 that hold only zeros are left out, so a mostly empty scratch or results disk costs a few KiB on the wire
 instead of its full size. Layout and checksums as in Microsoft's "Virtual Hard Disk Image Format
 Specification" (footer copy, dynamic header, block allocation table, blocks with their sector bitmaps,
-footer)."""
+footer). The disk is read through its open file (vjobs/images/checked.py), never by path."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
+
+from vjobs.drivers.contract import CheckedFile
 
 SECTOR = 512
 BLOCK = 2 << 20  # the usual VHD block size; the BAT has one entry per block
@@ -24,7 +25,7 @@ VHD_EPOCH = 946684800  # 2000-01-01T00:00:00Z, where VHD timestamps count from
 class VhdPlan:
     """What the stream will hold: its total length (the HTTP Content-Length) and the blocks it carries."""
 
-    source: Path
+    source: CheckedFile
     size: int
     present: tuple[int, ...]  # indexes of the blocks that hold data
 
@@ -45,17 +46,16 @@ class VhdPlan:
         return self.data_start + len(self.present) * (BITMAP + BLOCK) + SECTOR
 
 
-def plan(source: Path) -> VhdPlan:
-    size = source.stat().st_size
+def plan(source: CheckedFile) -> VhdPlan:
+    size = source.size
     if size % SECTOR:
-        raise ValueError(f"{source} is {size} bytes, not a whole number of {SECTOR}-byte sectors")
+        raise ValueError(f"{source.path} is {size} bytes, not a whole number of {SECTOR}-byte sectors")
     present = []
     zero = bytes(BLOCK)
-    with open(source, "rb") as handle:
-        for index in range(-(-size // BLOCK)):
-            block = handle.read(BLOCK)
-            if block != zero[:len(block)]:
-                present.append(index)
+    for index in range(-(-size // BLOCK)):
+        block = source.read(index * BLOCK, BLOCK)
+        if block != zero[:len(block)]:
+            present.append(index)
     return VhdPlan(source, size, tuple(present))
 
 
@@ -64,12 +64,10 @@ def stream(vhd: VhdPlan) -> Iterator[bytes]:
     yield footer
     yield _dynamic_header(vhd.blocks)
     yield _bat(vhd)
-    with open(vhd.source, "rb") as handle:
-        for index in vhd.present:
-            handle.seek(index * BLOCK)
-            data = handle.read(BLOCK)
-            yield b"\xff" * BITMAP  # every sector of a present block is in this file
-            yield data + bytes(BLOCK - len(data))  # a last, partial block is padded to the block size
+    for index in vhd.present:
+        data = vhd.source.read(index * BLOCK, BLOCK)
+        yield b"\xff" * BITMAP  # every sector of a present block is in this file
+        yield data + bytes(BLOCK - len(data))  # a last, partial block is padded to the block size
     yield footer
 
 

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping
 
 import XenAPI
 
+from vjobs.drivers.contract import CheckedFile
 from vjobs.drivers.xen import vhd
 from vjobs.errors import DriverError, VjobsError, VMError
 
@@ -120,18 +121,18 @@ class Xapi:
     def _path(self, handler: str, **query: str) -> str:
         return f"/{handler}?" + urllib.parse.urlencode({"session_id": self.handle, **query})
 
-    def import_vdi(self, vdi: str, source: Path, upload_format: str = "vhd") -> int:
-        """PUT a raw image into the VDI, as a sparse VHD stream (all-zero blocks left out) or as raw bytes;
-        returns the bytes sent. "vhd" sends raw when that is smaller (a small squashfs: VHD pads to whole
-        2 MiB blocks). A cut-off upload raises (the caller destroys the VDI)."""
-        length, chunks = source.stat().st_size, _file_chunks(source)
+    def import_vdi(self, vdi: str, source: CheckedFile, upload_format: str = "vhd") -> int:
+        """PUT a raw image, read through its open file, into the VDI, as a sparse VHD stream (all-zero blocks
+        left out) or as raw bytes; returns the bytes sent. "vhd" sends raw when that is smaller (a small
+        squashfs: VHD pads to whole 2 MiB blocks). A cut-off upload raises (the caller destroys the VDI)."""
+        length, chunks = source.size, _file_chunks(source)
         if upload_format == "vhd":
             sparse = vhd.plan(source)
             if sparse.length < length:
                 length, chunks = sparse.length, vhd.stream(sparse)
             else:
                 upload_format = "raw"
-        with xapi_errors(f"uploading {source.name}", self.url):
+        with xapi_errors(f"uploading {source.path.name}", self.url):
             connection = self._connection()
             try:
                 connection.putrequest("PUT", self._path("import_raw_vdi", vdi=vdi, format=upload_format))
@@ -144,7 +145,7 @@ class Xapi:
             finally:
                 connection.close()
         if response.status != 200:
-            raise VMError(f"uploading {source.name} to XAPI failed: HTTP {response.status} "
+            raise VMError(f"uploading {source.path.name} to XAPI failed: HTTP {response.status} "
                           f"{body.decode(errors='replace')[:200]}", code="xapi_upload_failed")
         return length
 
@@ -192,10 +193,9 @@ class Xapi:
         return stream, rest
 
 
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            yield chunk
+def _file_chunks(source: CheckedFile) -> Iterator[bytes]:
+    for offset in range(0, source.size, CHUNK):
+        yield source.read(offset, CHUNK)
 
 
 def _copy_bounded(response, target: Path, limit: int) -> None:

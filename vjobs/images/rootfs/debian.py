@@ -24,7 +24,8 @@ from typing import Callable
 from vjobs.errors import ImageError
 from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
-from vjobs.images.store import ChecksumCache, build_once, sha256_file
+from vjobs.images.checked import CheckedFiles
+from vjobs.images.store import build_once, sha256_file
 
 NAME = "debian12"
 BUILDER_VERSION = 1
@@ -65,8 +66,8 @@ def load(cache_dir: Path) -> BaseManifest | None:
     """The built image if it is there and has the sha256 it was built with, else None."""
     try:
         manifest = BaseManifest(**json.loads((image_dir(cache_dir) / "manifest.json").read_text()))
-        ChecksumCache(Path(cache_dir) / "checksums.json").verify(f"built-in image {NAME}",
-                                                                 Path(manifest.rootfs), manifest.rootfs_sha256)
+        with CheckedFiles(cache_dir) as files:
+            files.verified(Path(manifest.rootfs), f"built-in image {NAME}", manifest.rootfs_sha256)
     except (OSError, ValueError, TypeError, ImageError):
         return None
     return manifest

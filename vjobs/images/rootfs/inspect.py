@@ -2,9 +2,12 @@
 
 An admin's image is a file vjobs did not write, so it is read as hostile input:
 - only fixed, bounded ranges are read (superblocks, partition tables): no parser loops over the image;
-- a qcow2 file is opened only by ``qemu-img``, always with ``-f qcow2`` (never probed), under ``prlimit``
-  (address space, CPU time) and a timeout, and refused when it would make QEMU open any other file
-  (a backing file, an external data file) or needs a key (encryption): docs/base-images.md says why;
+- the file is read only through its checked descriptor (vjobs/images/checked.py), and refused at once when
+  it is larger than the site's ``[inspection] max_file_gib``;
+- a qcow2 file is read only by ``qemu-img``, with its format named and its backing disabled, under the
+  site's limits and as an unprivileged user (qemu_img.py), and refused when it would make QEMU open any
+  other file (a backing file, an external data file) or needs a key (encryption): docs/base-images.md says
+  why;
 - the result names the file system the guest will mount and where it starts, so the guest never guesses.
 
 Accepted: squashfs, erofs and ext4 (clean) as a whole disk, or in a partition of a GPT or MBR disk, either
@@ -13,24 +16,18 @@ as a raw file or inside a qcow2.
 
 from __future__ import annotations
 
-import json
-import os
-import stat
 import struct
-import tempfile
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from vjobs.config.site import InspectionLimits
 from vjobs.errors import ImageError
-from vjobs.host.tools import run_tool
+from vjobs.images.checked import CheckedFile
+from vjobs.images.rootfs import qemu_img
 
 HEAD_BYTES = 65536  # the guest agent recognises its disks by the sha256 of this many leading bytes
 SECTOR = 512
 MAX_GPT_ENTRIES = 128
-QEMU_IMG_LIMITS = ["prlimit", "--as=2147483648", "--cpu=30", "--nofile=64", "--core=0"]
-QEMU_IMG_TIMEOUT_S = 60  # one qemu-img call
-INSPECTION_BUDGET_S = 120.0  # all of them for one image: a qcow2 can make each call slow and ask for many
+GIB = 1 << 30
 
 # What the guest kernel (Debian's 6.1 cloud kernel) can read: its squashfs has no LZMA (the old format 2,
 # not xz), its erofs only LZ4.
@@ -63,38 +60,24 @@ class RootfsInfo:
         return asdict(self)
 
 
-def inspect_rootfs(path: Path, label: str = "rootfs", *, budget_s: float = INSPECTION_BUDGET_S) -> RootfsInfo:
-    """Check ``path`` and say what it holds; raise ImageError naming ``label`` and what to do otherwise.
-    ``budget_s``: the time all of a qcow2's ``qemu-img`` calls may take together, each bounded on its own too."""
-    _check_regular_file(path, label)
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
+def inspect_rootfs(file: CheckedFile, limits: InspectionLimits) -> RootfsInfo:
+    """Check ``file`` and say what it holds; raise ImageError naming its label and what to do otherwise.
+    ``limits``: the site's ``[inspection]`` (the file's size; the time and memory of a qcow2's qemu-img calls)."""
+    label, path = file.label, file.path
+    if file.size > limits.max_file_bytes:
+        raise ImageError(f"{label}: {path} is {file.size / GIB:.1f} GiB, more than the {limits.max_file_gib:g} GiB "
+                         "the site allows an image file ([inspection] max_file_gib); give a smaller image (a "
+                         "squashfs of the root file system) or raise the setting")
+    if file.size < 2 * SECTOR:
+        raise ImageError(f"{label}: {path} is {file.size} bytes, too small to hold a file system")
     try:
-        if magic == b"QFI\xfb":
-            budget = _Budget(budget_s)
-            return _inspect_disk(_Qcow2Source(path, label, _qcow2_info(path, label, budget), budget), label)
-        return _inspect_disk(_RawSource(path), label)
+        if file.read(0, 4) == b"QFI\xfb":
+            budget = qemu_img.Budget(limits)
+            return _inspect_disk(_Qcow2Source(file, _qcow2_info(file, budget), budget), label)
+        return _inspect_disk(_RawSource(file), label)
     except struct.error as exc:  # a header whose magic is there and whose fields are not: the file ends first
-        raise ImageError(f"{label}: {path} ends ({path.stat().st_size} bytes) inside the header its first bytes "
+        raise ImageError(f"{label}: {path} ends ({file.size} bytes) inside the header its first bytes "
                          "announce: it is truncated, or not an image; rebuild it") from exc
-
-
-def _check_regular_file(path: Path, label: str) -> None:
-    try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):  # before open(): opening a FIFO would block forever
-            raise ImageError(f"{label}: {path} is not a regular file; give the path of an image file")
-        with open(path, "rb"):
-            pass
-    except FileNotFoundError as exc:
-        raise ImageError(f"{label}: {path} does not exist; fix the path in the site config") from exc
-    except PermissionError as exc:
-        raise ImageError(f"{label}: {path} is not readable by uid {os.getuid()}; make it readable (0644) "
-                         "for the user vjobs runs as") from exc
-    except OSError as exc:
-        raise ImageError(f"{label}: cannot read {path}: {exc.strerror}") from exc
-    if info.st_size < 2 * SECTOR:
-        raise ImageError(f"{label}: {path} is {info.st_size} bytes, too small to hold a file system")
 
 
 # --- the bytes the guest will see ------------------------------------------------------------------------
@@ -102,45 +85,32 @@ def _check_regular_file(path: Path, label: str) -> None:
 class _RawSource:
     container = "raw"
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.size = path.stat().st_size
+    def __init__(self, file: CheckedFile):
+        self.file, self.path, self.size = file, file.path, file.size
 
     def read(self, offset: int, length: int) -> bytes:
-        with open(self.path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(length)
+        return self.file.read(offset, length)
 
 
 class _Qcow2Source:
-    """The guest's view of a qcow2 file, read through ``qemu-img dd`` with its format named."""
+    """The guest's view of a qcow2 file, read through ``qemu-img dd`` (qemu_img.py)."""
 
     container = "qcow2"
 
-    def __init__(self, path: Path, label: str, info: dict, budget: _Budget):
-        self.path, self.label, self.budget = path, label, budget
+    def __init__(self, file: CheckedFile, info: dict, budget: qemu_img.Budget):
+        self.file, self.path, self.budget = file, file.path, budget
         self.size = int(info["virtual-size"])
 
     def read(self, offset: int, length: int) -> bytes:
         first = offset // SECTOR
-        end = (offset + length + SECTOR - 1) // SECTOR
-        with tempfile.TemporaryDirectory(prefix=f"vjobs-inspect-{os.getpid()}-") as folder:  # for `vjobs gc`
-            out = Path(folder) / "range"
-            # qemu-img dd (7.2) stops at block `count` counted from block 0, not from `skip` as GNU dd does:
-            # a block count read short or nothing past the head, and no partition of a qcow2 was found.
-            _qemu_img(["dd", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}", f"skip={first}", f"count={end}",
-                       f"if={self.path}", f"of={out}"], self.label, self.path, self.budget)
-            data = out.read_bytes()
+        data = qemu_img.read_sectors(self.file, first, (offset + length + SECTOR - 1) // SECTOR, self.budget)
         start = offset - first * SECTOR
         return data[start:start + length]
 
 
-def _qcow2_info(path: Path, label: str, budget: _Budget) -> dict:
-    answer = _qemu_img(["info", "--output=json", "-f", "qcow2", str(path)], label, path, budget)
-    try:
-        info = json.loads(answer)
-    except ValueError as exc:
-        raise ImageError(f"{label}: qemu-img info gave no JSON for {path}") from exc
+def _qcow2_info(file: CheckedFile, budget: qemu_img.Budget) -> dict:
+    label, path = file.label, file.path
+    info = qemu_img.info(file, budget)
     convert = (f"convert it once to a self-contained raw file: qemu-img convert -f qcow2 -O raw {path} "
                f"{path.with_suffix('.raw')} (or give a squashfs of its root file system)")
     if info.get("backing-filename") or info.get("full-backing-filename"):
@@ -156,26 +126,6 @@ def _qcow2_info(path: Path, label: str, budget: _Budget) -> dict:
         raise ImageError(f"{label}: {path} is a qcow2 marked corrupt; repair it with qemu-img check -r all "
                          "or rebuild it")
     return info
-
-
-class _Budget:
-    """The time left for one image's qemu-img calls."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.deadline = seconds, time.monotonic() + seconds
-
-    def left(self, label: str, path: Path) -> float:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise ImageError(f"{label}: reading the qcow2 {path} took more than {self.seconds:g} s in all; convert it "
-                             f"once to a raw file (qemu-img convert -f qcow2 -O raw) or give a squashfs")
-        return remaining
-
-
-def _qemu_img(arguments: list[str], label: str, path: Path, budget: _Budget) -> str:
-    return run_tool(["qemu-img", *arguments], f"{label}: reading the qcow2 {path}", error=ImageError,
-                    wrapper=QEMU_IMG_LIMITS, timeout=min(QEMU_IMG_TIMEOUT_S, budget.left(label, path)),
-                    install="install qemu-utils and util-linux (prlimit)")
 
 
 # --- file systems and partition tables --------------------------------------------------------------------

@@ -255,7 +255,7 @@ class Calls:
             self.store.remove("VM", vm)
         runner = self.runners.pop(vm, None)
         if runner is not None:
-            shutil.rmtree(runner.spec.workdir, ignore_errors=True)
+            shutil.rmtree(runner.workdir, ignore_errors=True)
         return ""
 
     def VM__get_VBDs(self, vm):

@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,7 @@ from vjobs.drivers.registry import load_driver
 from vjobs.guest.console import ConsoleLog
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import boot_id
+from vjobs.images.checked import CheckedFiles
 
 START_TIMEOUT_S = 60.0
 # The stand-in plays dom0, whose console daemon streams everything; bounding what vjobs keeps is the xen
@@ -36,9 +38,19 @@ class GuestRunner:
         cmdline = re.sub(r"\bconsole=hvc0\b", "", args).strip()
         owner = Owner(job_id=name, pid=os.getpid(), boot_id=boot_id(), hostname=socket.gethostname(),
                       run_id=workdir.name[:8])
-        self.spec = VMSpec(name=f"xapi-standin-{workdir.name[:8]}", vcpus=vcpus, memory_mib=memory_mib,
-                           boot=BootImage(kernel, ramdisk, cmdline), disks=tuple(disks),
-                           console=ConsoleLog(workdir / "console.log", DOM0_CONSOLE_BYTES), network=False, owner=owner, workdir=workdir)
+        self.workdir = workdir
+        self.console = ConsoleLog(workdir / "console.log", DOM0_CONSOLE_BYTES)
+        # What dom0 boots, opened as vjobs opens what its VMs get: the qemu_user driver takes nothing else.
+        self.files = CheckedFiles(workdir / "cache")
+        try:
+            boot = BootImage(self.files.open(kernel, "PV_kernel"), self.files.open(ramdisk, "PV_ramdisk"), cmdline)
+            disks = [replace(disk, file=self.files.open(disk.path, disk.role)) if disk.readonly else disk
+                     for disk in disks]
+        except BaseException:
+            self.files.close()
+            raise
+        self.spec = VMSpec(name=f"xapi-standin-{workdir.name[:8]}", vcpus=vcpus, memory_mib=memory_mib, boot=boot,
+                           disks=tuple(disks), console=self.console, network=False, owner=owner, workdir=workdir)
         self.on_halted = on_halted
         self.started = threading.Event()
         self.stop_requested = threading.Event()
@@ -47,7 +59,7 @@ class GuestRunner:
 
     @property
     def console_log(self) -> Path:
-        return self.spec.console.path
+        return self.console.path
 
     def start(self) -> None:
         self.thread.start()
@@ -65,7 +77,7 @@ class GuestRunner:
     def _run(self) -> None:
         workdir = self.spec.workdir
         host = HostContext(cache_dir=workdir / "cache", work_dir=workdir, boot_id=boot_id(),
-                           default_boot_image=_no_default_image,
+                           default_boot_image=_no_default_image, checked_files=self.files,
                            cache_hold=CacheHold())  # holds nothing: a PV kernel of its own makes no template
         try:
             vm = load_driver("qemu_user", SiteConfig(), host).create(self.spec)
@@ -73,6 +85,7 @@ class GuestRunner:
         except BaseException as exc:  # reported to VM.start's caller
             self.start_error = exc
             self.spec.console.close()
+            self.files.close()
             self.started.set()
             return
         self.started.set()
@@ -86,6 +99,7 @@ class GuestRunner:
         finally:
             vm.destroy()
             self.spec.console.close()
+            self.files.close()
             self.on_halted(reason)
 
 

@@ -2,9 +2,10 @@
 this file alone. It lives in a package of its own and reaches vjobs only through the driver contract
 (vjobs.drivers.contract: ``Driver``, ``VM``) and one entry point in its pyproject.toml.
 
-What it leaves out, and vjobs' qemu_user driver does (vjobs/drivers/qemu_user/): confinement, disks passed as
-descriptors, QMP events (so this one cannot tell a crash from a poweroff by more than QEMU's exit status),
-templates, a deep probe, garbage collection.
+It gives QEMU the files vjobs checked as the contract asks, by their descriptors (``/dev/fd/N``, which QEMU opens
+anew, the same file whatever its path names since). What it leaves out, and vjobs' qemu_user driver does
+(vjobs/drivers/qemu_user/): confinement, sealed copies of the kernel and initramfs, QMP events (so this one
+cannot tell a crash from a poweroff by more than QEMU's exit status), templates, a deep probe, garbage collection.
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ class DemoVM(VM):
         spec = self.spec
         argv = [QEMU, "-machine", "q35", "-accel", "tcg", "-m", str(spec.memory_mib), "-smp", str(spec.vcpus),
                 "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-nic", "none",
-                "-kernel", str(spec.boot.kernel), "-initrd", str(spec.boot.initramfs),
+                "-kernel", f"/dev/fd/{spec.boot.kernel.fd}", "-initrd", f"/dev/fd/{spec.boot.initramfs.fd}",
                 "-append", f"{spec.boot.cmdline} console=ttyS0", "-serial", "stdio"]
         for disk in spec.disks:  # in the order given, each with its format named and read-only where it says
-            file = str(disk.path).replace(",", ",,")
+            file = f"/dev/fd/{disk.file.fd}" if disk.readonly else str(disk.path).replace(",", ",,")
             argv += ["-drive", f"file={file},format={disk.format},if=virtio,"
                                f"readonly={'on' if disk.readonly else 'off'}"]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, pass_fds=[file.fd for file in spec.checked_files()])
         stdout = self.process.stdout.fileno()
         spec.console.follow(lambda: os.read(stdout, 65536))  # the guest's serial console, bounded by the core
 
