@@ -261,13 +261,18 @@ class Campaign:
             record["error"] = (result.get("error") or {}).get("message", "")[:800]
         return record
 
-    def _gc_everyone(self) -> int:
-        failures = 0
+    def _gc_everyone(self) -> list[str]:
+        """Every account's ``vjobs gc`` with its site, then root's with the node's own (root's gc looks in every
+        account's work folder; an account's site, whose cache root does not own, is not root's to use)."""
+        failures = []
         for account, site in zip(self.accounts, self.sites):
-            failures += account.run([account.vjobs, "gc", "--site", str(site)], timeout=GC_TIMEOUT_S).returncode != 0
-        root_gc = subprocess.run([*vjobs_command(), "gc", "--site", str(self.sites[0])], capture_output=True,
-                                 timeout=GC_TIMEOUT_S)
-        return failures + (root_gc.returncode != 0)
+            done = account.run([account.vjobs, "gc", "--site", str(site)], timeout=GC_TIMEOUT_S)
+            if done.returncode:
+                failures.append(f"{account.name}: exit {done.returncode}: {done.stderr[-500:]}")
+        done = subprocess.run([*vjobs_command(), "gc"], capture_output=True, text=True, timeout=GC_TIMEOUT_S)
+        if done.returncode:
+            failures.append(f"root: exit {done.returncode}: {done.stderr[-500:]}")
+        return failures
 
     def leftovers(self) -> dict[str, list[str]]:
         uids = {account.uid for account in self.accounts}
@@ -310,7 +315,7 @@ def summary_line(report: dict) -> str:
     left = sum(len(items) for items in report["left"].values())
     return (f"{report['jobs']} jobs in {report['elapsed_s']} s: lost {len(report['lost'])}, left {left}, "
             f"signalled before vjobs started {report['signalled_before_vjobs_started']}, "
-            f"gc failures {report['gc_failures']}, most VMs at once {report['most_vms_at_once']} "
+            f"gc failures {len(report['gc_failures'])}, most VMs at once {report['most_vms_at_once']} "
             f"({report['most_vcpus_at_once']} vCPUs, budget {report['budget_vcpus']}), "
             f"samples over budget {report['samples_over_budget']} of {report['samples']}")
 
