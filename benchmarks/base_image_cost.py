@@ -17,8 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import vjobs
 from run_overhead import arguments, driver_setups  # the same options and driver set-ups as that benchmark
+
+import vjobs
 from vjobs.testing.figures import median_range
 
 JOBS = {

@@ -55,11 +55,11 @@ if str(REPO) not in sys.path:
 
 import vjobs  # noqa: E402
 from benchmarks.report import Comparison, Section, print_comparisons, print_section  # noqa: E402
-from vjobs.host.cache import CacheHold  # noqa: E402
+from vjobs.config.job import job_from_dict  # noqa: E402
 from vjobs.guest.collect import read_results  # noqa: E402
 from vjobs.guest.disks import RELEASE_TOOLS, build_scratch, release_image, tree_fingerprint  # noqa: E402
+from vjobs.host.cache import CacheHold  # noqa: E402
 from vjobs.images.store import sha256_file  # noqa: E402
-from vjobs.config.job import job_from_dict  # noqa: E402
 from vjobs.testing.sites import seed_cache  # noqa: E402
 
 GB = 10 ** 9

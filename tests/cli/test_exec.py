@@ -10,8 +10,8 @@ import stat
 import pytest
 
 from vjobs.cli import exec_command as runtime
-from vjobs.config.exec_request import ExecRequest, job_document
 from vjobs.cli.commands import build_parser
+from vjobs.config.exec_request import ExecRequest, job_document
 
 
 def exec_args(*words: str):

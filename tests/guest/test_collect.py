@@ -5,8 +5,8 @@ import tarfile
 
 import pytest
 
-from vjobs.guest.collect import read_results
 from vjobs.errors import VMError
+from vjobs.guest.collect import read_results
 
 STATUS = b"exit_code=3\nstarted_s=1.0\nended_s=2.5\n"
 

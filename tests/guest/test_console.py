@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from vjobs.guest.protocol import AGENT_UP_MARKER
 from vjobs.guest.console import ConsoleLog
+from vjobs.guest.protocol import AGENT_UP_MARKER
 
 UP = AGENT_UP_MARKER
 LONG = 300.0  # a timeout no test waits out: a wait that is not woken fails the join below, long before

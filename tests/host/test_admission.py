@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from vjobs.host.admission import admitted, gc_stale_shares, prepare_host_folder
-from vjobs.errors import AdmissionRefused, InvalidSite
 from vjobs.config.site import HOST_BUDGET_DIR, HostBudget, load_site, site_from_dict
+from vjobs.errors import AdmissionRefused, InvalidSite
+from vjobs.host.admission import admitted, gc_stale_shares, prepare_host_folder
 from vjobs.testing.host_state import held_tokens
 
 # A vjobs process in miniature: it asks for its share, says so, holds it (for HOLD seconds, or until its

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from vjobs import api
+from vjobs.errors import AdmissionRefused
 from vjobs.host.admission import admitted
 from vjobs.host.allocation import VM_OVERHEAD_MIB, Allocation, admission_scope, cgroup_memory_mib, current
-from vjobs.errors import AdmissionRefused
 
 CPUS_HERE = len(os.sched_getaffinity(0))
 

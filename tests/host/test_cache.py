@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import vjobs
-from vjobs.host import cache, locks
-from vjobs.guest.disks import release_image
+from vjobs.config.site import site_from_dict
 from vjobs.errors import InvalidSite
+from vjobs.guest.disks import release_image
+from vjobs.host import cache, locks
 from vjobs.host.gc import collect_files
 from vjobs.host.identity import boot_id
-from vjobs.config.site import site_from_dict
 
 KIB = 1024
 

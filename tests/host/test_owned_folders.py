@@ -41,8 +41,8 @@ def test_gc_moves_past_a_driver_whose_daemon_hangs(make_site, monkeypatch):
     import threading
     import time
 
-    from vjobs.host import gc
     from vjobs.api import host_context
+    from vjobs.host import gc
 
     release = threading.Event()
 

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 import vjobs
-from vjobs.guest.disks import release_image
 from vjobs.errors import SetupError
+from vjobs.guest.disks import release_image
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")]
 

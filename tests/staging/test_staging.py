@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from vjobs import api
-from vjobs.errors import InvalidJob, StageInFailed, StageOutFailed
 from vjobs.config.job import job_from_dict
+from vjobs.errors import InvalidJob, StageInFailed, StageOutFailed
 from vjobs.staging import StagingSettings, stage_in, stage_out
 from vjobs.staging.phases import Wanted
 

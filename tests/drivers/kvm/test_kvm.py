@@ -26,10 +26,10 @@ import pytest
 
 import vjobs
 from vjobs.drivers.contract import BootImage, Disk, Owner, VMSpec
-from vjobs.guest.console import ConsoleLog
 from vjobs.drivers.kvm import KvmDriver
 from vjobs.drivers.kvm.domain import DomainSettings, domain_xml
 from vjobs.drivers.kvm.driver import owner_labels
+from vjobs.guest.console import ConsoleLog
 from vjobs.host.identity import boot_id
 from vjobs.images.checked import CheckedFiles
 from vjobs.testing.host_state import vjobs_domains_of, work_leftovers

@@ -9,8 +9,8 @@ import socket
 import pytest
 
 import vjobs
-from vjobs.testing.host_state import work_leftovers
 from vjobs.images.cpio import CpioWriter
+from vjobs.testing.host_state import work_leftovers
 
 
 def test_probe_says_tcg(make_site):

@@ -130,9 +130,9 @@ def test_a_job_with_a_network_boots_cold_and_says_why(template_site, make_job, t
 
 
 def test_the_recipe_changes_with_what_the_saved_guest_depends_on(built_image, built_boot, checked_files, tmp_path):
+    from vjobs.drivers.contract import BootImage, VMSpec
     from vjobs.drivers.qemu_user import qemu
     from vjobs.guest.console import ConsoleLog
-    from vjobs.drivers.contract import BootImage, VMSpec
 
     boot = built_boot
     spec = VMSpec(name="t", vcpus=1, memory_mib=512, boot=boot, disks=(), console=ConsoleLog(tmp_path / "c"),

@@ -34,7 +34,7 @@ from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop,
 from vjobs.drivers.kvm import connection
 from vjobs.drivers.kvm.connection import libvirt_errors
 from vjobs.drivers.kvm.domain import (CONSOLE_SOCKET, NAMESPACE_URI, DomainSettings, console_socket, disk_fds,
-                                     domain_xml, parse_owner)
+                                      domain_xml, parse_owner)
 from vjobs.errors import VjobsError, VMError
 
 # How long the deep probe waits for the built-in guest: a healthy KVM host boots it in well under a second;

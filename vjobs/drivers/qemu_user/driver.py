@@ -21,7 +21,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vjobs.drivers import probecache
 from vjobs.drivers.bootcheck import boot_check
-from vjobs.drivers.contract import (VM, Capabilities, CheckedFile, Check, Driver, HostContext, Stop, VMSpec,
+from vjobs.drivers.contract import (VM, Capabilities, Check, CheckedFile, Driver, HostContext, Stop, VMSpec,
                                     check_disk_formats, check_unchanged, destroyed_on_failure)
 from vjobs.drivers.qemu_user import qemu, template
 from vjobs.drivers.qemu_user.confine import Confinement, confinement_for
