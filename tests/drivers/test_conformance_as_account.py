@@ -5,8 +5,8 @@ its home; the built images copied in by root, since an account builds no base im
 run by the account itself) and kvm (the system libvirtd, which a site lets the group ``libvirt`` reach).
 
 The account's pytest loads the suite as another package's tests would (a conftest.py and a subclass); its
-summary line must say that every test of the driver passed and none was skipped. kvm is an expected failure
-for now, on one reason only: the driver opens the domain's console pty, which the account may not open.
+summary line must say that every test of the driver passed and none was skipped (kvm included: its console
+is a socket in the job's folder, not libvirt's pty, which an account may not open).
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ def _passed_on() -> dict[str, str]:
 # the user QEMU runs as (root here, libvirt-qemu on a stock install), never to the account, whose every job
 # then ends "no_usable_driver ... PermissionError: [Errno 13] Permission denied: '/dev/pts/N'". That failure
 # alone is expected (until vjobs/drivers/kvm gives the account a console it may read); any other fails.
-KVM_CONSOLE_REFUSED = re.compile(r"Permission denied: \\?'/dev/pts/\d+")  # in a repr, the ' may be escaped
 
 
 @pytest.mark.parametrize("driver", ["qemu_user", pytest.param("kvm", marks=pytest.mark.libvirt)])
@@ -80,9 +79,6 @@ def test_an_ordinary_account_passes_the_conformance_suite(driver, pool_accounts,
                        env={"VJOBS_TEST_CACHE": str(cache), **settings}, cwd=suite, timeout=SUITE_TIMEOUT_S)
 
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
-    if driver == "kvm" and done.returncode != 0 and KVM_CONSOLE_REFUSED.search(done.stdout):
-        pytest.xfail(f"vjobs/drivers/kvm opens the domain's console pty by path, which an ordinary account may not "
-                     f"open ({summary})")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     counts = dict((kind, int(number)) for number, kind in re.findall(r"(\d+) (\w+)", summary))
     assert counts.get("passed") and set(counts) <= {"passed", "deselected"}, summary  # none skipped
