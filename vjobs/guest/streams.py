@@ -40,12 +40,10 @@ def encode_record(stream: int, data: bytes) -> bytes:
 
 class LiveStreams:
     """Parses records fed by ``feed`` (or copied from a channel by ``follow``) into ``folder``'s ``stdout`` and
-    ``stderr``, created afresh; ``on_output(name, data)``, when given, also gets every kept chunk."""
+    ``stderr``, created afresh."""
 
-    def __init__(self, folder: Path, limit_bytes: int,
-                 on_output: Callable[[str, bytes], None] | None = None):
+    def __init__(self, folder: Path, limit_bytes: int):
         self.limit_bytes = max(int(limit_bytes), 0)
-        self.on_output = on_output
         self.kept = 0
         self.dropped = 0
         self.broken: str | None = None  # why parsing stopped, once the framing was garbage
@@ -102,8 +100,6 @@ class LiveStreams:
         if keep:
             name = STREAMS[self._stream]
             self._files[name].write(body[:keep])
-            if self.on_output:
-                self.on_output(name, bytes(body[:keep]))
             self.kept += keep
         self.dropped += len(body) - keep
         if not self._left:
