@@ -46,8 +46,8 @@ from vjobs.guest.binds import snapshot as snapshot_bind
 from vjobs.guest.collect import GuestResults, read_results
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
-from vjobs.guest.streams import LiveStreams
 from vjobs.guest.protocol import AGENT_ERRORS, AGENT_UP_MARKER, OUTPUT_TOO_LARGE, PAYLOAD_MARKER
+from vjobs.guest.streams import LiveStreams
 from vjobs.host.admission import admitted
 from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
 from vjobs.host.allocation import current as current_allocation
