@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import shutil
 import sys
+import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 from vjobs.config.exec_request import ExecRequest, job_document
 from vjobs.config.job import Job, job_from_dict, load_job
@@ -123,7 +124,8 @@ def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Drive
             result_file: str | os.PathLike | None = None, stdout: BinaryIO | None = None,
             stderr: BinaryIO | None = None, event_hooks: EventHooks | None = None) -> Result:
     """Run a command in an image as ``vjobs exec`` does (vjobs/config/exec_request.py) and relay the payload's
-    stdout and stderr to ``stdout`` and ``stderr`` (binary streams; default: this process's). Its exit status
+    stdout and stderr to ``stdout`` and ``stderr`` (binary streams; default: this process's), as they come
+    where the driver carries live streams (``VM.live_streams``), else at the end. Its exit status
     is ``result.exit_status()``. ``result_file``: also write the result there. Never raises a ``VjobsError``."""
     try:
         site_config = _site(site)
@@ -133,9 +135,10 @@ def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Drive
     owner = new_owner("exec")
     scratch = create_owned_folder(site_config.work_dir / f"exec-{owner.run_id}", owner)  # `vjobs gc` knows it
     try:
-        result = run(document, site=site_config, driver=driver, outdir=scratch, event_hooks=event_hooks)
-        _relay(scratch / "stdout", stdout or sys.stdout.buffer)
-        _relay(scratch / "stderr", stderr or sys.stderr.buffer)
+        relays = [_Relay(scratch / "stdout", stdout or sys.stdout.buffer),
+                  _Relay(scratch / "stderr", stderr or sys.stderr.buffer)]
+        with _relayed_while_running(relays):
+            result = run(document, site=site_config, driver=driver, outdir=scratch, event_hooks=event_hooks)
         if result_file:
             result.write(Path(result_file))  # as result.json: atomically, never through a link
     finally:
@@ -143,9 +146,49 @@ def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Drive
     return result
 
 
-def _relay(path: Path, stream: BinaryIO) -> None:
-    if path.exists():
-        sys.stdout.flush(), sys.stderr.flush()  # what Python printed before comes first
-        with open(path, "rb") as handle:
-            shutil.copyfileobj(handle, stream)
-        stream.flush()
+RELAY_INTERVAL_S = 0.25
+
+
+class _Relay:
+    """Copies what is added to one of the payload's files in the run's outdir to ``stream``: while it runs, the
+    live copy (vjobs/guest/streams.py), which is always a prefix of the final one; at the end, the rest of that
+    final copy, from where the live one stopped."""
+
+    def __init__(self, path: Path, stream: BinaryIO):
+        self.path, self.stream, self.offset = path, stream, 0
+
+    def copy_new(self) -> None:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read(1 << 20)
+                if not chunk:
+                    return
+                sys.stdout.flush(), sys.stderr.flush()  # what Python printed before comes first
+                while chunk:
+                    self.stream.write(chunk)
+                    self.offset += len(chunk)
+                    chunk = handle.read(1 << 20)
+        except FileNotFoundError:  # not written yet, or being replaced by the final copy
+            return
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _relayed_while_running(relays: list[_Relay]) -> Iterator[None]:
+    done = threading.Event()
+
+    def follow() -> None:
+        while not done.wait(RELAY_INTERVAL_S):
+            for relay in relays:
+                relay.copy_new()
+
+    thread = threading.Thread(target=follow, name="exec-relay", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        for relay in relays:
+            relay.copy_new()

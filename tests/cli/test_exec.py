@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 
+import vjobs
 from vjobs.cli import exec_command as runtime
 from vjobs.cli.commands import build_parser
 from vjobs.config.exec_request import ExecRequest, job_document
@@ -90,3 +92,32 @@ def test_an_unknown_image_exits_200(folders, make_site, capfd, assert_clean_host
     code = vjobs_exec(make_site(driver="qemu_user"), "no-such-image", "true")
     _, err = capfd.readouterr()
     assert code == 200 and "'no-such-image' is not in this site's catalogue" in err
+
+
+class TimedStream:
+    """A binary stream that notes when each write came."""
+
+    def __init__(self):
+        self.writes: list[tuple[float, bytes]] = []
+
+    def write(self, data: bytes) -> int:
+        self.writes.append((time.monotonic(), bytes(data)))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> bytes:
+        return b"".join(data for _at, data in self.writes)
+
+
+@pytest.mark.vm
+def test_the_payloads_output_is_printed_as_it_comes(make_site, assert_clean_host):
+    out, err = TimedStream(), TimedStream()
+    result = vjobs.execute(ExecRequest("default", ["sh", "-c", "echo first; echo oops >&2; sleep 8; echo second"]),
+                           site=make_site(driver="qemu_user"), stdout=out, stderr=err)
+    ended = time.monotonic()
+    assert result.status == "succeeded", result.error
+    assert (out.text(), err.text()) == (b"first\nsecond\n", b"oops\n")  # each byte once, in order
+    first_at = next(at for at, data in out.writes if data.startswith(b"first"))
+    assert ended - first_at > 5, "the first line came only at the end"

@@ -5,7 +5,8 @@
                [--result FILE] IMAGE COMMAND [ARG...]
 
 The options become an ``ExecRequest`` (vjobs/config/exec_request.py) that ``vjobs.execute`` runs. The
-payload's stdout and stderr become this command's, its exit status this command's exit status; vjobs' own
+payload's stdout and stderr become this command's, printed as they come (within a second or two, where the
+driver carries live streams), its exit status this command's exit status; vjobs' own
 failures exit with the codes of ``vjobs run`` (200-206) and say why on stderr.
 """
 

@@ -47,6 +47,7 @@ from vjobs.guest.collect import GuestResults, read_results
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
 from vjobs.guest.protocol import AGENT_ERRORS, AGENT_UP_MARKER, OUTPUT_TOO_LARGE, PAYLOAD_MARKER
+from vjobs.guest.streams import LiveStreams
 from vjobs.host.admission import admitted
 from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
 from vjobs.host.allocation import current as current_allocation
@@ -76,6 +77,7 @@ class VMContainer:
         self.folder = site.work_dir / f"{job.id}-{self.owner.run_id}"
         self.vms: list[VM] = []
         self.consoles: list[ConsoleLog] = []  # one per boot attempt
+        self.live: LiveStreams | None = None  # the payload's stdout and stderr while it runs, when the VM has them
         self.bind_snapshots: dict[int, dict] = {}  # read-write binds as they were copied in
         self.held = contextlib.ExitStack()  # the job's share of the host, given back after teardown
         self.signals = SignalGuard()  # run() puts the one that holds the signals for the job's life here
@@ -143,6 +145,7 @@ class VMContainer:
         vm = self._boot(driver, image, disks)
         with self._phase("run"):
             self.host.progress(f"job {self.job.id} running (wall time {self.job.walltime_s} s)")
+            self._follow_live_streams(vm)
             # The agent ends the payload at the wall time itself (SIGTERM, stop_grace_s, SIGKILL) and delivers
             # what it wrote; the host waits that long and a margin for the delivery, then kills the VM.
             stop = self._wait_for_stop(vm, deadline_in(self.job.walltime_s + self.site.stop_grace_s
@@ -276,7 +279,27 @@ class VMContainer:
             console.wait_for(AGENT_UP_MARKER, min(remaining, stop_check_s))
         return True
 
+    def _follow_live_streams(self, vm: VM) -> None:
+        """Append the payload's output to the outdir's stdout and stderr as it comes, bounded by output_mib as
+        its final copy is; ``_publish`` replaces both with the io disk's copies."""
+        read = vm.live_streams()
+        if read is not None:
+            output_folder(self.outdir)
+            self.live = LiveStreams(self.outdir, self.job.resources.output_mib << 20)
+            self.live.follow(read)
+
+    def _stop_live_streams(self) -> None:
+        if self.live is not None:
+            self.live.close()
+            if self.live.dropped:
+                self.host.progress(f"{self.live.dropped} bytes of live output dropped: more than output_mib "
+                                   "allows (the final stdout and stderr come from the results)")
+            if self.live.broken:
+                self.host.progress(self.live.broken)
+            self.live = None
+
     def _collect(self, vm: VM, disks: JobDisks, stop: Stop) -> None:
+        self._stop_live_streams()  # the io disk's copies win; late live bytes must not append to them
         incoming = self.folder / "results"
         try:
             with self.events.step("fetch_disk"):
@@ -392,6 +415,7 @@ class VMContainer:
                     vm.destroy()
             except Exception as exc:
                 problems.append(f"destroying {vm.spec.name}: {exc}")
+        self._stop_live_streams()  # a job that ended early keeps what its payload had written
         try:
             with self.events.step("save_console"):
                 self._save_console()

@@ -28,6 +28,10 @@ parts, both small:
     ``start()``               run the guest; returns once the hypervisor runs it.
     ``provenance()``          how it started, for the result (optional; e.g. restored from a template).
     ``agent_started()``       has the guest agent announced itself (``AGENT_UP_MARKER`` on the console)?
+    ``live_streams()``        once started: a ``read()`` that returns the next bytes of the channel on which the
+                              guest agent writes the payload's stdout and stderr as framed records, b"" at its end
+                              (vjobs/guest/streams.py), or None when this VM has none (the default). The core
+                              reads, parses and bounds it; a driver only hands over the raw byte stream.
     ``wait_until_stopped(deadline)`` block until the guest stops or ``time.monotonic()`` passes ``deadline``;
                               return a ``Stop``. A guest the hypervisor paused because a writable disk could not
                               grow (the host file system is full) is ``Stop.DISK_FULL``, with ``full_disk`` naming
@@ -81,6 +85,10 @@ come as a ``CheckedFile``, opened once, whose descriptor ``fd`` the driver gives
 A qcow2 is opened with its backing disabled. The writable disks (io, scratch) are files vjobs made in the
 job's folder, which the driver opens by path. Once the hypervisor holds them all and before the guest runs,
 the driver calls ``check_unchanged(spec)``: a checked file rewritten since refuses the job.
+
+The payload's live stdout and stderr (``live_streams``) travel on a channel of their own, never the console:
+qemu_user a virtio-serial port (``virtserialport`` named ``vjobs.streams``) on a socket pair, as its console, in
+cold boots and templates alike (the saved guest has the port; the restore connects a new socket to it).
 
 The guest's console goes into ``spec.console`` (a ``ConsoleLog``, vjobs/guest/console.py): ``write(bytes)`` or
 ``follow(read)`` from the stream the hypervisor offers. It is bounded by the core, so a driver never writes
@@ -252,6 +260,12 @@ class VM(abc.ABC):
         through the console, where the core waits for it (``ConsoleLog.wait_for``), so the boot ends the moment
         it does; a driver that overrides this is asked again at least every half second while the guest boots."""
         return self.spec.console.saw(AGENT_UP_MARKER)
+
+    def live_streams(self) -> Callable[[], bytes] | None:
+        """Once started: the raw channel of the payload's framed stdout and stderr records
+        (vjobs/guest/streams.py) as a ``read()``, b"" or an OSError at its end; None: this VM has none, and
+        the streams come back only with the results."""
+        return None
 
 
 class Driver(abc.ABC):

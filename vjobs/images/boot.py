@@ -39,10 +39,11 @@ BUSYBOX_PACKAGE = "busybox-static"
 # module costs 10-40 ms of boot. virtio_pci for q35/pc, virtio_mmio for microvm, xen_blkfront for Xen PV,
 # virtio_net for jobs that ask for a network, overlay for base images, virtio_scsi and sd_mod for templates
 # (a restored guest gets its disks hot-plugged onto a virtio-scsi bus, which needs no PCI hot-plug); ext4
-# is built into the cloud kernel.
+# is built into the cloud kernel; virtio_console for the port that carries the payload's live streams
+# (vjobs/guest/streams.py).
 MODULE_ROOTS = {"virtio_pci": "pci", "virtio_mmio": "mmio", "xen_blkfront": "xen", "virtio_blk": "disk",
                 "squashfs": "disk", "erofs": "disk", "overlay": "disk", "virtio_scsi": "scsi", "sd_mod": "scsi",
-                "virtio_net": "net"}
+                "virtio_net": "net", "virtio_console": "serial"}
 # No "quiet": a kernel that hangs or panics should say where on the console log the user gets.
 # cryptomgr.notests: the kernel's boot-time self-tests of its crypto algorithms take 0.2 s under TCG, and
 # nothing in this guest relies on the kernel's crypto (the agent hashes with busybox).

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -133,19 +134,22 @@ class QemuUserDriver(Driver):
 
 class Launch:
     """One start of QEMU, made ready by ``QemuUserVM.prepare`` before anything runs: the files QEMU gets as
-    descriptors, our ends of its console and monitor socket pairs, its confinement and its command line."""
+    descriptors, our ends of its console, monitor and live-streams socket pairs, its confinement and its command
+    line."""
 
     def __init__(self, confinement: Confinement):
         self.confinement = confinement
         self.files = qemu.PassedFiles()
         self.console, self.qemus_console = socket.socketpair()
         self.monitor, self.qemus_monitor = socket.socketpair()
+        self.streams, self.qemus_streams = socket.socketpair()
         self.argv: list[str] = []
 
     def close(self) -> None:
         """Let go of a launch that will not run."""
         self.files.close()
-        for sock in (self.console, self.qemus_console, self.monitor, self.qemus_monitor):
+        for sock in (self.console, self.qemus_console, self.monitor, self.qemus_monitor, self.streams,
+                     self.qemus_streams):
             sock.close()  # QEMU's ends are no-ops once ``files`` took them
 
 
@@ -161,6 +165,7 @@ class QemuUserVM(VM):
         self.monitor: QEMUMonitorProtocol | None = None
         self.shutdown_reason: str | None = None
         self.sockets: list[socket.socket] = []
+        self.streams: socket.socket | None = None  # our end of the live streams' port, once launched
         self.qemu_log: ConsoleLog | None = None  # QEMU's own messages, bounded as the console is
         self.prepared: Launch | None = None  # made by ``attach`` (in ``create``), run by ``start``
 
@@ -192,7 +197,8 @@ class QemuUserVM(VM):
                 binary=self.binary, name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
                 kernel=kernel or spec.boot.kernel, initramfs=initramfs or spec.boot.initramfs,
                 cmdline=f"{cmdline} console=ttyS0", disks=disks, machine=self.machine, files=launch.files,
-                console=launch.qemus_console, monitor=launch.qemus_monitor, network=spec.network,
+                console=launch.qemus_console, monitor=launch.qemus_monitor, streams=launch.qemus_streams,
+                network=spec.network,
                 extra=extra(launch.files) if callable(extra) else extra)
         except BaseException:
             launch.close()
@@ -203,7 +209,8 @@ class QemuUserVM(VM):
         """Start a prepared QEMU, paused, with its console, its log and its monitor connected."""
         spec = self.spec
         console = launch.console
-        self.sockets = [console, launch.monitor]
+        self.streams = launch.streams
+        self.sockets = [console, launch.monitor, launch.streams]
         try:
             self.process = qemu.spawn(launch.argv, launch.files, launch.confinement)
         finally:
@@ -218,6 +225,10 @@ class QemuUserVM(VM):
 
     def provenance(self) -> dict:
         return {"start": self.start_record}
+
+    def live_streams(self) -> Callable[[], bytes]:
+        streams = self.streams  # the virtio-serial port's host end, cold boot or restored template alike
+        return lambda: streams.recv(65536)
 
     def _connect_monitor(self, sock: socket.socket) -> QEMUMonitorProtocol:
         """Greet QEMU's monitor over its socket pair; a QEMU that exits at start (a bad option) closes it."""

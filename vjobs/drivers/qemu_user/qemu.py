@@ -30,6 +30,7 @@ from vjobs.drivers.contract import CheckedFile, Disk
 from vjobs.drivers.qemu_user.confine import Confinement, preexec, wrap
 
 DEFAULT_BINARY = "qemu-system-x86_64"
+STREAMS_PORT = "vjobs.streams"  # the virtio-serial port's name, which the guest agent looks for
 
 # q35 is the default: under TCG on a loaded host, microvm (even with the legacy PIT, PIC and RTC) hung
 # silently in 1 to 5 boots of 6 here, the kernel failing to calibrate its TSC with no HPET or PM timer to
@@ -148,11 +149,12 @@ def drive_args(disks: Sequence[Disk], device: str, files: PassedFiles) -> list[s
 
 def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: CheckedFile,
               initramfs: CheckedFile, cmdline: str, disks: Sequence[Disk], machine: QemuMachine, files: PassedFiles,
-              console: socket.socket, monitor: socket.socket | None = None, network: bool = False,
-              extra: Sequence[str] = ()) -> list[str]:
-    """QEMU's command line; every file and socket goes through ``files``. ``console`` and ``monitor`` are
-    QEMU's ends of connected socket pairs: nothing listens anywhere in the file system. ``extra``: more
-    options (a template's devices, its disks' backends, ``-incoming``)."""
+              console: socket.socket, monitor: socket.socket | None = None, streams: socket.socket | None = None,
+              network: bool = False, extra: Sequence[str] = ()) -> list[str]:
+    """QEMU's command line; every file and socket goes through ``files``. ``console``, ``monitor`` and
+    ``streams`` are QEMU's ends of connected socket pairs: nothing listens anywhere in the file system.
+    ``streams``: the virtio-serial port ``STREAMS_PORT`` that carries the payload's live output
+    (vjobs/guest/streams.py). ``extra``: more options (a template's devices, its disks' backends, ``-incoming``)."""
     machine_option, block_device = MACHINES[machine.name]
     accel = machine.accel
     if accel == "tcg" and machine.tb_size_mib:
@@ -169,6 +171,10 @@ def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Ch
     # privileges and gives the guest outbound connections as the vjobs user, nothing inbound.
     argv += ["-nic", f"user,model={block_device.replace('-blk-', '-net-')}" if network else "none"]
     argv += drive_args(disks, block_device, files)
+    if streams is not None:
+        argv += ["-device", f"{block_device.replace('-blk-', '-serial-')},id=vjobs-serial",
+                 "-chardev", f"socket,id=streams,fd={files.add_socket(streams)}",
+                 "-device", f"virtserialport,bus=vjobs-serial.0,chardev=streams,name={STREAMS_PORT}"]
     argv += extra
     if monitor is not None:
         # QEMU starts paused (-S): the guest runs only after the monitor is connected and says "cont", so no

@@ -41,7 +41,7 @@ from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
 from vjobs.host.cache import CacheHold
 from vjobs.images.store import build_once, sha256_file
 
-FORMAT = 3  # of the saved state, its stand-ins and its manifest; a change makes every template anew
+FORMAT = 4  # of the saved state, its stand-ins and its manifest; a change makes every template anew
 CONTROLLER = "vjobs-scsi"
 STAND_INS = ("restore-kernel", "restore-initrd")  # beside the state: see write_stand_ins
 MACHINES = ("q35", "pc")  # a PCI bus for the SCSI controller; microvm has none

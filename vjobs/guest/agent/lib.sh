@@ -12,6 +12,37 @@ record() { echo "$1=$2" >> "$status"; }
 newline='
 '
 
+# The payload's live stdout and stderr (vjobs/guest/streams.py): every second, what the payload added to each
+# file since the last pass goes to the host as records "<stream> <length>\n<bytes>" on the virtio-serial port
+# named vjobs.streams, when the VM has one. The payload writes its files as before (they are the final copy),
+# so a host that reads slowly or not at all holds up this loop only, never the payload.
+send_live_streams() {
+    for name in /sys/class/virtio-ports/*/name; do
+        read -r port < "$name" 2>/dev/null && [ "$port" = vjobs.streams ] || continue
+        port=${name%/name}
+        exec 4> "/dev/${port##*/}" || return 0
+        out=0 err=0
+        while :; do
+            send_new 1 /scratch/vjobs/stdout "$out" && out=$sent
+            send_new 2 /scratch/vjobs/stderr "$err" && err=$sent
+            sleep 1
+        done
+    done
+}
+
+# Sends what file $2 holds past byte $3 as records of stream $1 (64 KiB at most each) on descriptor 4; leaves
+# the offset reached in $sent.
+send_new() {
+    sent=$3
+    size=$(stat -c %s "$2" 2>/dev/null) || return 1
+    while [ "$size" -gt "$sent" ]; do
+        length=$((size - sent))
+        [ "$length" -gt 65536 ] && length=65536
+        { printf '%s %s\n' "$1" "$length"; tail -c +$((sent + 1)) "$2" | head -c "$length"; } >&4 || return 1
+        sent=$((sent + length))
+    done
+}
+
 # The wall time, counted from the agent's start as the host counts it from the "up" marker: SIGTERM to the
 # payload's namespace (its PID 1 passes it on to every process), STOP_GRACE_S to write what it can, then
 # SIGKILL. The outputs are collected after that as after any end, and the status says timed_out.
@@ -50,6 +81,7 @@ module_groups() {
         case "$id" in  # virtio PCI ids: transitional 0x10XX, modern 0x1040 + the virtio device id
             0x1000|0x1041) groups="$groups net" ;;
             0x1004|0x1048) groups="$groups scsi" ;;
+            0x1003|0x1043) groups="$groups serial" ;;
         esac
         case "$groups" in *pci*) ;; *) groups="$groups pci disk" ;; esac
     done

@@ -21,9 +21,11 @@ unshare --mount --pid --fork --propagation private sh /etc/vjobs/payload-ns.sh "
 launcher=$!
 watch_wall_time "$launcher" &
 watchdog=$!
+send_live_streams &
+streamer=$!
 wait "$launcher"
 payload_status=$?
-kill "$watchdog" 2>/dev/null
+kill "$watchdog" "$streamer" 2>/dev/null
 record ended_s "$(uptime_s)"
 if [ -s /scratch/vjobs/payload_setup_error ]; then
     record detail "$(cat /scratch/vjobs/payload_setup_error)"
