@@ -32,6 +32,7 @@ class Result:
     returned_binds: list[dict[str, Any]] = field(default_factory=list)
     staged_in: list[dict[str, Any]] = field(default_factory=list)
     uploads: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, Any] = field(default_factory=dict)  # the payload's use of the VM (guest/collect.py)
     stdout: str | None = None
     stderr: str | None = None
     console_log: str | None = None

@@ -223,3 +223,39 @@ def test_a_sparse_member_comes_back_expanded(tmp_path):
     expected = b"abc" + b"\0" * 9997 + b"xyz" + b"\0" * 9997
     assert (tmp_path / "got" / "outputs" / "sparse").read_bytes() == expected
     assert results.outputs[0].sha256 == hashlib.sha256(expected).hexdigest()
+
+
+def test_usage_figures_come_back_as_numbers(tmp_path):
+    usage = b"cpu_user_s=2.25\ncpu_system_s=0.5\nmemory_peak_mib=101.3\nprocesses_peak=3\nio_write_bytes=4096\n"
+    disk = write_disk(tmp_path / "io.raw", [regular("vjobs/status", STATUS), regular("vjobs/usage", usage)])
+    results = read_results(disk, tmp_path / "got", 1 << 20)
+    assert results.usage == {"cpu_user_s": 2.25, "cpu_system_s": 0.5, "memory_peak_mib": 101.3,
+                             "processes_peak": 3, "io_write_bytes": 4096}
+    assert results.usage_note is None
+
+
+def test_garbage_usage_figures_from_a_hostile_guest_are_ignored_with_a_note(tmp_path):
+    usage = (b"cpu_user_s=1e308\ncpu_system_s=-1\nmemory_peak_mib=NaN\nprocesses_peak=2.5\nsamples=99999999999999999\n"
+             b"evil=1\n\xff\xfe\ncpu_user_s=3\ncpu_user_s=4\nio_read_bytes=12\n")
+    disk = write_disk(tmp_path / "io.raw", [regular("vjobs/status", STATUS), regular("vjobs/usage", usage)])
+    results = read_results(disk, tmp_path / "got", 1 << 20)
+    assert results.usage == {"cpu_user_s": 3.0, "io_read_bytes": 12}
+    assert results.usage_note == "ignored 8 malformed line(s) in the guest's usage figures"
+
+
+def test_an_oversized_usage_file_is_ignored_with_a_note(tmp_path):
+    disk = write_disk(tmp_path / "io.raw", [regular("vjobs/status", STATUS),
+                                            regular("vjobs/usage", b"cpu_user_s=1\n" * 10_000)])
+    results = read_results(disk, tmp_path / "got", 1 << 20)
+    assert results.usage == {} and "vjobs/usage ignored" in results.usage_note
+
+
+def test_every_usage_figure_fits_the_result_schema():
+    from vjobs.config import schemas
+    from vjobs.guest.collect import USAGE_FIGURES, parse_usage
+    from vjobs.result import Result
+
+    usage, _ = parse_usage("".join(f"{name}=7\n" for name in USAGE_FIGURES).encode())
+    assert set(usage) == set(USAGE_FIGURES)
+    document = Result(job_id="j", timings={"total": 0.0}, usage={**usage, "note": "ignored 1 line"}).to_json()
+    assert schemas.problem("result", document) is None

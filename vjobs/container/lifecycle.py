@@ -366,6 +366,7 @@ class VMContainer:
         self.result.stderr = str(self.outdir / "stderr") if results.stderr else None
         self.result.outputs = [vars(output) for output in results.outputs]
         self.result.rejected_outputs = results.rejected
+        self.result.usage = {**results.usage, **({"note": results.usage_note} if results.usage_note else {})}
 
     def _return_binds(self, returned: Path) -> None:
         """What the payload created or changed in each read-write bind, copied into the host folder."""

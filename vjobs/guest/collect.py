@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 import shutil
 import tarfile
 from collections import deque
@@ -34,6 +35,12 @@ from vjobs.host.folders import FOLDER_MODE
 
 MAX_MEMBERS = 100_000
 MAX_STATUS_BYTES = 64 * 1024
+# What the agent measures of the payload (vjobs/usage, "name=value" lines), each with the largest value
+# believed: a figure that is not a plain number of the right kind, or past its bound, is ignored.
+USAGE_FIGURES = {"cpu_user_s": float, "cpu_system_s": float, "memory_peak_mib": float, "processes_peak": int,
+                 "io_read_bytes": int, "io_write_bytes": int, "workdir_mib": float, "samples": int}
+USAGE_BOUND = 10 ** 15
+_USAGE_NUMBER = {int: re.compile(r"[0-9]{1,16}"), float: re.compile(r"[0-9]{1,16}(\.[0-9]{1,6})?")}
 CHUNK = 1 << 20
 PIPELINED_BYTES = 4 * CHUNK  # a file this large is hashed in another thread while it is written ...
 WORKERS = max(1, min(4, len(os.sched_getaffinity(0))))  # ... and up to this many such files at once
@@ -54,6 +61,8 @@ class GuestResults:
     outputs: list[OutputFile] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
     bind_files: list[OutputFile] = field(default_factory=list)  # paths "N/relative" under destination/binds
+    usage: dict[str, int | float] = field(default_factory=dict)  # USAGE_FIGURES the guest reported
+    usage_note: str | None = None  # what in the guest's usage figures was ignored, and why
 
     @property
     def exit_code(self) -> int | None:
@@ -229,6 +238,11 @@ def _take_agent_file(copier, member, rest, destination, results, budget) -> None
     if rest == "status" and member.isreg() and member.size <= MAX_STATUS_BYTES:
         text = copier.archive.extractfile(member).read().decode(errors="replace")
         results.status = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    elif rest == "usage" and member.isreg():
+        if member.size > MAX_STATUS_BYTES:
+            results.usage_note = f"vjobs/usage ignored: {member.size} bytes, more than {MAX_STATUS_BYTES}"
+        else:
+            results.usage, results.usage_note = parse_usage(copier.archive.extractfile(member).read())
     elif rest in ("stdout", "stderr") and member.isreg():
         path = destination / rest
         if path.exists():  # the agent writes each once: a second one is a guest making things up
@@ -236,6 +250,21 @@ def _take_agent_file(copier, member, rest, destination, results, budget) -> None
         budget.spend(member.size)
         copier.write(member, path, None, rest)
         setattr(results, rest, path)
+
+
+def parse_usage(data: bytes) -> tuple[dict[str, int | float], str | None]:
+    """The guest's usage figures (``name=value`` lines) and a note on the lines ignored, if any: the guest is
+    not trusted, so only known names with plain non-negative numbers below ``USAGE_BOUND`` are kept."""
+    usage: dict[str, int | float] = {}
+    ignored = 0
+    for line in data.decode("ascii", errors="replace").splitlines():
+        name, _, value = line.partition("=")
+        kind = USAGE_FIGURES.get(name)
+        if kind is None or name in usage or not _USAGE_NUMBER[kind].fullmatch(value) or kind(value) >= USAGE_BOUND:
+            ignored += bool(line.strip())
+            continue
+        usage[name] = kind(value)
+    return usage, f"ignored {ignored} malformed line(s) in the guest's usage figures" if ignored else None
 
 
 def _take_output(copier, member, relative, outputs: Path, taken: list[OutputFile], rejected: list[dict],

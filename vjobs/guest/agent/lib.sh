@@ -203,12 +203,43 @@ tar_list() {
 # Writes the results onto the io disk and powers off; $1 is an error code or empty. If the results would
 # not fit on the device, only vjobs/status (error=output_too_large) and the tails of stdout and stderr are
 # written: a clear error instead of a silently cut archive.
+# The payload's own cgroup (v2): what it used is read from there when it ends (vjobs/guest/collect.py
+# parses the figures, trusting none of them). Without cgroup v2 in the guest kernel the job runs unmeasured.
+payload_cgroup=/sys/fs/cgroup/vjobs-payload
+make_payload_cgroup() {
+    [ -f /sys/fs/cgroup/cgroup.controllers ] || mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null || return 0
+    for controller in cpu memory pids io; do
+        echo "+$controller" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+    done
+    mkdir -p "$payload_cgroup" 2>/dev/null
+}
+cgroup_value() {  # file, key ("" for a file holding one number): the number, or nothing
+    [ -f "$payload_cgroup/$1" ] || return 0
+    if [ -z "$2" ]; then head -n1 "$payload_cgroup/$1"; else awk -v k="$2" '$1 == k { print $2 }' "$payload_cgroup/$1"; fi
+}
+write_usage() {  # the figures, "name=value" lines, into /scratch/vjobs/usage
+    [ -f "$payload_cgroup/cgroup.procs" ] || return 0
+    user=$(cgroup_value cpu.stat user_usec) system=$(cgroup_value cpu.stat system_usec)
+    memory=$(cgroup_value memory.peak "") processes=$(cgroup_value pids.peak "")
+    io_bytes=$(awk '{ for (i = 2; i <= NF; i++) { split($i, f, "="); if (f[1] == "rbytes") r += f[2]; \
+                if (f[1] == "wbytes") w += f[2] } } END { print r + 0, w + 0 }' "$payload_cgroup/io.stat" 2>/dev/null)
+    workdir_kib=$(du -sk /scratch/work 2>/dev/null | cut -f1)
+    {
+        [ -n "$user" ] && awk -v u="$user" -v s="$system" 'BEGIN { printf "cpu_user_s=%.6f\ncpu_system_s=%.6f\n", u / 1e6, s / 1e6 }'
+        [ -n "$memory" ] && awk -v m="$memory" 'BEGIN { printf "memory_peak_mib=%.3f\n", m / 1048576 }'
+        [ -n "$processes" ] && echo "processes_peak=$processes"
+        [ -n "$io_bytes" ] && echo "$io_bytes" | awk '{ printf "io_read_bytes=%d\nio_write_bytes=%d\n", $1, $2 }'
+        [ -n "$workdir_kib" ] && awk -v k="$workdir_kib" 'BEGIN { printf "workdir_mib=%.3f\n", k / 1024 }'
+        echo samples=1
+    } > /scratch/vjobs/usage
+}
+
 deliver() {
     [ -n "$1" ] && record error "$1"
     mkdir -p /scratch/vjobs
     cp "$status" /scratch/vjobs/status
     echo vjobs/status > /run/vjobs/list
-    for stream in stdout stderr; do
+    for stream in stdout stderr usage; do
         [ -f "/scratch/vjobs/$stream" ] && echo "vjobs/$stream" >> /run/vjobs/list
     done
     [ -f /run/vjobs/outputs ] && cat /run/vjobs/outputs >> /run/vjobs/list

@@ -16,7 +16,10 @@ fi
 cd /scratch/work
 record started_s "$(uptime_s)"
 say "running the payload"
-unshare --mount --pid --fork --propagation private sh /etc/vjobs/payload-ns.sh "$root" \
+make_payload_cgroup
+# The launcher joins the payload's cgroup before it starts anything, so every process of the payload is in it.
+sh -c '[ -d "$1" ] && echo $$ > "$1/cgroup.procs"; shift; exec "$@"' cgroup "$payload_cgroup" \
+    unshare --mount --pid --fork --propagation private sh /etc/vjobs/payload-ns.sh "$root" \
     < /dev/null > /scratch/vjobs/stdout 2> /scratch/vjobs/stderr &
 launcher=$!
 watch_wall_time "$launcher" &
@@ -27,6 +30,7 @@ wait "$launcher"
 payload_status=$?
 kill "$watchdog" "$streamer" 2>/dev/null
 record ended_s "$(uptime_s)"
+write_usage
 if [ -s /scratch/vjobs/payload_setup_error ]; then
     record detail "$(cat /scratch/vjobs/payload_setup_error)"
     deliver payload_setup_failed
