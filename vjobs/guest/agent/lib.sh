@@ -13,20 +13,47 @@ newline='
 '
 
 # The payload's live stdout and stderr (vjobs/guest/streams.py): every second, what the payload added to each
-# file since the last pass goes to the host as records "<stream> <length>\n<bytes>" on the virtio-serial port
-# named vjobs.streams, when the VM has one. The payload writes its files as before (they are the final copy),
+# file since the last pass goes to the host as records "<stream> <length>\n<bytes>" on the live streams' channel
+# (open_streams_channel), when the VM has one. The payload writes its files as before (they are the final copy),
 # so a host that reads slowly or not at all holds up this loop only, never the payload.
 send_live_streams() {
-    for name in /sys/class/virtio-ports/*/name; do
-        read -r port < "$name" 2>/dev/null && [ "$port" = vjobs.streams ] || continue
-        port=${name%/name}
-        exec 4> "/dev/${port##*/}" || return 0
+    if open_streams_channel; then
         out=0 err=0
         while :; do
             send_new 1 /scratch/vjobs/stdout "$out" && out=$sent
             send_new 2 /scratch/vjobs/stderr "$err" && err=$sent
             sleep 1
         done
+    fi
+}
+
+# Opens descriptor 4 on the live streams' channel: the virtio-serial port named vjobs.streams (qemu_user, kvm);
+# or, when the kernel command line says vjobs.streams=console (xen, whose XAPI gives a guest its console and
+# no other channel), a pipe into console_carrier, which puts it on the console. Fails when the VM has neither.
+open_streams_channel() {
+    if on_cmdline vjobs.streams=console; then
+        mkfifo /run/vjobs/streams || return 1
+        console_carrier < /run/vjobs/streams > /dev/console &
+        exec 4> /run/vjobs/streams
+        return
+    fi
+    for name in /sys/class/virtio-ports/*/name; do
+        read -r port < "$name" 2>/dev/null && [ "$port" = vjobs.streams ] || continue
+        port=${name%/name}
+        exec 4> "/dev/${port##*/}"
+        return
+    done
+    return 1
+}
+
+# The channel on the console (vjobs/guest/streams.py StreamsOnConsole): what comes in on stdin, as it comes, in
+# pieces of at most 3072 bytes, each written in base64 inside an escape sequence, ESC ]vjobs-streams; ... BEL,
+# that the host takes out of the console log. One echo, one write(): no line of the agent's falls inside a
+# piece (printf would write 4 KiB at a time).
+console_carrier() {
+    carrier_start=$(printf '\033]vjobs-streams;') carrier_end=$(printf '\007')
+    while piece=$(dd bs=3072 count=1 2>/dev/null | base64 -w 0) && [ -n "$piece" ]; do
+        echo -n "$carrier_start$piece$carrier_end"
     done
 }
 
