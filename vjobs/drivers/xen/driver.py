@@ -7,6 +7,11 @@ XAPI calls used (the closing note of issue 4 lists them too):
   add_to_other_config, VBD.create, VM.create / start / hard_shutdown / destroy / get_record /
   get_power_state / get_all_records / get_VBDs, VBD.get_record, console.get_record, event.from,
   HTTP PUT /import_raw_vdi (format=vhd: sparse; or raw), HTTP GET /export_raw_vdi, HTTP CONNECT /console.
+
+XAPI gives a PV guest one text console and no channel of its own making (no virtio-serial, no vsock), so the
+payload's live stdout and stderr travel on that console: the kernel command line says so to the agent
+(``vjobs.streams=console``), which writes the records in escape sequences that the driver takes out of the
+console before its log (vjobs/guest/streams.py ``StreamsOnConsole``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from vjobs.drivers.contract import (VM, Capabilities, Check, CheckedFile, Disk, 
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
 from vjobs.errors import VMError
 from vjobs.events import Events
+from vjobs.guest.streams import STREAMS_ON_CONSOLE, StreamsOnConsole
 from vjobs.host import locks
 
 MIB = 1 << 20
@@ -126,6 +132,7 @@ class XenVM(VM):
         self.vm: str | None = None
         self.vdis: dict[str, str] = {}  # disk role -> VDI ref, for the disks this VM owns
         self.console_stream = None
+        self.streams: StreamsOnConsole | None = None  # the live streams, carried on the console
         self.labels = spec.owner.as_labels()
 
     # --- create and attach -------------------------------------------------------------------------------
@@ -174,7 +181,8 @@ class XenVM(VM):
             "VCPUs_at_startup": str(spec.vcpus), "actions_after_shutdown": "destroy",
             "actions_after_reboot": "destroy", "actions_after_crash": "destroy",
             "PV_bootloader": "", "PV_kernel": str(kernel), "PV_ramdisk": str(initramfs),
-            "PV_args": f"{spec.boot.cmdline} console=hvc0", "PV_bootloader_args": "", "PV_legacy_args": "",
+            "PV_args": f"{spec.boot.cmdline} console=hvc0 {STREAMS_ON_CONSOLE}",
+            "PV_bootloader_args": "", "PV_legacy_args": "",
             "HVM_boot_policy": "", "HVM_boot_params": {}, "HVM_shadow_multiplier": 1.0, "platform": {},
             "PCI_bus": "", "other_config": self.labels, "recommendations": "", "xenstore_data": {},
             "ha_always_run": False, "ha_restart_priority": "", "tags": [TAG], "blocked_operations": {},
@@ -231,7 +239,8 @@ class XenVM(VM):
 
     def _follow_console(self) -> None:
         """Copy the guest's text console into the local console log, so that the boot check and the result
-        see it as with any other driver."""
+        see it as with any other driver; the live streams the agent puts on it (``STREAMS_ON_CONSOLE``) are
+        taken out on the way (``live_streams``)."""
         consoles = self.xapi.api.VM.get_record(self.vm).get("consoles", [])
         records = [self.xapi.api.console.get_record(ref) for ref in consoles]
         text = [r for r in records if r.get("protocol") == "vt100"]
@@ -239,8 +248,14 @@ class XenVM(VM):
             return
         stream, first = self.xapi.open_console(text[0]["location"])
         self.console_stream = stream
-        self.spec.console.write(first)
-        self.spec.console.follow(lambda: stream.recv(65536))
+        self.streams = StreamsOnConsole()
+        self.spec.console.write(self.streams.split(first))
+        self.spec.console.follow(self.streams.console_text(lambda: stream.recv(65536)))
+
+    def live_streams(self) -> Callable[[], bytes] | None:
+        """XAPI gives a guest its console and no other channel: the streams come on it (vjobs/guest/streams.py
+        ``StreamsOnConsole``); None when the VM has no text console."""
+        return self.streams.read if self.streams is not None else None
 
     def wait_until_stopped(self, deadline: float) -> Stop:
         """Sleep in ``event.from`` until XAPI reports the VM halted or the deadline passes."""

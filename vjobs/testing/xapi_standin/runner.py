@@ -34,7 +34,9 @@ class GuestRunner:
     def __init__(self, name: str, vcpus: int, memory_mib: int, kernel: Path, ramdisk: Path, args: str,
                  disks: list[Disk], workdir: Path, on_halted: Callable[[str], None]):
         workdir.mkdir(parents=True, exist_ok=True)
-        # Xen's PV console is hvc0; the QEMU guest's is its serial port, which qemu_user names itself.
+        # Xen's PV console is hvc0; the QEMU guest's is its serial port, which qemu_user names itself. qemu_user
+        # also gives the guest its virtio-serial port for live streams, which nobody reads here: the xen driver's
+        # vjobs.streams=console sends the agent to the console, the one channel a real XAPI guest has.
         cmdline = re.sub(r"\bconsole=hvc0\b", "", args).strip()
         owner = Owner(job_id=name, pid=os.getpid(), boot_id=boot_id(), hostname=socket.gethostname(),
                       run_id=workdir.name[:8])
