@@ -30,8 +30,9 @@ parts, both small:
     ``agent_started()``       has the guest agent announced itself (``AGENT_UP_MARKER`` on the console)?
     ``live_streams()``        once started: a ``read()`` that returns the next bytes of the channel on which the
                               guest agent writes the payload's stdout and stderr as framed records, b"" at its end
-                              (vjobs/guest/streams.py), or None when this VM has none (the default). The core
-                              reads, parses and bounds it; a driver only hands over the raw byte stream.
+                              (vjobs/guest/streams.py), or None when this VM has none (the default; the
+                              conformance suite expects one). The core reads, parses and bounds it; a driver only
+                              hands over the raw byte stream (what carries it for each driver: below).
     ``wait_until_stopped(deadline)`` block until the guest stops or ``time.monotonic()`` passes ``deadline``;
                               return a ``Stop``. A guest the hypervisor paused because a writable disk could not
                               grow (the host file system is full) is ``Stop.DISK_FULL``, with ``full_disk`` naming
@@ -86,9 +87,25 @@ A qcow2 is opened with its backing disabled. The writable disks (io, scratch) ar
 job's folder, which the driver opens by path. Once the hypervisor holds them all and before the guest runs,
 the driver calls ``check_unchanged(spec)``: a checked file rewritten since refuses the job.
 
-The payload's live stdout and stderr (``live_streams``) travel on a channel of their own, never the console:
-qemu_user a virtio-serial port (``virtserialport`` named ``vjobs.streams``) on a socket pair, as its console, in
-cold boots and templates alike (the saved guest has the port; the restore connects a new socket to it).
+The payload's live stdout and stderr (``live_streams``) travel on a channel of the driver's, the same framed
+records whatever carries them (vjobs/guest/streams.py):
+
+============  ===============================================================================================
+driver        what carries the live streams
+============  ===============================================================================================
+qemu_user     a virtio-serial port (``virtserialport`` named ``vjobs.streams``) on a socket pair, as its console,
+              in cold boots and templates alike (the saved guest has the port; the restore connects a new
+              socket to it)
+kvm           a virtio-serial port (``<channel type="unix">``, target ``virtio`` named ``vjobs.streams``) whose
+              QEMU connects to a socket vjobs listens on in the VM's folder while the domain is created, as
+              its console does: the folder is the account's alone (0700), QEMU runs as libvirt's user
+xen           the console: XAPI gives a PV guest one text console and no other channel, so the kernel command
+              line says ``vjobs.streams=console`` and the agent writes the channel's bytes in base64 inside
+              escape sequences (``ESC ]vjobs-streams; ... BEL``, one write each) that the driver takes out of
+              the console before its log (``StreamsOnConsole``); a carrier that is not base64 or too long ends
+              the live copies (the final ones still come with the results), and console text stays console
+              text
+============  ===============================================================================================
 
 The guest's console goes into ``spec.console`` (a ``ConsoleLog``, vjobs/guest/console.py): ``write(bytes)`` or
 ``follow(read)`` from the stream the hypervisor offers. It is bounded by the core, so a driver never writes

@@ -3,10 +3,11 @@ installed in the ``vjobs.drivers`` entry-point group (as OpenStack Nova runs one
 driver). A driver from another package runs it too: it is installed, so it is a parameter.
 
 What it proves, through ``vjobs.run`` and ``vjobs exec``: the exit status, outputs in subfolders, stdout,
-stderr and the environment come back; the release and the base image are read-only at the device level; the
-wall time kills the guest; a guest kernel crash is a VM error; a hostile results archive is refused; outputs
-over the limit are refused; a console flood is bounded; a base image runs Python and keeps its overlay to
-itself, also as a qcow2 of a GPT disk (converted for a driver that takes raw disks only).
+stderr and the environment come back; stdout and stderr reach the outdir while the payload runs (the driver's
+``VM.live_streams``: a driver without them fails that test); the release and the base image are read-only at
+the device level; the wall time kills the guest; a guest kernel crash is a VM error; a hostile results archive
+is refused; outputs over the limit are refused; a console flood is bounded; a base image runs Python and keeps
+its overlay to itself, also as a qcow2 of a GPT disk (converted for a driver that takes raw disks only).
 
 The contract with the tests that run it: each installed driver NAME needs a fixture ``NAME_site`` (a
 ``SiteConfig`` pinned to that driver, ``-`` and ``.`` in NAME written ``_``), beside the fixtures of the
@@ -41,6 +42,8 @@ import io
 import json
 import re
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +162,42 @@ class DriverConformance:
         assert {o["path"] for o in result.outputs} == {"out/sub/copy.txt", "out/listing"}
         assert json.loads((out / "result.json").read_text())["exit_code"] == 7
         assert result.provenance["release_sha256"]
+
+    def test_stdout_and_stderr_reach_the_outdir_while_the_payload_runs(self, make_job, driver_site, tmp_path,
+                                                                       assert_clean_host):
+        """The first lines are in the outdir before the run phase ends (seen by polling the files, the phase
+        by the public events); at the end both files are exactly what the payload wrote."""
+        name, site = driver_site
+        out = tmp_path / "out"
+        run_ended = threading.Event()
+
+        def note_run_ended(event: vjobs.Event) -> None:
+            if event.subject == "run":
+                run_ended.set()
+
+        hooks = {"phase_ended": [note_run_ended]}
+        job = make_job(["sh", "-c", "echo first; echo oops >&2; sleep 8; echo second"])
+        results = []
+        job_thread = threading.Thread(target=lambda: results.append(
+            vjobs.run(job, site=site, outdir=out, event_hooks=hooks)))
+        job_thread.start()
+        seen_live = None
+        while job_thread.is_alive() and seen_live is None:
+            try:
+                live = ((out / "stdout").read_bytes(), (out / "stderr").read_bytes())
+            except FileNotFoundError:
+                live = (b"", b"")
+            if all(live) and not run_ended.is_set():  # read while the VM still ran
+                seen_live = live
+            time.sleep(0.2)
+        job_thread.join()
+        result = results[0]
+        assert result.driver == name and result.status == "succeeded", (result.error,
+                                                                         (out / "console.log").read_text())
+        assert seen_live == (b"first\n", b"oops\n"), "the first lines were not in the outdir while the job ran"
+        assert (out / "stdout").read_bytes() == b"first\nsecond\n"
+        assert (out / "stderr").read_bytes() == b"oops\n"
+        assert b"vjobs-streams" not in (out / "console.log").read_bytes()  # a channel on the console is taken out
 
     def test_release_is_read_only_in_the_guest(self, make_job, driver_site, tmp_path, assert_clean_host):
         script = ('touch /opt/release/new 2>/dev/null && echo file-write-worked; '
