@@ -148,7 +148,8 @@ class VMContainer:
         with self._phase("prepare"):
             disks = prepare_disks(self.job, self.folder, self.host.cache_dir, self.site.release_format,
                                   self.events, base, hold=self.cache_hold, files=self.files,
-                                  stop_grace_s=self.site.stop_grace_s, sync_interval_s=self.sync_interval_s,
+                                  stop_grace_s=self.site.stop_grace_s,
+                                  sync_interval_s=self.sync_interval_s if self.site.live_channel else None,
                                   staged=staged)
             self.result.provenance["release_sha256"] = disks.release_sha256
         with self._phase("admission"):
@@ -303,7 +304,7 @@ class VMContainer:
         """Append the payload's output to the outdir's stdout and stderr as it comes, bounded by output_mib as
         its final copy is (``_publish`` replaces both with the io disk's copies); spool its sync rounds in
         the job's folder, bounded by the io disk as its results are."""
-        channel = vm.guest_channel()
+        channel = vm.guest_channel() if self.site.live_channel else None
         if channel is not None:
             output_folder(self.outdir)
             (self.outdir / USAGE_FILE).unlink(missing_ok=True)  # an earlier run's

@@ -30,7 +30,7 @@ find_host_channel() {  # sets $channel (no fork: it runs before every payload)
     return 1
 }
 open_host_channel() {
-    find_host_channel && exec 4<> "$channel"
+    [ -n "$LIVE_CHANNEL" ] && find_host_channel && exec 4<> "$channel"
 }
 
 serve_host_channel() {

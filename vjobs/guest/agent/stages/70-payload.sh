@@ -17,7 +17,7 @@ cd /scratch/work
 record started_s "$(uptime_s)"
 say "running the payload"
 make_payload_cgroup
-find_host_channel && start_sync  # what the payload starts from: a sync round sends what differs
+[ -n "$LIVE_CHANNEL" ] && find_host_channel && start_sync  # what the payload starts from: a round sends what differs
 # The launcher joins the payload's cgroup before it starts anything, so every process of the payload is in it.
 sh -c '[ -d "$1" ] && echo $$ > "$1/cgroup.procs"; shift; exec "$@"' cgroup "$payload_cgroup" \
     unshare --mount --pid --fork --propagation private sh /etc/vjobs/payload-ns.sh "$root" \
