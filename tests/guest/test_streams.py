@@ -10,8 +10,8 @@ from pathlib import Path
 
 from vjobs.guest import streams
 from vjobs.guest.console import ConsoleLog
-from vjobs.guest.streams import (CARRIER_END, CARRIER_MAX, CARRIER_START, MAX_RECORD, LiveStreams, StreamsOnConsole,
-                                 encode_record)
+from vjobs.guest.streams import (CARRIER_END, CARRIER_MAX, CARRIER_START, MAX_RECORD, Channel, LiveStreams,
+                                 StreamsOnConsole, encode_record)
 
 
 def test_records_reach_the_files_as_they_come_even_split_across_reads(tmp_path):
@@ -28,7 +28,7 @@ def test_records_reach_the_files_as_they_come_even_split_across_reads(tmp_path):
 def test_a_flood_is_drained_and_dropped_beyond_the_limit_without_blocking_the_writer(tmp_path):
     guest, host = socket.socketpair()
     live = LiveStreams(tmp_path, 10_000)
-    live.follow(lambda: host.recv(1 << 16))
+    live.follow(Channel(read=lambda: host.recv(1 << 16)))
     record = encode_record(1, b"x" * 4096)
     for _ in range(1000):  # 4 MiB: far more than the socket buffers; sendall would block if nobody drained
         guest.sendall(record)
@@ -41,7 +41,7 @@ def test_a_flood_is_drained_and_dropped_beyond_the_limit_without_blocking_the_wr
 def test_a_stall_writes_nothing_and_ends_cleanly(tmp_path):
     guest, host = socket.socketpair()
     live = LiveStreams(tmp_path, 1 << 20)
-    live.follow(lambda: host.recv(1 << 16))
+    live.follow(Channel(read=lambda: host.recv(1 << 16)))
     guest.sendall(b"1 10\nhalf")  # a record cut short, then silence
     time.sleep(0.3)
     assert (tmp_path / "stdout").read_bytes() == b"half"
@@ -53,7 +53,7 @@ def test_a_stall_writes_nothing_and_ends_cleanly(tmp_path):
 def test_garbage_framing_stops_parsing_but_keeps_draining(tmp_path):
     guest, host = socket.socketpair()
     live = LiveStreams(tmp_path, 1 << 20)
-    live.follow(lambda: host.recv(1 << 16))
+    live.follow(Channel(read=lambda: host.recv(1 << 16)))
     guest.sendall(encode_record(1, b"good\n") + b"this is not a header at all, nor is what follows\n")
     writer = threading.Thread(target=lambda: [guest.sendall(encode_record(1, b"y" * 4096)) for _ in range(500)])
     writer.start()
@@ -124,7 +124,7 @@ def test_console_text_and_live_streams_through_the_followers(tmp_path):
     console = ConsoleLog(tmp_path / "console.log")
     console.follow(demux.console_text(lambda: host.recv(65536)))
     live = LiveStreams(tmp_path, 1 << 20)
-    live.follow(demux.read)
+    live.follow(Channel(read=demux.read))
     guest.sendall(b"boot\n" + carried(encode_record(1, b"first\n")) + b"more\n\x1b]vjob")
     guest.close()
     live.close()
@@ -137,7 +137,7 @@ def test_console_text_and_live_streams_through_the_followers(tmp_path):
 def test_a_carrier_that_is_not_base64_ends_the_channel_and_its_text_stays_console_text():
     demux = StreamsOnConsole()
     text = demux.split(carrier(b"kept") + CARRIER_START + b"QUJD[ 12.3] a kernel line\n" + carrier(b"late"))
-    assert text.startswith(b"\n[vjobs: the guest's live streams on its console stopped: a carrier held b'['")
+    assert text.startswith(b"\n[vjobs: the guest's live channel on its console stopped: a carrier held b'['")
     assert text.endswith(b"[ 12.3] a kernel line\n")  # the later carrier is still taken out, and ignored
     assert demux.read() == b"kept" and demux.read() == b""
     assert demux.split(carrier(b"later")) == b""
@@ -160,8 +160,29 @@ def test_a_flood_nobody_reads_ends_the_channel_at_the_pending_bound():
     demux = StreamsOnConsole(pending_max=10_000)
     for _ in range(10):
         demux.split(carrier(b"x" * 3072))
-    assert "left more than 10000 bytes" in demux.broken
+    assert "nobody read more than 10000 bytes" in demux.broken
     assert len(demux.read()) == 9216 and demux.read() == b""
+
+
+def test_a_reader_that_falls_behind_holds_up_the_console_and_loses_nothing():
+    """As a virtio-serial port holds up its writer: LiveStreams waits while the job takes a sync round."""
+    demux = StreamsOnConsole(pending_max=10_000)
+    got = []
+
+    def read_slowly() -> None:
+        while data := demux.read():
+            got.append(data)
+            time.sleep(0.05)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    time.sleep(0.1)  # reading (the container follows the channel before the payload starts)
+    sent = os.urandom(20 * 3072)
+    for at in range(0, len(sent), 3072):
+        demux.split(carrier(sent[at:at + 3072]))
+    demux.end()
+    reader.join(10)
+    assert demux.broken is None and b"".join(got) == sent
 
 
 def test_a_stalled_carrier_blocks_nothing_and_ends_with_the_console():

@@ -28,11 +28,12 @@ parts, both small:
     ``start()``               run the guest; returns once the hypervisor runs it.
     ``provenance()``          how it started, for the result (optional; e.g. restored from a template).
     ``agent_started()``       has the guest agent announced itself (``AGENT_UP_MARKER`` on the console)?
-    ``live_streams()``        once started: a ``read()`` that returns the next bytes of the channel on which the
-                              guest agent writes the payload's stdout and stderr as framed records, b"" at its end
-                              (vjobs/guest/streams.py), or None when this VM has none (the default; the
-                              conformance suite expects one). The core reads, parses and bounds it; a driver only
-                              hands over the raw byte stream (what carries it for each driver: below).
+    ``guest_channel()``       once started: the ``Channel`` on which the guest agent writes framed records (the
+                              payload's stdout and stderr, sync rounds of its files, usage samples;
+                              vjobs/guest/streams.py): its ``read()`` returns the next bytes, b"" at its end;
+                              its ``write(data)``, where the channel carries both ways, reaches the agent. None
+                              when this VM has none (the default). The core reads, parses and bounds it; a
+                              driver only hands over the raw byte stream (what carries it for each: below).
     ``wait_until_stopped(deadline)`` block until the guest stops or ``time.monotonic()`` passes ``deadline``;
                               return a ``Stop``. A guest the hypervisor paused because a writable disk could not
                               grow (the host file system is full) is ``Stop.DISK_FULL``, with ``full_disk`` naming
@@ -87,24 +88,24 @@ A qcow2 is opened with its backing disabled. The writable disks (io, scratch) ar
 job's folder, which the driver opens by path. Once the hypervisor holds them all and before the guest runs,
 the driver calls ``check_unchanged(spec)``: a checked file rewritten since refuses the job.
 
-The payload's live stdout and stderr (``live_streams``) travel on a channel of the driver's, the same framed
-records whatever carries them (vjobs/guest/streams.py):
+The guest's live channel (``guest_channel``) carries the same framed records whatever carries it
+(vjobs/guest/streams.py); every driver should have one (the conformance suite expects it):
 
 ============  ===============================================================================================
-driver        what carries the live streams
+driver        what carries the guest's live channel
 ============  ===============================================================================================
 qemu_user     a virtio-serial port (``virtserialport`` named ``vjobs.streams``) on a socket pair, as its console,
               in cold boots and templates alike (the saved guest has the port; the restore connects a new
               socket to it)
 kvm           a virtio-serial port (``<channel type="unix">``, target ``virtio`` named ``vjobs.streams``) whose
               QEMU connects to a socket vjobs listens on in the VM's folder while the domain is created, as
-              its console does: the folder is the account's alone (0700), QEMU runs as libvirt's user
+              its console's does: the folder is vjobs' user's alone (0700), QEMU runs as libvirt's user
 xen           the console: XAPI gives a PV guest one text console and no other channel, so the kernel command
-              line says ``vjobs.streams=console`` and the agent writes the channel's bytes in base64 inside
-              escape sequences (``ESC ]vjobs-streams; ... BEL``, one write each) that the driver takes out of
-              the console before its log (``StreamsOnConsole``); a carrier that is not base64 or too long ends
-              the live copies (the final ones still come with the results), and console text stays console
-              text
+              line says ``vjobs.streams=console``; the agent writes the channel's bytes in base64 inside escape
+              sequences (``ESC ]vjobs-streams; ... BEL``, one write each) that the driver takes out of the
+              console before its log (``StreamsOnConsole``), and reads the host's lines as typed on the
+              console (not over TLS: see ``XenVM.guest_channel``). A carrier that is not base64 or too long
+              ends the channel (the results still come at the end); console text stays console text
 ============  ===============================================================================================
 
 The guest's console goes into ``spec.console`` (a ``ConsoleLog``, vjobs/guest/console.py): ``write(bytes)`` or
@@ -131,6 +132,7 @@ from vjobs.errors import VMError
 from vjobs.events import Events
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER
+from vjobs.guest.streams import Channel  # a VM's guest_channel(); drivers import it from here
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import Owner  # a VMSpec's; drivers import it from here
 from vjobs.images.checked import CheckedFile, CheckedFiles
@@ -278,10 +280,9 @@ class VM(abc.ABC):
         it does; a driver that overrides this is asked again at least every half second while the guest boots."""
         return self.spec.console.saw(AGENT_UP_MARKER)
 
-    def live_streams(self) -> Callable[[], bytes] | None:
-        """Once started: the raw channel of the payload's framed stdout and stderr records
-        (vjobs/guest/streams.py) as a ``read()``, b"" or an OSError at its end; None: this VM has none, and
-        the streams come back only with the results."""
+    def guest_channel(self) -> Channel | None:
+        """Once started: the raw channel of the agent's framed records (vjobs/guest/streams.py); None: this
+        VM has none, and the payload's output and files come back only with the results."""
         return None
 
 

@@ -38,3 +38,15 @@ def test_the_first_line_is_in_stdout_before_the_job_ends(make_site, make_job, tm
     assert seen_live == (b"first\n", b"oops\n"), "the first line was not in stdout before the job ended"
     assert (out / "stdout").read_bytes() == b"first\nsecond\n"  # the io disk's copy, exactly
     assert (out / "stderr").read_bytes() == b"oops\n"
+
+
+@pytest.mark.vm
+def test_with_the_live_channel_off_everything_comes_back_at_the_end(make_site, make_job, tmp_path, assert_clean_host):
+    """``live_channel = false``: the guest serves no channel, the host follows none; the results are whole."""
+    site = make_site(driver="qemu_user", live_channel=False, sync_interval_s=1)
+    out = tmp_path / "out"
+    result = vjobs.run(make_job(["sh", "-c", "echo first; sleep 3; echo second"]), site=site, outdir=out)
+    assert result.status == "succeeded", result.error
+    assert (out / "stdout").read_bytes() == b"first\nsecond\n"
+    assert result.sync["rounds"] == 0 and not (out / "usage.json").exists()
+    assert result.usage["cpu_user_s"] >= 0

@@ -3,7 +3,7 @@
 ``create`` defines the domain, hands libvirt the checked descriptors of its read-only disks
 (``virDomainFDAssociate``, which needs a domain to hand them to), starts it paused (QEMU opens the disks then)
 and undefines it at once, which leaves it transient: nothing of it outlives its QEMU. QEMU has connected to
-vjobs' sockets for the console and the live streams by then (``DomainSockets``); vjobs reads both itself.
+vjobs' sockets for the console and the guest's live channel by then (``DomainSockets``); vjobs reads both itself.
 ``start`` checks that no checked file changed (``check_unchanged``) and resumes it. A domain a killed vjobs
 left running, or left defined, is found by ``vjobs gc`` through its owner labels.
 
@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Mapping
 import libvirt
 
 from vjobs.drivers.bootcheck import boot_check
-from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
+from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
                                     check_unchanged, destroyed_on_failure, first_failure)
 from vjobs.drivers.kvm import connection
 from vjobs.drivers.kvm.connection import libvirt_errors
@@ -176,7 +176,7 @@ class KvmVM(VM):
 
     def attach(self) -> None:
         """``create``'s part: the domain, started paused (QEMU has opened the disks, the read-only ones through
-        the checked descriptors), transient, and its console and live streams connected."""
+        the checked descriptors), transient, and its console and live channel connected."""
         self.conn = connection.open_connection(self.uri)
         with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
             self.conn.registerCloseCallback(self._on_close, None)
@@ -212,9 +212,17 @@ class KvmVM(VM):
         destroyed, virStreamAbort against virChrdevFree; the kill campaign hit it three times in ~250 kills."""
         return self._read(CONSOLE_SOCKET)
 
-    def live_streams(self) -> Callable[[], bytes]:
+    def guest_channel(self) -> Channel:
         """The virtio-serial port ``vjobs.streams``, on a socket of its own, as the console is."""
-        return lambda: self._read(STREAMS_SOCKET)
+        return Channel(read=lambda: self._read(STREAMS_SOCKET), write=self._write_channel)
+
+    def _write_channel(self, data: bytes) -> None:
+        """A line for the agent (the socket is non-blocking: a guest that reads nothing makes it an OSError)."""
+        fd = self.connections.get(STREAMS_SOCKET)
+        if fd is None:
+            raise BrokenPipeError("the domain's live channel is closed")
+        while data:
+            data = data[os.write(fd, data):]
 
     def _read(self, socket_name: str) -> bytes:
         """The next chunk QEMU passed on from the guest on one of its sockets; b"" once it is closed."""

@@ -9,19 +9,21 @@ XAPI calls used (the closing note of issue 4 lists them too):
   HTTP PUT /import_raw_vdi (format=vhd: sparse; or raw), HTTP GET /export_raw_vdi, HTTP CONNECT /console.
 
 XAPI gives a PV guest one text console and no channel of its own making (no virtio-serial, no vsock), so the
-payload's live stdout and stderr travel on that console: the kernel command line says so to the agent
-(``vjobs.streams=console``), which writes the records in escape sequences that the driver takes out of the
-console before its log (vjobs/guest/streams.py ``StreamsOnConsole``).
+guest's live channel (the payload's stdout and stderr, sync rounds, usage samples) travels on that console:
+the kernel command line says so to the agent (``vjobs.streams=console``), which writes its records in escape
+sequences that the driver takes out of the console before its log (vjobs/guest/streams.py
+``StreamsOnConsole``), and reads the host's requests as typed on the console.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ssl
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from vjobs.drivers.contract import (VM, Capabilities, Check, CheckedFile, Disk, Driver, Stop, VMSpec,
+from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFile, Disk, Driver, Stop, VMSpec,
                                     check_disk_formats, check_unchanged, destroyed_on_failure, first_failure)
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
 from vjobs.errors import VMError
@@ -132,7 +134,7 @@ class XenVM(VM):
         self.vm: str | None = None
         self.vdis: dict[str, str] = {}  # disk role -> VDI ref, for the disks this VM owns
         self.console_stream = None
-        self.streams: StreamsOnConsole | None = None  # the live streams, carried on the console
+        self.streams: StreamsOnConsole | None = None  # the guest's live channel, carried on the console
         self.labels = spec.owner.as_labels()
 
     # --- create and attach -------------------------------------------------------------------------------
@@ -239,8 +241,8 @@ class XenVM(VM):
 
     def _follow_console(self) -> None:
         """Copy the guest's text console into the local console log, so that the boot check and the result
-        see it as with any other driver; the live streams the agent puts on it (``STREAMS_ON_CONSOLE``) are
-        taken out on the way (``live_streams``)."""
+        see it as with any other driver; the live channel the agent puts on it (``STREAMS_ON_CONSOLE``) is
+        taken out on the way (``guest_channel``)."""
         consoles = self.xapi.api.VM.get_record(self.vm).get("consoles", [])
         records = [self.xapi.api.console.get_record(ref) for ref in consoles]
         text = [r for r in records if r.get("protocol") == "vt100"]
@@ -252,10 +254,15 @@ class XenVM(VM):
         self.spec.console.write(self.streams.split(first))
         self.spec.console.follow(self.streams.console_text(lambda: stream.recv(65536)))
 
-    def live_streams(self) -> Callable[[], bytes] | None:
-        """XAPI gives a guest its console and no other channel: the streams come on it (vjobs/guest/streams.py
-        ``StreamsOnConsole``); None when the VM has no text console."""
-        return self.streams.read if self.streams is not None else None
+    def guest_channel(self) -> Channel | None:
+        """XAPI gives a guest its console and no other channel: the records come on it (vjobs/guest/streams.py
+        ``StreamsOnConsole``) and the host's requests go in as typed; None when the VM has no text console.
+        Over TLS (an https URL, not dom0's local socket) nothing goes in: an SSL socket must not be written
+        while another thread reads it, so the last sync round before a stop is not asked for there."""
+        if self.streams is None:
+            return None
+        writable = not isinstance(self.console_stream, ssl.SSLSocket)
+        return Channel(read=self.streams.read, write=self.console_stream.sendall if writable else None)
 
     def wait_until_stopped(self, deadline: float) -> Stop:
         """Sleep in ``event.from`` until XAPI reports the VM halted or the deadline passes."""
@@ -295,6 +302,8 @@ class XenVM(VM):
         if self.console_stream is not None:
             with contextlib.suppress(OSError):
                 self.console_stream.close()
+        if self.streams is not None:
+            self.streams.end()  # a reader of the channel is not left waiting
         self.xapi.logout()
 
 
