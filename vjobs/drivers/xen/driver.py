@@ -292,6 +292,7 @@ class XenVM(VM):
     def destroy(self) -> None:
         if self.xapi.session is None and self.vm is None:
             return
+        self.xapi.drop_connection()  # the job may have been cancelled in the midst of a call
         with contextlib.suppress(Exception):
             if self.vm is not None:
                 _destroy_vm(self.xapi, self.vm)
