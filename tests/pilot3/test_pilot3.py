@@ -5,6 +5,10 @@ sent to the stand-in. Failures of the VM reach the server as pilot errors.
 
 And as a grid site runs it: the pilot as a pool account, its payload in a VM of that account's own vjobs.
 
+And long jobs, with the pilot's looping-job check shortened to minutes (harness.SHORT_LOOPING): a payload that
+keeps writing in its work directory outlives the limit, one that hangs is killed as looping; the pilot reports
+the guest's CPU time, cores and memory.
+
 Always PILOT_NOKILL=1 and a PID namespace of its own (vjobs.pilot3.harness): the pilot's orphan killer must
 never see this machine.
 """
@@ -12,15 +16,18 @@ never see this machine.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 
 from vjobs.pilot3.errors import CONTAINERFAILURE
-from vjobs.pilot3.harness import PilotSite, leftover_processes, make_job, run_pilot
+from vjobs.pilot3.harness import PILOT_CONFIG, SHORT_LOOPING, PilotSite, leftover_processes, make_job, run_pilot
+from vjobs.pilot3.monitor import SERIES_NAME, SUMMARY_NAME
 from vjobs.pilot3.plugin import install_plugin
 from vjobs.testing.panda_standin import PandaStandin
 from vjobs.testing.processes import qemu_processes
@@ -28,6 +35,7 @@ from vjobs.testing.processes import qemu_processes
 pytestmark = [pytest.mark.pilot3, pytest.mark.vm]
 
 CANCELLED_BY_SERVER = "1144"  # pilot/common/errorcodes.py PANDAKILL
+LOOPING_JOB = "1150"  # pilot/common/errorcodes.py LOOPINGJOB
 
 # The payload: reads the staged-in input, writes the declared output, and says where it ran.
 PAYLOAD = """#!/bin/bash
@@ -70,9 +78,14 @@ def run_vjobs_pilot(site, vjobs_pilot, standin, vjobs_site_file, **options):
 
 def vjobs_result_from_log(site: PilotSite, panda_id: str) -> dict:
     """vjobs-result.json as the pilot archived it with the job's work directory in its log tarball."""
+    return json.loads(file_from_log(site, panda_id, "vjobs-result.json"))
+
+
+def file_from_log(site: PilotSite, panda_id: str, name: str) -> str:
+    """A file of the job's work directory, as the pilot archived it in the job's log tarball."""
     with tarfile.open(site.stored(f"{panda_id}.log.tgz")) as archive:
-        member = next(m for m in archive.getmembers() if m.name.endswith("/vjobs-result.json"))
-        return json.load(archive.extractfile(member))
+        member = next(m for m in archive.getmembers() if m.name.endswith(f"/{name}"))
+        return archive.extractfile(member).read().decode()
 
 
 def no_vm_left(site: PilotSite) -> bool:
@@ -161,3 +174,95 @@ def test_a_pool_account_runs_the_pilot_and_its_payload_runs_in_a_vm_of_its_own_v
     strangers = sorted(str(path) for path in written if path.stat().st_uid != account.uid)
     assert strangers == [], f"files of the account's pilot that are not the account's: {strangers}"
     assert leftover_processes(site) == [] and qemu_processes(str(folder)) == []
+
+
+# A long job that keeps working: it computes on every vCPU for 20 s, then appends a line to a file of its work
+# directory every 5 s for 3 minutes, and prints nothing meanwhile: only the work directory's sync can show the
+# pilot that it is alive. The looping limit is 2 minutes, checked every minute.
+WRITER = """#!/bin/bash
+echo "writer on $(nproc) vCPUs"
+for cpu in $(seq $(nproc)); do timeout 20 sh -c 'while :; do :; done' & done; wait
+for step in $(seq 36); do echo "step $step" >> progress.txt; sleep 5; done
+echo "writer done"
+"""
+# A job that hangs: it computes for 3 s (pilot 3.7 skips its checks for a payload that has used no CPU), writes
+# its log, then sleeps, writing nothing.
+HUNG = """#!/bin/bash
+echo "hung job started"
+timeout 3 sh -c 'while :; do :; done'
+echo "last words before the hang" > hang.log
+sleep 3600
+"""
+PILOT_LIFETIME_S = 800  # the writer's pilot: its payload's wall time must end before the pilot does
+
+
+@pytest.fixture
+def live_site_file(vjobs_site_file) -> Path:
+    """The pilot tests' vjobs site, with the work directory synced back every 10 s."""
+    path = vjobs_site_file.with_name("vjobs-live-site.toml")
+    path.write_text(f"sync_interval_s = 10\n{vjobs_site_file.read_text()}")
+    return path
+
+
+@pytest.mark.timeout(900)  # both pilots end within 600 s (run_pilot's timeout); the session's images come first
+def test_long_jobs_a_writer_outlives_the_looping_limit_and_a_hung_job_is_caught(tmp_path, vjobs_pilot,
+                                                                              live_site_file):
+    """Two pilots at once (each job spends minutes in the pilot's fixed waits and its looping checks), with the
+    looping check shortened: the writer finishes, reported with its guest's CPU time, vCPUs and memory; the
+    hung job is killed as looping and its log and stdout are in the job's log tarball."""
+    config = {"Pilot": {**PILOT_CONFIG["Pilot"], **SHORT_LOOPING}}
+    writer_site, hung_site = PilotSite(tmp_path / "writer"), PilotSite(tmp_path / "hung")
+    writer = make_job(writer_site, 4111, WRITER, outputs=("progress.txt",), core_count=2, min_ram_mb=512,
+                      max_walltime_s=600, container_name="debian12")
+    hung = make_job(hung_site, 4112, HUNG, core_count=1, min_ram_mb=512, max_walltime_s=600,
+                    container_name="debian12")
+    runs = {}
+    with PandaStandin(writer) as writer_server, PandaStandin(hung) as hung_server:
+        def run(name, site, server, job_id, **options):
+            runs[name] = run_vjobs_pilot(site, vjobs_pilot, server, live_site_file, config=config, timeout_s=600,
+                                         stop_when=lambda: server.final(job_id) is not None, **options)
+
+        threads = [threading.Thread(target=run, args=("writer", writer_site, writer_server, "4111"),
+                                    kwargs={"options": ("--lifetime", str(PILOT_LIFETIME_S))}),
+                   threading.Thread(target=run, args=("hung", hung_site, hung_server, "4112"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    print(f"pilot runs: writer {runs['writer'].elapsed_s:.0f} s, hung {runs['hung'].elapsed_s:.0f} s")
+    check_the_writer(writer_site, writer_server, runs["writer"])
+    check_the_hung_job(hung_site, hung_server, runs["hung"])
+
+
+def check_the_writer(site: PilotSite, server: PandaStandin, run) -> None:
+    final = server.final("4111")
+    assert final is not None and final["state"] == "finished", (final, run.tail())
+    assert site.stored("progress.txt").read_text().splitlines()[-1] == "step 36"
+    # The wall time given to vjobs ends before the pilot's own limit (its lifetime less its 3-minute grace).
+    walltime = int(re.search(r"vjobs\.pilot3\.payload .*--walltime (\d+)", run.output.read_text()).group(1))
+    assert 450 < walltime < PILOT_LIFETIME_S - 180 - 60, walltime
+    # What the pilot reported is the guest's: the CPU time vjobs measured in the VM, its 2 vCPUs as the cores,
+    # and the memory of the payload's cgroup, while the payload ran and at the end.
+    usage = vjobs_result_from_log(site, "4111")["usage"]
+    assert final["cpuConsumptionTime"] == str(round(usage["cpu_user_s"] + usage["cpu_system_s"])), (final, usage)
+    assert usage["cpu_user_s"] > 15  # 20 s of computing on each vCPU
+    assert final["coreCount"] == "2" and int(final["maxRSS"]) > 0, final
+    running = [update for update in server.updates if update.get("state") == "running"]
+    seen = [update for update in running if int(update.get("cpuConsumptionTime", 0)) > 0]
+    assert seen and all(update["coreCount"] == "2" and int(update["maxRSS"]) > 0 for update in seen), running
+    summary = json.loads(file_from_log(site, "4111", SUMMARY_NAME))
+    assert summary["HW"]["cpu"]["CPUs"] == 2 and summary["Max"]["rss"] == int(final["maxRSS"])
+    assert len(file_from_log(site, "4111", SERIES_NAME).splitlines()) > 5  # a row per 10-s sample
+    assert leftover_processes(site) == [] and no_vm_left(site)
+
+
+def check_the_hung_job(site: PilotSite, server: PandaStandin, run) -> None:
+    final = server.final("4112")
+    assert final is not None and final["state"] == "failed", (final, run.tail())
+    assert final["pilotErrorCode"] == LOOPING_JOB, (final["pilotErrorCode"], final["pilotErrorDiag"])
+    # The pilot SIGTERMs the runner and SIGKILLs it 3 s later: vjobs stopped the VM in time, and what the
+    # payload had written came back to the work directory, which the pilot archived in the log tarball.
+    assert vjobs_result_from_log(site, "4112")["status"] == "cancelled"
+    assert file_from_log(site, "4112", "hang.log") == "last words before the hang\n"
+    assert "hung job started" in file_from_log(site, "4112", "payload.stdout")
+    assert leftover_processes(site) == [] and no_vm_left(site)
