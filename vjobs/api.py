@@ -120,6 +120,15 @@ def probe(site: SiteLike = None, progress: Callable[[str], None] = lambda messag
             return probe_all(site_config, host)
 
 
+def running(site: SiteLike = None) -> list[dict]:
+    """The jobs running on this node, as ``vjobs ps`` lists them: the caller's own, every account's for root
+    (vjobs/host/running.py). Each a dict: job_id, account, uid, pid, driver, vcpus, memory_mib, phase,
+    started_at, elapsed_s, outdir, usage (the latest sample from the guest, vjobs/events.py) and sync."""
+    from vjobs.host.running import running_jobs
+
+    return running_jobs(_site(site))
+
+
 def execute(request: ExecRequest, *, site: SiteLike = None, driver: "str | Driver | None" = None,
             result_file: str | os.PathLike | None = None, stdout: BinaryIO | None = None,
             stderr: BinaryIO | None = None, event_hooks: EventHooks | None = None) -> Result:

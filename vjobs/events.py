@@ -17,6 +17,11 @@ Events, each an ``Event`` passed to every hook registered under its name, in the
     e.g. the tool a ``tool`` step runs).
 ``progress``
     a line for a person (``subject``): what ``vjobs run`` prints on stderr.
+``usage``
+    while the payload runs, about every ``sync_interval_s``: what it uses in the guest, measured there
+    (``usage``: a dict of vjobs/guest/collect.py's ``USAGE_FIGURES``: cpu_user_s, cpu_system_s,
+    memory_current_mib, memory_peak_mib, processes, processes_peak, io_read_bytes, io_write_bytes,
+    workdir_mib; any may be missing). ``subject`` is "guest". A pilot's runner feeds its monitors from it.
 
 A hook must return quickly and should not raise: an exception from a hook is a bug in the caller and ends the
 job as any bug does (``internal_error``). A hook may end the process (a kill campaign does exactly that).
@@ -47,6 +52,7 @@ STEPS = (
     "shared_vdi",         # attach (xen): a read-only disk is found in, or uploaded to, the pool (detail: its role)
     "vdi_upload",         # attach (xen): a disk is uploaded
     "vdi_download",       # collect (xen): the io disk is downloaded
+    "sync_round",         # run: a sync round of the payload's files is applied on the host (vjobs/guest/sync.py)
     "fetch_disk",         # collect: the driver hands over the io disk as the guest left it
     "publish",            # collect: the results move into the output folder
     "vm_destroy",         # teardown: the driver kills the VM and removes what it made
@@ -54,7 +60,7 @@ STEPS = (
     "remove_job_folder",  # teardown: the job's folder under work_dir is removed
 )
 
-EVENT_NAMES = ("phase_started", "phase_ended", "step_started", "step_ended", "progress")
+EVENT_NAMES = ("phase_started", "phase_ended", "step_started", "step_ended", "progress", "usage")
 
 Hook = Callable[["Event"], None]
 EventHooks = Mapping[str, Iterable[Hook]]
@@ -69,6 +75,7 @@ class Event:
     at: float = 0.0  # time.monotonic() when it happened
     elapsed_s: float | None = None  # *_ended: how long the phase or step took
     error: str | None = None  # *_ended: the type of the exception that ended it, if one did
+    usage: Mapping[str, float] | None = None  # usage: the figures
 
 
 class Events:

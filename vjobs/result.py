@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from vjobs._version import __version__
 from vjobs.config import schemas
 from vjobs.errors import SetupError
 from vjobs.guest.protocol import BEFORE_PAYLOAD
-from vjobs.host.folders import FILE_MODE, make_folder, output_folder
+from vjobs.host.folders import make_folder, output_folder, write_atomically
 
 RESULT_NAME = "result.json"
 
@@ -33,6 +31,7 @@ class Result:
     staged_in: list[dict[str, Any]] = field(default_factory=list)
     uploads: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, Any] = field(default_factory=dict)  # the payload's use of the VM (guest/collect.py)
+    sync: dict[str, Any] = field(default_factory=dict)  # what the sync rounds brought back (guest/sync.py)
     stdout: str | None = None
     stderr: str | None = None
     console_log: str | None = None
@@ -77,13 +76,7 @@ class Result:
         if problem:  # a bug in vjobs, not in the job: say so loudly
             raise AssertionError(f"vjobs produced a result that breaks result.schema.json: {problem}")
         make_folder(path.parent)
-        # A name nobody can guess, created here and never through a link: whoever else may write into the
-        # folder (a result file in /tmp) cannot make vjobs write into a file of their choosing.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(document, indent=2) + "\n")
-        os.replace(temporary, path)
+        write_atomically(path, json.dumps(document, indent=2) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> "Result":
@@ -92,6 +85,11 @@ class Result:
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def utc_at(seconds: float) -> str:
+    """``time.time()``'s seconds as ``utc_now`` writes a time."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def conclude(result: Result, path: Path | str | None) -> Result:

@@ -4,7 +4,7 @@ import socket
 import threading
 import time
 
-from vjobs.guest.streams import MAX_RECORD, LiveStreams, encode_record
+from vjobs.guest.streams import MAX_RECORD, Channel, LiveStreams, encode_record
 
 
 def test_records_reach_the_files_as_they_come_even_split_across_reads(tmp_path):
@@ -21,7 +21,7 @@ def test_records_reach_the_files_as_they_come_even_split_across_reads(tmp_path):
 def test_a_flood_is_drained_and_dropped_beyond_the_limit_without_blocking_the_writer(tmp_path):
     guest, host = socket.socketpair()
     live = LiveStreams(tmp_path, 10_000)
-    live.follow(lambda: host.recv(1 << 16))
+    live.follow(Channel(read=lambda: host.recv(1 << 16)))
     record = encode_record(1, b"x" * 4096)
     for _ in range(1000):  # 4 MiB: far more than the socket buffers; sendall would block if nobody drained
         guest.sendall(record)
@@ -34,7 +34,7 @@ def test_a_flood_is_drained_and_dropped_beyond_the_limit_without_blocking_the_wr
 def test_a_stall_writes_nothing_and_ends_cleanly(tmp_path):
     guest, host = socket.socketpair()
     live = LiveStreams(tmp_path, 1 << 20)
-    live.follow(lambda: host.recv(1 << 16))
+    live.follow(Channel(read=lambda: host.recv(1 << 16)))
     guest.sendall(b"1 10\nhalf")  # a record cut short, then silence
     time.sleep(0.3)
     assert (tmp_path / "stdout").read_bytes() == b"half"
@@ -46,7 +46,7 @@ def test_a_stall_writes_nothing_and_ends_cleanly(tmp_path):
 def test_garbage_framing_stops_parsing_but_keeps_draining(tmp_path):
     guest, host = socket.socketpair()
     live = LiveStreams(tmp_path, 1 << 20)
-    live.follow(lambda: host.recv(1 << 16))
+    live.follow(Channel(read=lambda: host.recv(1 << 16)))
     guest.sendall(encode_record(1, b"good\n") + b"this is not a header at all, nor is what follows\n")
     writer = threading.Thread(target=lambda: [guest.sendall(encode_record(1, b"y" * 4096)) for _ in range(500)])
     writer.start()

@@ -188,6 +188,36 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_ps(args) -> int:
+    jobs = api.running(args.site)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    columns = ("JOB", "ACCOUNT", "DRIVER", "VCPUS", "MEMORY", "PHASE", "ELAPSED", "CPU", "MEM NOW/PEAK", "WORKDIR")
+    rows = [columns] + [_ps_row(job) for job in jobs]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(columns))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _ps_row(job: dict) -> tuple[str, ...]:
+    usage = job.get("usage") or {}
+    cpu = usage.get("cpu_user_s", 0) + usage.get("cpu_system_s", 0) if "cpu_user_s" in usage else None
+    memory = (f"{usage.get('memory_current_mib', 0):.0f}/{usage.get('memory_peak_mib', 0):.0f} MiB"
+              if "memory_peak_mib" in usage else "-")
+    return (str(job["job_id"]), str(job["account"]), str(job.get("driver") or "-"), str(job["vcpus"]),
+            f"{job['memory_mib']} MiB", job["phase"], _duration(job["elapsed_s"]),
+            "-" if cpu is None else _duration(cpu), memory,
+            f"{usage['workdir_mib']:.0f} MiB" if "workdir_mib" in usage else "-")
+
+
+def _duration(seconds: float) -> str:
+    minutes, second = divmod(int(seconds), 60)
+    hours, minute = divmod(minutes, 60)
+    return f"{hours}:{minute:02d}:{second:02d}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vjobs", description="Run grid batch jobs inside virtual machines.",
                                      epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,8 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "their sockets, partial builds, temporary and lock files), and evict the least "
                                "recently used cached images down to the site's cache_max_gib")
     gc.add_argument("--json", action="store_true", help="print what was removed as a JSON list")
+    ps = command("ps", cmd_ps, "list the jobs running on this node (root: every account's; others: their own) "
+                               "with their VM, phase, elapsed time and the payload's latest usage")
+    ps.add_argument("--json", action="store_true", help="print them as a JSON list")
     for sub in (run, run_exec, validate, probe, build, inspect, listing, commands.choices["drivers"],
-                commands.choices["gc"]):
+                commands.choices["gc"], ps):
         sub.add_argument("--site", help="site config (TOML); default $VJOBS_SITE or /etc/vjobs/site.toml")
     return parser
 

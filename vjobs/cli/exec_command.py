@@ -2,7 +2,7 @@
 
     vjobs exec [--bind SRC[:DST[:ro|rw]]]... [--pwd DIR] [--env KEY=VALUE]... [--cleanenv]
                [--site FILE] [--driver NAME] [--vcpus N] [--memory-mib M] [--walltime S] [--network]
-               [--result FILE] IMAGE COMMAND [ARG...]
+               [--sync-interval S] [--result FILE] IMAGE COMMAND [ARG...]
 
 The options become an ``ExecRequest`` (vjobs/config/exec_request.py) that ``vjobs.execute`` runs. The
 payload's stdout and stderr become this command's, printed as they come (within a second or two, where the
@@ -27,7 +27,7 @@ def run_exec(args, site: SiteConfig | None = None) -> int:
     try:
         request = ExecRequest(args.image, args.command, binds=args.bind, pwd=args.pwd, env=parse_env(args.env),
                               vcpus=args.vcpus, memory_mib=args.memory_mib, scratch_mib=args.scratch_mib,
-                              walltime_s=args.walltime, network=args.network)
+                              walltime_s=args.walltime, network=args.network, sync_interval_s=args.sync_interval)
     except VjobsError as error:
         result = failed("exec", error, args.result)
     else:
@@ -57,6 +57,9 @@ def add_arguments(parser) -> None:
                         help="room on the scratch disk for what the payload writes outside its binds")
     parser.add_argument("--walltime", type=float, default=86400, help="seconds; then the VM is stopped (exit 203)")
     parser.add_argument("--network", action="store_true", help="ask for a network (if the site allows one)")
+    parser.add_argument("--sync-interval", type=int, metavar="S",
+                        help="bring what the payload writes in its rw binds back every S seconds while it runs, "
+                             "deletions too; 0: only at the end (default: the site's sync_interval_s, 60)")
     parser.add_argument("--result", help="also write vjobs' result.json here")
     parser.add_argument("image", help="a catalogue name or a built-in image (default, debian12)")
     parser.add_argument("command", nargs="...", help="the command and its arguments")

@@ -35,6 +35,7 @@ class ExecRequest:
     scratch_mib: int = 1024
     walltime_s: float = 86400
     network: bool = False
+    sync_interval_s: int | None = None  # None: the site's (vjobs/guest/sync.py)
 
 
 def parse_binds(values: Sequence[str]) -> list[Bind]:
@@ -90,4 +91,5 @@ def job_document(request: ExecRequest) -> dict:
                       "scratch_mib": request.scratch_mib},
         "walltime_s": request.walltime_s,
         "network": request.network,
+        **({} if request.sync_interval_s is None else {"sync_interval_s": request.sync_interval_s}),
     }

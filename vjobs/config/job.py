@@ -64,6 +64,7 @@ class Job:
     outputs: tuple[str, ...] = ()
     resources: Resources = Resources()
     walltime_s: float = 3600
+    sync_interval_s: int | None = None  # None: the site's (vjobs/guest/sync.py)
     image: str = "default"
     network: bool = False
     workdir: str | None = DEFAULT_WORKDIR  # the working directory's path in the guest; None: no such folder
@@ -108,6 +109,7 @@ def job_from_dict(document: Any, *, base_dir: Path | None = None, source: str = 
         outputs=tuple(document.get("outputs", ())),
         resources=Resources(**document.get("resources", {})),
         walltime_s=document.get("walltime_s", 3600),
+        sync_interval_s=document.get("sync_interval_s"),
         image=document.get("image", "default"),
         network=document.get("network", False),
         workdir=document.get("workdir", DEFAULT_WORKDIR),

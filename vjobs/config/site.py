@@ -89,6 +89,8 @@ class SiteConfig:
     payload_user: str = "root"  # or "unprivileged": see docs/base-images.md
     console_max_mib: float = 8
     stop_grace_s: float = 10.0
+    sync_interval_s: int = 60  # a running payload's files come back this often (vjobs/guest/sync.py); 0: off
+    sync_on_stop_s: float = 2.0  # how long the last round may take when vjobs is stopped (a pilot kills in 3 s)
     host: HostBudget = field(default_factory=HostBudget)
     inspection: InspectionLimits = field(default_factory=InspectionLimits)
     staging: StagingSettings = field(default_factory=StagingSettings)
@@ -104,6 +106,10 @@ class SiteConfig:
     @property
     def console_max_bytes(self) -> int:
         return int(self.console_max_mib * (1 << 20))
+
+    def sync_interval_for(self, job: Job) -> int:
+        """How often the job's files come back while it runs: the job's own setting, else the site's."""
+        return self.sync_interval_s if job.sync_interval_s is None else job.sync_interval_s
 
     def driver_settings(self, name: str) -> Mapping[str, Any]:
         return self.drivers.get(name, {})
@@ -194,7 +200,7 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
     if "cache_max_gib" in document:
         options["cache_max_gib"] = float(document["cache_max_gib"])
     for key in ("boot_timeout_s", "boot_retries", "allow_network", "release_format", "payload_user", "limits",
-                "drivers", "console_max_mib", "stop_grace_s"):
+                "drivers", "console_max_mib", "stop_grace_s", "sync_interval_s", "sync_on_stop_s"):
         if key in document:
             options[key] = document[key]
     if "host" in document:

@@ -11,7 +11,9 @@ are named after them):
     admission  wait for the job's share of the host's budget ([host])
     attach     the driver defines the VM and attaches its disks (``Driver.create``)   } once per boot
     boot       the driver starts it; wait for the guest agent, with its own deadline } attempt (retried)
-    run        wait for the guest to stop, up to the wall time, its grace and a delivery margin
+    run        wait for the guest to stop, up to the wall time, its grace and a delivery margin; meanwhile apply
+               the sync rounds of the payload's files and publish its usage samples, and on a signal or the
+               host's deadline take a last round before the VM is stopped (vjobs/guest/sync.py)
     collect    read the results from the io disk (never mounted), publish them, return read-write binds
     stage_out  upload the outputs (jobs with ``stage_out`` only)
     teardown   always, whatever happened before: destroy every VM, save the console log, remove the folder
@@ -26,6 +28,8 @@ Drivers only turn a ``VMSpec`` into a running VM and back (vjobs/drivers/contrac
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -41,17 +45,18 @@ from vjobs.drivers.registry import choose_driver
 from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError, VMError,
                           WalltimeExceeded, internal_error)
 from vjobs.guest.binds import check_folders as check_bind_folders
-from vjobs.guest.binds import merge_back
 from vjobs.guest.binds import snapshot as snapshot_bind
 from vjobs.guest.collect import GuestResults, read_results
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.disks import BaseDisk, JobDisks, prepare_disks, read_write_binds
 from vjobs.guest.protocol import AGENT_ERRORS, AGENT_UP_MARKER, OUTPUT_TOO_LARGE, PAYLOAD_MARKER
 from vjobs.guest.streams import LiveStreams
+from vjobs.guest.sync import WorkSync
 from vjobs.host.admission import admitted
 from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
 from vjobs.host.allocation import current as current_allocation
-from vjobs.host.folders import output_folder
+from vjobs.host.folders import output_folder, write_atomically
+from vjobs.host.running import write_record as write_running_record
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
 from vjobs.host.tools import disk_full_from, not_permitted_from
 from vjobs.images.catalogue import ResolvedImage, resolve_image
@@ -59,6 +64,7 @@ from vjobs.images.rootfs import disk_for as rootfs_disk_for
 from vjobs.result import Result, conclude_in, utc_now
 from vjobs.staging.locations import check as check_url
 
+USAGE_FILE = "usage.json"  # in the outdir: the payload's latest usage sample while it runs
 CONSOLE_TAIL_BYTES = 2000
 SIGNAL_CHECK_S = 1.0  # the longest a lost signal's exception goes unnoticed while the VM runs
 DELIVERY_MARGIN_S = 60.0  # after the wall time and the grace: the agent collects and writes the outputs
@@ -77,7 +83,10 @@ class VMContainer:
         self.folder = site.work_dir / f"{job.id}-{self.owner.run_id}"
         self.vms: list[VM] = []
         self.consoles: list[ConsoleLog] = []  # one per boot attempt
-        self.live: LiveStreams | None = None  # the payload's stdout and stderr while it runs, when the VM has them
+        self.live: LiveStreams | None = None  # the guest's live channel while it runs, when the VM has one
+        self.sync: WorkSync | None = None  # its read-write binds and outputs, kept up while it runs
+        self.sync_interval_s = site.sync_interval_for(job)
+        self.live_usage: dict | None = None  # the latest usage sample
         self.bind_snapshots: dict[int, dict] = {}  # read-write binds as they were copied in
         self.held = contextlib.ExitStack()  # the job's share of the host, given back after teardown
         self.signals = SignalGuard()  # run() puts the one that holds the signals for the job's life here
@@ -85,7 +94,9 @@ class VMContainer:
         self.files = self.held.enter_context(host.checked_files)  # what its VMs get, open (vjobs/images/checked.py)
         self.result = Result(job_id=job.id, vjobs_version=__version__, started_at=utc_now())
         self.allocation = current_allocation()  # what a batch system granted, if vjobs runs inside one
+        self.phase_now = ""
         self._started = time.monotonic()
+        self._started_at = time.time()
 
     # --- the lifecycle ---------------------------------------------------------------------------------
 
@@ -132,11 +143,13 @@ class VMContainer:
             base = self._base_disk(image, verdict.disk_formats)
             create_owned_folder(self.folder, self.owner)
             self.bind_snapshots = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
+            self.sync = WorkSync(self.job, self.outdir, self.bind_snapshots)
         staged = self._stage_in() if self.job.stage_in else None
         with self._phase("prepare"):
             disks = prepare_disks(self.job, self.folder, self.host.cache_dir, self.site.release_format,
                                   self.events, base, hold=self.cache_hold, files=self.files,
-                                  stop_grace_s=self.site.stop_grace_s, staged=staged)
+                                  stop_grace_s=self.site.stop_grace_s, sync_interval_s=self.sync_interval_s,
+                                  staged=staged)
             self.result.provenance["release_sha256"] = disks.release_sha256
         with self._phase("admission"):
             resources = self.job.resources
@@ -145,17 +158,22 @@ class VMContainer:
         vm = self._boot(driver, image, disks)
         with self._phase("run"):
             self.host.progress(f"job {self.job.id} running (wall time {self.job.walltime_s} s)")
-            self._follow_live_streams(vm)
+            self._follow_live_streams(vm, disks)
             # The agent ends the payload at the wall time itself (SIGTERM, stop_grace_s, SIGKILL) and delivers
             # what it wrote; the host waits that long and a margin for the delivery, then kills the VM.
-            stop = self._wait_for_stop(vm, deadline_in(self.job.walltime_s + self.site.stop_grace_s
-                                                       + DELIVERY_MARGIN_S))
+            try:
+                stop = self._wait_for_stop(vm, deadline_in(self.job.walltime_s + self.site.stop_grace_s
+                                                           + DELIVERY_MARGIN_S))
+            except KeyboardInterrupt:  # SIGTERM or SIGINT: what the payload wrote until now comes back first
+                self._last_round()
+                raise
             if stop is Stop.DISK_FULL:
                 raise _guest_disk_full(vm.full_disk)
             if stop is Stop.DEADLINE:
+                self._last_round()
                 raise WalltimeExceeded(f"job {self.job.id} ran past its wall time of {self.job.walltime_s} s and "
                                        f"the guest did not end it within {self.site.stop_grace_s} s more; the VM "
-                                       "was killed and nothing came back")
+                                       "was killed; what the sync had brought back stays")
         timed_out = None
         with self._phase("collect"):
             try:
@@ -247,9 +265,11 @@ class VMContainer:
 
     def _wait_for_stop(self, vm: VM, deadline: float) -> Stop:
         """The VM's stop, or ``Stop.DEADLINE``; asked a second at a time, so that a signal whose exception was
-        lost still cancels the job within a second (vjobs/container/signals.py)."""
+        lost still cancels the job within a second (vjobs/container/signals.py), and what came on the live
+        channel meanwhile is taken in the job's own thread."""
         while True:
             self.signals.cancel_if_signalled()
+            self._take_live()
             stop = vm.wait_until_stopped(min(deadline, time.monotonic() + SIGNAL_CHECK_S))
             if stop is not Stop.DEADLINE or time.monotonic() >= deadline:
                 return stop
@@ -279,14 +299,55 @@ class VMContainer:
             console.wait_for(AGENT_UP_MARKER, min(remaining, stop_check_s))
         return True
 
-    def _follow_live_streams(self, vm: VM) -> None:
+    def _follow_live_streams(self, vm: VM, disks: JobDisks) -> None:
         """Append the payload's output to the outdir's stdout and stderr as it comes, bounded by output_mib as
-        its final copy is; ``_publish`` replaces both with the io disk's copies."""
-        read = vm.live_streams()
-        if read is not None:
+        its final copy is (``_publish`` replaces both with the io disk's copies); spool its sync rounds in
+        the job's folder, bounded by the io disk as its results are."""
+        channel = vm.guest_channel()
+        if channel is not None:
             output_folder(self.outdir)
-            self.live = LiveStreams(self.outdir, self.job.resources.output_mib << 20)
-            self.live.follow(read)
+            (self.outdir / USAGE_FILE).unlink(missing_ok=True)  # an earlier run's
+            spool = self.folder / "sync"
+            spool.mkdir(mode=0o700)
+            self.live = LiveStreams(self.outdir, self.job.resources.output_mib << 20, spool=spool,
+                                    round_limit_bytes=disks.io.path.stat().st_size)
+            self.live.follow(channel)
+
+    def _take_live(self) -> None:
+        """Apply a sync round that came whole; publish a usage sample that came (an event, the outdir's
+        usage.json, the record ``vjobs ps`` reads)."""
+        if self.live is None:
+            return
+        spooled = self.live.take_round()
+        if spooled is not None:
+            self._apply_round(spooled)
+        usage = self.live.take_usage()
+        if usage:
+            self.live_usage = usage
+            elapsed = round(time.monotonic() - self._started, 3)
+            write_atomically(self.outdir / USAGE_FILE, json.dumps(
+                {"job_id": self.job.id, "at": utc_now(), "elapsed_s": elapsed, **usage}, indent=2) + "\n")
+            self._note_running()
+            self.events.emit("usage", "guest", usage=dict(usage))
+
+    def _apply_round(self, spooled: Path) -> None:
+        with self.events.step("sync_round"):
+            applied = self.sync.apply_round(spooled, self.folder / "sync" / "round",
+                                            self.job.resources.output_mib << 20)
+        if applied.refused:
+            self.host.progress(f"a sync round was refused: {applied.refused}")
+
+    def _last_round(self) -> None:
+        """Before the VM is stopped early: ask the agent for a round and apply it, if it comes within the
+        site's ``sync_on_stop_s`` (a pilot kills 3 s after its SIGTERM)."""
+        if self.live is None or not self.live.request_round():
+            return
+        deadline = time.monotonic() + self.site.sync_on_stop_s
+        while (left := deadline - time.monotonic()) > 0:
+            spooled = self.live.take_round(wait_s=left)
+            if spooled is not None:
+                self._apply_round(spooled)
+                return
 
     def _stop_live_streams(self) -> None:
         if self.live is not None:
@@ -369,12 +430,8 @@ class VMContainer:
         self.result.usage = {**results.usage, **({"note": results.usage_note} if results.usage_note else {})}
 
     def _return_binds(self, returned: Path) -> None:
-        """What the payload created or changed in each read-write bind, copied into the host folder."""
-        for number, bind in read_write_binds(self.job):
-            folder = returned / str(number)
-            changed = merge_back(folder, bind.source, self.bind_snapshots.get(number)) if folder.is_dir() else []
-            self.result.returned_binds.append({"source": str(bind.source), "target": bind.target,
-                                               "changed": changed})
+        """What the payload created, changed or removed in each read-write bind, carried into the host folder."""
+        self.result.returned_binds = self.sync.finish(returned)
 
     def _save_console(self) -> None:
         """One console.log for the job, bounded as each attempt's was: a retried boot does not double it."""
@@ -430,7 +487,23 @@ class VMContainer:
             self.result.status = "vm_error"
             self.result.error = {"code": "teardown_failed", "message": "; ".join(problems)}
 
+    def _note_running(self) -> None:
+        """This job's line in ``vjobs ps`` (vjobs/host/running.py), once its folder exists and until it goes."""
+        if self.phase_now in ("teardown", "finish") or not self.folder.is_dir():
+            return
+        resources = self.job.resources
+        write_running_record(self.folder, {
+            "job_id": self.job.id, "uid": os.geteuid(), "pid": os.getpid(), "driver": self.result.driver,
+            "vcpus": resources.vcpus, "memory_mib": resources.memory_mib, "phase": self.phase_now,
+            "started_at": self.result.started_at, "started_s": self._started_at, "outdir": str(self.outdir),
+            "usage": self.live_usage or {}, "sync": self.sync.summary(self.sync_interval_s) if self.sync else {}})
+
     def _finish(self) -> None:
+        if self.sync is not None:
+            self.result.sync = self.sync.summary(self.sync_interval_s)
+        if not self.result.usage and self.live_usage:  # ended before its results came back: the last sample
+            self.result.usage = {**self.live_usage, "note": "the last live sample: the job ended before its "
+                                                            "results came back"}
         self.result.timings["total"] = round(time.monotonic() - self._started, 3)
         payload_seen = [at for console in self.consoles if (at := console.seen_at(PAYLOAD_MARKER))]
         if payload_seen:  # what a user waits for: from the call to the payload's start, as the host saw it
@@ -443,6 +516,8 @@ class VMContainer:
         retried boot's attach and boot are, adds up)."""
         self.signals.cancel_if_signalled()
         started = time.monotonic()
+        self.phase_now = name
+        self._note_running()
         try:
             with self.events.phase(name):
                 yield

@@ -28,10 +28,12 @@ parts, both small:
     ``start()``               run the guest; returns once the hypervisor runs it.
     ``provenance()``          how it started, for the result (optional; e.g. restored from a template).
     ``agent_started()``       has the guest agent announced itself (``AGENT_UP_MARKER`` on the console)?
-    ``live_streams()``        once started: a ``read()`` that returns the next bytes of the channel on which the
-                              guest agent writes the payload's stdout and stderr as framed records, b"" at its end
-                              (vjobs/guest/streams.py), or None when this VM has none (the default). The core
-                              reads, parses and bounds it; a driver only hands over the raw byte stream.
+    ``guest_channel()``       once started: the ``Channel`` on which the guest agent writes framed records (the
+                              payload's stdout and stderr, sync rounds of its files, usage samples;
+                              vjobs/guest/streams.py): its ``read()`` returns the next bytes, b"" at its end;
+                              its ``write(data)``, where the channel carries both ways, reaches the agent. None
+                              when this VM has none (the default). The core reads, parses and bounds it; a
+                              driver only hands over the raw byte stream.
     ``wait_until_stopped(deadline)`` block until the guest stops or ``time.monotonic()`` passes ``deadline``;
                               return a ``Stop``. A guest the hypervisor paused because a writable disk could not
                               grow (the host file system is full) is ``Stop.DISK_FULL``, with ``full_disk`` naming
@@ -86,7 +88,7 @@ A qcow2 is opened with its backing disabled. The writable disks (io, scratch) ar
 job's folder, which the driver opens by path. Once the hypervisor holds them all and before the guest runs,
 the driver calls ``check_unchanged(spec)``: a checked file rewritten since refuses the job.
 
-The payload's live stdout and stderr (``live_streams``) travel on a channel of their own, never the console:
+The guest's live channel (``guest_channel``) is a channel of its own, never the console:
 qemu_user a virtio-serial port (``virtserialport`` named ``vjobs.streams``) on a socket pair, as its console, in
 cold boots and templates alike (the saved guest has the port; the restore connects a new socket to it).
 
@@ -114,6 +116,7 @@ from vjobs.errors import VMError
 from vjobs.events import Events
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER
+from vjobs.guest.streams import Channel  # a VM's guest_channel(); drivers import it from here
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import Owner  # a VMSpec's; drivers import it from here
 from vjobs.images.checked import CheckedFile, CheckedFiles
@@ -261,10 +264,9 @@ class VM(abc.ABC):
         it does; a driver that overrides this is asked again at least every half second while the guest boots."""
         return self.spec.console.saw(AGENT_UP_MARKER)
 
-    def live_streams(self) -> Callable[[], bytes] | None:
-        """Once started: the raw channel of the payload's framed stdout and stderr records
-        (vjobs/guest/streams.py) as a ``read()``, b"" or an OSError at its end; None: this VM has none, and
-        the streams come back only with the results."""
+    def guest_channel(self) -> Channel | None:
+        """Once started: the raw channel of the agent's framed records (vjobs/guest/streams.py); None: this
+        VM has none, and the payload's output and files come back only with the results."""
         return None
 
 

@@ -8,8 +8,9 @@
   never-trusting reader (vjobs/guest/collect.py) extracts them (regular files and folders only, size limits),
   and ``merge_back`` copies what is new or changed into the host folder. It opens every folder on the way
   with ``O_NOFOLLOW`` relative to the one above, so a guest-chosen name can never lead a write through a
-  link the host folder holds; files are replaced by a rename, never written through. Deletions in the
-  guest are not carried back: a bind is a copy, not a live mount (docs/exec.md).
+  link the host folder holds; files are replaced by a rename, never written through, and keep the guest's
+  modification time (never later than the host's clock). While the payload runs, sync rounds do the same
+  and carry deletions back (vjobs/guest/sync.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import pwd
 import shutil
 import stat
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -155,21 +157,54 @@ def snapshot(folder: Path) -> Snapshot:
 def merge_back(returned: Path, host_folder: Path, copied_in: Snapshot | None = None) -> list[str]:
     """Copy each file under ``returned`` (the extracted copy of a read-write bind, with the guest's mtimes)
     that the payload created or changed into ``host_folder``; return their relative paths. Unchanged means
-    as ``copied_in`` recorded it; a file that is new or differs from the host's is copied. A path the host
-    folder holds as something else (a link, a folder where a file came back) is left alone, not listed."""
+    as ``copied_in`` recorded it; a file that is new or differs from the host's is copied, with the guest's
+    mtime clamped to the host's clock. A path the host folder holds as something else (a link, a folder
+    where a file came back) is left alone, not listed."""
     changed = []
     copied_in = copied_in or {}
-    root = os.open(host_folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
+    with open_folder(host_folder) as root:
         for relative in _files(returned):
             info = (returned / relative).stat()
             if copied_in.get(relative.as_posix()) == (info.st_size, int(info.st_mtime)):
                 continue  # as it went in: the payload did not write it
-            if _copy_in(returned / relative, root, relative.parts):
+            if _copy_in(returned / relative, root, relative.parts, min(info.st_mtime, time.time())):
                 changed.append(relative.as_posix())
+    return sorted(changed)
+
+
+def remove_gone(host_folder: Path, known: Snapshot, present: set[str] | frozenset[str]) -> list[str]:
+    """Remove from ``host_folder`` each file of ``known`` (relative path -> size and whole-second mtime, as
+    vjobs last saw or wrote it) that is not ``present`` in the guest any more, but only where the host's file
+    is still as known: one the host changed meanwhile stays. Returns the relative paths removed; every path
+    not present leaves ``known``."""
+    removed = []
+    with open_folder(host_folder) as root:
+        for relative in sorted(set(known) - set(present)):
+            parts = tuple(relative.split("/"))
+            folder_fd = _open_existing_folders(root, parts[:-1])
+            if folder_fd is None:
+                known.pop(relative)
+                continue
+            try:
+                info = os.stat(parts[-1], dir_fd=folder_fd, follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) and (info.st_size, int(info.st_mtime)) == known[relative]:
+                    os.unlink(parts[-1], dir_fd=folder_fd)
+                    removed.append(relative)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(folder_fd)
+                known.pop(relative)
+    return removed
+
+
+@contextlib.contextmanager
+def open_folder(folder: Path) -> Iterator[int]:
+    root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        yield root
     finally:
         os.close(root)
-    return sorted(changed)
 
 
 def _files(root: Path) -> Iterator[Path]:
@@ -178,7 +213,7 @@ def _files(root: Path) -> Iterator[Path]:
             yield Path(folder, name).relative_to(root)
 
 
-def _copy_in(source: Path, root_fd: int, parts: tuple[str, ...]) -> bool:
+def _copy_in(source: Path, root_fd: int, parts: tuple[str, ...], mtime: float) -> bool:
     folder_fd = _open_folders(root_fd, parts[:-1])
     if folder_fd is None:
         return False
@@ -198,6 +233,8 @@ def _copy_in(source: Path, root_fd: int, parts: tuple[str, ...]) -> bool:
         with os.fdopen(descriptor, "wb") as target, open(source, "rb") as data:
             while chunk := data.read(CHUNK):
                 target.write(chunk)
+            target.flush()
+            os.utime(target.fileno(), (max(mtime, 0), max(mtime, 0)))
         os.replace(partial, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
         return True
     finally:
@@ -216,6 +253,20 @@ def _open_folders(root_fd: int, parts: tuple[str, ...]) -> int | None:
         try:
             following = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=current)
         except OSError:  # a link (ELOOP) or a file (ENOTDIR) where a folder should be
+            os.close(current)
+            return None
+        os.close(current)
+        current = following
+    return current
+
+
+def _open_existing_folders(root_fd: int, parts: tuple[str, ...]) -> int | None:
+    """The folder ``parts`` below ``root_fd``, never through a link; None when one is missing or not a folder."""
+    current = os.dup(root_fd)
+    for part in parts:
+        try:
+            following = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=current)
+        except OSError:
             os.close(current)
             return None
         os.close(current)

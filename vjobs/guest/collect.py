@@ -38,7 +38,9 @@ MAX_STATUS_BYTES = 64 * 1024
 # What the agent measures of the payload (vjobs/usage, "name=value" lines), each with the largest value
 # believed: a figure that is not a plain number of the right kind, or past its bound, is ignored.
 USAGE_FIGURES = {"cpu_user_s": float, "cpu_system_s": float, "memory_peak_mib": float, "processes_peak": int,
-                 "io_read_bytes": int, "io_write_bytes": int, "workdir_mib": float, "samples": int}
+                 "io_read_bytes": int, "io_write_bytes": int, "workdir_mib": float, "samples": int,
+                 # only in live samples (vjobs/guest/streams.py): what the payload holds at that moment
+                 "memory_current_mib": float, "processes": int}
 USAGE_BOUND = 10 ** 15
 _USAGE_NUMBER = {int: re.compile(r"[0-9]{1,16}"), float: re.compile(r"[0-9]{1,16}(\.[0-9]{1,6})?")}
 CHUNK = 1 << 20
@@ -63,6 +65,7 @@ class GuestResults:
     bind_files: list[OutputFile] = field(default_factory=list)  # paths "N/relative" under destination/binds
     usage: dict[str, int | float] = field(default_factory=dict)  # USAGE_FIGURES the guest reported
     usage_note: str | None = None  # what in the guest's usage figures was ignored, and why
+    present: frozenset[str] | None = None  # a sync round's: every file the guest has ("work/...", "binds/N/...")
 
     @property
     def exit_code(self) -> int | None:
@@ -73,6 +76,15 @@ class GuestResults:
 def read_results(raw_disk: Path, destination: Path, limit_bytes: int) -> GuestResults:
     """Extract the results on ``raw_disk`` into ``destination`` (which must not exist yet): ``stdout``,
     ``stderr``, ``outputs/`` and ``binds/N/`` (the read-write binds)."""
+    results = extract(raw_disk, destination, limit_bytes)
+    if not results.status:
+        shutil.rmtree(destination, ignore_errors=True)
+        raise VMError("the guest powered off without writing results; see the console log", code="no_results")
+    return results
+
+
+def extract(raw_disk: Path, destination: Path, limit_bytes: int) -> GuestResults:
+    """``read_results`` without asking for a status: also what reads a sync round (vjobs/guest/sync.py)."""
     destination.mkdir(FOLDER_MODE, parents=True)
     (destination / "outputs").mkdir(FOLDER_MODE)
     (destination / "binds").mkdir(FOLDER_MODE)
@@ -93,9 +105,6 @@ def read_results(raw_disk: Path, destination: Path, limit_bytes: int) -> GuestRe
     except VMError:
         shutil.rmtree(destination, ignore_errors=True)
         raise
-    if not results.status:
-        shutil.rmtree(destination, ignore_errors=True)
-        raise VMError("the guest powered off without writing results; see the console log", code="no_results")
     return results
 
 
@@ -243,6 +252,10 @@ def _take_agent_file(copier, member, rest, destination, results, budget) -> None
             results.usage_note = f"vjobs/usage ignored: {member.size} bytes, more than {MAX_STATUS_BYTES}"
         else:
             results.usage, results.usage_note = parse_usage(copier.archive.extractfile(member).read())
+    elif rest == "sync" and member.isreg() and results.present is None:
+        budget.spend(member.size)  # a listing is as large as the guest makes it: it counts as output
+        listing = copier.archive.extractfile(member).read().decode("utf-8", errors="surrogateescape")
+        results.present = frozenset(_safe_name(line) for line in listing.splitlines()[:MAX_MEMBERS] if line)
     elif rest in ("stdout", "stderr") and member.isreg():
         path = destination / rest
         if path.exists():  # the agent writes each once: a second one is a guest making things up

@@ -73,22 +73,14 @@ class ConsoleLog:
 
     def follow(self, read: Callable[[], bytes], name: str = "console") -> None:
         """Copy ``read()``'s chunks in a thread until it returns b"" or raises OSError (the other end closed)."""
-        def copy() -> None:
-            try:
-                while chunk := read():
-                    self.write(chunk)
-            except Exception:  # a closed socket or stream, whatever its library raises: the VM is gone
-                pass
-            finally:
-                with self._changed:
-                    self._following -= 1
-                    self._changed.notify_all()
+        def ended() -> None:
+            with self._changed:
+                self._following -= 1
+                self._changed.notify_all()
 
-        thread = threading.Thread(target=copy, name=f"{name}-{self.path.name}", daemon=True)
         with self._lock:
             self._following += 1
-            self._threads.append(thread)
-        thread.start()
+            self._threads.append(copy_in_thread(read, self.write, f"{name}-{self.path.name}", ended))
 
     # --- asking --------------------------------------------------------------------------------------
 
@@ -159,3 +151,22 @@ class ConsoleLog:
             self._file = None
             self.tail = bytearray()
             self._changed.notify_all()
+
+
+def copy_in_thread(read: Callable[[], bytes], write: Callable[[bytes], None], name: str,
+                   ended: Callable[[], None] = lambda: None) -> threading.Thread:
+    """Copy ``read()``'s chunks to ``write`` in a daemon thread until ``read`` returns b"" or raises (a closed
+    socket or stream, whatever its library raises: the VM is gone); ``ended()`` then. The one copying loop of
+    the channels a hypervisor offers (a console, the guest's live channel)."""
+    def copy() -> None:
+        try:
+            while chunk := read():
+                write(chunk)
+        except Exception:
+            pass
+        finally:
+            ended()
+
+    thread = threading.Thread(target=copy, name=name, daemon=True)
+    thread.start()
+    return thread

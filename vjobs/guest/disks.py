@@ -84,6 +84,7 @@ class JobDisks:
 
 def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str, events: Events,
                   base: BaseDisk | None = None, *, hold: CacheHold, files: CheckedFiles, stop_grace_s: float = 10.0,
+                  sync_interval_s: int = 0,
                   staged: Path | None = None) -> JobDisks:
     """``staged``: a folder of remote inputs already fetched (vjobs/staging/), merged into the working directory.
     ``hold``: the job's hold on the cache, which keeps the release and bind images it uses; ``files``: the
@@ -110,7 +111,8 @@ def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str, 
     with events.step("scratch_disk"):
         scratch = Disk("scratch", build_scratch(job, folder, staged, events=events), "raw", readonly=False)
     with events.step("io_disk"):
-        io_disk = Disk("io", build_io_disk(job, folder, scratch, read_only, release_format, base, stop_grace_s),
+        io_disk = Disk("io", build_io_disk(job, folder, scratch, read_only, release_format, base, stop_grace_s,
+                                            sync_interval_s),
                        "raw", readonly=False)
     return JobDisks(io_disk, scratch, release, release_sha256, base.disk if base else None,
                     tuple(item.disk for item in read_only if item.disk.role == "bind"))
@@ -250,7 +252,7 @@ def _tree_usage(root: Path) -> tuple[int, int]:
 # --- io ------------------------------------------------------------------------------------------------
 
 def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnlyDisk], release_format: str,
-                  base: BaseDisk | None = None, stop_grace_s: float = 10.0) -> Path:
+                  base: BaseDisk | None = None, stop_grace_s: float = 10.0, sync_interval_s: int = 0) -> Path:
     with open(scratch.path, "rb") as scratch_file:  # vjobs' own, made for this job
         scratch_head = head_sha256(scratch_file.read(HEAD_BYTES))
     settings = {"SCRATCH_HEAD": scratch_head,
@@ -264,7 +266,9 @@ def build_io_disk(job: Job, folder: Path, scratch: Disk, read_only: list[ReadOnl
                 "PAYLOAD_USER": base.payload_user if base else "root",
                 # The agent ends the payload itself at the wall time, counted from its start (stage 70).
                 "WALLTIME_S": f"{job.walltime_s:.3f}",
-                "STOP_GRACE_S": f"{stop_grace_s:.3f}"}
+                "STOP_GRACE_S": f"{stop_grace_s:.3f}",
+                # Sync rounds and usage samples while the payload runs (vjobs/guest/sync.py); 0: none.
+                "SYNC_INTERVAL_S": str(int(sync_interval_s))}
     members = {
         IO_DISK_MAGIC: _io_marker(0),  # the job tar's length goes here once it is known (same width)
         "job/settings": "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items()),

@@ -1,81 +1,139 @@
-"""The payload's stdout and stderr while it runs: framed records from the guest, appended to the outdir's files.
+"""The guest's live channel, on the host: the payload's stdout and stderr while it runs, sync rounds of its
+files and usage samples, as framed records; and the one request the host sends back.
 
-The guest agent writes each chunk of the payload's output as one record on a channel its driver offers
-(``VM.live_streams``, vjobs/drivers/contract.py)::
+The guest agent (vjobs/guest/agent/lib.sh ``serve_host_channel``) writes records on a channel its driver
+offers (``VM.guest_channel``, vjobs/drivers/contract.py)::
 
-    b"<stream> <length>\\n" + <length> bytes        stream: 1 (stdout) or 2 (stderr); length: 1..MAX_RECORD
+    b"<kind> <length>\\n" + <length> bytes
 
-A text header, so that a shell agent writes it with ``printf``. The host reads the channel as hostile input:
+    kind 1, 2   what the payload added to its stdout, stderr; length 1..MAX_RECORD (the agent sends 64 KiB)
+    kind 3      a sync round: a tar like the results' (vjobs/guest/sync.py); length 1..round_limit_bytes
+    kind 4      a usage sample, "name=value" lines (vjobs/guest/collect.py parse_usage); length 1..MAX_SAMPLE
+
+A text header, so that a shell agent writes it with ``printf``. The host writes ``b"sync\\n"`` to ask for a
+sync round now (before it stops the VM), on channels that carry both ways.
+
+The host reads the channel as hostile input:
 
 - bounded: stdout and stderr together keep at most ``limit_bytes`` (the job's ``output_mib``, which bounds the
   final copy on the io disk too); beyond it records are read and dropped, and ``dropped`` counts their bytes.
-  The channel is always drained, so a flood never blocks the guest and never grows host memory (a record is
-  read in chunks and never held whole);
+  A round is spooled to a file in the job's folder, never held in memory, and bounded by the io disk's size
+  as the results are; one round waits to be applied at a time. The channel is always drained otherwise, so a
+  flood never grows host memory (a record is read in chunks and never held whole);
 - a stall is fine: nothing comes, nothing is written;
-- garbage framing (a bad header, an unknown stream, a length out of range) ends the parsing for good: the rest
+- garbage framing (a bad header, an unknown kind, a length out of range) ends the parsing for good: the rest
   of the channel is drained and discarded, ``broken`` says why, and the job goes on.
 
-The live files are a convenience: at collection the io disk's copies replace them (the container's
-``_publish``), so the final ``stdout`` and ``stderr`` are exactly the guest's.
+The live stdout and stderr are a convenience: at collection the io disk's copies replace them (the
+container's ``_publish``), so the final ``stdout`` and ``stderr`` are exactly the guest's.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from vjobs.guest.collect import parse_usage
+from vjobs.guest.console import copy_in_thread
 from vjobs.host.folders import FILE_MODE
 
 STREAMS = {1: "stdout", 2: "stderr"}
-MAX_RECORD = 1 << 16  # the agent writes at most 4 KiB a record; more is garbage
-_MAX_HEADER = 16  # "2 65536\n" and room to spare
+SYNC_ROUND, USAGE_SAMPLE = 3, 4
+MAX_RECORD = 1 << 16  # the agent writes at most 64 KiB a stream record; more is garbage
+MAX_SAMPLE = 1 << 16
+SYNC_REQUEST = b"sync\n"
+_MAX_HEADER = 24  # "3 1099511627776\n" and room to spare
 
 
-def encode_record(stream: int, data: bytes) -> bytes:
+def encode_record(kind: int, data: bytes) -> bytes:
     """One record, as the guest agent writes it (for tests and other agents)."""
-    return f"{stream} {len(data)}\n".encode() + data
+    return f"{kind} {len(data)}\n".encode() + data
+
+
+@dataclass(frozen=True)
+class Channel:
+    """The raw bytes of a VM's live channel, as its driver hands it over: ``read()`` returns the next bytes,
+    b"" (or raises) at its end; ``write(data)`` sends to the agent, where the channel carries both ways."""
+
+    read: Callable[[], bytes]
+    write: Callable[[bytes], None] | None = None
 
 
 class LiveStreams:
-    """Parses records fed by ``feed`` (or copied from a channel by ``follow``) into ``folder``'s ``stdout`` and
-    ``stderr``, created afresh."""
+    """Parses records fed by ``feed`` (or copied from a channel by ``follow``): streams into ``folder``'s
+    ``stdout`` and ``stderr``, created afresh; sync rounds into files under ``spool`` (a folder of the job's),
+    handed to the job's thread by ``take_round``; usage samples by ``take_usage``."""
 
-    def __init__(self, folder: Path, limit_bytes: int):
+    def __init__(self, folder: Path, limit_bytes: int, *, spool: Path | None = None, round_limit_bytes: int = 0):
         self.limit_bytes = max(int(limit_bytes), 0)
+        self.round_limit_bytes = round_limit_bytes if spool is not None else 0
+        self.spool = spool
         self.kept = 0
         self.dropped = 0
+        self.rounds = 0  # sync rounds received whole
+        self.samples = 0  # usage samples received
         self.broken: str | None = None  # why parsing stopped, once the framing was garbage
         self._header = b""
-        self._stream: int | None = None  # the record being read, and how many of its bytes are still to come
+        self._kind: int | None = None  # the record being read, and how many of its bytes are still to come
         self._left = 0
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
+        self._write: Callable[[bytes], None] | None = None
+        self._round_file = None  # the round being spooled, and where
+        self._round_path: Path | None = None
+        self._round_ready: Path | None = None  # a whole round, not yet taken
+        self._closing = False  # close() began: a round no longer waits to be taken
+        self._sample = bytearray()
+        self._usage: dict | None = None  # the latest sample, not yet taken
         self._files = {}
         for name in STREAMS.values():  # never through a link, never writable by others (vjobs/host/folders.py)
             fd = os.open(Path(folder) / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                          FILE_MODE)
             self._files[name] = os.fdopen(fd, "wb", buffering=0)
 
-    def follow(self, read: Callable[[], bytes]) -> None:
-        """Copy ``read()``'s chunks in a thread until it returns b"" or raises (the channel closed)."""
-        def copy() -> None:
-            try:
-                while chunk := read():
-                    self.feed(chunk)
-            except Exception:  # a closed socket or stream, whatever its library raises: the VM is gone
-                pass
+    def follow(self, channel: Channel) -> None:
+        """Copy the channel's chunks in a thread until it ends."""
+        self._write = channel.write
+        self._thread = copy_in_thread(channel.read, self.feed, "live-streams")
 
-        self._thread = threading.Thread(target=copy, name="live-streams", daemon=True)
-        self._thread.start()
+    # --- the job's thread ------------------------------------------------------------------------------
+
+    def request_round(self) -> bool:
+        """Ask the agent for a sync round now; False where the channel carries nothing to the guest."""
+        if self._write is None:
+            return False
+        try:
+            self._write(SYNC_REQUEST)
+            return True
+        except OSError:  # the VM is going
+            return False
+
+    def take_round(self, wait_s: float = 0.0) -> Path | None:
+        """The spool file of a round received whole (the caller applies and removes it), waiting up to
+        ``wait_s`` for one; None when none came."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._round_ready is not None or self._closing, wait_s)
+            ready, self._round_ready = self._round_ready, None
+            self._changed.notify_all()  # the reader may spool the next one
+            return ready
+
+    def take_usage(self) -> dict | None:
+        """The latest usage sample's figures, once; None when no new one came."""
+        with self._lock:
+            usage, self._usage = self._usage, None
+            return usage
+
+    # --- the reader's thread ---------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
         with self._lock:
-            if self._files:  # once closed, late bytes are not the job's any more
-                view = memoryview(data)
-                while view and self.broken is None:
-                    view = self._take_body(view) if self._stream else self._take_header(view)
+            view = memoryview(data)
+            while view and self.broken is None and self._files:  # once closed, late bytes are not the job's
+                view = self._take_body(view) if self._kind else self._take_header(view)
 
     def _take_header(self, view: memoryview) -> memoryview:
         end = bytes(view[:_MAX_HEADER]).find(b"\n")
@@ -86,34 +144,75 @@ class LiveStreams:
             return view[len(view):]
         header, self._header = self._header + bytes(view[:end]), b""
         parts = header.split(b" ")
-        if (len(parts) != 2 or not all(part.isdigit() for part in parts) or int(parts[0]) not in STREAMS
-                or not 0 < int(parts[1]) <= MAX_RECORD):
+        limits = {**dict.fromkeys(STREAMS, MAX_RECORD), SYNC_ROUND: self.round_limit_bytes, USAGE_SAMPLE: MAX_SAMPLE}
+        if (len(parts) != 2 or not all(part.isdigit() and len(part) < 16 for part in parts)
+                or int(parts[0]) not in limits or not 0 < int(parts[1]) <= limits[int(parts[0])]):
             self._break(f"a bad record header {header[:_MAX_HEADER]!r}")
         else:
-            self._stream, self._left = int(parts[0]), int(parts[1])
+            self._kind, self._left = int(parts[0]), int(parts[1])
+            if self._kind == SYNC_ROUND:
+                self._start_round()
         return view[end + 1:]
 
     def _take_body(self, view: memoryview) -> memoryview:
         body, rest = view[:self._left], view[self._left:]
         self._left -= len(body)
+        if self._kind in STREAMS:
+            self._keep(STREAMS[self._kind], body)
+        elif self._kind == SYNC_ROUND:
+            self._round_file.write(body)
+        else:
+            self._sample += body
+        if not self._left:
+            self._end_record()
+        return rest
+
+    def _keep(self, name: str, body: memoryview) -> None:
         keep = max(min(len(body), self.limit_bytes - self.kept), 0)
         if keep:
-            name = STREAMS[self._stream]
             self._files[name].write(body[:keep])
             self.kept += keep
         self.dropped += len(body) - keep
-        if not self._left:
-            self._stream = None
-        return rest
+
+    def _start_round(self) -> None:
+        """Spool the next round, once the job's thread has taken the last (the guest waits meanwhile)."""
+        self._changed.wait_for(lambda: self._round_ready is None or self._closing)
+        if self._closing:  # the job is past taking rounds: the rest of this one is read and dropped
+            self._round_file, self._round_path = open(os.devnull, "wb"), None
+            return
+        path = self._round_path = self.spool / f"round.{self.rounds + 1}.tar"
+        self._round_file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                                             | os.O_CLOEXEC, FILE_MODE), "wb")
+
+    def _end_record(self) -> None:
+        if self._kind == SYNC_ROUND:
+            self._round_file.close()
+            self.rounds += 1
+            if not self._closing and self._round_path is not None:
+                self._round_ready = self._round_path
+                self._changed.notify_all()
+            self._round_file = None
+        elif self._kind == USAGE_SAMPLE:
+            self._usage, _note = parse_usage(bytes(self._sample))
+            self._sample.clear()
+            self.samples += 1
+        self._kind = None
 
     def _break(self, why: str) -> None:
-        self.broken = f"the guest's live streams were garbage ({why}); the rest is ignored"
+        self.broken = f"the guest's live channel was garbage ({why}); the rest is ignored"
 
     def close(self, wait_s: float = 2.0) -> None:
-        """Wait briefly for the copying thread (its channel is closed by now), then close the files."""
+        """Stop taking records (a round still waiting is dropped), wait briefly for the copying thread (its
+        channel is closed by now), then close the files."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
         if self._thread:
             self._thread.join(wait_s)
         with self._lock:
             for file in self._files.values():
                 file.close()
             self._files = {}
+            if self._round_file is not None:
+                self._round_file.close()
+                self._round_file = None

@@ -30,6 +30,7 @@ import errno
 import functools
 import grp
 import os
+import secrets
 import pwd
 import stat
 from pathlib import Path
@@ -200,3 +201,14 @@ def _advice(what: str) -> str:
         return ("ask the administrator to remove it, or set work_dir in a site file (or TMPDIR) to a folder of "
                 "your own")
     return "give --outdir a folder of your own that only you may write to, under folders only you and root may change"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` at once, so a reader never sees half a file. The temporary file has a
+    name nobody can guess and is created here, never through a link: whoever else may write into the
+    folder (a result file in /tmp) cannot make vjobs write into a file of their choosing."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)

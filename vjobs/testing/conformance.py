@@ -6,7 +6,9 @@ What it proves, through ``vjobs.run`` and ``vjobs exec``: the exit status, outpu
 stderr and the environment come back; the release and the base image are read-only at the device level; the
 wall time kills the guest; a guest kernel crash is a VM error; a hostile results archive is refused; outputs
 over the limit are refused; a console flood is bounded; a base image runs Python and keeps its overlay to
-itself, also as a qcow2 of a GPT disk (converted for a driver that takes raw disks only).
+itself, also as a qcow2 of a GPT disk (converted for a driver that takes raw disks only); while a payload
+runs, its stdout, its read-write binds' changes and deletions and its usage reach the host (and ``vjobs ps``),
+and a SIGTERM brings back what it wrote before the VM stops.
 
 The contract with the tests that run it: each installed driver NAME needs a fixture ``NAME_site`` (a
 ``SiteConfig`` pinned to that driver, ``-`` and ``.`` in NAME written ``_``), beside the fixtures of the
@@ -34,13 +36,18 @@ Another package's driver runs the suite with two files in its tests folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
 import io
 import json
+import os
 import re
+import signal
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +302,83 @@ class DriverConformance:
         assert err == "to-stderr\n"
         assert (work / "sub" / "copy.txt").read_text() == "in\n" and (work / "new.txt").read_text() == "made\n"
         assert sorted(p.name for p in data.iterdir()) == ["table.txt"]
+
+    # --- a long job, seen live: streams, sync rounds, usage (vjobs/guest/streams.py, vjobs/guest/sync.py) -----
+
+    def test_streams_sync_and_usage_reach_the_host_while_the_payload_runs(self, make_job, driver_site, tmp_path,
+                                                                        assert_clean_host):
+        name, site = driver_site
+        bind, out = _bind_folder(tmp_path), tmp_path / "out"
+        script = ('rm /data/gone.txt; i=0; while [ $i -lt 10 ]; do i=$((i + 1)); echo "step $i" >> /data/progress.log; '
+                  'echo "line $i"; n=0; while [ $n -lt 20000 ]; do n=$((n + 1)); done; sleep 1; done')
+        job = make_job(["sh", "-c", script], sync_interval_s=1,
+                       binds=[{"source": str(bind), "target": "/data", "mode": "rw"}])
+        samples = []
+        seen = _watch_while_running(lambda: vjobs.run(job, site=site, outdir=out,
+                                                      event_hooks={"usage": [samples.append]}), {
+            "stdout": lambda: (out / "stdout").read_bytes().startswith(b"line 1\n"),
+            "new file in the bind": lambda: (bind / "progress.log").read_text().startswith("step 1\n"),
+            "removal in the bind": lambda: not (bind / "gone.txt").exists(),
+            "usage.json": lambda: json.loads((out / "usage.json").read_text())["cpu_user_s"] >= 0,
+            "vjobs ps": lambda: any(job["phase"] == "run" and job["usage"] for job in vjobs.running(site)),
+        })
+        result = seen.pop("result")
+        assert result.status == "succeeded", (result.error, (out / "console.log").read_text(errors="replace"))
+        assert [what for what, when in seen.items() if when is None] == [], "not seen while the payload ran"
+        assert (bind / "progress.log").read_text() == "".join(f"step {i}\n" for i in range(1, 11))
+        assert result.returned_binds[0]["removed"] == ["gone.txt"]
+        assert "progress.log" in result.returned_binds[0]["changed"]
+        assert result.sync["rounds"] >= 1 and result.sync["interval_s"] == 1
+        assert samples and samples[-1].usage["cpu_user_s"] > 0 and result.usage["cpu_user_s"] > 0
+        assert vjobs.running(site) == []
+
+    def test_a_sigterm_brings_back_what_the_payload_wrote_before_the_vm_stops(self, make_job, driver_site,
+                                                                            tmp_path, assert_clean_host):
+        """No periodic sync (interval 0): what the payload wrote reaches the host only by the last round that
+        the signal asks for, within ``sync_on_stop_s``; the result says cancelled."""
+        name, site = driver_site
+        bind, out = _bind_folder(tmp_path), tmp_path / "out"
+        job = make_job(["sh", "-c", "echo written > /data/late.txt; rm /data/gone.txt; echo ready; sleep 600"],
+                       sync_interval_s=0, binds=[{"source": str(bind), "target": "/data", "mode": "rw"}])
+
+        def terminate_when_ready() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                with contextlib.suppress(FileNotFoundError):
+                    if (out / "stdout").read_bytes() == b"ready\n":
+                        os.kill(os.getpid(), signal.SIGTERM)  # the main thread runs the job: its guard takes it
+                        return
+                time.sleep(0.2)
+
+        threading.Thread(target=terminate_when_ready, daemon=True).start()
+        result = vjobs.run(job, site=site, outdir=out)
+        assert result.status == "cancelled", result.error
+        assert (bind / "late.txt").read_text() == "written\n" and not (bind / "gone.txt").exists()
+        assert result.sync["rounds"] == 1
+        assert (out / "stdout").read_bytes() == b"ready\n"
+
+
+def _bind_folder(tmp_path: Path) -> Path:
+    bind = tmp_path / "bind"
+    bind.mkdir()
+    (bind / "keep.txt").write_text("kept\n")
+    (bind / "gone.txt").write_text("the payload removes this\n")
+    return bind
+
+
+def _watch_while_running(run, checks: dict) -> dict:
+    """Run ``run()`` in a thread; poll each check (a callable, true once seen; errors count as not yet) until
+    the run ends. Returns when each was first seen (None: never while it ran) and the run's return value."""
+    returned = []
+    thread = threading.Thread(target=lambda: returned.append(run()))
+    thread.start()
+    seen = dict.fromkeys(checks)
+    while thread.is_alive():
+        for what, check in checks.items():
+            if seen[what] is None:
+                with contextlib.suppress(Exception):
+                    if check() and thread.is_alive():
+                        seen[what] = time.monotonic()
+        time.sleep(0.2)
+    thread.join()
+    return {**seen, "result": returned[0] if returned else None}

@@ -16,13 +16,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vjobs.drivers import probecache
 from vjobs.drivers.bootcheck import boot_check
-from vjobs.drivers.contract import (VM, Capabilities, Check, CheckedFile, Driver, HostContext, Stop, VMSpec,
+from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFile, Driver, HostContext, Stop, VMSpec,
                                     check_disk_formats, check_unchanged, destroyed_on_failure)
 from vjobs.drivers.qemu_user import qemu, template
 from vjobs.drivers.qemu_user.confine import Confinement, confinement_for
@@ -226,9 +225,9 @@ class QemuUserVM(VM):
     def provenance(self) -> dict:
         return {"start": self.start_record}
 
-    def live_streams(self) -> Callable[[], bytes]:
-        streams = self.streams  # the virtio-serial port's host end, cold boot or restored template alike
-        return lambda: streams.recv(65536)
+    def guest_channel(self) -> Channel:
+        channel = self.streams  # the virtio-serial port's host end, cold boot or restored template alike
+        return Channel(read=lambda: channel.recv(65536), write=channel.sendall)
 
     def _connect_monitor(self, sock: socket.socket) -> QEMUMonitorProtocol:
         """Greet QEMU's monitor over its socket pair; a QEMU that exits at start (a bad option) closes it."""

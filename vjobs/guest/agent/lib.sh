@@ -12,25 +12,62 @@ record() { echo "$1=$2" >> "$status"; }
 newline='
 '
 
-# The payload's live stdout and stderr (vjobs/guest/streams.py): every second, what the payload added to each
-# file since the last pass goes to the host as records "<stream> <length>\n<bytes>" on the virtio-serial port
-# named vjobs.streams, when the VM has one. The payload writes its files as before (they are the final copy),
-# so a host that reads slowly or not at all holds up this loop only, never the payload.
-send_live_streams() {
+# The channel to the host (vjobs/guest/streams.py): a virtio-serial port named vjobs.streams, when the VM has
+# one, opened read-write on descriptor 4. The agent writes framed records "<kind> <length>\n<bytes>" on it:
+#   1, 2  what the payload added to its stdout and stderr, every second (64 KiB at most a record);
+#   3     a sync round: a tar of what changed in the outputs and read-write binds (sync_round);
+#   4     a usage sample: "name=value" lines (usage_figures), every SYNC_INTERVAL_S with the sync.
+# The host may write one line back: "sync" asks for a round now (it is about to stop the VM). The payload
+# writes its files as before (they are the final copy), so a host that reads slowly or not at all holds up
+# this loop only, never the payload. Ends when the agent asks it to (stop_serving).
+find_host_channel() {  # sets $channel (no fork: it runs before every payload)
     for name in /sys/class/virtio-ports/*/name; do
         read -r port < "$name" 2>/dev/null && [ "$port" = vjobs.streams ] || continue
         port=${name%/name}
-        exec 4> "/dev/${port##*/}" || return 0
-        out=0 err=0
-        while :; do
-            send_new 1 /scratch/vjobs/stdout "$out" && out=$sent
-            send_new 2 /scratch/vjobs/stderr "$err" && err=$sent
-            sleep 1
-        done
+        channel=/dev/${port##*/}
+        return 0
+    done
+    return 1
+}
+open_host_channel() {
+    find_host_channel && exec 4<> "$channel"
+}
+
+serve_host_channel() {
+    open_host_channel || return 0
+    out=0 err=0 request="" listening=1 interval=${SYNC_INTERVAL_S:-0}
+    read -r up _ < /proc/uptime
+    next_round=$((${up%.*} + interval))
+    while [ ! -e /run/vjobs/streams.stop ]; do
+        send_new 1 /scratch/vjobs/stdout "$out" && out=$sent
+        send_new 2 /scratch/vjobs/stderr "$err" && err=$sent
+        read -r up _ < /proc/uptime
+        if [ "$request" = sync ] || { [ "$interval" -gt 0 ] && [ "${up%.*}" -ge "$next_round" ]; }; then
+            send_usage
+            sync_round
+            read -r up _ < /proc/uptime
+            next_round=$((${up%.*} + interval))
+        fi
+        wait_for_host
     done
 }
 
-# Sends what file $2 holds past byte $3 as records of stream $1 (64 KiB at most each) on descriptor 4; leaves
+# Up to a second for a line from the host ($request). A read that fails at once means nobody can write to
+# the port: from then on the loop just sleeps.
+wait_for_host() {
+    request=""
+    if [ "$listening" = 1 ]; then
+        read -r before _ < /proc/uptime
+        read -r -t 1 request <&4 && return 0
+        read -r after _ < /proc/uptime
+        [ "$(centiseconds "$after")" -lt $(($(centiseconds "$before") + 50)) ] || return 0
+        listening=0
+    fi
+    sleep 1
+}
+centiseconds() { echo $((${1%.*} * 100 + 1${1#*.} - 100)); }  # "12.34" (two decimals, as /proc/uptime): 1234
+
+# Sends what file $2 holds past byte $3 as records of kind $1 (64 KiB at most each) on descriptor 4; leaves
 # the offset reached in $sent.
 send_new() {
     sent=$3
@@ -41,6 +78,86 @@ send_new() {
         { printf '%s %s\n' "$1" "$length"; tail -c +$((sent + 1)) "$2" | head -c "$length"; } >&4 || return 1
         sent=$((sent + length))
     done
+}
+
+send_usage() {
+    usage_figures live > /run/vjobs/usage.sample && [ -s /run/vjobs/usage.sample ] || return 0
+    { printf '4 %s\n' "$(stat -c %s /run/vjobs/usage.sample)"; cat /run/vjobs/usage.sample; } >&4
+}
+
+# What a sync round looks at, relative to /scratch: work/<each match of the outputs>, binds/<each
+# read-write bind>.
+sync_roots() {
+    match_outputs
+    while read -r number target; do
+        [ -n "$target" ] && echo "binds/$number"
+    done < "$job/rw_binds"
+}
+
+# Every regular file under the sync roots, "size mtime path" (path relative to /scratch), into $1; leaves
+# in $scan_start and $scan_end the clock's whole seconds around the scan.
+scan_files() {
+    listing=$1 was=$PWD
+    cd /scratch || return 1
+    sync_roots > /run/vjobs/sync.roots
+    scan_start=$(date +%s)
+    set -f
+    IFS=$newline
+    set -- $(cat /run/vjobs/sync.roots)
+    unset IFS
+    set +f
+    : > "$listing.new"
+    [ $# -gt 0 ] && find "$@" -type f -exec stat -c '%s %Y %n' {} + >> "$listing.new" 2>/dev/null
+    mv "$listing.new" "$listing"
+    scan_end=$(date +%s)
+    cd "$was"
+}
+
+# The state the payload starts from: what a round sends is what differs from it, or from the last round.
+start_sync() {
+    scan_files /run/vjobs/sync.sent
+    sent_start=$scan_start sent_end=$scan_end
+}
+
+# A sync round: the files that are new or changed since the last round (by size and mtime; and any whose
+# mtime falls in the seconds of the last scan, which a second change within that second would not move)
+# go to the host as one tar, record "3 <length>\n<tar>". Its first member, vjobs/sync, lists every file
+# present, so that the host removes what is gone. The tar is written onto the io disk first, which holds
+# nothing until the results, so that its length is known before it is sent and the scratch disk the
+# payload writes to is not used; stop_serving waits for such a write to end (/run/vjobs/io.busy) before it
+# writes the results there. A round that fails (a file shrank under tar, the host left) is sent again.
+sync_round() {
+    scan_files /run/vjobs/sync.now || return 0
+    awk -v from="$sent_start" -v to="$sent_end" '
+        FILENAME == ARGV[1] { sent[$0] = 1; count++; next }
+        { present++ }
+        !($0 in sent) || ($2 >= from && $2 <= to) { sub(/^[0-9]+ [0-9]+ /, ""); print > "/run/vjobs/sync.list" }
+        END { if (present == count) exit 1 }' /run/vjobs/sync.sent /run/vjobs/sync.now 2>/dev/null
+    gone=$?
+    [ -s /run/vjobs/sync.list ] || [ "$gone" = 0 ] || return 0
+    sed 's/^[0-9]* [0-9]* //' /run/vjobs/sync.now > /scratch/vjobs/sync
+    { echo vjobs/sync; cat /run/vjobs/sync.list 2>/dev/null; } > /run/vjobs/sync.members
+    rm -f /run/vjobs/sync.list
+    : > /run/vjobs/io.busy
+    [ -e /run/vjobs/streams.stop ] && { rm -f /run/vjobs/io.busy; return 0; }
+    size=$( { tar_list - /run/vjobs/sync.members || echo 0 > /run/vjobs/sync.failed; } 2>/dev/null | tee "$io" | wc -c)
+    rm -f /run/vjobs/io.busy
+    if [ -e /run/vjobs/sync.failed ] || [ "$size" -gt "$IO_DISK_BYTES" ]; then
+        rm -f /run/vjobs/sync.failed
+        return 0
+    fi
+    { printf '3 %s\n' "$size"; head -c "$size" "$io"; } >&4 || return 0
+    mv /run/vjobs/sync.now /run/vjobs/sync.sent
+    sent_start=$scan_start sent_end=$scan_end
+}
+
+# Asks the channel's loop ($streamer) to end, and waits for a sync round's write onto the io disk.
+stop_serving() {
+    : > /run/vjobs/streams.stop
+    while [ -e /run/vjobs/io.busy ]; do
+        sleep 0.05
+    done
+    kill "$1" 2>/dev/null
 }
 
 # The wall time, counted from the agent's start as the host counts it from the "up" marker: SIGTERM to the
@@ -188,16 +305,33 @@ wait_node() {
     [ -b "$1" ]
 }
 
-# Writes a tar of the paths in /run/vjobs/list (relative to /scratch) to $1. busybox tar has no -T, so the
-# list becomes arguments: one per line, no word splitting on spaces, no globbing.
+# Writes a tar of the paths listed in $2 (default /run/vjobs/list; relative to /scratch) to $1. busybox tar
+# has no -T, so the list becomes arguments: one per line, no word splitting on spaces, no globbing.
 tar_list() {
     target=$1
     set -f
     IFS=$newline
-    set -- $(cat /run/vjobs/list)
+    set -- $(cat "${2:-/run/vjobs/list}")
     unset IFS
     set +f
     tar -cf "$target" -C /scratch "$@"
+}
+
+# The outputs: shell globs relative to the working directory, one per line; prints "work/<match>" for each
+# match (a matched folder comes back whole).
+match_outputs() {
+    (
+        cd /scratch/work || exit 0
+        while IFS= read -r pattern; do
+            IFS=$newline
+            for match in $pattern; do
+                if [ -e "$match" ] || [ -L "$match" ]; then
+                    echo "work/${match#./}"
+                fi
+            done
+            unset IFS
+        done < "$job/outputs"
+    )
 }
 
 # Writes the results onto the io disk and powers off; $1 is an error code or empty. If the results would
@@ -217,21 +351,29 @@ cgroup_value() {  # file, key ("" for a file holding one number): the number, or
     [ -f "$payload_cgroup/$1" ] || return 0
     if [ -z "$2" ]; then head -n1 "$payload_cgroup/$1"; else awk -v k="$2" '$1 == k { print $2 }' "$payload_cgroup/$1"; fi
 }
-write_usage() {  # the figures, "name=value" lines, into /scratch/vjobs/usage
+# The figures, "name=value" lines; with "live", also what the payload holds now (memory, processes).
+usage_figures() {
     [ -f "$payload_cgroup/cgroup.procs" ] || return 0
     user=$(cgroup_value cpu.stat user_usec) system=$(cgroup_value cpu.stat system_usec)
     memory=$(cgroup_value memory.peak "") processes=$(cgroup_value pids.peak "")
     io_bytes=$(awk '{ for (i = 2; i <= NF; i++) { split($i, f, "="); if (f[1] == "rbytes") r += f[2]; \
                 if (f[1] == "wbytes") w += f[2] } } END { print r + 0, w + 0 }' "$payload_cgroup/io.stat" 2>/dev/null)
     workdir_kib=$(du -sk /scratch/work 2>/dev/null | cut -f1)
-    {
-        [ -n "$user" ] && awk -v u="$user" -v s="$system" 'BEGIN { printf "cpu_user_s=%.6f\ncpu_system_s=%.6f\n", u / 1e6, s / 1e6 }'
-        [ -n "$memory" ] && awk -v m="$memory" 'BEGIN { printf "memory_peak_mib=%.3f\n", m / 1048576 }'
-        [ -n "$processes" ] && echo "processes_peak=$processes"
-        [ -n "$io_bytes" ] && echo "$io_bytes" | awk '{ printf "io_read_bytes=%d\nio_write_bytes=%d\n", $1, $2 }'
-        [ -n "$workdir_kib" ] && awk -v k="$workdir_kib" 'BEGIN { printf "workdir_mib=%.3f\n", k / 1024 }'
-        echo samples=1
-    } > /scratch/vjobs/usage
+    [ -n "$user" ] && awk -v u="$user" -v s="$system" 'BEGIN { printf "cpu_user_s=%.6f\ncpu_system_s=%.6f\n", u / 1e6, s / 1e6 }'
+    [ -n "$memory" ] && awk -v m="$memory" 'BEGIN { printf "memory_peak_mib=%.3f\n", m / 1048576 }'
+    [ -n "$processes" ] && echo "processes_peak=$processes"
+    [ -n "$io_bytes" ] && echo "$io_bytes" | awk '{ printf "io_read_bytes=%d\nio_write_bytes=%d\n", $1, $2 }'
+    [ -n "$workdir_kib" ] && awk -v k="$workdir_kib" 'BEGIN { printf "workdir_mib=%.3f\n", k / 1024 }'
+    if [ "$1" = live ]; then
+        current=$(cgroup_value memory.current "") running=$(cgroup_value pids.current "")
+        [ -n "$current" ] && awk -v m="$current" 'BEGIN { printf "memory_current_mib=%.3f\n", m / 1048576 }'
+        [ -n "$running" ] && echo "processes=$running"
+    fi
+    return 0
+}
+write_usage() {  # into /scratch/vjobs/usage, for the results
+    [ -f "$payload_cgroup/cgroup.procs" ] || return 0
+    { usage_figures; echo samples=1; } > /scratch/vjobs/usage
 }
 
 deliver() {

@@ -17,6 +17,7 @@ cd /scratch/work
 record started_s "$(uptime_s)"
 say "running the payload"
 make_payload_cgroup
+find_host_channel && start_sync  # what the payload starts from: a sync round sends what differs
 # The launcher joins the payload's cgroup before it starts anything, so every process of the payload is in it.
 sh -c '[ -d "$1" ] && echo $$ > "$1/cgroup.procs"; shift; exec "$@"' cgroup "$payload_cgroup" \
     unshare --mount --pid --fork --propagation private sh /etc/vjobs/payload-ns.sh "$root" \
@@ -24,11 +25,12 @@ sh -c '[ -d "$1" ] && echo $$ > "$1/cgroup.procs"; shift; exec "$@"' cgroup "$pa
 launcher=$!
 watch_wall_time "$launcher" &
 watchdog=$!
-send_live_streams &
+serve_host_channel &
 streamer=$!
 wait "$launcher"
 payload_status=$?
-kill "$watchdog" "$streamer" 2>/dev/null
+kill "$watchdog" 2>/dev/null
+stop_serving "$streamer"  # before anything is written onto the io disk
 record ended_s "$(uptime_s)"
 write_usage
 if [ -s /scratch/vjobs/payload_setup_error ]; then
