@@ -170,7 +170,7 @@ def test_the_runner_writes_usage_events_as_prmon_does(tmp_path):
                 "write_bytes": 2000, "wtime": 20},
         "Avg": {"rss": 76800, "pss": 76800, "nprocs": 2.0, "read_bytes": 50, "write_bytes": 100},
         "HW": {"cpu": {"CPUs": 2}, "mem": {"MemTotal": 1048576}}}
-    files.conclude({"cpu_user_s": 12.25, "cpu_system_s": 1.5, "memory_peak_mib": 130.0})  # result.usage
+    files.conclude({"cpu_user_s": 12.25, "cpu_system_s": 1.5, "memory_peak_mib": 130.0, "note": "x"})  # result.usage
     final = json.loads((tmp_path / monitor.SUMMARY_NAME).read_text())
     assert (final["Max"]["utime"], final["Max"]["stime"], final["Max"]["rss"]) == (12.25, 1.5, 133120)
     assert sorted(p.name for p in tmp_path.iterdir()) == [monitor.SUMMARY_NAME, monitor.SERIES_NAME]

@@ -64,6 +64,7 @@ class MonitorFiles:
         self.add_sample(event.usage or {})
 
     def add_sample(self, usage: Mapping[str, float]) -> None:
+        usage = _figures(usage)
         self.latest.update(usage)
         self.samples += 1
         for column, figure in (("rss", "memory_current_mib"), ("nprocs", "processes")):
@@ -78,6 +79,7 @@ class MonitorFiles:
 
     def conclude(self, usage: Mapping[str, float]) -> None:
         """The run's final figures (``result.usage``): the summary a last time, if there are any."""
+        usage = _figures(usage)
         if usage:
             self.latest.update(usage)
             self._write(SUMMARY_NAME, json.dumps(self.summary(self.clock())))
@@ -121,3 +123,9 @@ class MonitorFiles:
                 os.replace(temporary, path)
         except OSError:
             pass
+
+
+def _figures(usage: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a usage sample or of ``result.usage`` (which may also hold a ``note``)."""
+    return {name: value for name, value in usage.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
