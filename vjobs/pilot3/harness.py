@@ -75,8 +75,8 @@ PILOT_CONFIG = {"Pilot": {"heartbeat": "10", "update_sleep": "5"}}
 # changed for looping_limit_default s (7200; no less than looping_limit_min_default) is killed with error 1150,
 # checked every looping_verification_time s (900) once the payload has run that long (pilot/util/loopingjob.py;
 # the pilot's `find -mmin` counts whole minutes, so 60 s is the shortest limit).
-SHORT_LOOPING = {"looping_limit_default": "120", "looping_limit_min_default": "120",
-                 "looping_verification_time": "60"}
+SHORT_LOOPING = {"looping_limit_default": "60", "looping_limit_min_default": "60",
+                 "looping_verification_time": "30"}
 # The work directory a job may fill, MiB (queue data maxwdir; the pilot kills a job past it + 10 %, once its
 # monitoring runs; 0 would kill every job then). Also what vjobs' plugin gives the payload on its scratch disk.
 MAXWDIR_MIB = 4096
