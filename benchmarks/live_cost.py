@@ -45,6 +45,9 @@ def cpu_seconds() -> float:
 
 
 def steady_writer(site, args, scratch: Path) -> dict[str, dict[str, list[float]]]:
+    warm_up = vjobs.run({"id": "warm-up", "command": ["true"]}, site=site, outdir=scratch / "warm-up")  # a template
+    if warm_up.status != "succeeded":
+        sys.exit(f"warm-up: {warm_up.status} {warm_up.error}")
     samples = {name: {"total": [], "guest_payload": [], "host_cpu": [], "rounds": []} for name in SETUPS}
     for number in range(args.runs):  # interleaved: a noisy minute hurts every set-up alike
         for name, settings in SETUPS.items():

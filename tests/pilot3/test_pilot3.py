@@ -5,6 +5,10 @@ sent to the stand-in. Failures of the VM reach the server as pilot errors.
 
 And as a grid site runs it: the pilot as a pool account, its payload in a VM of that account's own vjobs.
 
+And long jobs, with the pilot's looping-job check shortened to minutes (harness.SHORT_LOOPING): a payload that
+keeps writing in its work directory outlives the limit, one that hangs is killed as looping; the pilot reports
+the guest's CPU time, cores and memory.
+
 Always PILOT_NOKILL=1 and a PID namespace of its own (vjobs.pilot3.harness): the pilot's orphan killer must
 never see this machine.
 """
@@ -12,6 +16,7 @@ never see this machine.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -20,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from vjobs.pilot3.errors import CONTAINERFAILURE
-from vjobs.pilot3.harness import PilotSite, leftover_processes, make_job, run_pilot
+from vjobs.pilot3.harness import PILOT_CONFIG, SHORT_LOOPING, PilotSite, leftover_processes, make_job, run_pilot
+from vjobs.pilot3.monitor import SERIES_NAME, SUMMARY_NAME
 from vjobs.pilot3.plugin import install_plugin
 from vjobs.testing.panda_standin import PandaStandin
 from vjobs.testing.processes import qemu_processes
@@ -28,6 +34,7 @@ from vjobs.testing.processes import qemu_processes
 pytestmark = [pytest.mark.pilot3, pytest.mark.vm]
 
 CANCELLED_BY_SERVER = "1144"  # pilot/common/errorcodes.py PANDAKILL
+LOOPING_JOB = "1150"  # pilot/common/errorcodes.py LOOPINGJOB
 
 # The payload: reads the staged-in input, writes the declared output, and says where it ran.
 PAYLOAD = """#!/bin/bash
@@ -70,9 +77,14 @@ def run_vjobs_pilot(site, vjobs_pilot, standin, vjobs_site_file, **options):
 
 def vjobs_result_from_log(site: PilotSite, panda_id: str) -> dict:
     """vjobs-result.json as the pilot archived it with the job's work directory in its log tarball."""
+    return json.loads(file_from_log(site, panda_id, "vjobs-result.json"))
+
+
+def file_from_log(site: PilotSite, panda_id: str, name: str) -> str:
+    """A file of the job's work directory, as the pilot archived it in the job's log tarball."""
     with tarfile.open(site.stored(f"{panda_id}.log.tgz")) as archive:
-        member = next(m for m in archive.getmembers() if m.name.endswith("/vjobs-result.json"))
-        return json.load(archive.extractfile(member))
+        member = next(m for m in archive.getmembers() if m.name.endswith(f"/{name}"))
+        return archive.extractfile(member).read().decode()
 
 
 def no_vm_left(site: PilotSite) -> bool:
@@ -161,3 +173,86 @@ def test_a_pool_account_runs_the_pilot_and_its_payload_runs_in_a_vm_of_its_own_v
     strangers = sorted(str(path) for path in written if path.stat().st_uid != account.uid)
     assert strangers == [], f"files of the account's pilot that are not the account's: {strangers}"
     assert leftover_processes(site) == [] and qemu_processes(str(folder)) == []
+
+
+# A long job that keeps working: it computes on every vCPU for 20 s, then appends a line to a file of its work
+# directory every 5 s for 2 minutes, and prints nothing meanwhile: only the work directory's sync can show the
+# pilot that it is alive. With the looping limit of 1 minute, checked every 30 s, a job whose work directory
+# did not change on the host would be killed about 90 s after it started.
+WRITER = """#!/bin/bash
+echo "writer on $(nproc) vCPUs"
+for cpu in $(seq $(nproc)); do timeout 20 sh -c 'while :; do :; done' & done; wait
+for step in $(seq 24); do echo "step $step" >> progress.txt; sleep 5; done
+echo "writer done"
+"""
+# A job that hangs: it computes for 3 s (pilot 3.7 skips its checks for a payload that has used no CPU), writes
+# its log, then sleeps, writing nothing.
+HUNG = """#!/bin/bash
+echo "hung job started"
+timeout 3 sh -c 'while :; do :; done'
+echo "last words before the hang" > hang.log
+sleep 3600
+"""
+SHORT_LOOPING_CONFIG = {"Pilot": {**PILOT_CONFIG["Pilot"], **SHORT_LOOPING}}
+PILOT_LIFETIME_S = 800  # the writer's pilot: its payload's wall time must end before the pilot does
+
+
+@pytest.fixture
+def live_site_file(vjobs_site_file) -> Path:
+    """The pilot tests' vjobs site, with the work directory synced back every 10 s."""
+    path = vjobs_site_file.with_name("vjobs-live-site.toml")
+    path.write_text(f"sync_interval_s = 10\n{vjobs_site_file.read_text()}")
+    return path
+
+
+@pytest.mark.timeout(900)  # the pilot's run ends within 600 s; the session's images may come first
+def test_a_job_that_keeps_writing_outlives_the_looping_limit_and_is_reported_with_its_guests_figures(
+        site, vjobs_pilot, live_site_file):
+    """With the looping check shortened, a payload that writes only into a file of its work directory runs
+    past the limit and finishes; the pilot reported the guest's CPU time, its 2 vCPUs as the cores, and the
+    memory of the payload's cgroup, while the payload ran and at the end; the payload's wall time ends before
+    the pilot's own limit (its --lifetime less its 3-minute grace)."""
+    job = make_job(site, 4111, WRITER, outputs=("progress.txt",), core_count=2, min_ram_mb=512,
+                   max_walltime_s=600, container_name="debian12")
+    with PandaStandin(job) as server:
+        run = run_vjobs_pilot(site, vjobs_pilot, server, live_site_file, config=SHORT_LOOPING_CONFIG,
+                              options=("--lifetime", str(PILOT_LIFETIME_S)), timeout_s=600,
+                              stop_when=lambda: server.final("4111") is not None)
+    print(f"pilot run: {run.elapsed_s:.0f} s")
+    final = server.final("4111")
+    assert final is not None and final["state"] == "finished", (final, run.tail())
+    assert site.stored("progress.txt").read_text().splitlines()[-1] == "step 24"
+    walltime = int(re.search(r"vjobs\.pilot3\.payload .*--walltime (\d+)", run.output.read_text()).group(1))
+    assert PILOT_LIFETIME_S - 180 - 60 - 30 <= walltime <= PILOT_LIFETIME_S - 180 - 60, walltime
+
+    usage = vjobs_result_from_log(site, "4111")["usage"]
+    assert usage["cpu_user_s"] > 15  # 20 s of computing on each vCPU
+    assert final["cpuConsumptionTime"] == str(round(usage["cpu_user_s"] + usage["cpu_system_s"])), (final, usage)
+    assert final["coreCount"] == "2" and int(final["maxRSS"]) > 0, final
+    running = [update for update in server.updates if update.get("state") == "running"]
+    seen = [update for update in running if int(update.get("cpuConsumptionTime", 0)) > 0]
+    assert seen and all(update["coreCount"] == "2" and int(update["maxRSS"]) > 0 for update in seen), running
+    summary = json.loads(file_from_log(site, "4111", SUMMARY_NAME))
+    assert summary["HW"]["cpu"]["CPUs"] == 2 and summary["Max"]["rss"] == int(final["maxRSS"])
+    assert len(file_from_log(site, "4111", SERIES_NAME).splitlines()) > 5  # a row per 10-s sample
+    assert leftover_processes(site) == [] and no_vm_left(site)
+
+
+@pytest.mark.timeout(900)
+def test_a_job_that_hangs_is_killed_as_looping_and_keeps_its_log(site, vjobs_pilot, live_site_file):
+    """With the looping check shortened, a payload that stops writing is killed with error 1150: the pilot
+    SIGTERMs the runner and SIGKILLs it 3 s later; vjobs stopped the VM in time, and what the payload had
+    written is in the work directory, which the pilot archived in the job's log tarball."""
+    job = make_job(site, 4112, HUNG, core_count=1, min_ram_mb=512, max_walltime_s=600, container_name="debian12")
+    with PandaStandin(job) as server:
+        run = run_vjobs_pilot(site, vjobs_pilot, server, live_site_file, config=SHORT_LOOPING_CONFIG,
+                              timeout_s=600, stop_when=lambda: server.final("4112") is not None)
+    print(f"pilot run: {run.elapsed_s:.0f} s")
+    final = server.final("4112")
+    assert final is not None and final["state"] == "failed", (final, run.tail())
+    assert final["pilotErrorCode"] == LOOPING_JOB, (final["pilotErrorCode"], final["pilotErrorDiag"])
+    assert vjobs_result_from_log(site, "4112")["status"] == "cancelled"
+    assert file_from_log(site, "4112", "hang.log") == "last words before the hang\n"
+    assert file_from_log(site, "4112", "payload.stdout") == "hung job started\n"
+    assert 2 <= int(final["cpuConsumptionTime"]) <= 6, final  # the guest's: 3 s of computing
+    assert leftover_processes(site) == [] and no_vm_left(site)

@@ -71,12 +71,21 @@ def parse_env(values: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def _output_room_mib(request: ExecRequest, binds: list[Bind]) -> int:
+    """The read-write binds come back whole through the io disk: room for them as the payload may leave them
+    (what it adds is bounded by its scratch room), at least twice their size, and a margin for stdout and
+    stderr; without read-write binds, the margin alone."""
+    read_write = sum(folder_size(bind.source)[0] for bind in binds if bind.mode == "rw") // MIB
+    if not any(bind.mode == "rw" for bind in binds):
+        return OUTPUT_MARGIN_MIB
+    return OUTPUT_MARGIN_MIB + read_write + max(read_write, request.scratch_mib)
+
+
 def job_document(request: ExecRequest) -> dict:
     """The job a request runs: the command in the image, the binds, no inputs or outputs of its own."""
     if not request.command:
         raise InvalidJob("vjobs exec: no COMMAND given after the IMAGE")
     binds = parse_binds(request.binds)
-    read_write = sum(folder_size(bind.source)[0] for bind in binds if bind.mode == "rw")
     return {
         "id": f"exec-{uuid.uuid4().hex[:8]}",
         "image": request.image,
@@ -85,10 +94,8 @@ def job_document(request: ExecRequest) -> dict:
         "workdir": None,
         "cwd": request.pwd or (binds[0].target if binds else "/"),
         "binds": [{"source": str(b.source), "target": b.target, "mode": b.mode} for b in binds],
-        # The read-write binds come back whole through the io disk: room for them, twice, and a margin.
         "resources": {"vcpus": request.vcpus, "memory_mib": request.memory_mib,
-                      "output_mib": max(OUTPUT_MARGIN_MIB, 2 * read_write // MIB + OUTPUT_MARGIN_MIB),
-                      "scratch_mib": request.scratch_mib},
+                      "output_mib": _output_room_mib(request, binds), "scratch_mib": request.scratch_mib},
         "walltime_s": request.walltime_s,
         "network": request.network,
         **({} if request.sync_interval_s is None else {"sync_interval_s": request.sync_interval_s}),

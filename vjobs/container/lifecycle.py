@@ -66,7 +66,9 @@ from vjobs.staging.locations import check as check_url
 
 USAGE_FILE = "usage.json"  # in the outdir: the payload's latest usage sample while it runs
 CONSOLE_TAIL_BYTES = 2000
-SIGNAL_CHECK_S = 1.0  # the longest a lost signal's exception goes unnoticed while the VM runs
+# While the VM runs, its driver is asked whether it stopped this often: a signal that comes meanwhile waits for
+# the answer (SignalGuard.deferred), so this bounds how late a cancel starts (a pilot kills 3 s after SIGTERM).
+SIGNAL_CHECK_S = 0.25
 DELIVERY_MARGIN_S = 60.0  # after the wall time and the grace: the agent collects and writes the outputs
 
 
@@ -265,13 +267,14 @@ class VMContainer:
                           f"console: {self._console_tail()!r}")
 
     def _wait_for_stop(self, vm: VM, deadline: float) -> Stop:
-        """The VM's stop, or ``Stop.DEADLINE``; asked a second at a time, so that a signal whose exception was
-        lost still cancels the job within a second (vjobs/container/signals.py), and what came on the live
+        """The VM's stop, or ``Stop.DEADLINE``; asked ``SIGNAL_CHECK_S`` at a time, so that a signal cancels the
+        job within that (vjobs/container/signals.py), and what came on the live
         channel meanwhile is taken in the job's own thread."""
         while True:
             self.signals.cancel_if_signalled()
             self._take_live()
-            stop = vm.wait_until_stopped(min(deadline, time.monotonic() + SIGNAL_CHECK_S))
+            with self.signals.deferred():
+                stop = vm.wait_until_stopped(min(deadline, time.monotonic() + SIGNAL_CHECK_S))
             if stop is not Stop.DEADLINE or time.monotonic() >= deadline:
                 return stop
 
@@ -286,7 +289,8 @@ class VMContainer:
         while not vm.agent_started():
             self.signals.cancel_if_signalled()
             ask_s = stop_check_s if console.ended else moment_s
-            stop = vm.wait_until_stopped(min(deadline, time.monotonic() + ask_s))
+            with self.signals.deferred():
+                stop = vm.wait_until_stopped(min(deadline, time.monotonic() + ask_s))
             if stop is Stop.DISK_FULL:
                 raise _guest_disk_full(vm.full_disk)
             if stop is not Stop.DEADLINE:
@@ -341,7 +345,7 @@ class VMContainer:
     def _last_round(self) -> None:
         """Before the VM is stopped early: ask the agent for a round and apply it, if it comes within the
         site's ``sync_on_stop_s`` (a pilot kills 3 s after its SIGTERM)."""
-        if self.live is None or not self.live.request_round():
+        if self.live is None or not (self.sync.binds or self.job.outputs) or not self.live.request_round():
             return
         deadline = time.monotonic() + self.site.sync_on_stop_s
         while (left := deadline - time.monotonic()) > 0:

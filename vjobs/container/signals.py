@@ -58,12 +58,26 @@ class SignalGuard:
 
     def __init__(self):
         self.holding = False
+        self.deferring = False
         self.signalled: str | None = _held[0] if _held else None  # one that came while vjobs started up
 
     def handle(self, signum, _frame) -> None:
         if not self.holding:
             self.signalled = self.signalled or signal.Signals(signum).name
-            raise Terminated(self.signalled)
+            if not self.deferring:
+                raise Terminated(self.signalled)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A short call into a hypervisor's library (a wait of a fraction of a second) that an exception
+        must not cut in half: an asyncio loop left with a task pending prints a traceback later, a socket
+        is left mid-message. A signal that comes meanwhile cancels the job when the call returns."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        self.cancel_if_signalled()
 
     def hold(self) -> None:
         self.holding = True

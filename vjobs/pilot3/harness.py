@@ -71,6 +71,15 @@ SCOPE = "vjobs"
 # update_sleep (120 s): the wait between failed server updates (10 attempts). Neither changes the fixed
 # delays of the module docstring.
 PILOT_CONFIG = {"Pilot": {"heartbeat": "10", "update_sleep": "5"}}
+# The looping-job check in minutes instead of hours, for tests of it: a job whose work directory has no file
+# changed for looping_limit_default s (7200; no less than looping_limit_min_default) is killed with error 1150,
+# checked every looping_verification_time s (900) once the payload has run that long (pilot/util/loopingjob.py;
+# the pilot's `find -mmin` counts whole minutes, so 60 s is the shortest limit).
+SHORT_LOOPING = {"looping_limit_default": "60", "looping_limit_min_default": "60",
+                 "looping_verification_time": "30"}
+# The work directory a job may fill, MiB (queue data maxwdir; the pilot kills a job past it + 10 %, once its
+# monitoring runs; 0 would kill every job then). Also what vjobs' plugin gives the payload on its scratch disk.
+MAXWDIR_MIB = 4096
 
 
 class Account(Protocol):
@@ -160,11 +169,11 @@ class PilotSite:
 def queue_data(queue: str) -> dict:
     """PanDA queue (schedconfig) data for a local queue: ACTIVE, one job per pilot (timefloor 0), copytool mv
     for stage-in and stage-out, outputs moved to their final place (catchall mv_final_destination), no
-    containers, no direct access."""
+    containers, no direct access, a work directory of MAXWDIR_MIB."""
     return {
         "nickname": queue, "panda_resource": queue, "atlas_site": queue, "site": queue,
         "state": "ACTIVE", "status": "online", "type": "production",
-        "timefloor": 0, "corecount": 1, "maxrss": 0, "maxtime": 0, "maxwdir": 0, "maxinputsize": -1,
+        "timefloor": 0, "corecount": 1, "maxrss": 0, "maxtime": 0, "maxwdir": MAXWDIR_MIB, "maxinputsize": -1,
         "copytools": {"mv": {"setup": ""}},
         "acopytools": {"pr": ["mv"], "pw": ["mv"], "pl": ["mv"]},
         "astorages": {}, "aprotocols": {},

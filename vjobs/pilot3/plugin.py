@@ -2,8 +2,9 @@
 
 pilot3 loads its user plugins with ``__import__("pilot.user.<name>...")`` and has no namespace-package hook,
 so a plugin must be a folder inside the pilot tree. The installer copies the tree's own ``generic`` user (so
-nothing of the pilot's code lives in vjobs) and puts vjobs' ``container.py`` and ``diagnose.py`` over it,
-with the path of the Python that has vjobs installed written in. Run it again after upgrading either.
+nothing of the pilot's code lives in vjobs) and puts vjobs' files over it (``container.py``, ``diagnose.py``,
+``cpu.py``, ``utilities.py`` and their helper ``guest.py``), with the path of the Python that has vjobs
+installed written in. Run it again after upgrading either.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ serve_host_channel() {
         read -r up _ < /proc/uptime
         if [ "$request" = sync ] || { [ "$interval" -gt 0 ] && [ "${up%.*}" -ge "$next_round" ]; }; then
             send_usage
-            sync_round
+            sync_round "$request"
             read -r up _ < /proc/uptime
             next_round=$((${up%.*} + interval))
         fi
@@ -150,6 +150,7 @@ start_sync() {
 # nothing until the results, so that its length is known before it is sent and the scratch disk the
 # payload writes to is not used; stop_serving waits for such a write to end (/run/vjobs/io.busy) before it
 # writes the results there. A round that fails (a file shrank under tar, the host left) is sent again.
+# A round with nothing new or gone is not sent, unless the host asked for it ($1 = sync): it waits for one.
 sync_round() {
     scan_files /run/vjobs/sync.now || return 0
     awk -v from="$sent_start" -v to="$sent_end" '
@@ -158,7 +159,7 @@ sync_round() {
         !($0 in sent) || ($2 >= from && $2 <= to) { sub(/^[0-9]+ [0-9]+ /, ""); print > "/run/vjobs/sync.list" }
         END { if (present == count) exit 1 }' /run/vjobs/sync.sent /run/vjobs/sync.now 2>/dev/null
     gone=$?
-    [ -s /run/vjobs/sync.list ] || [ "$gone" = 0 ] || return 0
+    [ -s /run/vjobs/sync.list ] || [ "$gone" = 0 ] || [ "$1" = sync ] || return 0
     sed 's/^[0-9]* [0-9]* //' /run/vjobs/sync.now > /scratch/vjobs/sync
     { echo vjobs/sync; cat /run/vjobs/sync.list 2>/dev/null; } > /run/vjobs/sync.members
     rm -f /run/vjobs/sync.list
