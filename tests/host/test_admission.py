@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,29 +17,8 @@ import pytest
 from vjobs.config.site import HOST_BUDGET_DIR, HostBudget, load_site, site_from_dict
 from vjobs.errors import AdmissionRefused, InvalidSite
 from vjobs.host.admission import admitted, gc_stale_shares, prepare_host_folder
+from vjobs.testing.admission_holders import AdmissionHolders, said
 from vjobs.testing.host_state import held_tokens
-
-# A vjobs process in miniature: it asks for its share, says so, holds it (for HOLD seconds, or until its
-# stdin is closed), and prints when it held it (CLOCK_MONOTONIC is the same for every process).
-HOLDER = r"""
-import json, sys, time
-from vjobs.host.admission import admitted
-from vjobs.errors import AdmissionRefused
-from vjobs.config.site import site_from_dict
-
-document, job_id, vcpus, memory_mib, hold = sys.argv[1:]
-site = site_from_dict(json.loads(document), source="test site")
-try:
-    with admitted(job_id, int(vcpus), int(memory_mib), site) as share:
-        start = time.monotonic()
-        print("admitted", share.path, flush=True)
-        sys.stdin.readline() if hold == "stdin" else time.sleep(float(hold))
-        end = time.monotonic()
-except AdmissionRefused as refused:
-    print("refused", refused.code, flush=True)
-    sys.exit(3)
-print("held", json.dumps([start, end]), flush=True)
-"""
 
 
 @pytest.fixture
@@ -58,26 +34,17 @@ def site_of(document, **host):
 
 @pytest.fixture
 def holders(document):
-    """Starts holder processes; any still running after the test is killed (by its pid)."""
-    started = []
-
-    def start(job_id, vcpus, memory_mib, hold="stdin", site=None):
-        process = subprocess.Popen([sys.executable, "-c", HOLDER, json.dumps(site or document), job_id, str(vcpus),
-                                    str(memory_mib), hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+    """``start(job_id, vcpus, memory_mib, hold="stdin", site=None)``: a holder (vjobs.testing.admission_holders)
+    under the test's site, or ``site``; each still running after the test is killed by its pid."""
+    with AdmissionHolders() as started:
+        yield lambda job_id, vcpus, memory_mib, hold="stdin", site=None: started.start(
+            site or document, job_id, vcpus, memory_mib, hold=hold)
 
 
 def first_line(process, timeout=10.0) -> str:
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    assert ready, f"holder {process.pid} said nothing within {timeout} s"
-    return process.stdout.readline().strip()
+    line = said(process, timeout)
+    assert line is not None, f"holder {process.pid} said nothing within {timeout} s"
+    return line
 
 
 def held(document) -> tuple[int, int]:

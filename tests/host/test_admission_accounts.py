@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,28 +20,10 @@ import pytest
 from vjobs.config.site import site_from_dict
 from vjobs.errors import AdmissionRefused
 from vjobs.host.admission import admitted, prepare_host_folder
+from vjobs.testing.admission_holders import AdmissionHolders, said
 from vjobs.testing.host_state import held_tokens
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making accounts needs root")
-
-# A vjobs process in miniature: it asks for its share (progress on stderr), says so, and holds it until its
-# stdin is closed (or for HOLD seconds).
-HOLDER = r"""
-import json, sys, time
-from vjobs.host.admission import admitted
-from vjobs.errors import AdmissionRefused
-from vjobs.config.site import site_from_dict
-
-document, job_id, vcpus, memory_mib, hold = sys.argv[1:]
-site = site_from_dict(json.loads(document), source="test site")
-try:
-    with admitted(job_id, int(vcpus), int(memory_mib), site, lambda line: print(line, file=sys.stderr, flush=True)):
-        print("admitted", flush=True)
-        sys.stdin.readline() if hold == "stdin" else time.sleep(float(hold))
-except AdmissionRefused as refused:
-    print("refused", refused.code, refused, flush=True)
-    sys.exit(3)
-"""
 
 # What an account may try against the tokens of the folder: for each file (and the folder itself), whether
 # it could remove, rename, write, change the mode of, or lock it, and whether it could add a file.
@@ -104,33 +84,16 @@ def host(shared: Path, **budget) -> dict:
 
 @pytest.fixture
 def holders(tmp_path):
-    """``start(account, document, job_id, vcpus, memory_mib)``: a holder as ``account`` (None: root, with this
-    checkout); each still running after the test is killed by its pid."""
-    started = []
+    """``start(account, document, job_id, vcpus, memory_mib, hold="stdin")``: a holder
+    (vjobs.testing.admission_holders) as ``account`` (None: root, with this checkout and the test's work
+    folder); each still running after the test is killed by its pid."""
+    with AdmissionHolders() as started:
+        def start(account, document, job_id, vcpus, memory_mib, hold="stdin"):
+            if account is None:
+                document = {"work_dir": str(tmp_path / "work"), **document}
+            return started.start(document, job_id, vcpus, memory_mib, hold=hold, account=account)
 
-    def start(account, document, job_id, vcpus, memory_mib, hold="stdin"):
-        argv = ["-c", HOLDER, json.dumps(document), job_id, str(vcpus), str(memory_mib), hold]
-        options = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if account is None:
-            document = {"work_dir": str(tmp_path / "work"), **document}
-            argv[2] = json.dumps(document)
-            process = subprocess.Popen([sys.executable, *argv], **options)
-        else:
-            process = account.popen([str(account.venv / "bin" / "python"), *argv], **options)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-
-
-def said(process, timeout=30.0) -> str | None:
-    """The holder's next line on stdout, or None when it said nothing within ``timeout``."""
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    return process.stdout.readline().strip() if ready else None
+        yield start
 
 
 def root_site(tmp_path, document):
@@ -148,7 +111,7 @@ def test_a_root_job_and_an_accounts_job_never_hold_the_budget_at_once(pool_accou
     document = host(shared)
     prepare_host_folder(root_site(tmp_path, document))  # as scripts/install.sh does
     holder = holders(account, document, "theirs", 1, 512)
-    assert said(holder) == "admitted", holder.stderr.read() if holder.poll() is not None else ""
+    assert said(holder) == f"admitted {shared / 'budget'}", holder.stderr.read() if holder.poll() is not None else ""
     with pytest.raises(AdmissionRefused) as refused:  # root's job: the account's VM holds the only vCPU
         with admitted("mine", 1, 512, root_site(tmp_path, host(shared, admission_wait_s=0))):
             pytest.fail("root's job was admitted beside the account's")
@@ -161,7 +124,7 @@ def test_a_root_job_and_an_accounts_job_never_hold_the_budget_at_once(pool_accou
     started = time.monotonic()
     holder.send_signal(signal.SIGKILL)  # ... until the account's vjobs is killed: its share comes back
     assert holder.wait(10) == -signal.SIGKILL
-    assert said(waiting, timeout=10) == "admitted" and time.monotonic() - started < 3
+    assert said(waiting, timeout=10) == f"admitted {shared / 'budget'}" and time.monotonic() - started < 3
 
     late = holders(account, host(shared, admission_wait_s=0), "theirs-again", 1, 128)  # and the other way
     assert said(late).startswith("refused admission_timeout") and late.wait(10) == 3
@@ -174,7 +137,7 @@ def test_an_account_cannot_remove_write_or_take_anothers_tokens(pool_accounts, s
     document = host(shared, vcpus=2, memory_mib=128)  # vcpu.0, vcpu.1, mem.0, mem.1 (64 MiB each)
     prepare_host_folder(root_site(tmp_path, document))
     holder = holders(first, document, "first", 2, 128)  # every token
-    assert said(holder) == "admitted"
+    assert said(holder) == f"admitted {shared / 'budget'}"
     attack = second.run([str(second.venv / "bin" / "python"), "-c", ATTACKER, str(shared / "budget")], check=True)
     outcome = json.loads(attack.stdout)
     files = ["budget.json", "mem.0", "mem.1", "vcpu.0", "vcpu.1"]
@@ -206,7 +169,7 @@ def test_an_account_holding_any_file_of_the_folder_blocks_nobody(pool_accounts, 
                 with admitted("root's", 1, 64, root_site(tmp_path, document)):  # one vCPU, one memory token
                     pass
                 theirs = holders(other, document, "other's", 1, 64, hold="0")
-                assert said(theirs) == "admitted", (name, mode, theirs.stderr.read())
+                assert said(theirs) == f"admitted {shared / 'budget'}", (name, mode, theirs.stderr.read())
                 assert theirs.wait(10) == 0
                 locker.stdin.write(".\n")
                 locker.stdin.flush()
@@ -220,12 +183,12 @@ def test_the_tokens_of_a_killed_holder_come_back_whoever_held_them(pool_accounts
     document = host(shared, vcpus=2, memory_mib=256)
     prepare_host_folder(root_site(tmp_path, document))
     killed = holders(first, document, "killed", 2, 256)
-    assert said(killed) == "admitted" and len(held_tokens(shared / "budget")) == 6
+    assert said(killed) == f"admitted {shared / 'budget'}" and len(held_tokens(shared / "budget")) == 6
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(10) == -signal.SIGKILL
     assert held_tokens(shared / "budget") == []  # nothing cleaned up: the kernel let go
     after = holders(second, host(shared, vcpus=2, memory_mib=256, admission_wait_s=0), "after", 2, 256)
-    assert said(after) == "admitted"
+    assert said(after) == f"admitted {shared / 'budget'}"
     after.stdin.close()
     assert after.wait(10) == 0
 
@@ -249,7 +212,7 @@ def test_without_roots_folder_an_accounts_budget_is_its_own(pool_accounts, share
     account = pool_accounts[3]
     document = host(shared)  # no budget folder: vjobs was not installed on this node by root
     first = holders(account, document, "one", 1, 128)
-    assert said(first) == "admitted"
+    assert said(first) == f"admitted {account.work_dir / 'admission'}"
     assert not (shared / "budget").exists()
     assert (f"there is no host budget folder {shared / 'budget'} (vjobs was not installed on this node by its "
             "root: scripts/install.sh), so the budget is this account's own") in first.stderr.readline()

@@ -7,6 +7,8 @@ used by vjobs itself.
 - ``host_state``: what a test sees on the host from outside vjobs (job folders, libvirt domains).
 - ``sites``: site files, the xen and kvm set-ups, a seeded cache, the example job; ``figures``: a median and
   its range as the benchmarks print them; ``processes``: the process table, a job's QEMU.
+- ``admission_holders``: vjobs processes in miniature that hold a share of the host's budget, as root or
+  as a test account (the admission tests).
 - ``kill_campaign`` (with ``event_pipe``): the kill -9 campaign, on vjobs' public events.
 - Stand-ins for parts that cannot exist on a development machine: ``xapi_standin`` (a XAPI pool),
   ``panda_standin`` (a PanDA server); real servers started on loopback: ``servers``; ``fuzz``: the campaign.
