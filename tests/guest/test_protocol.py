@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vjobs.guest import protocol
+from vjobs.guest import protocol, streams
 
 AGENT = Path(protocol.__file__).with_name("agent")
 
@@ -45,3 +45,10 @@ def test_every_error_code_the_agent_delivers_is_explained_by_the_host():
 
 def test_the_io_disk_magic_is_what_the_agent_looks_for():
     assert f"= {protocol.IO_DISK_MAGIC} ]" in agent_text()
+
+
+def test_the_agent_looks_for_the_live_channel_where_the_drivers_put_it():
+    """The virtio-serial port's name (qemu_user, kvm) and the kernel argument that puts the channel on the
+    console (xen); the carriers' own format is held to the host's by tests/guest/test_streams.py."""
+    assert f'[ "$port" = {streams.STREAMS_PORT} ]' in agent_text()
+    assert f"on_cmdline {streams.STREAMS_ON_CONSOLE} " in agent_text()

@@ -56,8 +56,8 @@ from vjobs.host.admission import admitted
 from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
 from vjobs.host.allocation import current as current_allocation
 from vjobs.host.folders import output_folder, write_atomically
-from vjobs.host.running import write_record as write_running_record
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
+from vjobs.host.running import write_record as write_running_record
 from vjobs.host.tools import disk_full_from, not_permitted_from
 from vjobs.images.catalogue import ResolvedImage, resolve_image
 from vjobs.images.rootfs import disk_for as rootfs_disk_for

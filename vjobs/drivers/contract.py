@@ -33,7 +33,7 @@ parts, both small:
                               vjobs/guest/streams.py): its ``read()`` returns the next bytes, b"" at its end;
                               its ``write(data)``, where the channel carries both ways, reaches the agent. None
                               when this VM has none (the default). The core reads, parses and bounds it; a
-                              driver only hands over the raw byte stream.
+                              driver only hands over the raw byte stream (what carries it for each: below).
     ``wait_until_stopped(deadline)`` block until the guest stops or ``time.monotonic()`` passes ``deadline``;
                               return a ``Stop``. A guest the hypervisor paused because a writable disk could not
                               grow (the host file system is full) is ``Stop.DISK_FULL``, with ``full_disk`` naming
@@ -88,9 +88,25 @@ A qcow2 is opened with its backing disabled. The writable disks (io, scratch) ar
 job's folder, which the driver opens by path. Once the hypervisor holds them all and before the guest runs,
 the driver calls ``check_unchanged(spec)``: a checked file rewritten since refuses the job.
 
-The guest's live channel (``guest_channel``) is a channel of its own, never the console:
-qemu_user a virtio-serial port (``virtserialport`` named ``vjobs.streams``) on a socket pair, as its console, in
-cold boots and templates alike (the saved guest has the port; the restore connects a new socket to it).
+The guest's live channel (``guest_channel``) carries the same framed records whatever carries it
+(vjobs/guest/streams.py); every driver should have one (the conformance suite expects it):
+
+============  ===============================================================================================
+driver        what carries the guest's live channel
+============  ===============================================================================================
+qemu_user     a virtio-serial port (``virtserialport`` named ``vjobs.streams``) on a socket pair, as its console,
+              in cold boots and templates alike (the saved guest has the port; the restore connects a new
+              socket to it)
+kvm           a virtio-serial port (``<channel type="unix">``, target ``virtio`` named ``vjobs.streams``) whose
+              QEMU connects to a socket vjobs listens on in the VM's folder while the domain is created, as
+              its console's does: the folder is vjobs' user's alone (0700), QEMU runs as libvirt's user
+xen           the console: XAPI gives a PV guest one text console and no other channel, so the kernel command
+              line says ``vjobs.streams=console``; the agent writes the channel's bytes in base64 inside escape
+              sequences (``ESC ]vjobs-streams; ... BEL``, one write each) that the driver takes out of the
+              console before its log (``StreamsOnConsole``), and reads the host's lines as typed on the
+              console (not over TLS: see ``XenVM.guest_channel``). A carrier that is not base64 or too long
+              ends the channel (the results still come at the end); console text stays console text
+============  ===============================================================================================
 
 The guest's console goes into ``spec.console`` (a ``ConsoleLog``, vjobs/guest/console.py): ``write(bytes)`` or
 ``follow(read)`` from the stream the hypervisor offers. It is bounded by the core, so a driver never writes

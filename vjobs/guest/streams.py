@@ -13,6 +13,10 @@ offers (``VM.guest_channel``, vjobs/drivers/contract.py)::
 A text header, so that a shell agent writes it with ``printf``. The host writes ``b"sync\\n"`` to ask for a
 sync round now (before it stops the VM), on channels that carry both ways.
 
+The channel is a virtio-serial port named ``STREAMS_PORT`` (qemu_user, kvm), or the console itself (xen, whose
+XAPI gives a guest its console and no other channel: ``StreamsOnConsole`` below; the driver puts
+``STREAMS_ON_CONSOLE`` on the kernel command line to say so).
+
 The host reads the channel as hostile input:
 
 - bounded: stdout and stderr together keep at most ``limit_bytes`` (the job's ``output_mib``, which bounds the
@@ -30,7 +34,10 @@ container's ``_publish``), so the final ``stdout`` and ``stderr`` are exactly th
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +48,8 @@ from vjobs.guest.console import copy_in_thread
 from vjobs.host.folders import FILE_MODE
 
 STREAMS = {1: "stdout", 2: "stderr"}
+STREAMS_PORT = "vjobs.streams"  # the virtio-serial port's name, which the guest agent looks for
+STREAMS_ON_CONSOLE = "vjobs.streams=console"  # on the kernel command line: the channel is the console
 SYNC_ROUND, USAGE_SAMPLE = 3, 4
 MAX_RECORD = 1 << 16  # the agent writes at most 64 KiB a stream record; more is garbage
 MAX_SAMPLE = 1 << 16
@@ -216,3 +225,159 @@ class LiveStreams:
             if self._round_file is not None:
                 self._round_file.close()
                 self._round_file = None
+
+
+# --- the channel on a console (xen) -------------------------------------------------------------------------
+#
+# The agent (lib.sh ``console_carrier``) cuts the channel's bytes into pieces of at most CARRIER_PIECE, as they
+# come, and writes each on the console as one escape sequence, with one write() (so that no line of the agent's
+# falls inside one); the host's lines (``SYNC_REQUEST``) it reads as typed on the console:
+#
+#     ESC "]vjobs-streams;" <the piece in base64> BEL
+#
+# An OSC sequence, which a terminal attached to the console (``xe console``) does not show. The payload's bytes
+# are in base64 there, so nothing the payload prints can end a carrier early or look like console text (an
+# agent marker), and console text cannot look like a carrier's inside unless written as one (by the guest's
+# root, who could as well write its own records: the core's bounds hold either way).
+
+CARRIER_START = b"\x1b]vjobs-streams;"
+CARRIER_END = b"\x07"
+CARRIER_PIECE = 3072  # bytes of the channel a carrier holds at most (lib.sh's dd bs=)
+CARRIER_MAX = CARRIER_PIECE * 4 // 3  # their base64; a longer carrier is garbage
+PENDING_MAX = 1 << 20  # channel bytes kept for the reader: more waits for it, or ends a channel nobody reads
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]")
+
+
+class StreamsOnConsole:
+    """Splits a console that carries the guest's live channel (xen) into the console's own text, for its
+    ``ConsoleLog``, and the channel, for ``LiveStreams`` (``read``). Fed from the console's one reading thread
+    (``console_text``, or ``split``); read from another.
+
+    As hostile as the channel itself: a carrier that is not base64, or longer than ``CARRIER_MAX``, ends the
+    channel for good (``broken``; a line in the console log says so, the text after it is console text
+    again, and later carriers are still taken out of the console but ignored). So the host holds at most one
+    carrier and ``pending_max`` bytes, and the console's bound (``ConsoleLog``) holds for its text. Once
+    ``read`` has been called, a reader that falls ``pending_max`` bytes behind (LiveStreams waits for the job to
+    take a sync round) holds up the console's reading, as a virtio-serial port holds up its writer; before,
+    nobody reads, and as many unread bytes end the channel. A kernel message that falls inside a carrier (the
+    kernel writes the console without waiting for the agent's write to end; only warnings and worse, with the
+    built-in image's ``loglevel=4``) breaks it too: the live copies stop there, and the final stdout and stderr
+    come with the results as always."""
+
+    def __init__(self, pending_max: int = PENDING_MAX):
+        self.pending_max = pending_max
+        self.broken: str | None = None
+        self._held = b""  # the end of the last text read, which may be the beginning of a CARRIER_START
+        self._carrier: bytearray | None = None  # the carrier being read; None: console text
+        self._pending = bytearray()  # the channel's bytes that ``read`` has not returned yet
+        self._reading = False  # ``read`` was called: a reader will take what is pending
+        self._ended = False
+        self._changed = threading.Condition()
+
+    def console_text(self, read: Callable[[], bytes]) -> Callable[[], bytes]:
+        """``read`` (the console's raw bytes, b"" or an exception at its end) as a ``read`` of its text alone,
+        for ``ConsoleLog.follow``; its end is the channel's end too."""
+        def read_text() -> bytes:
+            try:
+                while chunk := read():
+                    if text := self.split(chunk):
+                        return text
+            except BaseException:
+                self.end()
+                raise
+            self.end()
+            text, self._held = self._held, b""  # a console that ended on what looked like a carrier's start
+            return text
+        return read_text
+
+    def split(self, data: bytes) -> bytes:
+        """The console's own text in ``data``; the carriers in it go to the channel."""
+        text = bytearray()
+        data, self._held = self._held + data, b""
+        while data:
+            if self._carrier is not None:
+                data = self._take_carrier(data, text)
+                continue
+            start = data.find(CARRIER_START)
+            if start < 0:
+                held = _carrier_start_begun(data)
+                text += data[:len(data) - held]
+                self._held = data[len(data) - held:]
+                break
+            text += data[:start]
+            data = data[start + len(CARRIER_START):]
+            self._carrier = bytearray()
+        return bytes(text)
+
+    def _take_carrier(self, data: bytes, text: bytearray) -> bytes:
+        """Reads the carrier under way from ``data``; what follows it (console text) is returned."""
+        room = CARRIER_MAX - len(self._carrier)
+        end = data.find(CARRIER_END, 0, room + 1)
+        body = data[:end] if end >= 0 else data[:room]
+        if bad := _NOT_BASE64.search(body):
+            self._carrier = None
+            text += self._break(f"a carrier held {bytes(body[bad.start():bad.start() + 1])!r}, which is not base64")
+            return data[bad.start():]
+        self._carrier += body
+        if end >= 0:
+            carrier, self._carrier = bytes(self._carrier), None
+            text += self._deliver(carrier)
+            return data[end + 1:]
+        if len(data) > room:
+            self._carrier = None
+            text += self._break(f"a carrier longer than {CARRIER_MAX} bytes")
+            return data[room:]
+        return b""
+
+    def _deliver(self, carrier: bytes) -> bytes:
+        """The carrier's bytes onto the channel; a note for the console log if that broke it."""
+        if self.broken is not None:
+            return b""  # taken out of the console, and ignored
+        try:
+            piece = base64.b64decode(carrier, validate=True)
+        except binascii.Error:
+            return self._break("a carrier's base64 did not decode")
+        with self._changed:
+            self._changed.wait_for(lambda: self._fits(piece) or self._ended or not self._reading)
+            if self._ended:
+                return b""
+            fits = self._fits(piece)
+            if fits:
+                self._pending += piece
+                self._changed.notify_all()
+        return b"" if fits else self._break(f"nobody read more than {self.pending_max} bytes of it")
+
+    def _fits(self, piece: bytes) -> bool:
+        return len(self._pending) + len(piece) <= self.pending_max
+
+    def _break(self, why: str) -> bytes:
+        """Ends the channel for good, the first time: a line for the console log; later: nothing."""
+        if self.broken is not None:
+            return b""
+        self.broken = f"the guest's live channel on its console stopped: {why}; the rest is ignored"
+        self.end()
+        return f"\n[vjobs: {self.broken}]\n".encode()
+
+    def end(self) -> None:
+        """The console ended, the channel broke, or the VM is destroyed: ``read`` returns what is pending, then
+        b""; later carriers are taken out of the console and dropped."""
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def read(self) -> bytes:
+        """The channel's next bytes, as they come; b"" at its end (a ``Channel``'s ``read``)."""
+        with self._changed:
+            self._reading = True
+            self._changed.wait_for(lambda: self._pending or self._ended)
+            data, self._pending = bytes(self._pending), bytearray()
+            self._changed.notify_all()  # the console's reader may go on
+            return data
+
+
+def _carrier_start_begun(data: bytes) -> int:
+    """How many of ``data``'s last bytes are the beginning of a ``CARRIER_START`` that a read cut short."""
+    for size in range(min(len(CARRIER_START) - 1, len(data)), 0, -1):
+        if data.endswith(CARRIER_START[:size]):
+            return size
+    return 0

@@ -30,8 +30,8 @@ import errno
 import functools
 import grp
 import os
-import secrets
 import pwd
+import secrets
 import stat
 from pathlib import Path
 

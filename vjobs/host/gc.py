@@ -36,7 +36,7 @@ from vjobs.errors import VjobsError
 from vjobs.host import cache
 from vjobs.host.admission import gc_stale_shares
 from vjobs.host.folders import not_own, writable_by_others
-from vjobs.host.identity import abandoned_entry, abandoned_folder, collectable, owner_is_gone, pid_alive
+from vjobs.host.identity import abandoned_entry, collectable, pid_alive
 from vjobs.host.roles import caches
 
 # vjobs' folders in the system's temporary folder, named with their process's pid: an inspection's

@@ -325,6 +325,7 @@ class DriverConformance:
         result = seen.pop("result")
         assert result.status == "succeeded", (result.error, (out / "console.log").read_text(errors="replace"))
         assert [what for what, when in seen.items() if when is None] == [], "not seen while the payload ran"
+        assert b"vjobs-streams" not in (out / "console.log").read_bytes()  # a channel on the console is taken out
         assert (bind / "progress.log").read_text() == "".join(f"step {i}\n" for i in range(1, 11))
         assert result.returned_binds[0]["removed"] == ["gone.txt"]
         assert "progress.log" in result.returned_binds[0]["changed"]

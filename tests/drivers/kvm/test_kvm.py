@@ -72,6 +72,9 @@ def test_domain_xml_names_formats_makes_the_release_read_only_and_has_no_network
     serial = root.find("./devices/serial")  # a socket vjobs listens on in the VM's folder: read by vjobs, bounded
     source = {"mode": "connect", "path": str(tmp_path / "console.sock")}
     assert serial.get("type") == "unix" and serial.find("source").attrib == source
+    channel = root.find("./devices/channel")  # the live streams: a virtio-serial port on a socket, as the console
+    assert channel.get("type") == "unix" and channel.find("target").attrib == {"type": "virtio", "name": "vjobs.streams"}
+    assert channel.find("source").attrib == {"mode": "connect", "path": str(tmp_path / "streams.sock")}
     assert root.findtext("on_poweroff") == "destroy" and root.findtext("on_crash") == "destroy"
 
 
@@ -305,6 +308,21 @@ def test_create_makes_the_domain_paused_and_destroy_removes_it(kvm_site, built_b
     finally:
         conn.close()
         spec.console.close()
+
+
+@pytest.mark.vm
+@pytest.mark.libvirt
+def test_a_work_dir_too_deep_for_socket_paths_puts_them_in_a_private_temporary_folder(kvm_site, make_site, make_job,
+                                                                                     tmp_path, assert_clean_host):
+    """The console's and the live streams' sockets (vjobs/drivers/kvm/driver.py DomainSockets) in a folder of
+    the system's temporary folder, both connected, and the folder gone after the job."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    site = make_site(driver="kvm", drivers=dict(kvm_site.drivers), work_dir=str(deep))
+    result = vjobs.run(make_job(["sh", "-c", "echo out; echo err >&2"]), site=site, outdir=tmp_path / "out")
+    assert result.status == "succeeded", result.error
+    assert (tmp_path / "out" / "stdout").read_text() == "out\n"
+    assert b"vjobs-agent: up" in (tmp_path / "out" / "console.log").read_bytes()
+    assert not list(Path(tempfile.gettempdir()).glob(f"vjobs-console-{os.getpid()}-*"))
 
 
 @pytest.mark.vm

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vjobs.drivers.contract import VMSpec
+from vjobs.guest.streams import STREAMS_PORT
 
 #: The namespace of vjobs' element in a domain's <metadata>; libvirt keys metadata by it.
 NAMESPACE_URI = "https://vjobs.invalid/owner/1"
@@ -20,6 +21,7 @@ NAMESPACE_PREFIX = "vjobs"
 ET.register_namespace(NAMESPACE_PREFIX, NAMESPACE_URI)
 
 CONSOLE_SOCKET = "console.sock"
+STREAMS_SOCKET = "streams.sock"
 
 _OWNER = f"{{{NAMESPACE_URI}}}owner"
 _LABEL = f"{{{NAMESPACE_URI}}}label"
@@ -36,9 +38,10 @@ class DomainSettings:
 
 
 def domain_xml(spec: VMSpec, settings: DomainSettings, kernel: Path, initramfs: Path,
-               console: Path | None = None) -> str:
+               sockets: Path | None = None) -> str:
     """The description of ``spec``'s domain, booting ``kernel`` and ``initramfs`` (copies of the spec's);
-    ``console``: the socket the serial port connects to (default: ``console_socket(spec)``)."""
+    ``sockets``: the folder of the sockets its serial port (the console) and its virtio-serial port (the live
+    streams) connect to (default: the VM's own, ``spec.workdir``)."""
     domain = ET.Element("domain", type=settings.virt_type)
     _text(domain, "name", spec.name)
     domain.append(owner_metadata(spec.owner.as_labels()))
@@ -53,7 +56,7 @@ def domain_xml(spec: VMSpec, settings: DomainSettings, kernel: Path, initramfs: 
     _text(domain, "on_poweroff", "destroy")
     _text(domain, "on_reboot", "restart")
     _text(domain, "on_crash", "destroy")
-    domain.append(_devices(spec, settings, console or console_socket(spec)))
+    domain.append(_devices(spec, settings, sockets or spec.workdir))
     return ET.tostring(domain, encoding="unicode")
 
 
@@ -84,7 +87,7 @@ def _features(settings: DomainSettings) -> ET.Element:
     return features
 
 
-def _devices(spec: VMSpec, settings: DomainSettings, console: Path) -> ET.Element:
+def _devices(spec: VMSpec, settings: DomainSettings, sockets: Path) -> ET.Element:
     devices = ET.Element("devices")
     for index, disk in enumerate(spec.disks):
         element = ET.SubElement(devices, "disk", type="file", device="disk")
@@ -110,18 +113,17 @@ def _devices(spec: VMSpec, settings: DomainSettings, console: Path) -> ET.Elemen
     # core: a file would be written by QEMU with no limit, and a pty belongs to QEMU's user (root for the
     # system libvirtd), which an account cannot open.
     serial = ET.SubElement(devices, "serial", type="unix")
-    ET.SubElement(serial, "source", mode="connect", path=str(console))
+    ET.SubElement(serial, "source", mode="connect", path=str(sockets / CONSOLE_SOCKET))
     ET.SubElement(serial, "target", port="0")
+    # The payload's live stdout and stderr (vjobs/guest/streams.py): a virtio-serial port, made the same way
+    # (libvirt adds the virtio-serial controller).
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "source", mode="connect", path=str(sockets / STREAMS_SOCKET))
+    ET.SubElement(channel, "target", type="virtio", name=STREAMS_PORT)
     # libvirt would otherwise add a USB controller and a memory balloon nobody uses: less to emulate
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
     return devices
-
-
-def console_socket(spec: VMSpec) -> Path:
-    """Where the domain's serial port connects to, unless its path is too long for a socket (KvmVM says where
-    then): a socket vjobs listens on in the VM's own folder."""
-    return spec.workdir / CONSOLE_SOCKET
 
 
 def owner_metadata(labels: dict[str, str]) -> ET.Element:

@@ -2,7 +2,8 @@
 
 ``create`` defines the domain, hands libvirt the checked descriptors of its read-only disks
 (``virDomainFDAssociate``, which needs a domain to hand them to), starts it paused (QEMU opens the disks then)
-and undefines it at once, which leaves it transient: nothing of it outlives its QEMU. It then opens the console;
+and undefines it at once, which leaves it transient: nothing of it outlives its QEMU. QEMU has connected to
+vjobs' sockets for the console and the guest's live channel by then (``DomainSockets``); vjobs reads both itself.
 ``start`` checks that no checked file changed (``check_unchanged``) and resumes it. A domain a killed vjobs
 left running, or left defined, is found by ``vjobs gc`` through its owner labels.
 
@@ -29,11 +30,11 @@ from typing import Callable, Iterator, Mapping
 import libvirt
 
 from vjobs.drivers.bootcheck import boot_check
-from vjobs.drivers.contract import (VM, Capabilities, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
+from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
                                     check_unchanged, destroyed_on_failure, first_failure)
 from vjobs.drivers.kvm import connection
 from vjobs.drivers.kvm.connection import libvirt_errors
-from vjobs.drivers.kvm.domain import (CONSOLE_SOCKET, NAMESPACE_URI, DomainSettings, console_socket, disk_fds,
+from vjobs.drivers.kvm.domain import (CONSOLE_SOCKET, NAMESPACE_URI, STREAMS_SOCKET, DomainSettings, disk_fds,
                                       domain_xml, parse_owner)
 from vjobs.errors import VjobsError, VMError
 
@@ -43,9 +44,9 @@ BOOT_DEADLINE_S = {"kvm": 15.0, "qemu": 60.0}
 ACCELERATION = {"kvm": "kvm", "qemu": "tcg"}
 NETWORK = "default"  # the libvirt network a job that may use the network is attached to
 RECONNECT_S = 30.0  # how long destroy() waits for a restarted libvirtd to answer again
-CONSOLE_CONNECT_S = 10.0  # QEMU connects to its console before libvirt says the domain exists: a margin
+CONSOLE_CONNECT_S = 10.0  # QEMU connects to its sockets before libvirt says the domain exists: a margin
 SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108, with the NUL)
-CONSOLE_TEMP_PREFIX = "vjobs-console-"  # + PID-: a console socket's folder when the VM's is too deep (gc knows it)
+CONSOLE_TEMP_PREFIX = "vjobs-console-"  # + PID-: the sockets' folder when the VM's is too deep (gc knows it)
 FORMATS = ("raw", "qcow2")  # named in the domain description (vjobs/drivers/kvm/domain.py)
 ADVISORY = ("network",)  # a host without the network still runs every job that does not ask for one
 
@@ -70,8 +71,8 @@ class KvmDriver(Driver):
         # own folder, readable by vjobs' user alone (and by QEMU, to which libvirt lends them).
         kernel = spec.boot.kernel.private_copy(spec.workdir / "kernel")
         initramfs = spec.boot.initramfs.private_copy(spec.workdir / "initramfs")
-        console = ConsoleSocket.for_vm(spec)
-        vm = KvmVM(spec, self.uri, domain_xml(spec, settings, kernel, initramfs, console.path), console)
+        sockets = DomainSockets.for_vm(spec)
+        vm = KvmVM(spec, self.uri, domain_xml(spec, settings, kernel, initramfs, sockets.folder), sockets)
         with destroyed_on_failure(vm):
             vm.attach()
         return vm
@@ -161,9 +162,9 @@ class KvmDriver(Driver):
 class KvmVM(VM):
     """One transient domain. Its own connection carries the event callbacks, so that closing it ends them."""
 
-    def __init__(self, spec: VMSpec, uri: str, xml: str, console_socket: ConsoleSocket):
+    def __init__(self, spec: VMSpec, uri: str, xml: str, sockets: DomainSockets):
         super().__init__(spec)
-        self.uri, self.xml, self.console_socket = uri, xml, console_socket
+        self.uri, self.xml, self.domain_sockets = uri, xml, sockets
         self.conn: libvirt.virConnect | None = None
         self.dom: libvirt.virDomain | None = None
         self.callbacks: list[int] = []
@@ -171,11 +172,11 @@ class KvmVM(VM):
         self.stop: Stop | None = None  # set by the event thread once the domain is gone
         self.reset = False  # the guest reset itself (a panic with panic=-1, or reboot)
         self.lost: str | None = None  # why the connection to libvirtd closed
-        self.console: int | None = None  # QEMU's connection to the console socket, read by vjobs itself
+        self.connections: dict[str, int] = {}  # QEMU's connection to each of its sockets, by the socket's name
 
     def attach(self) -> None:
         """``create``'s part: the domain, started paused (QEMU has opened the disks, the read-only ones through
-        the checked descriptors), transient, and its console open."""
+        the checked descriptors), transient, and its console and live channel connected."""
         self.conn = connection.open_connection(self.uri)
         with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
             self.conn.registerCloseCallback(self._on_close, None)
@@ -185,8 +186,8 @@ class KvmVM(VM):
                 self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None),
                 self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON,
                                                  self._on_io_error, None)]
-            # QEMU connects to the console socket as it starts, before its guest runs: listening first.
-            with self.console_socket.listening() as listener:
+            # QEMU connects to its sockets as it starts, before its guest runs: listening first.
+            with self.domain_sockets.listening() as listeners:
                 self.dom = self.conn.defineXML(self.xml)
                 try:
                     for group, fd in disk_fds(self.spec).items():
@@ -194,7 +195,8 @@ class KvmVM(VM):
                     self.dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
                 finally:
                     self.dom.undefine()  # transient once it runs; gone if it did not start
-                self.console = self.console_socket.accept(listener, self.spec.name)
+                for name, listener in listeners.items():  # one by one: _close closes those made, if one fails
+                    self.connections[name] = DomainSockets.accept(listener, self.spec.name)
             self.spec.console.follow(self._read_console)
 
     def start(self) -> None:
@@ -208,7 +210,23 @@ class KvmVM(VM):
         vjobs reads the console itself rather than through libvirt's console stream: libvirtd 9.0 deadlocked for
         good (every thread waiting on a lock) when a client holding a console stream died while its domain was
         destroyed, virStreamAbort against virChrdevFree; the kill campaign hit it three times in ~250 kills."""
-        while (fd := self.console) is not None:
+        return self._read(CONSOLE_SOCKET)
+
+    def guest_channel(self) -> Channel:
+        """The virtio-serial port ``vjobs.streams``, on a socket of its own, as the console is."""
+        return Channel(read=lambda: self._read(STREAMS_SOCKET), write=self._write_channel)
+
+    def _write_channel(self, data: bytes) -> None:
+        """A line for the agent (the socket is non-blocking: a guest that reads nothing makes it an OSError)."""
+        fd = self.connections.get(STREAMS_SOCKET)
+        if fd is None:
+            raise BrokenPipeError("the domain's live channel is closed")
+        while data:
+            data = data[os.write(fd, data):]
+
+    def _read(self, socket_name: str) -> bytes:
+        """The next chunk QEMU passed on from the guest on one of its sockets; b"" once it is closed."""
+        while (fd := self.connections.get(socket_name)) is not None:
             with contextlib.suppress(InterruptedError, BlockingIOError):
                 if select.select([fd], [], [], 0.5)[0]:
                     return os.read(fd, 65536)  # b"" once QEMU closed its side: the VM is gone
@@ -310,8 +328,8 @@ class KvmVM(VM):
             _destroy_quietly(dom)
 
     def _close(self) -> None:
-        if self.console is not None:
-            fd, self.console = self.console, None  # the reading thread sees None within 0.5 s and stops
+        connections, self.connections = self.connections, {}  # the reading threads see it within 0.5 s and stop
+        for fd in connections.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         conn, self.conn, self.dom = self.conn, None, None
@@ -323,56 +341,63 @@ class KvmVM(VM):
 
 
 @dataclass(frozen=True)
-class ConsoleSocket:
-    """The socket a domain's serial port connects to and vjobs listens on, there only while the domain is
-    created: in the VM's folder, or, when that path is longer than a Unix socket takes (a long work_dir and job
-    id), in a private folder of the system's temporary folder (``own_folder``), named with this process's pid so
-    that ``vjobs gc`` removes one that a vjobs killed meanwhile left. QEMU, libvirt's user (root here), reaches
-    either; no other account does."""
+class DomainSockets:
+    """The sockets a domain's serial port (the console) and its virtio-serial port (the live streams) connect
+    to and vjobs listens on, there only while the domain is created: in the VM's folder, or, when a path there
+    is longer than a Unix socket takes (a long work_dir and job id), in a private folder of the system's
+    temporary folder (``own_folder``), named with this process's pid so that ``vjobs gc`` removes one that a
+    vjobs killed meanwhile left. QEMU, libvirt's user (root here), reaches either; no other account does: both
+    folders are vjobs' user's alone (0700: vjobs/host/folders.py, ``mkdtemp``)."""
 
-    path: Path
-    own_folder: Path | None = None
+    folder: Path
+    own_folder: bool = False
+
+    NAMES = (CONSOLE_SOCKET, STREAMS_SOCKET)
 
     @classmethod
-    def for_vm(cls, spec: VMSpec) -> ConsoleSocket:
-        path = console_socket(spec)
-        if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
-            return cls(path)
-        folder = Path(tempfile.mkdtemp(prefix=f"{CONSOLE_TEMP_PREFIX}{os.getpid()}-"))
-        return cls(folder / CONSOLE_SOCKET, folder)
+    def for_vm(cls, spec: VMSpec) -> DomainSockets:
+        longest = max(cls.NAMES, key=len)
+        if len(os.fsencode(spec.workdir / longest)) <= SOCKET_PATH_MAX:
+            return cls(spec.workdir)
+        return cls(Path(tempfile.mkdtemp(prefix=f"{CONSOLE_TEMP_PREFIX}{os.getpid()}-")), own_folder=True)
 
     @contextlib.contextmanager
-    def listening(self) -> Iterator[socket.socket]:
-        """Listening for the domain's QEMU while the domain is created; then the socket's file is removed (the
-        connection QEMU made lives on without it)."""
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def listening(self) -> Iterator[dict[str, socket.socket]]:
+        """Listening on each socket (by its name) for the domain's QEMU while the domain is created; then the
+        sockets' files are removed (the connections QEMU made live on without them)."""
+        listeners: dict[str, socket.socket] = {}
         try:
-            listener.bind(str(self.path))
-            listener.listen(1)
-            yield listener
+            for name in self.NAMES:
+                listener = listeners[name] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(str(self.folder / name))
+                listener.listen(1)
+            yield listeners
         finally:
-            listener.close()
+            for listener in listeners.values():
+                listener.close()
             self.remove()
 
     @staticmethod
-    def accept(listener: socket.socket, name: str) -> int:
+    def accept(listener: socket.socket, domain: str) -> int:
         """The connection QEMU made as it started (libvirt returns once QEMU runs, so it is there, or never
-        is), as a descriptor the console thread reads. Nothing is written to it (the guest gets no input), and
-        it is never shut down halfway: QEMU takes an end of its input for the end of the console."""
+        is), as a descriptor a reading thread reads. Nothing is written to it (the guest gets no input), and
+        it is never shut down halfway: QEMU takes an end of its input for the end of the device."""
         listener.settimeout(CONSOLE_CONNECT_S)
         try:
             connection, _ = listener.accept()
         except TimeoutError:
-            raise VMError(f"the QEMU of domain {name} did not connect to its console within "
+            socket_name = Path(listener.getsockname()).name
+            raise VMError(f"the QEMU of domain {domain} did not connect to its {socket_name} within "
                           f"{CONSOLE_CONNECT_S:g} s", code="boot_failed") from None
         connection.setblocking(False)
         return connection.detach()
 
     def remove(self) -> None:
-        if self.own_folder is not None:
-            shutil.rmtree(self.own_folder, ignore_errors=True)
+        if self.own_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
         else:
-            self.path.unlink(missing_ok=True)
+            for name in self.NAMES:
+                (self.folder / name).unlink(missing_ok=True)
 
 
 _CLOSE_REASONS = {libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",

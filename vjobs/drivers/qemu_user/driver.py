@@ -165,6 +165,8 @@ class QemuUserVM(VM):
         self.shutdown_reason: str | None = None
         self.sockets: list[socket.socket] = []
         self.streams: socket.socket | None = None  # our end of the live streams' port, once launched
+        self.console_end: socket.socket | None = None  # our end of the console, once launched (vjobs writes
+                                                       # nothing to it; the XAPI stand-in types on it)
         self.qemu_log: ConsoleLog | None = None  # QEMU's own messages, bounded as the console is
         self.prepared: Launch | None = None  # made by ``attach`` (in ``create``), run by ``start``
 
@@ -207,7 +209,7 @@ class QemuUserVM(VM):
     def launch(self, launch: Launch) -> None:
         """Start a prepared QEMU, paused, with its console, its log and its monitor connected."""
         spec = self.spec
-        console = launch.console
+        console = self.console_end = launch.console
         self.streams = launch.streams
         self.sockets = [console, launch.monitor, launch.streams]
         try:

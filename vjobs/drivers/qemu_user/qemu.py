@@ -28,9 +28,9 @@ from typing import Sequence
 
 from vjobs.drivers.contract import CheckedFile, Disk
 from vjobs.drivers.qemu_user.confine import Confinement, preexec, wrap
+from vjobs.guest.streams import STREAMS_PORT
 
 DEFAULT_BINARY = "qemu-system-x86_64"
-STREAMS_PORT = "vjobs.streams"  # the virtio-serial port's name, which the guest agent looks for
 
 # q35 is the default: under TCG on a loaded host, microvm (even with the legacy PIT, PIC and RTC) hung
 # silently in 1 to 5 boots of 6 here, the kernel failing to calibrate its TSC with no HPET or PM timer to

@@ -7,20 +7,28 @@ XAPI calls used (the closing note of issue 4 lists them too):
   add_to_other_config, VBD.create, VM.create / start / hard_shutdown / destroy / get_record /
   get_power_state / get_all_records / get_VBDs, VBD.get_record, console.get_record, event.from,
   HTTP PUT /import_raw_vdi (format=vhd: sparse; or raw), HTTP GET /export_raw_vdi, HTTP CONNECT /console.
+
+XAPI gives a PV guest one text console and no channel of its own making (no virtio-serial, no vsock), so the
+guest's live channel (the payload's stdout and stderr, sync rounds, usage samples) travels on that console:
+the kernel command line says so to the agent (``vjobs.streams=console``), which writes its records in escape
+sequences that the driver takes out of the console before its log (vjobs/guest/streams.py
+``StreamsOnConsole``), and reads the host's requests as typed on the console.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ssl
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from vjobs.drivers.contract import (VM, Capabilities, Check, CheckedFile, Disk, Driver, Stop, VMSpec,
+from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFile, Disk, Driver, Stop, VMSpec,
                                     check_disk_formats, check_unchanged, destroyed_on_failure, first_failure)
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
 from vjobs.errors import VMError
 from vjobs.events import Events
+from vjobs.guest.streams import STREAMS_ON_CONSOLE, StreamsOnConsole
 from vjobs.host import locks
 
 MIB = 1 << 20
@@ -126,6 +134,7 @@ class XenVM(VM):
         self.vm: str | None = None
         self.vdis: dict[str, str] = {}  # disk role -> VDI ref, for the disks this VM owns
         self.console_stream = None
+        self.streams: StreamsOnConsole | None = None  # the guest's live channel, carried on the console
         self.labels = spec.owner.as_labels()
 
     # --- create and attach -------------------------------------------------------------------------------
@@ -174,7 +183,8 @@ class XenVM(VM):
             "VCPUs_at_startup": str(spec.vcpus), "actions_after_shutdown": "destroy",
             "actions_after_reboot": "destroy", "actions_after_crash": "destroy",
             "PV_bootloader": "", "PV_kernel": str(kernel), "PV_ramdisk": str(initramfs),
-            "PV_args": f"{spec.boot.cmdline} console=hvc0", "PV_bootloader_args": "", "PV_legacy_args": "",
+            "PV_args": f"{spec.boot.cmdline} console=hvc0 {STREAMS_ON_CONSOLE}",
+            "PV_bootloader_args": "", "PV_legacy_args": "",
             "HVM_boot_policy": "", "HVM_boot_params": {}, "HVM_shadow_multiplier": 1.0, "platform": {},
             "PCI_bus": "", "other_config": self.labels, "recommendations": "", "xenstore_data": {},
             "ha_always_run": False, "ha_restart_priority": "", "tags": [TAG], "blocked_operations": {},
@@ -231,7 +241,8 @@ class XenVM(VM):
 
     def _follow_console(self) -> None:
         """Copy the guest's text console into the local console log, so that the boot check and the result
-        see it as with any other driver."""
+        see it as with any other driver; the live channel the agent puts on it (``STREAMS_ON_CONSOLE``) is
+        taken out on the way (``guest_channel``)."""
         consoles = self.xapi.api.VM.get_record(self.vm).get("consoles", [])
         records = [self.xapi.api.console.get_record(ref) for ref in consoles]
         text = [r for r in records if r.get("protocol") == "vt100"]
@@ -239,8 +250,19 @@ class XenVM(VM):
             return
         stream, first = self.xapi.open_console(text[0]["location"])
         self.console_stream = stream
-        self.spec.console.write(first)
-        self.spec.console.follow(lambda: stream.recv(65536))
+        self.streams = StreamsOnConsole()
+        self.spec.console.write(self.streams.split(first))
+        self.spec.console.follow(self.streams.console_text(lambda: stream.recv(65536)))
+
+    def guest_channel(self) -> Channel | None:
+        """XAPI gives a guest its console and no other channel: the records come on it (vjobs/guest/streams.py
+        ``StreamsOnConsole``) and the host's requests go in as typed; None when the VM has no text console.
+        Over TLS (an https URL, not dom0's local socket) nothing goes in: an SSL socket must not be written
+        while another thread reads it, so the last sync round before a stop is not asked for there."""
+        if self.streams is None:
+            return None
+        writable = not isinstance(self.console_stream, ssl.SSLSocket)
+        return Channel(read=self.streams.read, write=self.console_stream.sendall if writable else None)
 
     def wait_until_stopped(self, deadline: float) -> Stop:
         """Sleep in ``event.from`` until XAPI reports the VM halted or the deadline passes."""
@@ -270,6 +292,7 @@ class XenVM(VM):
     def destroy(self) -> None:
         if self.xapi.session is None and self.vm is None:
             return
+        self.xapi.drop_connection()  # the job may have been cancelled in the midst of a call
         with contextlib.suppress(Exception):
             if self.vm is not None:
                 _destroy_vm(self.xapi, self.vm)
@@ -280,6 +303,8 @@ class XenVM(VM):
         if self.console_stream is not None:
             with contextlib.suppress(OSError):
                 self.console_stream.close()
+        if self.streams is not None:
+            self.streams.end()  # a reader of the channel is not left waiting
         self.xapi.logout()
 
 

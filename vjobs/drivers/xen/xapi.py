@@ -99,6 +99,13 @@ class Xapi:
             raise DriverError(f"cannot read [drivers.xen] password_file {self.password_file}: {exc.strerror}",
                               code="xapi_no_password") from exc
 
+    def drop_connection(self) -> None:
+        """Forget the HTTP connection under the session: a call that a signal interrupted (a SIGTERM during
+        ``event.from``'s long wait) leaves it waiting for that answer, and every later call would fail on it.
+        The next call opens a new one; the session stays logged in."""
+        if self.session is not None:
+            self.session("close")()  # xmlrpc.client.ServerProxy's way to close its transport
+
     @property
     def api(self):
         return self.session.xenapi

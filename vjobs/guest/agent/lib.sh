@@ -12,15 +12,19 @@ record() { echo "$1=$2" >> "$status"; }
 newline='
 '
 
-# The channel to the host (vjobs/guest/streams.py): a virtio-serial port named vjobs.streams, when the VM has
-# one, opened read-write on descriptor 4. The agent writes framed records "<kind> <length>\n<bytes>" on it:
+# The channel to the host (vjobs/guest/streams.py), when the VM has one (find_host_channel): records to the
+# host on descriptor 4, lines from it on descriptor 5 (open_host_channel). The agent writes framed records
+# "<kind> <length>\n<bytes>":
 #   1, 2  what the payload added to its stdout and stderr, every second (64 KiB at most a record);
 #   3     a sync round: a tar of what changed in the outputs and read-write binds (sync_round);
 #   4     a usage sample: "name=value" lines (usage_figures), every SYNC_INTERVAL_S with the sync.
 # The host may write one line back: "sync" asks for a round now (it is about to stop the VM). The payload
 # writes its files as before (they are the final copy), so a host that reads slowly or not at all holds up
 # this loop only, never the payload. Ends when the agent asks it to (stop_serving).
+# The channel is a virtio-serial port named vjobs.streams (qemu_user, kvm), or, when the kernel command line
+# says vjobs.streams=console (xen: XAPI gives a guest its console and no other channel), the console itself.
 find_host_channel() {  # sets $channel (no fork: it runs before every payload)
+    on_cmdline vjobs.streams=console && { channel=console; return 0; }
     for name in /sys/class/virtio-ports/*/name; do
         read -r port < "$name" 2>/dev/null && [ "$port" = vjobs.streams ] || continue
         port=${name%/name}
@@ -30,7 +34,27 @@ find_host_channel() {  # sets $channel (no fork: it runs before every payload)
     return 1
 }
 open_host_channel() {
-    [ -n "$LIVE_CHANNEL" ] && find_host_channel && exec 4<> "$channel"
+    [ -n "$LIVE_CHANNEL" ] && find_host_channel || return 1
+    if [ "$channel" != console ]; then
+        exec 4<> "$channel" 5<&4
+        return
+    fi
+    # On the console, records go through console_carrier (one write each, so no line of the agent's falls
+    # inside one) and the host's lines come as typed on it, not echoed back.
+    mkfifo /run/vjobs/channel || return 1
+    console_carrier < /run/vjobs/channel > /dev/console &
+    stty -echo < /dev/console 2>/dev/null
+    exec 4> /run/vjobs/channel 5< /dev/console
+}
+
+# The records on the console (vjobs/guest/streams.py StreamsOnConsole): what comes in on stdin, as it comes,
+# in pieces of at most 3072 bytes, each written in base64 inside an escape sequence, ESC ]vjobs-streams; ...
+# BEL, which the host takes out of the console log. One echo, one write() (printf writes 4 KiB at a time).
+console_carrier() {
+    carrier_start=$(printf '\033]vjobs-streams;') carrier_end=$(printf '\007')
+    while piece=$(dd bs=3072 count=1 2>/dev/null | base64 -w 0) && [ -n "$piece" ]; do
+        echo -n "$carrier_start$piece$carrier_end"
+    done
 }
 
 serve_host_channel() {
@@ -58,7 +82,7 @@ wait_for_host() {
     request=""
     if [ "$listening" = 1 ]; then
         read -r before _ < /proc/uptime
-        read -r -t 1 request <&4 && return 0
+        read -r -t 1 request <&5 && return 0
         read -r after _ < /proc/uptime
         [ "$(centiseconds "$after")" -lt $(($(centiseconds "$before") + 50)) ] || return 0
         listening=0

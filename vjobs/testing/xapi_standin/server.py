@@ -4,11 +4,11 @@ to expose."""
 
 from __future__ import annotations
 
+import select
 import shutil
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.parse
 import xmlrpc.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -210,7 +210,8 @@ class _Handler(BaseHTTPRequestHandler):
             shutil.copyfileobj(handle, self.wfile, CHUNK)
 
     def do_CONNECT(self) -> None:
-        """The console: the guest's bytes from its start, followed until the VM halts."""
+        """The console: the guest's bytes from its start, followed until the VM halts; what the client sends is
+        typed on it (a real console carries both ways)."""
         query = self._query()
         if not self.standin.session_valid(query.get("session_id", "")):
             return self._reply(403, b"SESSION_INVALID")
@@ -242,5 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
                 position += len(data)
             elif halted:
                 return
-            else:
-                time.sleep(0.05)  # a file has no change notification we can wait on portably
+            # A file has no change notification we can wait on portably: a short wait, for the client's input.
+            elif select.select([self.connection], [], [], 0.05)[0]:
+                typed = self.connection.recv(4096)
+                if not typed:
+                    return  # the client hung up
+                runner.type_on_console(typed)
