@@ -5,7 +5,6 @@ and as an ordinary account."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -24,8 +23,8 @@ from vjobs.config.site import SYSTEM_CACHE_ENV
 from vjobs.errors import ImageError, LimitExceeded
 from vjobs.images.rootfs import oci
 from vjobs.images.rootfs.folders import find_image_folder, folder_rootfs
-from vjobs.testing.image_folders import (OS_RELEASE, layer, layer_blobs, member, tiny_root, tree_layer,
-                                         umoci_layout, write_layout)
+from vjobs.testing.image_folders import (OS_RELEASE, layer, layer_blobs, member, tiny_root, tree_layer, umoci_layout,
+                                         write_layout)
 
 T = tarfile
 LIMITS = oci.UnpackLimits(64 << 20, 1000, "limits.bind_mib in the test")
