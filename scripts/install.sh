@@ -8,9 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# skopeo and umoci fetch and make OCI image layouts, which `vjobs exec` boots (it unpacks them itself).
 packages=(qemu-system-x86 qemu-utils busybox-static squashfs-tools erofs-utils e2fsprogs cpio mmdebstrap fdisk curl
           libvirt-daemon-system libvirt-clients libvirt-dev pkg-config tini gcc python3-venv python3-dev
-          xrootd-client)
+          xrootd-client skopeo umoci)
 # The servers the tests start (docs/staging.md, docs/scaling.md): XRootD, Slurm, Swift with its S3 API.
 [[ "${1:-}" == "--test" ]] && packages+=(xrootd-server slurm-wlm swift swift-proxy swift-account swift-container
                                          swift-object memcached)

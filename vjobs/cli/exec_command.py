@@ -61,5 +61,7 @@ def add_arguments(parser) -> None:
                         help="bring what the payload writes in its rw binds back every S seconds while it runs, "
                              "deletions too; 0: only at the end (default: the site's sync_interval_s, 60)")
     parser.add_argument("--result", help="also write vjobs' result.json here")
-    parser.add_argument("image", help="a catalogue name or a built-in image (default, debian12)")
+    parser.add_argument("image", help="a catalogue name, a built-in image (default, debian12), or a path (with a "
+                                      "'/') to a folder holding an unpacked root file system or an OCI image "
+                                      "layout (PATH:TAG picks a tag)")
     parser.add_argument("command", nargs="...", help="the command and its arguments")

@@ -25,7 +25,7 @@ OUTPUT_MARGIN_MIB = 64  # room for stdout, stderr and what the payload adds to i
 class ExecRequest:
     """What ``vjobs exec`` takes; e.g. ``ExecRequest("debian12", ["python3", "a.py"], binds=["/data:/srv"])``."""
 
-    image: str  # a catalogue name or a built-in image
+    image: str  # a catalogue name, a built-in image, or a path to an image folder (vjobs/images/rootfs/folders.py)
     command: Sequence[str]
     binds: Sequence[str] = ()  # SRC[:DST[:ro|rw]], several per string when separated by commas
     pwd: str | None = None  # where the command starts (default: the first bind's DST, else /)

@@ -65,7 +65,7 @@ class Job:
     resources: Resources = Resources()
     walltime_s: float = 3600
     sync_interval_s: int | None = None  # None: the site's (vjobs/guest/sync.py)
-    image: str = "default"
+    image: str = "default"  # a catalogue or built-in name, or an absolute path (an image folder; ":TAG")
     network: bool = False
     workdir: str | None = DEFAULT_WORKDIR  # the working directory's path in the guest; None: no such folder
     cwd: str | None = None  # where the payload starts; None: the workdir (or /)
@@ -110,7 +110,7 @@ def job_from_dict(document: Any, *, base_dir: Path | None = None, source: str = 
         resources=Resources(**document.get("resources", {})),
         walltime_s=document.get("walltime_s", 3600),
         sync_interval_s=document.get("sync_interval_s"),
-        image=document.get("image", "default"),
+        image=_image(document.get("image", "default"), base_dir),
         network=document.get("network", False),
         workdir=document.get("workdir", DEFAULT_WORKDIR),
         cwd=document.get("cwd"),
@@ -178,6 +178,12 @@ def _check_guest_paths(job: Job, source: str) -> None:
 def _within(path: str, folder: str) -> bool:
     path, folder = path.rstrip("/") or "/", folder.rstrip("/") or "/"
     return path == folder or path.startswith(folder + "/")
+
+
+def _image(value: str, base_dir: Path) -> str:
+    """A name as it is; a path (it has a ``/``: a folder holding an image, vjobs/images/rootfs/folders.py) made
+    absolute against ``base_dir``, an OCI layout's ``:TAG`` kept. The folder is looked at when the job runs."""
+    return value if "/" not in value or value.startswith("/") else str(base_dir / value)
 
 
 def _host_dir(value: str | None, base_dir: Path, source: str, pointer: str) -> Path | None:

@@ -2,7 +2,8 @@
 
 - release, and each read-only bind: squashfs (or erofs) of the host folder, read-only, cached by the
   tree's fingerprint so the next job with the same folder reuses the image, opened once for the job
-  (vjobs/images/checked.py): the guest's disk is that open file, whoever renames another over its path;
+  (vjobs/images/checked.py): the guest's disk is that open file, whoever renames another over its path.
+  The same cache entries (``cached_image``) hold the base images made from folders (vjobs/images/rootfs/folders.py);
 - scratch: ext4 made by ``mke2fs -d`` (no root, no mount): ``work/`` holds the inputs and is the job's
   working directory, ``binds/N/`` a copy of each read-write bind, ``vjobs/`` receives stdout and stderr;
 - io: a raw disk of ``output_mib`` that starts with the job (a tar the agent reads) and that the agent
@@ -167,26 +168,44 @@ def release_image(source: Path, cache: Path, fmt: str, progress: Callable[[str],
     """The cached read-only image of ``source``: built once (under a lock), reused after, held by ``hold``
     (the job's; vjobs/host/cache.py). Returns the image and its sha256. ``events``: where the tool's run is a
     step."""
-    cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"{fmt}\0{tree_fingerprint(source)}".encode()).hexdigest()[:32]
+
+    def build(image: Path, _scratch: Path) -> None:
+        build_disk(RELEASE_TOOLS[fmt](source, image), f"{fmt} image of the release {source}", cache, events)
+
+    return cached_image(cache, key, fmt, f"{fmt} release image of {source}", build, progress, hold=hold,
+                        source=str(source))
+
+
+def cached_image(cache: Path, key: str, fmt: str, what: str, build: Callable[[Path, Path], None],
+                 progress: Callable[[str], None], *, hold: CacheHold, source: str) -> tuple[Path, str]:
+    """The read-only image ``cache/KEY.FMT``, a cache entry (vjobs/host/cache.py) held by ``hold`` (the job's):
+    found, or made once under its lock by ``build(image, scratch)``, which writes the file ``image`` and may
+    use the empty folder ``scratch``, both in a partial build that `vjobs gc` removes if its builder dies.
+    Returns the image and its sha256, recorded beside it (with ``source``) when it was built. ``what`` names
+    it in progress lines ("squashfs release image of /srv/release")."""
+    cache.mkdir(parents=True, exist_ok=True)
     image, sidecar = cache / f"{key}.{fmt}", cache / f"{key}.json"
     with locks.exclusive(cache / f"{key}.lock"):
         if image.exists() and sidecar.exists() and hold.use(image):
             return image, json.loads(sidecar.read_text())["sha256"]
-        progress(f"building the {fmt} release image of {source}")
+        progress(f"building the {what}")
         started = time.monotonic()
         partial = cache / f"{key}.{os.getpid()}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # a dead build's, under a PID used again since
+        partial.mkdir(mode=0o700)
         try:
-            build_disk(RELEASE_TOOLS[fmt](source, partial), f"{fmt} image of the release {source}", cache, events)
-            digest = sha256_file(partial)
-            sidecar.write_text(json.dumps({"source": str(source), "format": fmt, "sha256": digest}))
+            (partial / "scratch").mkdir()
+            build(partial / "image", partial / "scratch")
+            digest = sha256_file(partial / "image")
+            sidecar.write_text(json.dumps({"source": source, "format": fmt, "sha256": digest}))
             seal(sidecar)
-            seal(partial)
-            os.replace(partial, image)
+            seal(partial / "image")
+            os.replace(partial / "image", image)
         finally:
-            partial.unlink(missing_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
         hold.use(image)
-    progress(f"release image built in {time.monotonic() - started:.1f} s ({image.stat().st_size // MIB} MiB)")
+    progress(f"{what} built in {time.monotonic() - started:.1f} s ({image.stat().st_size // MIB} MiB)")
     hold.added(image, progress)
     return image, digest
 

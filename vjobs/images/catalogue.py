@@ -4,15 +4,18 @@ An image is a boot image (kernel and initramfs; the built-in one unless the cata
 optionally, a root file system the admins provide (``rootfs``): then the guest agent boots, mounts that
 read-only, and runs the payload in it (vjobs/images/rootfs/). Built-in: ``default`` (busybox only) and
 ``debian12`` (a Debian 12 minbase with Python), built on first use by root (or by an account into a cache of
-its own); an account's jobs take them read-only from the administrator's cache (vjobs/host/roles.py).
+its own); an account's jobs take them read-only from the administrator's cache (vjobs/host/roles.py). A
+path (``./tree``, ``/srv/layout:12``) names a folder that becomes the base: an unpacked root file system or an
+OCI image layout, imaged into this process's own cache (vjobs/images/rootfs/folders.py).
 
 The image modules import downwards only: this catalogue uses boot.py (the built-in boot image) and rootfs/
-(base images), and those build their cache entries with store.py, which imports none of them.
+(base images), and those build their cache entries with store.py, which imports none of them (a folder's
+base image is built like a release's, with vjobs/guest/disks.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -24,6 +27,7 @@ from vjobs.host.roles import ADMINISTRATOR_BUILDS, Caches, caches
 from vjobs.images.boot import build_default_image, default_image_dir, load_default_image, open_default_image
 from vjobs.images.checked import CheckedFiles
 from vjobs.images.rootfs import RootfsImage, debian, load_rootfs
+from vjobs.images.rootfs.folders import WHAT_A_PATH_NAMES, folder_rootfs, names_a_folder
 
 # Each built-in image: how its manifest is loaded from a cache, and the cache entry (folder) it lives in.
 BUILT_IN = {"default": (load_default_image, default_image_dir), "debian12": (debian.load, debian.image_dir)}
@@ -35,27 +39,33 @@ class ResolvedImage:
     name: str
     boot: BootImage
     rootfs: RootfsImage | None = None
+    origin: dict[str, str] = field(default_factory=dict)  # where a base made from a folder came from
 
     def provenance(self) -> dict:
         fields = {"image": self.name, "kernel_sha256": self.boot.kernel.sha256(),
                   "initramfs_sha256": self.boot.initramfs.sha256()}
-        return {**fields, **(self.rootfs.provenance() if self.rootfs else {})}
+        return {**fields, **(self.rootfs.provenance() if self.rootfs else {}), **self.origin}
 
 
 def resolve_image(name: str, site: SiteConfig, progress: Callable[[str], None], *, hold: CacheHold,
                   files: CheckedFiles) -> ResolvedImage:
-    """The catalogue's entry ``name`` (a site may override a built-in name), else a built-in image, its files
-    opened and checked among ``files`` (the job's; vjobs/images/checked.py). The built-in images it builds or
+    """The catalogue's entry ``name`` (a site may override a built-in name), else a built-in image, else (a
+    path) a base image made from a folder (vjobs/images/rootfs/folders.py), its files opened and checked among
+    ``files`` (the job's; vjobs/images/checked.py). The built-in images and the images of folders it builds or
     finds in the cache stay while ``hold`` (the job's) holds them."""
     found_in = caches(site)
     entry = site.images.get(name)
     if entry is None and name in BUILT_IN:
         return built_in_image(found_in, progress, hold=hold, files=files) if name == "default" else \
             built_in_base(name, found_in, progress, hold=hold, files=files)
+    if entry is None and names_a_folder(name):
+        rootfs, origin = folder_rootfs(name, site, found_in.own, progress, hold=hold, files=files)
+        return ResolvedImage(name, built_in_image(found_in, progress, hold=hold, files=files).boot, rootfs, origin)
     if entry is None:
         known = ", ".join(sorted({*site.images, *BUILT_IN}))
         raise ImageError(f"/image: {name!r} is not in this site's catalogue ({site.source}) nor built in; "
-                         f"known: {known}", code="image_not_found")
+                         f"known: {known}; or a path (with a '/', e.g. ./{name}) naming {WHAT_A_PATH_NAMES}",
+                         code="image_not_found")
     boot = _own_boot(name, entry, files) if entry.kernel is not None else \
         built_in_image(found_in, progress, hold=hold, files=files).boot
     rootfs = None
