@@ -156,3 +156,15 @@ def test_a_round_larger_than_the_io_disk_is_garbage(tmp_path):
     live.feed(b"3 1001\n")
     live.close()
     assert "garbage" in live.broken and live.take_round() is None
+
+
+def test_a_file_that_came_back_as_a_hard_link_is_not_taken_for_removed(tmp_path):
+    """The guest made `hard` a second name of input.txt; its tar holds one of them as a hard link, which the
+    reader rejects: the name is still in the guest, so the host's file stays."""
+    bind, sync = make_sync(tmp_path)
+    returned = tmp_path / "final"
+    write(returned / "0" / "old.log", "old")
+    write(returned / "0" / "hard", "in")
+    records = sync.finish(returned, [{"path": "binds/0/input.dat", "reason": "hard link: only regular files "
+                                                                              "and folders come back"}])
+    assert (bind / "input.dat").read_text() == "in" and records[0]["removed"] == []

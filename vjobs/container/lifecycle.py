@@ -436,7 +436,7 @@ class VMContainer:
 
     def _return_binds(self, returned: Path) -> None:
         """What the payload created, changed or removed in each read-write bind, carried into the host folder."""
-        self.result.returned_binds = self.sync.finish(returned)
+        self.result.returned_binds = self.sync.finish(returned, self.result.rejected_outputs)
 
     def _save_console(self) -> None:
         """One console.log for the job, bounded as each attempt's was: a retried boot does not double it."""

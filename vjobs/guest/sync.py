@@ -108,13 +108,17 @@ class WorkSync:
             shutil.rmtree(work, ignore_errors=True)
             tar.unlink(missing_ok=True)
 
-    def finish(self, returned_binds: Path) -> list[dict]:
+    def finish(self, returned_binds: Path, rejected: list[dict] = ()) -> list[dict]:
         """The final collection's read-write binds, returned whole under ``returned_binds/N``: what each
-        bind's host folder got and lost, for the result's ``returned_binds``."""
+        bind's host folder got and lost, for the result's ``returned_binds``. ``rejected``: the results'
+        entries that did not come back (``binds/N/...``: a hard link, a link, a device): the guest still has
+        a file of that name, so the host's is not removed."""
         records = []
+        kept = {entry["path"] for entry in rejected}
         for number, (bind, mirror) in self.binds.items():
             folder = returned_binds / str(number)
             present = set(_files_under(folder)) if folder.is_dir() else set(mirror.known)
+            present |= _under(frozenset(kept), f"binds/{number}/")
             changed, removed = mirror.apply(folder, present)
             self.changed += len(changed)
             self.removed += len(removed)
