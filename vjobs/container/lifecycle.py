@@ -89,7 +89,6 @@ class VMContainer:
         self.sync: WorkSync | None = None  # its read-write binds and outputs, kept up while it runs
         self.sync_interval_s = site.sync_interval_for(job)
         self.live_usage: dict | None = None  # the latest usage sample
-        self.bind_snapshots: dict[int, dict] = {}  # read-write binds as they were copied in
         self.held = contextlib.ExitStack()  # the job's share of the host, given back after teardown
         self.signals = SignalGuard()  # run() puts the one that holds the signals for the job's life here
         self.cache_hold = self.held.enter_context(host.cache_hold)  # the cached images it uses (vjobs/host/cache.py)
@@ -144,8 +143,8 @@ class VMContainer:
             self.result.provenance.update(image.provenance())
             base = self._base_disk(image, verdict.disk_formats)
             create_owned_folder(self.folder, self.owner)
-            self.bind_snapshots = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
-            self.sync = WorkSync(self.job, self.outdir, self.bind_snapshots)
+            copied_in = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
+            self.sync = WorkSync(self.job, self.outdir, copied_in)
         staged = self._stage_in() if self.job.stage_in else None
         with self._phase("prepare"):
             disks = prepare_disks(self.job, self.folder, self.host.cache_dir, self.site.release_format,

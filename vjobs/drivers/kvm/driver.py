@@ -380,8 +380,9 @@ class DomainSockets:
     @staticmethod
     def accept(listener: socket.socket, domain: str) -> int:
         """The connection QEMU made as it started (libvirt returns once QEMU runs, so it is there, or never
-        is), as a descriptor a reading thread reads. Nothing is written to it (the guest gets no input), and
-        it is never shut down halfway: QEMU takes an end of its input for the end of the device."""
+        is), as a descriptor a reading thread reads. Only the live channel's is written to (the host's one
+        request, ``sync``; the console gets no input), and none is ever shut down halfway: QEMU takes an end
+        of its input for the end of the device."""
         listener.settimeout(CONSOLE_CONNECT_S)
         try:
             connection, _ = listener.accept()
