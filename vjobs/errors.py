@@ -22,6 +22,11 @@ Catch ``VjobsError`` for everything vjobs reports on purpose; anything else is a
     ├── StageOutFailed        status "stage_out_failed": the payload's outputs came back but at least one could
     │                         not be uploaded or verified; they are kept in the output folder
     ├── Cancelled             status "cancelled": SIGTERM or Ctrl-C reached vjobs; the VM was killed
+    ├── Checkpointed          status "checkpointed": a job run with --checkpoint was stopped (SIGTERM, the
+    │                         site's checkpoint signal) after its VM's state was saved; ``vjobs resume DIR``
+    │                         continues it (vjobs/checkpoint/)
+    ├── CheckpointError       status "setup_error": a checkpoint that cannot be taken (too large, a driver
+    │                         that cannot save) or resumed (incomplete, tampered, another driver or QEMU)
     └── InternalError         status "internal_error": a bug in vjobs; the traceback is in a log beside
                               result.json, never on the terminal
 
@@ -121,6 +126,15 @@ class WalltimeExceeded(VjobsError):
     status, exit_code, code = "timeout", 203, "walltime_exceeded"
 
 
+class Checkpointed(VjobsError):
+    """Not a failure: the job stopped with its VM saved in its checkpoint folder, to be resumed."""
+    status, exit_code, code = "checkpointed", 207, "checkpointed"
+
+
+class CheckpointError(SetupError):
+    code = "checkpoint_error"
+
+
 class StageOutFailed(VjobsError):
     """The job ran and its outputs came back, but uploading them (``stage_out``) failed: the outputs stay in the
     output folder, so a pilot can retry the upload without running the job again."""
@@ -168,4 +182,5 @@ EXIT_CODES = {
     "cancelled": Cancelled.exit_code,
     "internal_error": InternalError.exit_code,
     "stage_out_failed": StageOutFailed.exit_code,
+    "checkpointed": Checkpointed.exit_code,
 }

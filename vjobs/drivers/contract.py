@@ -40,6 +40,13 @@ parts, both small:
                               that disk's file: the core says so to the user, in its own words.
     ``fetch_disk(disk)``      a local file holding the disk's bytes as the guest left them (for a driver whose
                               disks live elsewhere: download it). The core reads results from it, never mounts it.
+    ``save_guest(folder)``    checkpoints (vjobs/checkpoint/): stop the guest's CPUs and write its memory and
+                              device state as files into ``folder`` (empty, the job's user's); return its
+                              ``identity``, a JSON-able dict of what a restore must match (hypervisor family and
+                              version, machine type, vCPUs, memory). Once it returns the guest does not run and
+                              ``fetch_disk`` gives each writable disk exactly as the saved state expects it. The
+                              default raises ``CheckpointError``: this driver cannot save guests.
+    ``resume()``              let a guest stopped by ``save_guest`` run on (a periodic checkpoint).
     ``destroy()``             kill the guest and remove what ``create`` made, whether or not it started.
                               Idempotent, must not raise when things are already gone: the core calls it in every
                               outcome, sometimes twice.
@@ -67,6 +74,13 @@ xen           logs in, copies the kernel and initramfs into the VM's      starts
               or finds the shared one (release, base image) already
               uploaded, plugs them in with VBDs, checks the files
 ============  =========================================================  ===========================================
+
+To continue a saved guest, the core sets ``VMSpec.restore`` (a ``SavedGuest``: the files ``save_guest``
+wrote, opened and checked against the checkpoint's manifest, and its identity) after asking
+``Driver.restore_problem(identity)`` whether this host can; ``spec.disks`` are then copies of the disks
+the guest was saved with, in the same order. ``create`` prepares the restore, ``start`` runs it: the guest
+goes on where it was, its agent already up (``agent_started()`` is True at once), and the core waits for
+it as for any guest.
 
 Everything else (job validation, building disks, deadlines, retries, result files, signals) is the core's.
 Example of a spec a driver receives::
@@ -128,7 +142,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, TypeVar
 
-from vjobs.errors import VMError
+from vjobs.errors import CheckpointError, VMError
 from vjobs.events import Events
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER
@@ -157,6 +171,16 @@ class BootImage:
 
 
 @dataclass(frozen=True)
+class SavedGuest:
+    """A guest saved by ``VM.save_guest``, as a restore gets it: each file it wrote, by its name in the
+    folder, opened once and checked against the checkpoint's manifest (give the hypervisor these
+    descriptors), and the identity it returned."""
+
+    files: Mapping[str, CheckedFile]
+    identity: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class VMSpec:
     name: str
     vcpus: int
@@ -167,6 +191,7 @@ class VMSpec:
     network: bool
     owner: Owner
     workdir: Path  # a host folder for this VM's own files; the core removes it after destroy()
+    restore: SavedGuest | None = None  # continue this saved guest instead of booting ``boot`` (checkpoints)
 
     def checked_files(self) -> tuple[CheckedFile, ...]:
         return (self.boot.kernel, self.boot.initramfs, *(disk.file for disk in self.disks if disk.file))
@@ -285,6 +310,17 @@ class VM(abc.ABC):
         VM has none, and the payload's output and files come back only with the results."""
         return None
 
+    def save_guest(self, folder: Path) -> dict[str, Any]:
+        """Stop the guest and write its memory and device state into ``folder``; return its identity (what a
+        restore must match). See the module's description."""
+        raise CheckpointError(f"the {type(self).__name__} of this driver cannot save a running guest: run the job "
+                              "without --checkpoint, or pin a driver that can (qemu_user, kvm, xen)",
+                              code="checkpoint_unsupported")
+
+    def resume(self) -> None:
+        """Let the guest that ``save_guest`` stopped run on."""
+        raise CheckpointError("this driver cannot resume a saved guest", code="checkpoint_unsupported")
+
 
 class Driver(abc.ABC):
     """Base class of every driver; ``settings`` is the site config's ``[drivers.NAME]`` table."""
@@ -300,6 +336,12 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def create(self, spec: VMSpec) -> VM: ...
+
+    def restore_problem(self, identity: Mapping[str, Any]) -> str | None:
+        """Why a guest saved with ``identity`` (``VM.save_guest``'s) cannot continue on this host, naming what
+        differs ("saved with machine pc-q35-7.2, which QEMU 6.2 here does not have"); None when it can.
+        Default: this driver restores no saved guest."""
+        return f"the {self.name} driver cannot restore a saved guest"
 
     def collect_garbage(self, is_orphan: Callable[[Mapping[str, str]], bool]) -> list[str]:
         """Remove what this driver made outside the core's work folders for owners that ``is_orphan``

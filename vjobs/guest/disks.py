@@ -47,7 +47,8 @@ HEAD_BYTES = 65536  # the agent recognises a disk by the sha256 of this many lea
 MIB = 1 << 20
 RELEASE_TOOLS = {
     "squashfs": lambda source, target: ["mksquashfs", str(source), str(target), "-comp", "lz4", "-noappend",
-                                        "-no-xattrs", "-all-root", "-no-progress", "-quiet"],
+                                        "-no-xattrs", "-all-root", "-no-progress", "-quiet",
+                                        "-mkfs-time", "0"],  # reproducible: a checkpoint's release is rebuilt
     "erofs": lambda source, target: ["mkfs.erofs", "-zlz4", "--all-root", "-x", "-1", str(target), str(source)],
 }
 

@@ -10,6 +10,7 @@ when a real guest boots under it on this host, else TCG), ``machine`` (``q35`` d
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -23,7 +24,7 @@ from vjobs.drivers import probecache
 from vjobs.drivers.bootcheck import boot_check
 from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFile, Driver, HostContext, Stop, VMSpec,
                                     check_disk_formats, check_unchanged, destroyed_on_failure)
-from vjobs.drivers.qemu_user import qemu, template
+from vjobs.drivers.qemu_user import qemu, saved_guest, template
 from vjobs.drivers.qemu_user.confine import Confinement, confinement_for
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
@@ -103,10 +104,22 @@ class QemuUserDriver(Driver):
 
     def create(self, spec: VMSpec) -> VM:
         check_disk_formats(spec, FORMATS, self.name)
+        return self._new_vm(spec, self._accel())
+
+    def _accel(self) -> str:
         accel = self._setting("accel", "tcg")
         if accel != "tcg":
             accel = "kvm" if self._kvm_check().ok else "tcg"
-        return self._new_vm(spec, accel)
+        return accel
+
+    def restore_problem(self, identity) -> str | None:
+        try:
+            machines = probecache.remember("qemu-machine-help", self.binary, lambda path: subprocess.run(
+                [path, "-machine", "help"], capture_output=True, text=True, check=True, timeout=20).stdout,
+                self.host)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"cannot list this QEMU's machine types ({self.binary} -machine help): {exc}"
+        return saved_guest.problem(identity, machines, self._accel())
 
     def _new_vm(self, spec: VMSpec, accel: str, allow_template: bool = True) -> "QemuUserVM":
         """The VM, attached (``QemuUserVM.attach``): nothing runs until ``start``."""
@@ -119,6 +132,8 @@ class QemuUserDriver(Driver):
         machine = qemu.QemuMachine(self._setting("machine", "q35"), accel, self._setting("tb_size_mib", qemu.DEFAULT_TB_SIZE_MIB),
                                    self._firmware())
         run_as = self._setting("run_as", None)
+        if spec.restore is not None:
+            return RestoredVM(spec, self.binary, machine, run_as, qemu_identity=self.qemu_version())
         wanted = self._setting("template", "auto")
         if allow_template and wanted:
             why_not = template.eligible(spec, machine, wanted)
@@ -126,9 +141,11 @@ class QemuUserDriver(Driver):
                 recipe = template.recipe_for(spec, machine, f"{shutil.which(self.binary)} {self.qemu_version()}")
                 store = template.TemplateStore(self.host.cache_dir, self.host.cache_hold, self.host.checked_files,
                                                self.host.progress, self.host.shared_cache_dir)
-                return TemplateVM(spec, self.binary, machine, run_as, store, recipe)
-            return QemuUserVM(spec, self.binary, machine, run_as, start={"mode": "cold", "why": why_not})
-        return QemuUserVM(spec, self.binary, machine, run_as)
+                return TemplateVM(spec, self.binary, machine, run_as, store, recipe,
+                                  qemu_identity=self.qemu_version())
+            return QemuUserVM(spec, self.binary, machine, run_as, start={"mode": "cold", "why": why_not},
+                              qemu_identity=self.qemu_version())
+        return QemuUserVM(spec, self.binary, machine, run_as, qemu_identity=self.qemu_version())
 
 
 class Launch:
@@ -153,10 +170,13 @@ class Launch:
 
 
 class QemuUserVM(VM):
+    layout = "virtio"  # how its disks are attached: what a restore of its saved guest must rebuild (saved_guest.py)
+
     def __init__(self, spec: VMSpec, binary: str, machine: qemu.QemuMachine, run_as: str | None = None,
-                 start: dict | None = None):
+                 start: dict | None = None, qemu_identity: str | None = None):
         super().__init__(spec)
         self.start_record = start or {"mode": "cold"}
+        self.qemu_identity = qemu_identity  # "QEMU 7.2.19": a saved guest's identity names it
         self.binary = binary
         self.machine = machine
         self.run_as = run_as
@@ -230,6 +250,20 @@ class QemuUserVM(VM):
     def guest_channel(self) -> Channel:
         channel = self.streams  # the virtio-serial port's host end, cold boot or restored template alike
         return Channel(read=lambda: channel.recv(65536), write=channel.sendall)
+
+    def save_guest(self, folder: Path) -> dict:
+        return saved_guest.save(self, folder, self.layout)
+
+    def resume(self) -> None:
+        self.monitor.cmd("cont")
+
+    def restore_kernel(self) -> CheckedFile:
+        """What a restore of this guest hands QEMU as its kernel's setup part (template.py write_stand_ins)."""
+        return self.spec.boot.kernel
+
+    def restore_cmdline(self) -> str:
+        """The kernel command line this guest was started with, for its restore's machine to be the same."""
+        return self.spec.boot.cmdline
 
     def _connect_monitor(self, sock: socket.socket) -> QEMUMonitorProtocol:
         """Greet QEMU's monitor over its socket pair; a QEMU that exits at start (a bad option) closes it."""
@@ -312,13 +346,39 @@ class QemuUserVM(VM):
         return self.qemu_log.last(500).decode(errors="replace").strip()
 
 
+class RestoredVM(QemuUserVM):
+    """A VM that continues a guest saved in a checkpoint (saved_guest.py), on the machine it was saved from."""
+
+    def __init__(self, spec: VMSpec, binary: str, machine: qemu.QemuMachine, run_as: str | None,
+                 qemu_identity: str | None = None):
+        identity = spec.restore.identity
+        machine = dataclasses.replace(machine, machine_type=identity["machine_type"], firmware=identity["firmware"])
+        super().__init__(spec, binary, machine, run_as, start={"mode": "restored"}, qemu_identity=qemu_identity)
+        self.layout = identity["layout"]
+
+    def attach(self) -> None:
+        self.prepared = saved_guest.prepare(self)
+
+    def start(self) -> None:
+        saved_guest.restore(self, self.take_prepared())
+
+    def agent_started(self) -> bool:
+        return self.process is not None  # it was up when the guest was saved
+
+    def restore_kernel(self) -> CheckedFile:
+        return self.spec.restore.files[template.STAND_INS[0]]
+
+    def restore_cmdline(self) -> str:
+        return self.spec.restore.identity["cmdline"]
+
+
 class TemplateVM(QemuUserVM):
     """A VM that starts from the saved template for its shape (template.py), made once by the first job that
     needs it; when anything about that fails, it boots cold instead and says why in ``provenance()``."""
 
     def __init__(self, spec: VMSpec, binary: str, machine: qemu.QemuMachine, run_as: str | None,
-                 store: template.TemplateStore, recipe: template.Recipe):
-        super().__init__(spec, binary, machine, run_as)
+                 store: template.TemplateStore, recipe: template.Recipe, qemu_identity: str | None = None):
+        super().__init__(spec, binary, machine, run_as, qemu_identity=qemu_identity)
         self.store, self.recipe = store, recipe
         self.template: template.SavedTemplate | None = None  # the saved guest ``start`` restores; None: cold
 
@@ -344,6 +404,7 @@ class TemplateVM(QemuUserVM):
         try:
             template.restore(self, self.take_prepared(), self.template)
             self.start_record = {"mode": "template", "template": self.template.name}
+            self.layout = "scsi"
             return
         except ImageError:  # a checked file changed before the guest ran: the job's refusal, not the template's
             raise
@@ -357,6 +418,12 @@ class TemplateVM(QemuUserVM):
             self.store.remember_failure(self.recipe, reason)
         self._prepare_cold(reason)
         super().start()
+
+    def restore_kernel(self) -> CheckedFile:
+        return self.template.kernel if self.layout == "scsi" else self.spec.boot.kernel
+
+    def restore_cmdline(self) -> str:
+        return template.template_cmdline(self.spec) if self.layout == "scsi" else self.spec.boot.cmdline
 
     def _prepare_cold(self, reason: str) -> None:
         self.template = None

@@ -58,6 +58,7 @@ class QemuMachine:
     # (benchmarks/memory.py, docs/benchmarks.md).
     tb_size_mib: int | None = DEFAULT_TB_SIZE_MIB
     firmware: str | None = None  # a -bios file (QBOOT); None: QEMU's default (SeaBIOS)
+    machine_type: str | None = None  # a versioned type (``pc-q35-7.2``) instead of ``name``'s: a saved guest's
 
 
 class PassedFiles:
@@ -156,6 +157,7 @@ def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Ch
     ``streams``: the virtio-serial port ``STREAMS_PORT`` that carries the payload's live output
     (vjobs/guest/streams.py). ``extra``: more options (a template's devices, its disks' backends, ``-incoming``)."""
     machine_option, block_device = MACHINES[machine.name]
+    machine_option = machine.machine_type or machine_option
     accel = machine.accel
     if accel == "tcg" and machine.tb_size_mib:
         accel += f",tb-size={machine.tb_size_mib}"

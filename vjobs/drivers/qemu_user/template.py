@@ -105,6 +105,19 @@ def controller_args() -> list[str]:
     return ["-device", f"virtio-scsi-pci,id={CONTROLLER}"]
 
 
+def scsi_disk(index: int) -> dict:
+    """The job's disk ``index`` as the template's guest gets it: one SCSI target per disk, in the spec's order
+    (the agent finds them by content anyway); hot-plugged, or on a saved guest's restore, on the command line."""
+    return {"driver": "scsi-hd", "bus": f"{CONTROLLER}.0", "drive": f"disk{index}", "id": f"vjobs-disk{index}",
+            "channel": 0, "scsi-id": index, "lun": 0}
+
+
+def device_option(properties: dict) -> str:
+    """A ``scsi_disk`` (a device_add's arguments) as a ``-device`` option."""
+    rest = ",".join(f"{key}={value}" for key, value in properties.items() if key != "driver")
+    return f"{properties['driver']},{rest}"
+
+
 def state_bytes_limit(spec: VMSpec) -> int:
     """QEMU's file-size limit while it saves: the stream holds at most the guest's RAM and device state."""
     return (spec.memory_mib + 64) << 20
@@ -239,14 +252,14 @@ def save_template(vm, state: Path) -> None:
         vm.launch(vm.prepare(cmdline=template_cmdline(vm.spec), disks=(), extra=controller_args(),
                              max_file_bytes=state_bytes_limit(vm.spec)))
         vm.monitor.cmd("cont")
-        _wait_for(lambda: vm.spec.console.saw(TEMPLATE_READY_MARKER), vm, BUILD_DEADLINE_S,
+        wait_for(lambda: vm.spec.console.saw(TEMPLATE_READY_MARKER), vm, BUILD_DEADLINE_S,
                   "the template guest to boot")
         vm.monitor.cmd("stop")
         with open(state, "wb") as output:
             vm.monitor.send_fd_scm(output.fileno())
         vm.monitor.cmd("getfd", fdname="state")
         vm.monitor.cmd("migrate", uri="fd:state")
-        _wait_for(lambda: _migration_done(vm), vm, SAVE_DEADLINE_S, "QEMU to save the template")
+        wait_for(lambda: migration_done(vm), vm, SAVE_DEADLINE_S, "QEMU to save the template")
     finally:
         vm.destroy()
         vm.spec.console.close()
@@ -282,20 +295,18 @@ def restore(vm, launch, saved: SavedTemplate) -> None:
     run, wait for the agent's "up"."""
     spec = vm.spec
     vm.launch(launch)
-    _wait_for(lambda: _loaded(vm), vm, RESTORE_DEADLINE_S, "QEMU to load the template")
+    wait_for(lambda: loaded(vm), vm, RESTORE_DEADLINE_S, "QEMU to load the template")
     check_unchanged(spec)  # QEMU holds every file and has read the saved guest: it runs only what was checked
     saved.check_unchanged()
     for index, _disk in enumerate(spec.disks):
-        # One SCSI target per disk, in the spec's order (the agent finds them by content anyway).
-        vm.monitor.cmd("device_add", driver="scsi-hd", bus=f"{CONTROLLER}.0", drive=f"disk{index}",
-                       id=f"vjobs-disk{index}", channel=0, **{"scsi-id": index, "lun": 0})
+        vm.monitor.cmd("device_add", **scsi_disk(index))
     vm.monitor.cmd("cont")
     if not spec.console.wait_for(AGENT_UP_MARKER, RESTORE_DEADLINE_S):
         raise VMError(f"the restored agent did not say it was up within {RESTORE_DEADLINE_S:g} s: "
                       f"{vm.log_tail() or 'QEMU said nothing'}", code="template_failed")
 
 
-def _loaded(vm) -> bool:
+def loaded(vm) -> bool:
     status = vm.monitor.cmd("query-status")["status"]
     if status in ("inmigrate", "prelaunch"):
         return False
@@ -304,7 +315,7 @@ def _loaded(vm) -> bool:
     raise VMError(f"the template did not load: QEMU says {status}", code="template_failed")
 
 
-def _migration_done(vm) -> bool:
+def migration_done(vm) -> bool:
     answer = vm.monitor.cmd("query-migrate")
     status = answer.get("status")
     if status in ("failed", "cancelled"):
@@ -312,7 +323,7 @@ def _migration_done(vm) -> bool:
     return status == "completed"
 
 
-def _wait_for(ready, vm, deadline_s: float, what: str) -> None:
+def wait_for(ready, vm, deadline_s: float, what: str) -> None:
     deadline = time.monotonic() + deadline_s
     while not ready():
         if vm.process.poll() is not None:
