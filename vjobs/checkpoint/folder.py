@@ -87,6 +87,7 @@ class CheckpointFolder:
                 manifest["files"][name] = {"sha256": sha256_file(partial / name)}
             manifest["files"][name]["size"] = (partial / name).stat().st_size
             _sync(partial / name, os.O_RDONLY)  # on disk before the checkpoint is named: a node may crash
+        manifest["stored_bytes"] = sum((partial / name).stat().st_blocks * 512 for name in manifest["files"])
         manifest["name"] = name = self._next_name()
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         (partial / MANIFEST).write_text(text)
