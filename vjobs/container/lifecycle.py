@@ -164,6 +164,8 @@ class VMContainer:
             self.result.provenance.update(image.provenance())
             base = self._base_disk(image, verdict.disk_formats)
             create_owned_folder(self.folder, self.owner)
+            if self.checkpoints:
+                self.checkpoints.register(self.site.work_dir)
             copied_in = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
             self.sync = WorkSync(self.job, self.outdir, copied_in)
         disks = self._resumed_disks(base) if self.resuming else self._new_disks(base)
@@ -203,6 +205,8 @@ class VMContainer:
                 self._collect(vm, disks, stop)
             except WalltimeExceeded as error:  # the outputs came back all the same; the job may want them uploaded
                 timed_out = error
+            if self.checkpoints:
+                self.checkpoints.clear()
         if self._stage_out_wanted():
             self._stage_out()
         if timed_out:
