@@ -42,8 +42,9 @@ from typing import Iterator
 from vjobs import staging
 from vjobs._version import __version__
 from vjobs.checkpoint.folder import CheckpointFolder
-from vjobs.checkpoint.resume import Resumable, read_only_records
+from vjobs.checkpoint.resume import Resumable
 from vjobs.checkpoint.resume import link as checkpoint_link
+from vjobs.checkpoint.resume import read_only_records
 from vjobs.checkpoint.take import take as take_checkpoint
 from vjobs.config.job import Job, job_document
 from vjobs.config.site import SiteConfig
