@@ -618,9 +618,9 @@ class VMContainer:
         self.signals.cancel_if_signalled()
         started = time.monotonic()
         self.phase_now = name
-        self._note_running()
         try:
             with self.events.phase(name):
+                self._note_running()  # inside the phase's event: its time is the phase's, as the result says
                 yield
         finally:
             spent = time.monotonic() - started
