@@ -129,7 +129,7 @@ def test_restore_problem_names_the_cpu_that_differs(xen_guest_parts, xapi_standi
 @pytest.fixture
 def xapi(xapi_standin):
     session = XenAPI.Session(xapi_standin.url)
-    session.xenapi.login_with_password("root", "secret", "2.0", "test")
+    session.xenapi.login_with_password("root", "pool-secret", "2.0", "test")
     yield session.xenapi
     session.xenapi.session.logout()
 
@@ -143,6 +143,7 @@ def test_suspend_and_resume_need_the_power_states_xapi_names(xapi):
     with pytest.raises(XenAPI.Failure) as resume:
         xapi.VM.resume(vm, False, False)
     assert resume.value.details == ["VM_BAD_POWER_STATE", vm, "suspended", "halted"]
+    xapi.VM.destroy(vm)
 
 
 def test_a_vm_is_created_suspended_only_with_its_suspend_image_and_boot_record(xapi):
@@ -161,3 +162,4 @@ def test_a_vm_is_created_suspended_only_with_its_suspend_image_and_boot_record(x
     assert start.value.details == ["VM_BAD_POWER_STATE", vm, "halted", "suspended"]
     xapi.VM.hard_shutdown(vm)  # as XAPI: the suspend image goes with it
     assert xapi.VM.get_power_state(vm) == "Halted" and image not in xapi.VDI.get_all()
+    xapi.VM.destroy(vm)
