@@ -78,14 +78,14 @@ def test_a_suspended_guest_resumes_and_a_restored_one_counts_on(xen_guest_parts,
     try:
         first.wait_for_count(3)
         (tmp_path / "periodic").mkdir()
-        first.vm.save_guest(tmp_path / "periodic")  # a periodic checkpoint: saved, then on
+        first.vm.save_guest(tmp_path / "periodic", deadline_in(300))  # a periodic checkpoint: saved, then on
         first.vm.resume()
         seen = len(first.counts())
         first.wait_for_count(seen + 3)
 
         saved_folder = tmp_path / "saved"
         saved_folder.mkdir()
-        identity = first.vm.save_guest(saved_folder)
+        identity = first.vm.save_guest(saved_folder, deadline_in(300))
         assert driver.restore_problem(identity) is None
         copies = []
         for disk in first.vm.spec.disks:

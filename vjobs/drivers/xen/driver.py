@@ -33,7 +33,7 @@ from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFil
                                     check_disk_formats, check_unchanged, destroyed_on_failure, first_failure)
 from vjobs.drivers.xen import suspended
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
-from vjobs.errors import VjobsError, VMError
+from vjobs.errors import CheckpointError, VjobsError, VMError
 from vjobs.events import Events
 from vjobs.guest.streams import STREAMS_ON_CONSOLE, StreamsOnConsole
 from vjobs.host import locks
@@ -211,6 +211,9 @@ class XenVM(VM):
         self.started = True
         self._follow_console()
 
+    def provenance(self) -> dict:
+        return {"start": {"mode": "restored"}} if self.spec.restore is not None else {}
+
     def agent_started(self) -> bool:
         if self.spec.restore is not None:
             return self.started  # the agent was up when the guest was saved
@@ -341,8 +344,10 @@ class XenVM(VM):
         reason = config.get("last_shutdown_reason", "halted")
         return Stop.POWEROFF if reason in ("halted", "clean_shutdown", "poweroff") else Stop.CRASH
 
-    def save_guest(self, folder: Path) -> dict:
-        """XAPI's ``VM.suspend``, and its suspend image downloaded into ``folder`` (suspended.py)."""
+    def save_guest(self, folder: Path, deadline: float) -> dict:
+        """XAPI's ``VM.suspend``, and its suspend image downloaded into ``folder`` (suspended.py). ``VM.suspend``
+        is one call that vjobs cannot cut short (``Async.VM.suspend`` and ``task.cancel`` could): the
+        ``deadline`` is checked once it returns, before the download."""
         with xapi_errors(f"suspending {self.spec.name}", self.xapi.url):
             self.console.hold()  # the console ends with the domain: the stream goes on after a resume
             try:
@@ -350,6 +355,9 @@ class XenVM(VM):
             except BaseException:
                 self.console.release()
                 raise
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"XAPI took past the checkpoint's deadline to suspend {self.spec.name}",
+                                      code="checkpoint_timeout")
             record = self.xapi.api.VM.get_record(self.vm)
             image = record["suspend_VDI"]
             with self.events.step("vdi_download", detail="suspend image"):

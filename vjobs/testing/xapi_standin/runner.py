@@ -164,7 +164,7 @@ class GuestRunner:
         running on (False)."""
         folder, self.suspend_into = self.suspend_into, None
         try:
-            identity = vm.save_guest(folder)
+            identity = vm.save_guest(folder, time.monotonic() + SUSPEND_TIMEOUT_S)
             (folder / IDENTITY).write_text(json.dumps(identity))
             return True
         except BaseException as error:
