@@ -4,29 +4,36 @@ straight from the image's kernel and initramfs, and everything it creates is tag
 XAPI calls used (the closing note of issue 4 lists them too):
   session.login_with_password / logout, session.get_this_host, host.get_record, host.compute_free_memory,
   SR.get_by_name_label, SR.get_record, VDI.create / destroy / get_all_records / set_read_only /
-  add_to_other_config, VBD.create, VM.create / start / hard_shutdown / destroy / get_record /
+  add_to_other_config / get_virtual_size, VBD.create, VM.create / start / hard_shutdown / destroy / get_record /
   get_power_state / get_all_records / get_VBDs, VBD.get_record, console.get_record, event.from,
-  HTTP PUT /import_raw_vdi (format=vhd: sparse; or raw), HTTP GET /export_raw_vdi, HTTP CONNECT /console.
+  HTTP PUT /import_raw_vdi (format=vhd: sparse; or raw), HTTP GET /export_raw_vdi, HTTP CONNECT /console;
+  for checkpoints (suspended.py): VM.suspend / resume, VBD.get_device, VM.create of a Suspended VM and
+  VBD.create of its attached disks (XAPI 1.257.0 and later).
 
 XAPI gives a PV guest one text console and no channel of its own making (no virtio-serial, no vsock), so the
 guest's live channel (the payload's stdout and stderr, sync rounds, usage samples) travels on that console:
 the kernel command line says so to the agent (``vjobs.streams=console``), which writes its records in escape
 sequences that the driver takes out of the console before its log (vjobs/guest/streams.py
-``StreamsOnConsole``), and reads the host's requests as typed on the console.
+``StreamsOnConsole``), and reads the host's requests as typed on the console. A suspend ends the guest's
+domain and its console; a resume makes new ones, which the driver follows on as the same stream
+(``_Console``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFile, Disk, Driver, Stop, VMSpec,
                                     check_disk_formats, check_unchanged, destroyed_on_failure, first_failure)
+from vjobs.drivers.xen import suspended
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
-from vjobs.errors import VMError
+from vjobs.errors import CheckpointError, VjobsError, VMError
 from vjobs.events import Events
 from vjobs.guest.streams import STREAMS_ON_CONSOLE, StreamsOnConsole
 from vjobs.host import locks
@@ -103,6 +110,14 @@ class XenDriver(Driver):
             vm.attach()
         return vm
 
+    def restore_problem(self, identity: Mapping) -> str | None:
+        try:
+            with Xapi(self.settings) as xapi, xapi_errors("asking whether this host can resume the guest", xapi.url):
+                host = xapi.api.host.get_record(xapi.api.session.get_this_host(xapi.handle))
+        except VjobsError as error:
+            return str(error)
+        return suspended.problem(identity, host)
+
     def collect_garbage(self, is_orphan: Callable[[Mapping[str, str]], bool]) -> list[str]:
         if not self.settings.get("password_file"):
             return []  # no pool configured: nothing of vjobs' can be there
@@ -133,7 +148,10 @@ class XenVM(VM):
         self.cache_dir = cache_dir
         self.vm: str | None = None
         self.vdis: dict[str, str] = {}  # disk role -> VDI ref, for the disks this VM owns
-        self.console_stream = None
+        self.vbds: dict[str, str] = {}  # disk role -> VBD ref
+        self.suspend_image: str | None = None  # a restore's uploaded suspend VDI, until VM.resume consumes it
+        self.started = False
+        self.console = _Console()
         self.streams: StreamsOnConsole | None = None  # the guest's live channel, carried on the console
         self.labels = spec.owner.as_labels()
 
@@ -143,27 +161,63 @@ class XenVM(VM):
         """``create``'s part: log in, create the VM (halted) with copies of the kernel and initramfs (XAPI reads
         them by path), give it its disks as VDIs (uploaded from their open files, or a shared one found)
         plugged in with VBDs; then no checked file may have changed (``check_unchanged``): the VDIs and the
-        copies are what XAPI boots."""
-        boot = self.spec.boot
+        copies are what XAPI boots. For a restore (``spec.restore``) the VM is created Suspended, with its
+        suspend image uploaded and its disks attached as they were (suspended.py)."""
+        boot, restore = self.spec.boot, self.spec.restore
         kernel = boot.kernel.private_copy(self.spec.workdir / "kernel")
         initramfs = boot.initramfs.private_copy(self.spec.workdir / "initramfs")
         self.xapi.__enter__()
-        with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
+        with xapi_errors(f"{'restoring' if restore else 'starting'} {self.spec.name}", self.xapi.url):
             sr = self._sr()
-            self.vm = self.xapi.api.VM.create(self._vm_record(kernel, initramfs))
+            record, devices = self._vm_record(kernel, initramfs), {}
+            if restore is not None:
+                saved = suspended.read_suspended_vm(restore.files[suspended.SUSPENDED_VM])
+                record.update(self._suspended_fields(sr, saved))
+                devices = saved["devices"]
+            self.vm = self.xapi.api.VM.create(record)
             for position, disk in enumerate(self.spec.disks):
                 if disk.cache_key:
                     with self.events.step("shared_vdi", detail=disk.role):
                         vdi = self._shared_vdi(sr, disk)
                 else:
                     vdi = self._job_vdi(sr, disk)
-                self.xapi.api.VBD.create(self._vbd_record(vdi, position, disk.readonly))
+                self.vbds[disk.role] = self.xapi.api.VBD.create(
+                    self._vbd_record(vdi, position, disk.readonly, devices.get(disk.role)))
         check_unchanged(self.spec)
+        for file in restore.files.values() if restore else ():
+            file.check_unchanged()
+
+    def _suspended_fields(self, sr: str, saved: dict) -> dict:
+        """What makes ``VM.create`` give a Suspended VM: the saved suspend image, uploaded into a VDI of its
+        own, and what XAPI recorded when the guest booted."""
+        image = self.spec.restore.files[suspended.SUSPEND_IMAGE]
+        vdi = self.xapi.api.VDI.create({
+            "name_label": f"{self.spec.name}-suspend", "name_description": "vjobs: a checkpoint's suspend image",
+            "SR": sr, "virtual_size": str(image.size), "type": "suspend", "sharable": False, "read_only": False,
+            "other_config": self.labels, "xenstore_data": {}, "sm_config": {}, "tags": [TAG]})
+        self.suspend_image = vdi  # before the upload, so destroy() removes a half-uploaded one
+        with self.events.step("vdi_upload", detail="suspend image"):
+            self.xapi.import_vdi(vdi, image, self.upload_format)
+        return {"power_state": "Suspended", "suspend_VDI": vdi, "last_booted_record": saved["last_booted_record"],
+                "last_boot_CPU_flags": dict(self.spec.restore.identity["cpu"])}
 
     def start(self) -> None:
         with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
-            self.xapi.api.VM.start(self.vm, False, False)
+            if self.spec.restore is not None:
+                self.xapi.api.VM.resume(self.vm, False, False)
+                self.suspend_image = None  # XAPI destroyed it
+            else:
+                self.xapi.api.VM.start(self.vm, False, False)
+        self.started = True
         self._follow_console()
+
+    def provenance(self) -> dict:
+        return {"start": {"mode": "restored"}} if self.spec.restore is not None else {}
+
+    def agent_started(self) -> bool:
+        if self.spec.restore is not None:
+            return self.started  # the agent was up when the guest was saved
+        return super().agent_started()
 
     def _sr(self) -> str:
         found = self.xapi.api.SR.get_by_name_label(self.sr_name) if self.sr_name else []
@@ -194,10 +248,14 @@ class XenVM(VM):
             "domain_type": "pv",
         }
 
-    def _vbd_record(self, vdi: str, position: int, readonly: bool) -> dict:
-        return {"VM": self.vm, "VDI": vdi, "userdevice": str(position), "bootable": False,
-                "mode": "RO" if readonly else "RW", "type": "Disk", "empty": False, "other_config": self.labels,
-                "qos_algorithm_type": "", "qos_algorithm_params": {}, "unpluggable": False}
+    def _vbd_record(self, vdi: str, position: int, readonly: bool, device: str | None = None) -> dict:
+        """A VBD of the VM; ``device``: for a Suspended VM, the guest device it had, attached as it was."""
+        record = {"VM": self.vm, "VDI": vdi, "userdevice": str(position), "bootable": False,
+                  "mode": "RO" if readonly else "RW", "type": "Disk", "empty": False, "other_config": self.labels,
+                  "qos_algorithm_type": "", "qos_algorithm_params": {}, "unpluggable": False}
+        if device is not None:
+            record.update(device=device, currently_attached=True)
+        return record
 
     def _new_vdi(self, sr: str, disk: Disk, size: int, other_config: dict) -> str:
         return self.xapi.api.VDI.create({
@@ -242,17 +300,21 @@ class XenVM(VM):
     def _follow_console(self) -> None:
         """Copy the guest's text console into the local console log, so that the boot check and the result
         see it as with any other driver; the live channel the agent puts on it (``STREAMS_ON_CONSOLE``) is
-        taken out on the way (``guest_channel``)."""
+        taken out on the way (``guest_channel``). After a resume: the new domain's console, read on by the
+        same thread."""
         consoles = self.xapi.api.VM.get_record(self.vm).get("consoles", [])
         records = [self.xapi.api.console.get_record(ref) for ref in consoles]
         text = [r for r in records if r.get("protocol") == "vt100"]
         if not text:
             return
         stream, first = self.xapi.open_console(text[0]["location"])
-        self.console_stream = stream
-        self.streams = StreamsOnConsole()
-        self.spec.console.write(self.streams.split(first))
-        self.spec.console.follow(self.streams.console_text(lambda: stream.recv(65536)))
+        if self.streams is None:
+            self.streams = StreamsOnConsole()
+            self.spec.console.write(self.streams.split(first))
+            self.console.connect(stream)
+            self.spec.console.follow(self.streams.console_text(self.console.read))
+        else:
+            self.console.connect(stream, first)
 
     def guest_channel(self) -> Channel | None:
         """XAPI gives a guest its console and no other channel: the records come on it (vjobs/guest/streams.py
@@ -261,8 +323,7 @@ class XenVM(VM):
         while another thread reads it, so the last sync round before a stop is not asked for there."""
         if self.streams is None:
             return None
-        writable = not isinstance(self.console_stream, ssl.SSLSocket)
-        return Channel(read=self.streams.read, write=self.console_stream.sendall if writable else None)
+        return Channel(read=self.streams.read, write=None if self.console.tls else self.console.send)
 
     def wait_until_stopped(self, deadline: float) -> Stop:
         """Sleep in ``event.from`` until XAPI reports the VM halted or the deadline passes."""
@@ -283,6 +344,35 @@ class XenVM(VM):
         reason = config.get("last_shutdown_reason", "halted")
         return Stop.POWEROFF if reason in ("halted", "clean_shutdown", "poweroff") else Stop.CRASH
 
+    def save_guest(self, folder: Path, deadline: float) -> dict:
+        """XAPI's ``VM.suspend``, and its suspend image downloaded into ``folder`` (suspended.py). ``VM.suspend``
+        is one call that vjobs cannot cut short (``Async.VM.suspend`` and ``task.cancel`` could): the
+        ``deadline`` is checked once it returns, before the download."""
+        with xapi_errors(f"suspending {self.spec.name}", self.xapi.url):
+            self.console.hold()  # the console ends with the domain: the stream goes on after a resume
+            try:
+                self.xapi.api.VM.suspend(self.vm)
+            except BaseException:
+                self.console.release()
+                raise
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"XAPI took past the checkpoint's deadline to suspend {self.spec.name}",
+                                      code="checkpoint_timeout")
+            record = self.xapi.api.VM.get_record(self.vm)
+            image = record["suspend_VDI"]
+            with self.events.step("vdi_download", detail="suspend image"):
+                self.xapi.export_raw_vdi(image, folder / suspended.SUSPEND_IMAGE,
+                                         int(self.xapi.api.VDI.get_virtual_size(image)), what="the suspend image")
+            devices = {role: self.xapi.api.VBD.get_device(vbd) for role, vbd in self.vbds.items()}
+            suspended.write_suspended_vm(folder, record, devices)
+            host = self.xapi.api.host.get_record(self.xapi.api.session.get_this_host(self.xapi.handle))
+        return suspended.identity(record, host, self.spec)
+
+    def resume(self) -> None:
+        with xapi_errors(f"resuming {self.spec.name}", self.xapi.url):
+            self.xapi.api.VM.resume(self.vm, False, False)
+        self._follow_console()
+
     def fetch_disk(self, disk: Disk) -> Path:
         local = self.spec.workdir / f"{disk.role}.downloaded"
         with self.events.step("vdi_download", detail=disk.role):
@@ -296,16 +386,78 @@ class XenVM(VM):
         with contextlib.suppress(Exception):
             if self.vm is not None:
                 _destroy_vm(self.xapi, self.vm)
-        for vdi in self.vdis.values():
+        for vdi in [*self.vdis.values(), *filter(None, [self.suspend_image])]:
             with contextlib.suppress(Exception):
                 self.xapi.api.VDI.destroy(vdi)
-        self.vm, self.vdis = None, {}
-        if self.console_stream is not None:
-            with contextlib.suppress(OSError):
-                self.console_stream.close()
+        self.vm, self.vdis, self.suspend_image = None, {}, None
+        self.console.close()
         if self.streams is not None:
             self.streams.end()  # a reader of the channel is not left waiting
         self.xapi.logout()
+
+
+class _Console:
+    """The VM's text console as one stream across its domains: a suspend (``hold``) ends the domain and its
+    console, a resume ``connect``s the new one, and the one reading thread (the console log's, which feeds
+    the live channel) reads on from it; the stream ends when a console ends unheld, or at ``close``."""
+
+    def __init__(self):
+        self._stream: socket.socket | None = None
+        self._first = b""  # what came with the new console's HTTP answer, read before the socket
+        self._held = False
+        self._closed = False
+        self._changed = threading.Condition()
+
+    @property
+    def tls(self) -> bool:
+        return isinstance(self._stream, ssl.SSLSocket)
+
+    def connect(self, stream: socket.socket, first: bytes = b"") -> None:
+        with self._changed:
+            old, self._stream, self._first, self._held = self._stream, stream, first, False
+            self._changed.notify_all()
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.close()
+
+    def hold(self) -> None:
+        with self._changed:
+            self._held = True
+
+    def release(self) -> None:
+        with self._changed:
+            self._held = False
+            self._changed.notify_all()
+
+    def read(self) -> bytes:
+        while True:
+            with self._changed:
+                stream, first, self._first = self._stream, self._first, b""
+            if first:
+                return first
+            try:
+                data = stream.recv(65536) if stream is not None else b""
+            except OSError:
+                data = b""
+            if data:
+                return data
+            with self._changed:
+                while self._held and self._stream is stream and not self._closed:
+                    self._changed.wait()
+                if self._closed or self._stream is stream:
+                    return b""
+
+    def send(self, data: bytes) -> None:
+        self._stream.sendall(data)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            stream = self._stream
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 @contextlib.contextmanager

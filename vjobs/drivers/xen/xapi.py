@@ -156,17 +156,17 @@ class Xapi:
                           f"{body.decode(errors='replace')[:200]}", code="xapi_upload_failed")
         return length
 
-    def export_raw_vdi(self, vdi: str, target: Path, limit: int) -> None:
+    def export_raw_vdi(self, vdi: str, target: Path, limit: int, what: str = "the results disk") -> None:
         """GET the VDI's bytes into ``target``, at most ``limit`` bytes (the VDI's own size)."""
-        with xapi_errors("downloading the results disk", self.url):
+        with xapi_errors(f"downloading {what}", self.url):
             connection = self._connection()
             try:
                 connection.request("GET", self._path("export_raw_vdi", vdi=vdi, format="raw"))
                 response = connection.getresponse()
                 if response.status != 200:
-                    raise VMError(f"downloading the results disk failed: HTTP {response.status}",
+                    raise VMError(f"downloading {what} failed: HTTP {response.status}",
                                   code="xapi_download_failed")
-                _copy_bounded(response, target, limit)
+                _copy_bounded(response, target, limit, what)
             finally:
                 connection.close()
 
@@ -205,13 +205,13 @@ def _file_chunks(source: CheckedFile) -> Iterator[bytes]:
         yield source.read(offset, CHUNK)
 
 
-def _copy_bounded(response, target: Path, limit: int) -> None:
+def _copy_bounded(response, target: Path, limit: int, what: str) -> None:
     written = 0
     with open(target, "wb") as handle:
         while chunk := response.read(CHUNK):
             written += len(chunk)
             if written > limit:
-                raise VMError(f"XAPI sent more than the {limit} bytes of the results disk", code="xapi_download_failed")
+                raise VMError(f"XAPI sent more than the {limit} bytes of {what}", code="xapi_download_failed")
             handle.write(chunk)
 
 

@@ -3,24 +3,33 @@ the session reference, XAPI's first argument, is checked by the dispatcher and n
 
 Implemented: session.login_with_password / logout / get_this_host; host.get_record / compute_free_memory;
 SR.get_by_name_label; VDI.create / destroy / set_read_only / add_to_other_config /
-remove_from_other_config; VBD.create / destroy; VM.create / start / hard_shutdown / destroy /
-get_power_state / get_VBDs; console (records only); event.from; and for every class get_record,
-get_all, get_all_records, get_by_uuid, get_by_name_label. See model.py for what is simplified."""
+remove_from_other_config; VBD.create / destroy; VM.create (Halted, or Suspended with its suspend_VDI) / start /
+suspend / resume / hard_shutdown / destroy / get_power_state / get_VBDs; console (records only); event.from;
+and for every class get_record, get_all, get_all_records, get_by_uuid, get_by_name_label. See model.py for
+what is simplified."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import tarfile
 from pathlib import Path
 from typing import Callable
 
 from vjobs.drivers.contract import Disk
+from vjobs.drivers.xen.suspended import features_within  # XAPI's check, as the driver asks it first
 from vjobs.testing.xapi_standin.model import (API_VERSION, MIB, NULL_REF, Faults, Stats, Store, XapiFailure,
                                               record_for_wire)
-from vjobs.testing.xapi_standin.runner import GuestRunner
+from vjobs.testing.xapi_standin.runner import CannotResume, GuestRunner
 
 SESSION_FREE_CALLS = {"session.login_with_password"}
+# host.cpu_info: the CPU the guests see is QEMU's default TCG model (qemu64, an "AuthenticAMD"), the same on
+# every stand-in; the features are a fixed stand-in, in XAPI's form (32-bit words in hex, joined by "-").
+# A test that plays another host changes them; a real resume across hosts depends on QEMU (runner.py).
+CPU_INFO = {"vendor": "AuthenticAMD", "features_pv": "078bfbff-80d82203-00000000-00000000",
+            "features_hvm": "078bfbff-80d82203-00000000-00000000", "cpu_count": "1", "socket_count": "1"}
 
 
 class Calls:
@@ -38,7 +47,8 @@ class Calls:
             "API_version_major": API_VERSION[0], "API_version_minor": API_VERSION[1], "enabled": True,
             "software_version": {"product_brand": "XAPI stand-in (vjobs tests)", "product_version": "0",
                                  "xen": "none (guests run as QEMU TCG)"},
-            "capabilities": ["xen-3.0-x86_64"], "memory_total": host_memory_mib * MIB, "resident_VMs": []})
+            "capabilities": ["xen-3.0-x86_64"], "memory_total": host_memory_mib * MIB, "resident_VMs": [],
+            "cpu_info": dict(CPU_INFO)})
         self.sr = store.add("SR", {"name_label": sr_name, "name_description": "stand-in SR (raw files)",
                                    "type": "ext", "content_type": "user", "shared": False,
                                    "physical_size": sr_size_mib * MIB, "physical_utilisation": 0,
@@ -138,14 +148,19 @@ class Calls:
     def VBD__create(self, record):
         with self.store.lock:
             vm, vdi = self.store.get("VM", record["VM"]), self.store.get("VDI", record["VDI"])
-            if vm["power_state"] != "Halted":
+            if vm["power_state"] not in ("Halted", "Suspended"):  # the stand-in has no VBD.plug
                 raise XapiFailure("VM_BAD_POWER_STATE", record["VM"], "halted", vm["power_state"].lower())
             if vdi["read_only"] and record.get("mode") != "RO":
                 raise XapiFailure("VDI_READONLY", record["VDI"])
             devices = {self.store.get("VBD", vbd)["userdevice"] for vbd in vm["VBDs"]}
             if record["userdevice"] in devices:
                 raise XapiFailure("DEVICE_ALREADY_EXISTS", record["userdevice"])
-            ref = self.store.add("VBD", {**record, "currently_attached": False, "device": ""})
+            # As XAPI 1.257.0: a Suspended VM's VBD keeps the currently_attached and device it was created
+            # with (its resume plugs it); any other's starts unplugged.
+            suspended = vm["power_state"] == "Suspended"
+            ref = self.store.add("VBD", {**record,
+                                         "currently_attached": bool(record.get("currently_attached")) and suspended,
+                                         "device": record.get("device", "") if suspended else ""})
             self.store.modify("VM", record["VM"], VBDs=vm["VBDs"] + [ref])
             self.store.modify("VDI", record["VDI"], VBDs=vdi["VBDs"] + [ref])
             return ref
@@ -169,10 +184,20 @@ class Calls:
             if required not in record:
                 raise XapiFailure("FIELD_TYPE_ERROR", required)
         fields = {"other_config": {}, "tags": [], "PV_args": "", "PV_ramdisk": "",
-                  "VCPUs_at_startup": record["VCPUs_max"]}
+                  "VCPUs_at_startup": record["VCPUs_max"], "last_booted_record": "", "last_boot_CPU_flags": {}}
         fields.update(record)
-        fields.update(power_state="Halted", VBDs=[], consoles=[], domid="-1", resident_on=NULL_REF,
-                      is_control_domain=False)
+        # XAPI 1.257.0 and later: a VM may be created Suspended, with its suspend image, last_booted_record and
+        # last_boot_CPU_flags; any other power state given makes a Halted VM, without them.
+        suspended = record.get("power_state") == "Suspended"
+        if suspended and not (fields["last_boot_CPU_flags"] and fields["last_booted_record"]
+                              and fields.get("suspend_VDI", NULL_REF) != NULL_REF):
+            raise XapiFailure("VM_BAD_POWER_STATE", NULL_REF, "halted", "suspended")
+        if suspended:
+            self.store.get("VDI", fields["suspend_VDI"])
+        else:
+            fields.update(suspend_VDI=NULL_REF, last_booted_record="", last_boot_CPU_flags={})
+        fields.update(power_state="Suspended" if suspended else "Halted", VBDs=[], consoles=[], domid="-1",
+                      resident_on=NULL_REF, is_control_domain=False)
         return self.store.add("VM", fields)
 
     def VM__get_power_state(self, vm):
@@ -193,19 +218,31 @@ class Calls:
                 if record[key] and not os.access(record[key], os.R_OK):
                     raise XapiFailure("BOOTLOADER_FAILED", vm, f"cannot read {key} {record[key]}")
             runner = self._runner(vm, record)
-            self.store.modify("VM", vm, power_state="Running")  # before QEMU: VM.start is one call
+            booted = {key: record[key] for key in ("memory_static_max", "VCPUs_max", "PV_kernel", "PV_ramdisk",
+                                                   "PV_args", "domain_type") if key in record}
+            self.store.modify("VM", vm, power_state="Running",  # before QEMU: VM.start is one call
+                              last_booted_record=json.dumps(booted), last_boot_CPU_flags=self._cpu_flags())
         try:
             runner.start()
         except BaseException as exc:
             self._halted(vm, "crashed")
             raise XapiFailure("INTERNAL_ERROR", f"the stand-in could not start QEMU: {exc}") from exc
+        self._running(vm)
+        return ""
+
+    def _cpu_flags(self) -> dict:
+        """What XAPI records of the host's CPU when a VM starts (``last_boot_CPU_flags``), for a resume's check."""
+        cpu = self.store.get("host", self.host)["cpu_info"]
+        return {"vendor": cpu["vendor"], "features": cpu["features_pv"]}
+
+    def _running(self, vm: str) -> None:
+        """A started or resumed VM's new domain: its console and where it runs."""
         with self.store.lock:
             console = self.store.add("console", {"protocol": "vt100", "VM": vm, "other_config": {}})
             self.store.modify("console", console, location=f"{self.url()}/console?ref={console}")
             self.store.modify("VM", vm, consoles=[console], domid=str(len(self.runners)), resident_on=self.host)
-            return ""
 
-    def _runner(self, vm: str, record: dict) -> GuestRunner:
+    def _runner(self, vm: str, record: dict, suspend_image: Path | None = None) -> GuestRunner:
         disks = []
         for vbd in sorted(record["VBDs"], key=lambda ref: int(self.store.get("VBD", ref)["userdevice"])):
             vbd_record = self.store.get("VBD", vbd)
@@ -213,13 +250,19 @@ class Calls:
             readonly = vbd_record["mode"] == "RO" or vdi["read_only"]
             disks.append(Disk(f"xvd{chr(ord('a') + int(vbd_record['userdevice']))}",
                               self.vdi_path(vbd_record["VDI"]), "raw", readonly))
-            self.store.modify("VBD", vbd, currently_attached=True)
+            self.store.modify("VBD", vbd, currently_attached=True, device=disks[-1].role)
         workdir = self.state_dir / "vms" / record["uuid"][:8]
         shutil.rmtree(workdir, ignore_errors=True)
+        restore_from = None
+        if suspend_image is not None:
+            restore_from = workdir / "resumed"
+            restore_from.mkdir(parents=True)
+            with tarfile.open(suspend_image) as image:
+                image.extractall(restore_from, filter="data")
         runner = GuestRunner(record["name_label"], int(record["VCPUs_at_startup"]),
                              int(record["memory_static_max"]) // MIB, Path(record["PV_kernel"]),
                              Path(record["PV_ramdisk"]), record["PV_args"], disks, workdir,
-                             on_halted=lambda reason: self._halted(vm, reason))
+                             on_halted=lambda reason: self._halted(vm, reason), restore_from=restore_from)
         self.runners[vm] = runner
         return runner
 
@@ -237,6 +280,10 @@ class Calls:
 
     def VM__hard_shutdown(self, vm):
         record = self.store.get("VM", vm)
+        if record["power_state"] == "Suspended":  # as XAPI: the suspend image goes, the VM is Halted
+            self._forget_suspend_image(vm)
+            self._halted(vm, "hard_shutdown")
+            return ""
         if record["power_state"] != "Running":
             raise XapiFailure("VM_BAD_POWER_STATE", vm, "running", record["power_state"].lower())
         runner = self.runners.get(vm)
@@ -244,6 +291,75 @@ class Calls:
             runner.hard_stop()
         self._halted(vm, "hard_shutdown")
         return ""
+
+    def VM__suspend(self, vm):
+        """The guest saved into a new suspend VDI (in the VM's suspend_SR, else the SR), the VM Suspended; its
+        VBDs stay attached, as XAPI keeps them for the resume."""
+        with self.store.lock:
+            record = self.store.get("VM", vm)
+            if record["power_state"] != "Running":
+                raise XapiFailure("VM_BAD_POWER_STATE", vm, "running", record["power_state"].lower())
+            runner = self.runners[vm]
+        saving = self.state_dir / "suspending" / record["uuid"]
+        shutil.rmtree(saving, ignore_errors=True)
+        saving.mkdir(parents=True)
+        try:
+            try:
+                runner.suspend(saving)
+            except Exception as exc:
+                raise XapiFailure("INTERNAL_ERROR", f"the stand-in could not save the guest: {exc}") from exc
+            packed = saving.with_suffix(".tar")
+            with tarfile.open(packed, "w") as image:
+                for path in sorted(saving.iterdir()):
+                    image.add(path, arcname=path.name)
+            size = -(-packed.stat().st_size // 512) * 512
+            sr = record.get("suspend_SR", NULL_REF)
+            vdi = self.VDI__create({"name_label": f"Suspend image for {record['name_label']}", "type": "suspend",
+                                    "SR": sr if sr in self.store.objects["SR"] else self.sr,
+                                    "virtual_size": size})
+            os.truncate(packed, size)
+            os.replace(packed, self.vdi_path(vdi))
+        finally:
+            shutil.rmtree(saving, ignore_errors=True)
+            saving.with_suffix(".tar").unlink(missing_ok=True)
+        with self.store.lock:
+            for console in record["consoles"]:
+                self.store.remove("console", console)
+            self.store.modify("VM", vm, power_state="Suspended", suspend_VDI=vdi, consoles=[], domid="-1",
+                              resident_on=NULL_REF)
+        return ""
+
+    def VM__resume(self, vm, start_paused, force):
+        """The suspended guest goes on (QEMU restores it); the suspend VDI is destroyed. ``start_paused`` is
+        not honoured (the stand-in has no Paused state, as with VM.start); ``force`` skips the CPU check."""
+        with self.store.lock:
+            record = self.store.get("VM", vm)
+            if record["power_state"] != "Suspended":
+                raise XapiFailure("VM_BAD_POWER_STATE", vm, "suspended", record["power_state"].lower())
+            flags, cpu = record["last_boot_CPU_flags"], self.store.get("host", self.host)["cpu_info"]
+            if not force and (flags.get("vendor") != cpu["vendor"]
+                              or not features_within(flags.get("features", ""), cpu["features_pv"])):
+                raise XapiFailure("VM_INCOMPATIBLE_WITH_THIS_HOST", vm, self.host,
+                                  "VM last booted on a CPU with features this host's CPU does not have.")
+            runner = self._runner(vm, record, suspend_image=self.vdi_path(record["suspend_VDI"]))
+            self.store.modify("VM", vm, power_state="Running")
+        try:
+            runner.start()
+        except BaseException as exc:
+            with self.store.lock:  # the suspend image stays: the VM is Suspended still
+                self.store.modify("VM", vm, power_state="Suspended")
+            if isinstance(exc, CannotResume):
+                raise XapiFailure("VM_INCOMPATIBLE_WITH_THIS_HOST", vm, self.host, str(exc)) from exc
+            raise XapiFailure("INTERNAL_ERROR", f"the stand-in could not resume the guest: {exc}") from exc
+        self._forget_suspend_image(vm)
+        self._running(vm)
+        return ""
+
+    def _forget_suspend_image(self, vm: str) -> None:
+        vdi = self.store.get("VM", vm)["suspend_VDI"]
+        if vdi in self.store.objects["VDI"]:
+            self.VDI__destroy(vdi)
+        self.store.modify("VM", vm, suspend_VDI=NULL_REF)
 
     def VM__destroy(self, vm):
         with self.store.lock:
@@ -299,4 +415,5 @@ class Calls:
     def stop_all_guests(self) -> None:
         for runner in list(self.runners.values()):
             runner.hard_stop()
+
 

@@ -11,7 +11,13 @@ simplification, not XAPI's behaviour:
 - when a VM halts, ``other_config`` gets ``last_shutdown_reason``: ``halted`` (the guest powered off),
   ``crashed`` (reset or panic), ``hard_shutdown``; XAPI records the reason there too, but its exact
   values were not checked against a real host;
-- ``VDI.destroy`` also removes the VBDs that point to the VDI (they must be unplugged).
+- ``VDI.destroy`` also removes the VBDs that point to the VDI (they must be unplugged);
+- ``VM.suspend`` / ``VM.resume`` follow XAPI's power states and errors (VM_BAD_POWER_STATE, and
+  VM_INCOMPATIBLE_WITH_THIS_HOST from the ``last_boot_CPU_flags`` check), but the suspend image in the
+  suspend VDI is a tar of qemu_user's saved guest (QEMU's migration stream), not a Xen save image; a resume
+  whose QEMU cannot load it is VM_INCOMPATIBLE_WITH_THIS_HOST too; ``start_paused`` is not honoured;
+- ``VM.create`` of a Suspended VM and ``VBD.create`` of its attached disks as XAPI 1.257.0 has them; a VBD
+  cannot be created for a Running VM (no hot-plug here).
 """
 
 from __future__ import annotations

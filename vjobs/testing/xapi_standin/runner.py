@@ -1,10 +1,16 @@
 """Runs a started stand-in VM as a real QEMU TCG guest, through vjobs' own qemu_user driver (loaded like any
-plugin), so that the job really runs. One thread per VM does every QEMU operation (start, wait, kill):
-QMP's client is bound to the thread that made it."""
+plugin), so that the job really runs. One thread per VM does every QEMU operation (start, wait, suspend, kill):
+QMP's client is bound to the thread that made it.
+
+A suspend is qemu_user's ``save_guest`` (QEMU's migration to a file) into a folder, with the identity it
+returned beside it (``IDENTITY``); a resume is a runner made with that folder (``restore_from``), which
+qemu_user restores (its ``SavedGuest``). XAPI's own suspend image is a Xen save image; the stand-in's is this
+folder, packed into the suspend VDI by calls.py."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -15,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from vjobs.config.site import SiteConfig
-from vjobs.drivers.contract import BootImage, Disk, HostContext, Owner, Stop, VMSpec
+from vjobs.drivers.contract import BootImage, Disk, HostContext, Owner, SavedGuest, Stop, VMSpec
 from vjobs.drivers.registry import load_driver
 from vjobs.guest.console import ConsoleLog
 from vjobs.host.cache import CacheHold
@@ -23,17 +29,25 @@ from vjobs.host.identity import boot_id
 from vjobs.images.checked import CheckedFiles
 
 START_TIMEOUT_S = 60.0
+SUSPEND_TIMEOUT_S = 600.0
+IDENTITY = "identity.json"  # in a suspended guest's folder: what qemu_user's save_guest returned
 # The stand-in plays dom0, whose console daemon streams everything; bounding what vjobs keeps is the xen
 # driver's job, as it would be against a real pool, so the stand-in's own file is effectively unbounded.
 DOM0_CONSOLE_BYTES = 1 << 40
 
 
+class CannotResume(RuntimeError):
+    """This host's QEMU cannot continue the suspended guest (qemu_user's ``restore_problem``)."""
+
+
 class GuestRunner:
     """``start()`` returns once QEMU runs (or raises what stopped it); ``on_halted(reason)`` is called from
-    the runner's thread when the guest is gone: ``halted``, ``crashed`` or ``hard_shutdown``."""
+    the runner's thread when the guest is gone: ``halted``, ``crashed`` or ``hard_shutdown`` (not after
+    ``suspend``, which the caller reports). ``restore_from``: a folder ``suspend`` wrote, whose guest
+    ``start`` continues instead of booting."""
 
     def __init__(self, name: str, vcpus: int, memory_mib: int, kernel: Path, ramdisk: Path, args: str,
-                 disks: list[Disk], workdir: Path, on_halted: Callable[[str], None]):
+                 disks: list[Disk], workdir: Path, on_halted: Callable[[str], None], restore_from: Path | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
         # Xen's PV console is hvc0; the QEMU guest's is its serial port, which qemu_user names itself. qemu_user
         # also gives the guest its virtio-serial port for the live channel, which nobody reads here: the xen
@@ -49,17 +63,28 @@ class GuestRunner:
             boot = BootImage(self.files.open(kernel, "PV_kernel"), self.files.open(ramdisk, "PV_ramdisk"), cmdline)
             disks = [replace(disk, file=self.files.open(disk.path, disk.role)) if disk.readonly else disk
                      for disk in disks]
+            restore = self._saved_guest(restore_from) if restore_from else None
         except BaseException:
             self.files.close()
             raise
         self.spec = VMSpec(name=f"xapi-standin-{workdir.name[:8]}", vcpus=vcpus, memory_mib=memory_mib, boot=boot,
-                           disks=tuple(disks), console=self.console, network=False, owner=owner, workdir=workdir)
+                           disks=tuple(disks), console=self.console, network=False, owner=owner, workdir=workdir,
+                           restore=restore)
         self.on_halted = on_halted
         self.vm = None  # the qemu_user VM, once made
         self.started = threading.Event()
         self.stop_requested = threading.Event()
         self.start_error: BaseException | None = None
+        self.suspend_into: Path | None = None  # asked of the runner's thread by ``suspend``
+        self.suspended = threading.Event()
+        self.suspend_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=self.spec.name, daemon=True)
+
+    def _saved_guest(self, folder: Path) -> SavedGuest:
+        identity = json.loads((folder / IDENTITY).read_text())
+        files = {path.name: self.files.open(path, path.name) for path in sorted(folder.iterdir())
+                 if path.name != IDENTITY}
+        return SavedGuest(files, identity)
 
     @property
     def console_log(self) -> Path:
@@ -80,6 +105,18 @@ class GuestRunner:
             with contextlib.suppress(OSError):  # the guest is going
                 vm.console_end.sendall(data)
 
+    def suspend(self, folder: Path) -> None:
+        """Save the running guest into ``folder`` (empty) and end its QEMU; returns once QEMU is gone. When
+        saving fails the guest runs on and the failure is raised."""
+        self.suspend_into = folder
+        if not self.suspended.wait(SUSPEND_TIMEOUT_S):
+            raise RuntimeError("QEMU did not save the guest in time")
+        if self.suspend_error is not None:
+            error, self.suspend_error = self.suspend_error, None
+            self.suspended.clear()
+            raise error
+        self.thread.join(30)
+
     def hard_stop(self) -> None:
         """Kill the guest and wait until the runner has reported it halted."""
         self.stop_requested.set()
@@ -91,7 +128,10 @@ class GuestRunner:
                            default_boot_image=_no_default_image, checked_files=self.files,
                            cache_hold=CacheHold())  # holds nothing: a PV kernel of its own makes no template
         try:
-            vm = self.vm = load_driver("qemu_user", SiteConfig(), host).create(self.spec)
+            driver = load_driver("qemu_user", SiteConfig(), host)
+            if self.spec.restore is not None and (problem := driver.restore_problem(self.spec.restore.identity)):
+                raise CannotResume(problem)
+            vm = self.vm = driver.create(self.spec)
             vm.start()
         except BaseException as exc:  # reported to VM.start's caller
             self.start_error = exc
@@ -103,6 +143,9 @@ class GuestRunner:
         reason = "hard_shutdown"
         try:
             while not self.stop_requested.is_set():
+                if self.suspend_into is not None and self._suspend(vm):
+                    reason = "suspended"
+                    break
                 stop = vm.wait_until_stopped(time.monotonic() + 0.5)
                 if stop is not Stop.DEADLINE:
                     reason = "halted" if stop is Stop.POWEROFF else "crashed"
@@ -111,7 +154,25 @@ class GuestRunner:
             vm.destroy()
             self.spec.console.close()
             self.files.close()
-            self.on_halted(reason)
+            if reason == "suspended":
+                self.suspended.set()
+            else:
+                self.on_halted(reason)
+
+    def _suspend(self, vm) -> bool:
+        """On the runner's thread: the guest saved (True), or the failure kept for ``suspend`` and the guest
+        running on (False)."""
+        folder, self.suspend_into = self.suspend_into, None
+        try:
+            identity = vm.save_guest(folder, time.monotonic() + SUSPEND_TIMEOUT_S)
+            (folder / IDENTITY).write_text(json.dumps(identity))
+            return True
+        except BaseException as error:
+            self.suspend_error = error
+            with contextlib.suppress(Exception):
+                vm.resume()
+            self.suspended.set()
+            return False
 
 
 def _no_default_image() -> BootImage:
