@@ -41,9 +41,10 @@ def start_vjobs():
     signals a batch system would); one still running after the test is ended by its PID."""
     started: list[subprocess.Popen] = []
 
-    def start(job: Path, site: Path, outdir: Path) -> subprocess.Popen:
-        started.append(subprocess.Popen([sys.executable, "-m", "vjobs", "run", str(job), "--site", str(site),
-                                         "--outdir", str(outdir), "--json"], stdout=subprocess.PIPE,
+    def start(job: Path, site: Path, outdir: Path, *more: str, command: str = "run") -> subprocess.Popen:
+        """``more``: further options (``--checkpoint DIR``); ``command="resume"``: ``job`` is a checkpoint folder."""
+        started.append(subprocess.Popen([sys.executable, "-m", "vjobs", command, str(job), "--site", str(site),
+                                         "--outdir", str(outdir), "--json", *more], stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True))
         return started[-1]
 

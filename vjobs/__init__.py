@@ -20,7 +20,7 @@ from vjobs._version import __version__
 # The public names, loaded when first used: ``import vjobs.cli`` must not import all of vjobs before the
 # command line has taken the signals over (vjobs/container/signals.py).
 _PUBLIC = {
-    "vjobs.api": ("execute", "host_context", "probe", "run", "running", "validate"),
+    "vjobs.api": ("execute", "host_context", "probe", "resume", "run", "running", "validate"),
     "vjobs.config.exec_request": ("ExecRequest",),
     "vjobs.config.job": ("Job", "load_job"),
     "vjobs.config.site": ("SiteConfig", "load_site"),
@@ -47,7 +47,7 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_HOME])
 
 
-__all__ = ["run", "execute", "probe", "running", "validate", "host_context", "load_job", "load_site", "__version__",
+__all__ = ["run", "resume", "execute", "probe", "running", "validate", "host_context", "load_job", "load_site", "__version__",
            "Job", "SiteConfig", "ExecRequest", "Result", "Event", "Capabilities", "Driver", "VM",
            "VjobsError", "SetupError", "InvalidJob", "InvalidSite", "LimitExceeded", "ImageError", "DriverError",
            "DriverNotFound", "NoUsableDriver", "VMError", "WalltimeExceeded", "Cancelled"]

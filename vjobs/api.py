@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
+from vjobs.checkpoint.folder import CheckpointFolder
+from vjobs.checkpoint.resume import load as load_checkpoint
 from vjobs.config.exec_request import ExecRequest, job_document
 from vjobs.config.job import Job, job_from_dict, load_job
 from vjobs.config.site import SiteConfig, load_site
@@ -79,27 +81,52 @@ def default_outdir(job_id: str) -> Path:
 
 def run(job: JobLike, *, site: SiteLike = None, driver: "str | Driver | None" = None, outdir: str | os.PathLike | None = None,
         progress: Callable[[str], None] | None = None, progress_bars: bool = False,
-        event_hooks: EventHooks | None = None) -> Result:
+        event_hooks: EventHooks | None = None, checkpoint: str | os.PathLike | None = None) -> Result:
     """Run ``job`` in a VM and return its ``Result`` (also written to ``outdir/result.json``). Never raises a
     ``VjobsError``: a job or site that is not fit to run gives a result with status ``setup_error``.
     ``progress``: called with each progress line; ``progress_bars``: draw transfer bars for staging on stderr
     (only when it is a terminal); ``event_hooks``: the run's public events, ``{"phase_started": [hook], ...}``
-    (vjobs/events.py). An unknown event name raises ``ValueError`` at once: a programming error."""
+    (vjobs/events.py). An unknown event name raises ``ValueError`` at once: a programming error.
+    ``checkpoint``: a folder to keep the job's checkpoints in (docs/checkpoints.md): on SIGTERM or the site's
+    ``checkpoint_signal`` the VM is saved there and the result says ``checkpointed``; ``resume`` continues it."""
+    return _run(lambda: (_job(job), None), job, site=site, driver=driver, outdir=outdir, progress=progress,
+                progress_bars=progress_bars, event_hooks=event_hooks, checkpoint=checkpoint)
+
+
+def resume(checkpoint: str | os.PathLike, *, site: SiteLike = None, driver: "str | Driver | None" = None,
+           outdir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
+           progress_bars: bool = False, event_hooks: EventHooks | None = None) -> Result:
+    """Continue the job saved in the checkpoint folder ``checkpoint`` where it was, here or on another node, and
+    return its ``Result`` as ``run`` does (its further checkpoints go into the same folder). A checkpoint that
+    is incomplete, changed, or made for a driver or machine this host cannot run gives a result with status
+    ``setup_error`` and code ``checkpoint_error`` or ``checkpoint_mismatch``, and starts no VM."""
+    def load():
+        resumable = load_checkpoint(checkpoint)
+        return resumable.job, resumable
+
+    return _run(load, Path(checkpoint).name, site=site, driver=driver, outdir=outdir, progress=progress,
+                progress_bars=progress_bars, event_hooks=event_hooks, checkpoint=checkpoint)
+
+
+def _run(load: Callable[[], tuple[Job, Any]], named: Any, *, site: SiteLike, driver, outdir, progress, progress_bars,
+         event_hooks, checkpoint) -> Result:
+    """``run`` and ``resume``: the job (and the checkpoint it continues) from ``load``, a container for it."""
     events = Events(event_hooks)
     the_job = None
     try:
         site_config = _site(site)
-        the_job = _job(job)
+        the_job, resuming = load()
         hold = CacheHold(site_config.cache_max_gib)  # the job's: the container releases it after its teardown
         context = host_context(site_config, progress, progress_bars=progress_bars, events=events, cache_hold=hold)
     except Exception as error:  # a VjobsError says what to fix; anything else is a bug, logged beside the result
-        job_id = the_job.id if the_job else _job_id_guess(job)
+        job_id = the_job.id if the_job else _job_id_guess(named)
         target = Path(outdir) if outdir else default_outdir(job_id)
         failure = error if isinstance(error, VjobsError) else not_permitted_from(error) or internal_error(error, target)
         return conclude_in(failed(job_id, failure, None), target)
     target = Path(outdir) if outdir else default_outdir(the_job.id)
     events.job_id = the_job.id
-    return VMContainer(the_job, site_config, context, target, driver=driver).run()
+    return VMContainer(the_job, site_config, context, target, driver=driver, resume=resuming,
+                       checkpoint=CheckpointFolder(checkpoint) if checkpoint is not None else None).run()
 
 
 def _job_id_guess(job: Any) -> str:

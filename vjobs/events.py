@@ -53,6 +53,8 @@ STEPS = (
     "vdi_upload",         # attach (xen): a disk is uploaded
     "vdi_download",       # collect (xen): the io disk is downloaded
     "sync_round",         # run: a sync round of the payload's files is applied on the host (vjobs/guest/sync.py)
+    "checkpoint",         # run: the VM is saved into the checkpoint folder, detail "periodic" or "final"
+    "checkpoint_disks",   # prepare (a resumed job): its checkpoint's disks copied and checked, images found
     "fetch_disk",         # collect: the driver hands over the io disk as the guest left it
     "publish",            # collect: the results move into the output folder
     "vm_destroy",         # teardown: the driver kills the VM and removes what it made

@@ -38,6 +38,9 @@ CHECKPOINT_NAME = re.compile(r"cp-(\d{6})")
 PARTIAL_NAME = re.compile(r"partial-(\d+)-\d+")
 
 
+REGISTER = "checkpoint-folders"  # in work_dir: a file per checkpoint folder the account used, naming it
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A complete checkpoint: its folder and its manifest (a dict, as ``manifest.json`` holds it)."""
@@ -66,6 +69,14 @@ class CheckpointFolder:
         os.chmod(self.path, 0o700)  # the guest's memory goes in here: nobody else reads it
         return self
 
+    def register(self, work_dir: Path) -> None:
+        """Name this folder in ``work_dir``, so that ``vjobs gc`` counts its checkpoint and clears its
+        abandoned partial ones (``garbage``)."""
+        register = work_dir / REGISTER
+        register.mkdir(mode=0o700, exist_ok=True)
+        key = hashlib.sha256(os.fsencode(self.path)).hexdigest()[:16]
+        write_atomically(register / key, str(self.path) + "\n")
+
     # --- writing ---------------------------------------------------------------------------------------
 
     def begin(self) -> Path:
@@ -87,6 +98,7 @@ class CheckpointFolder:
                 manifest["files"][name] = {"sha256": sha256_file(partial / name)}
             manifest["files"][name]["size"] = (partial / name).stat().st_size
             _sync(partial / name, os.O_RDONLY)  # on disk before the checkpoint is named: a node may crash
+        manifest["stored_bytes"] = sum((partial / name).stat().st_blocks * 512 for name in manifest["files"])
         manifest["name"] = name = self._next_name()
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         (partial / MANIFEST).write_text(text)
@@ -101,6 +113,12 @@ class CheckpointFolder:
             if older.name != name:
                 shutil.rmtree(older, ignore_errors=True)
         return Checkpoint(folder, manifest)
+
+    def clear(self) -> None:
+        """Once the job's results are in: its checkpoints are spent (resuming one would run its end again)."""
+        (self.path / POINTER).unlink(missing_ok=True)
+        for folder in self.checkpoints():
+            shutil.rmtree(folder, ignore_errors=True)
 
     def abandon(self, partial: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
@@ -199,3 +217,23 @@ def _sync(path: Path, mode: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def garbage(work_dir: Path) -> list[str]:
+    """For ``vjobs gc``: in each checkpoint folder named in ``work_dir``, remove the partial checkpoints whose
+    writer is gone, and count what is kept (a checkpoint stays until it is resumed to its end or removed by
+    its owner); forget a folder that is gone."""
+    lines = []
+    register = work_dir / REGISTER
+    for entry in sorted(register.glob("*")) if register.is_dir() else ():
+        folder = CheckpointFolder(entry.read_text().strip())
+        for partial in folder.abandoned_partials():
+            shutil.rmtree(partial, ignore_errors=True)
+            lines.append(f"removed the partial checkpoint {partial} (its vjobs is gone)")
+        if not folder.checkpoints() and not folder.partials():
+            entry.unlink(missing_ok=True)
+            continue
+        current = folder.checkpoints()[-1].name if folder.checkpoints() else "none complete"
+        lines.append(f"kept the checkpoint folder {folder.path}: {current}, {folder.size_bytes() >> 20} MiB "
+                     "(`vjobs resume` continues it; remove it when it is not wanted)")
+    return lines

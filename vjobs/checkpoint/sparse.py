@@ -13,20 +13,27 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 from pathlib import Path
 
 BLOCK = 1 << 20
 _ZEROS = bytes(BLOCK)
 
 
-def copy_summed(source: int, target: Path) -> str:
+def copy_summed(source: int, target: Path, deadline: float | None = None) -> str:
     """Copy the open file ``source`` into the new file ``target`` (this user's, 0600), holes kept; return its
-    ``block_sha256``."""
+    ``block_sha256``. Raises ``TimeoutError`` when ``time.monotonic()`` passes ``deadline``."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+    def write(offset: int, block: bytes) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"copying {target.name} took longer than allowed")
+        os.pwrite(fd, block, offset)
+
     try:
         size = os.fstat(source).st_size
         os.ftruncate(fd, size)
-        return _blocks(source, size, lambda offset, block: os.pwrite(fd, block, offset))
+        return _blocks(source, size, write)
     finally:
         os.close(fd)
 

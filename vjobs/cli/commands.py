@@ -7,6 +7,7 @@
     204  cancelled     SIGTERM, SIGHUP or Ctrl-C reached vjobs; the VM was killed
     205  internal      a bug in vjobs: result.json says so, the traceback is in a log beside it
     206  stage-out     the outputs came back but could not all be uploaded; they stay in the output folder
+    207  checkpointed  (--checkpoint DIR) the VM was saved in DIR on SIGTERM or the checkpoint signal: resume it
       2  usage         the command line itself is wrong
 
 Other commands exit 0 on success and 1 when what they report is a failure (an invalid job, no usable driver).
@@ -39,7 +40,18 @@ def _progress(quiet: bool) -> Callable[[str], None]:
 
 def cmd_run(args) -> int:
     result = api.run(args.job, site=args.site, driver=args.driver, outdir=args.outdir,
-                     progress=_progress(args.json), progress_bars=not args.json and sys.stderr.isatty())
+                     progress=_progress(args.json), progress_bars=not args.json and sys.stderr.isatty(),
+                     checkpoint=args.checkpoint)
+    return _report(result, args)
+
+
+def cmd_resume(args) -> int:
+    result = api.resume(args.dir, site=args.site, driver=args.driver, outdir=args.outdir,
+                        progress=_progress(args.json), progress_bars=not args.json and sys.stderr.isatty())
+    return _report(result, args)
+
+
+def _report(result, args) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -235,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--outdir", help="where result.json, stdout, stderr, console.log and outputs/ go "
                                       "(default ./vjobs-out/JOB_ID)")
     run.add_argument("--json", action="store_true", help="print result.json; no progress messages")
+    run.add_argument("--checkpoint", metavar="DIR", help="keep the job's checkpoints in DIR: on SIGTERM (or the "
+                                                         "site's checkpoint_signal) save the VM there and exit 207; "
+                                                         "`vjobs resume DIR` continues it")
+    resume = command("resume", cmd_resume, "continue a job saved in a checkpoint folder (vjobs run --checkpoint), "
+                                           "on this node or another; exits as `vjobs run`")
+    resume.add_argument("dir", help="the checkpoint folder")
+    resume.add_argument("--driver", help="the driver (must be the one that saved the job)")
+    resume.add_argument("--outdir", help="where result.json and the outputs go (default ./vjobs-out/JOB_ID)")
+    resume.add_argument("--json", action="store_true", help="print result.json; no progress messages")
     run_exec = command("exec", cmd_exec, "run a command in a VM as `apptainer exec` would in a container: "
                                          "binds, working directory, environment; exits with its status")
     runtime.add_arguments(run_exec)
@@ -275,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps = command("ps", cmd_ps, "list the jobs running on this node (root: every account's; others: their own) "
                                "with their VM, phase, elapsed time and the payload's latest usage")
     ps.add_argument("--json", action="store_true", help="print them as a JSON list")
-    for sub in (run, run_exec, validate, probe, build, inspect, listing, commands.choices["drivers"],
+    for sub in (run, resume, run_exec, validate, probe, build, inspect, listing, commands.choices["drivers"],
                 commands.choices["gc"], ps):
         sub.add_argument("--site", help="site config (TOML); default $VJOBS_SITE or /etc/vjobs/site.toml")
     return parser

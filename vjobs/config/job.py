@@ -92,12 +92,16 @@ def load_job(path: str | os.PathLike) -> Job:
     return job_from_dict(document, base_dir=path.resolve().parent, source=str(path))
 
 
-def job_from_dict(document: Any, *, base_dir: Path | None = None, source: str = "job") -> Job:
-    """Validate a job given as a dict (the Python API's way in); relative paths resolve against ``base_dir``."""
+def job_from_dict(document: Any, *, base_dir: Path | None = None, source: str = "job",
+                  resumed: bool = False) -> Job:
+    """Validate a job given as a dict (the Python API's way in); relative paths resolve against ``base_dir``.
+    ``resumed``: a checkpoint's job (``job_document``), whose host folders need not exist any more here: its
+    inputs are on its disks already, its images are found by their sums (vjobs/checkpoint/resume.py)."""
     problem = schemas.problem("job", document)
     if problem:
         raise InvalidJob(f"{source}: {problem}")
     base_dir = base_dir or Path.cwd()
+    _host_dir = _given_host_dir if resumed else _existing_host_dir
     release = document.get("release")
     job = Job(
         id=document["id"],
@@ -180,13 +184,34 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
 
 
+def job_document(job: Job) -> dict[str, Any]:
+    """The job as a document ``job_from_dict`` reads back (its host paths absolute): what a checkpoint keeps."""
+    document = {
+        "id": job.id, "command": list(job.command), "env": dict(job.env), "outputs": list(job.outputs),
+        "resources": vars(job.resources), "walltime_s": job.walltime_s, "image": job.image, "network": job.network,
+        "workdir": job.workdir,
+        "binds": [{"source": str(bind.source), "target": bind.target, "mode": bind.mode} for bind in job.binds],
+        "stage_in": [{key: value for key, value in vars(entry).items() if value is not None}
+                     for entry in job.stage_in]}
+    optional = {"inputs": str(job.inputs) if job.inputs else None, "cwd": job.cwd,
+                "sync_interval_s": job.sync_interval_s,
+                "release": {"path": str(job.release.path), "mount": job.release.mount} if job.release else None,
+                "stage_out": vars(job.stage_out) if job.stage_out else None}
+    return {**document, **{key: value for key, value in optional.items() if value is not None}}
+
+
 def _image(value: str, base_dir: Path) -> str:
     """A name as it is; a path (it has a ``/``: a folder holding an image, vjobs/images/rootfs/folders.py) made
     absolute against ``base_dir``, an OCI layout's ``:TAG`` kept. The folder is looked at when the job runs."""
     return value if "/" not in value or value.startswith("/") else str(base_dir / value)
 
 
-def _host_dir(value: str | None, base_dir: Path, source: str, pointer: str) -> Path | None:
+def _given_host_dir(value: str | None, *_where) -> Path | None:
+    """A checkpoint's host path, absolute as ``job_document`` wrote it, taken as it is."""
+    return None if value is None else Path(value)
+
+
+def _existing_host_dir(value: str | None, base_dir: Path, source: str, pointer: str) -> Path | None:
     if value is None:
         return None
     try:

@@ -92,6 +92,13 @@ class SiteConfig:
     live_channel: bool = True  # a running payload is seen live (docs/sync.md); False: at the end only
     sync_interval_s: int = 60  # a running payload's files come back this often (vjobs/guest/sync.py); 0: off
     sync_on_stop_s: float = 2.0  # how long the last round may take when vjobs is stopped (a pilot kills in 3 s)
+    # Checkpoints (vjobs/checkpoint/, ``vjobs run --checkpoint DIR``): every checkpoint_interval_s (0: only on a
+    # signal), on SIGTERM and on checkpoint_signal (a batch system's warning); a save must end within
+    # checkpoint_grace_s (Slurm's KillWait is 30 s) and may take checkpoint_max_gib at most.
+    checkpoint_interval_s: int = 0
+    checkpoint_signal: str = "SIGUSR1"
+    checkpoint_grace_s: float = 25.0
+    checkpoint_max_gib: float = 64.0
     host: HostBudget = field(default_factory=HostBudget)
     inspection: InspectionLimits = field(default_factory=InspectionLimits)
     staging: StagingSettings = field(default_factory=StagingSettings)
@@ -107,6 +114,10 @@ class SiteConfig:
     @property
     def console_max_bytes(self) -> int:
         return int(self.console_max_mib * (1 << 20))
+
+    @property
+    def checkpoint_max_bytes(self) -> int:
+        return int(self.checkpoint_max_gib * (1 << 30))
 
     def sync_interval_for(self, job: Job) -> int:
         """How often the job's files come back while it runs: the job's own setting, else the site's."""
@@ -202,7 +213,8 @@ def site_from_dict(document: Mapping[str, Any], *, base_dir: Path | None = None,
         options["cache_max_gib"] = float(document["cache_max_gib"])
     for key in ("boot_timeout_s", "boot_retries", "allow_network", "release_format", "payload_user", "limits",
                 "drivers", "console_max_mib", "stop_grace_s", "live_channel", "sync_interval_s",
-                "sync_on_stop_s"):
+                "sync_on_stop_s", "checkpoint_interval_s", "checkpoint_signal", "checkpoint_grace_s",
+                "checkpoint_max_gib"):
         if key in document:
             options[key] = document[key]
     if "host" in document:

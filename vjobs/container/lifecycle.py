@@ -14,6 +14,10 @@ are named after them):
     run        wait for the guest to stop, up to the wall time, its grace and a delivery margin; meanwhile apply
                the sync rounds of the payload's files and publish its usage samples, and on a signal or the
                host's deadline take a last round before the VM is stopped (vjobs/guest/sync.py)
+               A job run with a checkpoint folder (vjobs/checkpoint/) is saved there every
+               ``checkpoint_interval_s`` and goes on; on SIGTERM or the site's ``checkpoint_signal`` it is saved
+               and ends ``checkpointed``. A resumed job's prepare copies the checkpoint's disks and finds its
+               images by their sums instead of building them, and its boot continues the saved guest.
     collect    read the results from the io disk (never mounted), publish them, return read-write binds
     stage_out  upload the outputs (jobs with ``stage_out`` only)
     teardown   always, whatever happened before: destroy every VM, save the console log, remove the folder
@@ -37,13 +41,18 @@ from typing import Iterator
 
 from vjobs import staging
 from vjobs._version import __version__
-from vjobs.config.job import Job
+from vjobs.checkpoint.folder import CheckpointFolder
+from vjobs.checkpoint.resume import Resumable
+from vjobs.checkpoint.resume import link as checkpoint_link
+from vjobs.checkpoint.resume import read_only_records
+from vjobs.checkpoint.take import take as take_checkpoint
+from vjobs.config.job import Job, job_document
 from vjobs.config.site import SiteConfig
 from vjobs.container.signals import SignalGuard, signals_cancel
 from vjobs.drivers.contract import VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from vjobs.drivers.registry import choose_driver
-from vjobs.errors import (BootTimeout, Cancelled, DiskFull, LimitExceeded, StageOutFailed, VjobsError, VMError,
-                          WalltimeExceeded, internal_error)
+from vjobs.errors import (BootTimeout, Cancelled, Checkpointed, DiskFull, LimitExceeded, StageOutFailed, VjobsError,
+                          VMError, WalltimeExceeded, internal_error)
 from vjobs.guest.binds import check_folders as check_bind_folders
 from vjobs.guest.binds import snapshot as snapshot_bind
 from vjobs.guest.collect import GuestResults, read_results
@@ -57,6 +66,7 @@ from vjobs.host.allocation import VM_OVERHEAD_MIB, admission_scope
 from vjobs.host.allocation import current as current_allocation
 from vjobs.host.folders import output_folder, write_atomically
 from vjobs.host.identity import create_owned_folder, new_owner, remove_owned_folder
+from vjobs.host.roles import caches
 from vjobs.host.running import write_record as write_running_record
 from vjobs.host.tools import disk_full_from, not_permitted_from
 from vjobs.images.catalogue import ResolvedImage, resolve_image
@@ -74,12 +84,19 @@ DELIVERY_MARGIN_S = 60.0  # after the wall time and the grace: the agent collect
 
 class VMContainer:
     def __init__(self, job: Job, site: SiteConfig, host: HostContext, outdir: Path, *,
-                 driver: str | Driver | None = None):
+                 driver: str | Driver | None = None, checkpoint: CheckpointFolder | None = None,
+                 resume: Resumable | None = None):
         """``host``: this job's own; its ``cache_hold`` becomes the job's hold on the cache, released after
         the teardown. ``driver``: a driver name to pin, a ready ``Driver`` object to use, or None to probe and
-        choose."""
+        choose. ``checkpoint``: the folder to keep the job's checkpoints in (vjobs/checkpoint/); ``resume``:
+        the checkpoint this run continues (its job is ``job``)."""
         self.job, self.site, self.host, self.outdir = job, site, host, Path(outdir)
         self.driver_choice = driver
+        self.checkpoints = checkpoint
+        self.resuming = resume
+        self.run_before_s = resume.run_s if resume else 0.0  # the payload's run time before this run
+        self._run_started: float | None = None
+        self._last_checkpoint = 0.0
         self.events = host.events
         self.owner = new_owner(job.id)
         self.folder = site.work_dir / f"{job.id}-{self.owner.run_id}"
@@ -102,7 +119,8 @@ class VMContainer:
     # --- the lifecycle ---------------------------------------------------------------------------------
 
     def run(self) -> Result:
-        with signals_cancel() as guard:
+        checkpoint_signals = (self.site.checkpoint_signal,) if self.checkpoints else ()
+        with signals_cancel(also=checkpoint_signals) as guard:
             try:
                 self.signals = guard
                 guard.cancel_if_signalled()  # one that came while vjobs started up
@@ -112,8 +130,7 @@ class VMContainer:
             except Exception as bug:  # never a traceback on the terminal: a result, and the details in a log
                 self._fail(disk_full_from(bug) or not_permitted_from(bug) or internal_error(bug, self.outdir))
             except KeyboardInterrupt as interrupt:  # Ctrl-C, or Terminated from the signal guard
-                self._fail(Cancelled(f"{interrupt.args[0] if interrupt.args else 'SIGINT'} received; "
-                                     "the VM was stopped and its files removed"))
+                self._fail(self._stopped_by(interrupt))
             finally:
                 guard.hold()  # a second SIGTERM must not cut the teardown short
                 with self._phase("teardown"):
@@ -129,8 +146,13 @@ class VMContainer:
             self.result.driver = driver.name
             self.result.provenance.update(probe=verdict.to_json(), hypervisor=verdict.hypervisor,
                                           driver_version=_distribution_version(driver))
+            if self.resuming:
+                self.resuming.check_driver(driver)
+                self.result.provenance["checkpoints"] = self.resuming.chain()
         with self._phase("prepare"):
             output_folder(self.outdir)  # this account's alone, before anything of the job is written anywhere
+            if self.checkpoints:
+                self.checkpoints.make()  # this account's alone too: the guest's memory goes in there
             self.site.check_limits(self.job)
             self._check_allocation()
             check_bind_folders(self.job, self.site)
@@ -143,30 +165,32 @@ class VMContainer:
             self.result.provenance.update(image.provenance())
             base = self._base_disk(image, verdict.disk_formats)
             create_owned_folder(self.folder, self.owner)
+            if self.checkpoints:
+                self.checkpoints.register(self.site.work_dir)
             copied_in = {number: snapshot_bind(bind.source) for number, bind in read_write_binds(self.job)}
             self.sync = WorkSync(self.job, self.outdir, copied_in)
-        staged = self._stage_in() if self.job.stage_in else None
-        with self._phase("prepare"):
-            disks = prepare_disks(self.job, self.folder, self.host.cache_dir, self.site.release_format,
-                                  self.events, base, hold=self.cache_hold, files=self.files,
-                                  stop_grace_s=self.site.stop_grace_s,
-                                  sync_interval_s=self.sync_interval_s if self.site.live_channel else None,
-                                  staged=staged)
-            self.result.provenance["release_sha256"] = disks.release_sha256
+        disks = self._resumed_disks(base) if self.resuming else self._new_disks(base)
+        self.result.provenance["release_sha256"] = disks.release_sha256
         with self._phase("admission"):
             resources = self.job.resources
             self.held.enter_context(admitted(self.job.id, resources.vcpus, resources.memory_mib, self.site,
                                              self.host.progress, scope=admission_scope(self.allocation, self.site)))
         vm = self._boot(driver, image, disks)
         with self._phase("run"):
-            self.host.progress(f"job {self.job.id} running (wall time {self.job.walltime_s} s)")
+            self._run_started = self._last_checkpoint = time.monotonic()
+            self.host.progress(f"job {self.job.id} running (wall time {self.job.walltime_s} s"
+                               + (f", {self.run_before_s:.0f} s of it used before" if self.resuming else "") + ")")
             self._follow_live_streams(vm, disks)
             # The agent ends the payload at the wall time itself (SIGTERM, stop_grace_s, SIGKILL) and delivers
-            # what it wrote; the host waits that long and a margin for the delivery, then kills the VM.
+            # what it wrote; the host waits that long and a margin for the delivery, then kills the VM. A
+            # restored guest's clock did not run while it was saved: its wall time goes on from where it was.
             try:
-                stop = self._wait_for_stop(vm, deadline_in(self.job.walltime_s + self.site.stop_grace_s
-                                                           + DELIVERY_MARGIN_S))
-            except KeyboardInterrupt:  # SIGTERM or SIGINT: what the payload wrote until now comes back first
+                stop = self._wait_for_stop(vm, disks, deadline_in(
+                    self.job.walltime_s - self.run_before_s + self.site.stop_grace_s + DELIVERY_MARGIN_S))
+            except KeyboardInterrupt as interrupt:  # a signal: checkpoint, or bring back what was written so far
+                if self._checkpoint_on(interrupt):
+                    with self.signals.deferred():  # a second SIGTERM does not cut the save in half
+                        self._checkpoint(vm, disks, final=True)
                 self._last_round()
                 raise
             if stop is Stop.DISK_FULL:
@@ -182,10 +206,78 @@ class VMContainer:
                 self._collect(vm, disks, stop)
             except WalltimeExceeded as error:  # the outputs came back all the same; the job may want them uploaded
                 timed_out = error
+            if self.checkpoints:
+                self.checkpoints.clear()
         if self._stage_out_wanted():
             self._stage_out()
         if timed_out:
             raise timed_out
+
+    def _new_disks(self, base: BaseDisk | None) -> JobDisks:
+        staged = self._stage_in() if self.job.stage_in else None
+        with self._phase("prepare"):
+            return prepare_disks(self.job, self.folder, self.host.cache_dir, self.site.release_format,
+                                 self.events, base, hold=self.cache_hold, files=self.files,
+                                 stop_grace_s=self.site.stop_grace_s,
+                                 sync_interval_s=self.sync_interval_s if self.site.live_channel else None,
+                                 staged=staged)
+
+    def _resumed_disks(self, base: BaseDisk | None) -> JobDisks:
+        """The checkpoint's disks in the job folder, its images found by their sums (vjobs/checkpoint/resume.py)."""
+        with self._phase("prepare"), self.events.step("checkpoint_disks"):
+            found_in = caches(self.site)
+            return self.resuming.disks(self.folder, [found_in.own, *filter(None, [found_in.administrators])],
+                                       hold=self.cache_hold, files=self.files, base=base,
+                                       progress=self.host.progress)
+
+    # --- checkpoints (vjobs/checkpoint/) ------------------------------------------------------------------
+
+    def _stopped_by(self, interrupt: KeyboardInterrupt) -> VjobsError:
+        """What a signal that came before the VM ran (or one that does not checkpoint) makes of the job: a
+        resumed job whose checkpoint is still current stays ``checkpointed``, any other is cancelled."""
+        signal_name = interrupt.args[0] if interrupt.args else "SIGINT"
+        if self._checkpoint_on(interrupt) and self.checkpoints.exists():
+            return Checkpointed(f"{signal_name} came before the job's VM ran again; its checkpoint in "
+                                f"{self.checkpoints.path} is still the current one: `vjobs resume "
+                                f"{self.checkpoints.path}` continues it")
+        return Cancelled(f"{signal_name} received; the VM was stopped and its files removed")
+
+    def _checkpoint_on(self, interrupt: KeyboardInterrupt) -> bool:
+        signal_name = interrupt.args[0] if interrupt.args else "SIGINT"
+        return self.checkpoints is not None and signal_name in ("SIGTERM", self.site.checkpoint_signal)
+
+    def _checkpoint_due(self) -> bool:
+        interval = self.site.checkpoint_interval_s
+        return bool(self.checkpoints and interval and time.monotonic() - self._last_checkpoint >= interval)
+
+    def _checkpoint(self, vm: VM, disks: JobDisks, *, final: bool) -> None:
+        """Save the VM into the checkpoint folder. ``final`` (a signal): the job then ends ``checkpointed``,
+        or, when the save fails, as any signalled job (the checkpoint before, if any, stays current).
+        Otherwise (a periodic one) the guest goes on, whether or not the save worked."""
+        run_s = self.run_before_s + time.monotonic() - self._run_started
+        manifest = {"job": job_document(self.job), "driver": self.result.driver, "run_s": round(run_s, 3),
+                    "disks": read_only_records(disks, self.job),
+                    "chain": self.resuming.chain() if self.resuming else []}
+        try:
+            with self.events.step("checkpoint", detail="final" if final else "periodic"):
+                saved = take_checkpoint(vm, disks, self.checkpoints, manifest, within_s=self.site.checkpoint_grace_s,
+                                        max_bytes=self.site.checkpoint_max_bytes,
+                                        channel_position=self.live.position if self.live else None)
+        except (VjobsError, OSError) as error:
+            self.host.progress(f"checkpoint failed: {error}")
+            if not final:
+                with contextlib.suppress(VjobsError, OSError):
+                    vm.resume()
+            self._last_checkpoint = time.monotonic()
+            return
+        self._last_checkpoint = time.monotonic()
+        self.result.provenance["checkpoints"] = [*manifest["chain"], checkpoint_link(saved)]
+        if final:
+            raise Checkpointed(f"job {self.job.id} was saved in {saved.folder} after {run_s:.0f} s of its wall time "
+                               f"({saved.manifest['timings']['save_guest']} s to save the guest); continue it with "
+                               f"`vjobs resume {self.checkpoints.path}`")
+        self.host.progress(f"checkpoint {saved.name} saved in {self.checkpoints.path}")
+        vm.resume()
 
     # --- staging (vjobs/staging/): all I/O with storage on the host -------------------------------------
 
@@ -265,13 +357,16 @@ class VMContainer:
         raise BootTimeout(f"the guest did not boot within {self.site.boot_timeout_s} s, {attempts} times; "
                           f"console: {self._console_tail()!r}")
 
-    def _wait_for_stop(self, vm: VM, deadline: float) -> Stop:
+    def _wait_for_stop(self, vm: VM, disks: JobDisks, deadline: float) -> Stop:
         """The VM's stop, or ``Stop.DEADLINE``; asked ``SIGNAL_CHECK_S`` at a time, so that a signal cancels the
-        job within that (vjobs/container/signals.py), and what came on the live
-        channel meanwhile is taken in the job's own thread."""
+        job within that (vjobs/container/signals.py), and what came on the live channel meanwhile is taken,
+        and a periodic checkpoint taken when due, in the job's own thread."""
         while True:
             self.signals.cancel_if_signalled()
             self._take_live()
+            if self._checkpoint_due():
+                with self.signals.deferred():  # a SIGTERM meanwhile is the final checkpoint's, once this one is done
+                    self._checkpoint(vm, disks, final=False)
             with self.signals.deferred():
                 stop = vm.wait_until_stopped(min(deadline, time.monotonic() + SIGNAL_CHECK_S))
             if stop is not Stop.DEADLINE or time.monotonic() >= deadline:
@@ -314,7 +409,8 @@ class VMContainer:
             spool = self.folder / "sync"
             spool.mkdir(mode=0o700)
             self.live = LiveStreams(self.outdir, self.job.resources.output_mib << 20, spool=spool,
-                                    round_limit_bytes=disks.io.path.stat().st_size)
+                                    round_limit_bytes=disks.io.path.stat().st_size,
+                                    carried=self.resuming.manifest.get("channel") if self.resuming else None)
             self.live.follow(channel)
 
     def _take_live(self) -> None:
@@ -414,7 +510,8 @@ class VMContainer:
         return VMSpec(name=f"vjobs-{self.job.id}-{self.owner.run_id}", vcpus=self.job.resources.vcpus,
                       memory_mib=self.job.resources.memory_mib, boot=image.boot, disks=disks.all(),
                       console=console, network=self.job.network and self.site.allow_network,
-                      owner=self.owner, workdir=vm_folder)
+                      owner=self.owner, workdir=vm_folder,
+                      restore=self.resuming.saved_guest(self.files) if self.resuming else None)
 
     def _publish(self, incoming: Path, results: GuestResults) -> None:
         """Move the extracted results into the output folder, replacing those of an earlier run."""

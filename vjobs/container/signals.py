@@ -89,13 +89,16 @@ class SignalGuard:
 
 
 @contextlib.contextmanager
-def signals_cancel() -> Iterator[SignalGuard]:
-    """The container's hold on the cancelling signals for the job's life; the previous handlers after it."""
+def signals_cancel(also: tuple[str, ...] = ()) -> Iterator[SignalGuard]:
+    """The container's hold on the cancelling signals for the job's life, and on ``also`` (names: a job with a
+    checkpoint folder also ends, checkpointed, on the site's ``checkpoint_signal``); the previous handlers
+    after it."""
     guard = SignalGuard()
     if threading.current_thread() is not threading.main_thread():
         yield guard  # only the main thread may own signal handlers; the caller's own handling applies
         return
-    previous = {sig: signal.signal(sig, guard.handle) for sig in CANCELLING}
+    wanted = {*CANCELLING, *(signal.Signals[name] for name in also)}
+    previous = {sig: signal.signal(sig, guard.handle) for sig in wanted}
     try:
         yield guard
     finally:

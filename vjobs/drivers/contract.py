@@ -40,8 +40,10 @@ parts, both small:
                               that disk's file: the core says so to the user, in its own words.
     ``fetch_disk(disk)``      a local file holding the disk's bytes as the guest left them (for a driver whose
                               disks live elsewhere: download it). The core reads results from it, never mounts it.
-    ``save_guest(folder)``    checkpoints (vjobs/checkpoint/): stop the guest's CPUs and write its memory and
-                              device state as files into ``folder`` (empty, the job's user's); return its
+    ``save_guest(folder, deadline)`` checkpoints (vjobs/checkpoint/): stop the guest's CPUs and write its memory
+                              and device state as files into ``folder`` (empty, the job's user's), giving up
+                              (raise) when ``time.monotonic()`` passes ``deadline`` (a batch system's grace
+                              period is short), the guest then still stopped; return its
                               ``identity``, a JSON-able dict of what a restore must match (hypervisor family and
                               version, machine type, vCPUs, memory). Once it returns the guest does not run and
                               ``fetch_disk`` gives each writable disk exactly as the saved state expects it. The
@@ -310,9 +312,9 @@ class VM(abc.ABC):
         VM has none, and the payload's output and files come back only with the results."""
         return None
 
-    def save_guest(self, folder: Path) -> dict[str, Any]:
-        """Stop the guest and write its memory and device state into ``folder``; return its identity (what a
-        restore must match). See the module's description."""
+    def save_guest(self, folder: Path, deadline: float) -> dict[str, Any]:
+        """Stop the guest and write its memory and device state into ``folder`` by ``deadline``; return its
+        identity (what a restore must match). See the module's description."""
         raise CheckpointError(f"the {type(self).__name__} of this driver cannot save a running guest: run the job "
                               "without --checkpoint, or pin a driver that can (qemu_user, kvm, xen)",
                               code="checkpoint_unsupported")

@@ -39,6 +39,7 @@ import binascii
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,6 +56,7 @@ MAX_RECORD = 1 << 16  # the agent writes at most 64 KiB a stream record; more is
 MAX_SAMPLE = 1 << 16
 SYNC_REQUEST = b"sync\n"
 _MAX_HEADER = 24  # "3 1099511627776\n" and room to spare
+_DROPPED = 0  # the kind of the rest of a record a checkpoint interrupted, when it is not kept (``_carry``)
 
 
 def encode_record(kind: int, data: bytes) -> bytes:
@@ -76,7 +78,10 @@ class LiveStreams:
     ``stdout`` and ``stderr``, created afresh; sync rounds into files under ``spool`` (a folder of the job's),
     handed to the job's thread by ``take_round``; usage samples by ``take_usage``."""
 
-    def __init__(self, folder: Path, limit_bytes: int, *, spool: Path | None = None, round_limit_bytes: int = 0):
+    def __init__(self, folder: Path, limit_bytes: int, *, spool: Path | None = None, round_limit_bytes: int = 0,
+                 carried: dict | None = None):
+        """``carried``: where the parsing stood when the guest was saved (``position()``), for a guest
+        restored from a checkpoint, whose channel goes on from there."""
         self.limit_bytes = max(int(limit_bytes), 0)
         self.round_limit_bytes = round_limit_bytes if spool is not None else 0
         self.spool = spool
@@ -98,6 +103,9 @@ class LiveStreams:
         self._closing = False  # close() began: a round no longer waits to be taken
         self._sample = bytearray()
         self._usage: dict | None = None  # the latest sample, not yet taken
+        self._fed_at = time.monotonic()
+        if carried:
+            self._carry(carried)
         self._files = {}
         for name in STREAMS.values():  # never through a link, never writable by others (vjobs/host/folders.py)
             fd = os.open(Path(folder) / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -136,13 +144,33 @@ class LiveStreams:
             usage, self._usage = self._usage, None
             return usage
 
+    def position(self, quiet_s: float = 0.2, wait_s: float = 2.0) -> dict:
+        """Where the parsing stands, once the channel has been quiet for ``quiet_s`` (the guest is stopped:
+        what its hypervisor had sent is read; at most ``wait_s``): between records, or inside one. A
+        checkpoint carries it, for the restored guest's channel to be read on from there."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() - self._fed_at < quiet_s and time.monotonic() < deadline:
+            time.sleep(quiet_s / 4)
+        with self._lock:
+            return {"header": self._header.decode("latin-1"), "kind": self._kind, "left": self._left}
+
+    def _carry(self, carried: dict) -> None:
+        """Go on inside the record the guest was writing when it was saved. Its stdout or stderr bytes are
+        kept; the rest of a sync round or usage sample is dropped (its spool stayed behind with the old job
+        folder): the files it held come back with the results all the same."""
+        self._header = str(carried.get("header", "")).encode("latin-1")[:_MAX_HEADER]
+        kind, left = carried.get("kind"), int(carried.get("left") or 0)
+        if kind is not None and left > 0:
+            self._kind, self._left = (kind if kind in STREAMS else _DROPPED), left
+
     # --- the reader's thread ---------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
         with self._lock:
+            self._fed_at = time.monotonic()
             view = memoryview(data)
             while view and self.broken is None and self._files:  # once closed, late bytes are not the job's
-                view = self._take_body(view) if self._kind else self._take_header(view)
+                view = self._take_body(view) if self._kind is not None else self._take_header(view)
 
     def _take_header(self, view: memoryview) -> memoryview:
         end = bytes(view[:_MAX_HEADER]).find(b"\n")
@@ -170,7 +198,7 @@ class LiveStreams:
             self._keep(STREAMS[self._kind], body)
         elif self._kind == SYNC_ROUND:
             self._round_file.write(body)
-        else:
+        elif self._kind == USAGE_SAMPLE:
             self._sample += body
         if not self._left:
             self._end_record()

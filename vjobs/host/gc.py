@@ -12,6 +12,10 @@ site's ``work_dir`` puts them (``{uid}`` in it, and the default ``/var/tmp/vjobs
 there only when it belongs to the uid in its name, through descriptors, never through a link the account put
 there. A live job of any account is never touched: its vjobs process is alive.
 
+Checkpoint folders (vjobs/checkpoint/folder.py) an account used are named in its work folder: a partial
+checkpoint whose writer is gone is removed, a complete one is counted and kept (its owner resumes or removes
+it).
+
 Files without owner labels are judged by their locks and names (vjobs/host/cache.py): a partial build whose
 build lock nobody holds, a lock file nobody holds whose image is gone, a temporary file or folder named with
 a PID that is gone (or older than an hour). Sockets live only in job folders and go with them. Last, the
@@ -29,6 +33,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from vjobs.checkpoint.folder import garbage as checkpoint_garbage
 from vjobs.config.site import STANDARD_WORK_DIR, UID, SiteConfig
 from vjobs.drivers.contract import HostContext
 from vjobs.drivers.registry import installed_drivers, load_driver
@@ -83,7 +88,8 @@ def _driver_garbage(name: str, site: SiteConfig, host: HostContext) -> list[str]
 def collect_files(site: SiteConfig) -> list[str]:
     """What dead vjobs processes left in ``work_dir``, the cache this process writes (an account's own, never
     the administrator's: vjobs/host/roles.py) and the system's temporary folder."""
-    return _job_folders(site) + cache.leftovers(caches(site).own) + _temp_folders(Path(tempfile.gettempdir()))
+    return (_job_folders(site) + cache.leftovers(caches(site).own) + _temp_folders(Path(tempfile.gettempdir()))
+            + (checkpoint_garbage(site.work_dir) if _ours(site.work_dir) else []))
 
 
 def _temp_folders(folder: Path) -> list[str]:

@@ -8,7 +8,8 @@ wall time kills the guest; a guest kernel crash is a VM error; a hostile results
 over the limit are refused; a console flood is bounded; a base image runs Python and keeps its overlay to
 itself, also as a qcow2 of a GPT disk (converted for a driver that takes raw disks only); while a payload
 runs, its stdout, its read-write binds' changes and deletions and its usage reach the host (and ``vjobs ps``),
-and a SIGTERM brings back what it wrote before the VM stops.
+and a SIGTERM brings back what it wrote before the VM stops; with a checkpoint folder, a SIGTERM saves the VM
+and ``vjobs.resume`` continues it elsewhere, where it was.
 
 The contract with the tests that run it: each installed driver NAME needs a fixture ``NAME_site`` (a
 ``SiteConfig`` pinned to that driver, ``-`` and ``.`` in NAME written ``_``), beside the fixtures of the
@@ -44,6 +45,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import tarfile
 import threading
@@ -57,6 +59,8 @@ from vjobs.cli import exec_command
 from vjobs.cli.commands import build_parser
 from vjobs.config.site import SiteConfig
 from vjobs.drivers.registry import NAMESPACE
+from vjobs.testing.host_state import work_leftovers
+from vjobs.testing.processes import qemu_processes
 
 
 def installed_drivers() -> list[str]:
@@ -342,21 +346,70 @@ class DriverConformance:
         job = make_job(["sh", "-c", "echo written > /data/late.txt; rm /data/gone.txt; echo ready; sleep 600"],
                        sync_interval_s=0, binds=[{"source": str(bind), "target": "/data", "mode": "rw"}])
 
-        def terminate_when_ready() -> None:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                with contextlib.suppress(FileNotFoundError):
-                    if (out / "stdout").read_bytes() == b"ready\n":
-                        os.kill(os.getpid(), signal.SIGTERM)  # the main thread runs the job: its guard takes it
-                        return
-                time.sleep(0.2)
-
-        threading.Thread(target=terminate_when_ready, daemon=True).start()
+        _terminate_when(lambda: (out / "stdout").read_bytes() == b"ready\n")
         result = vjobs.run(job, site=site, outdir=out)
         assert result.status == "cancelled", result.error
         assert (bind / "late.txt").read_text() == "written\n" and not (bind / "gone.txt").exists()
         assert result.sync["rounds"] == 1
         assert (out / "stdout").read_bytes() == b"ready\n"
+
+    def test_a_checkpointed_job_resumes_elsewhere_where_it_was(self, make_job, driver_site, tmp_path,
+                                                               assert_clean_host):
+        """SIGTERM with a checkpoint folder: the VM is saved, the job ends ``checkpointed`` (207) with no VM
+        left. Resumed with another work_dir and an empty cache, its inputs gone (the release image made
+        again from its folder, by its sum), the payload goes on: a count in a shell variable continues, every
+        line once, and its read-write bind and outputs come back whole."""
+        name, site = driver_site
+        bind, out, folder = _bind_folder(tmp_path), tmp_path / "out", tmp_path / "checkpoint"
+        job = make_job(["sh", "-c", COUNT], inputs={"start.txt": "0\n"}, release={"version.txt": "r42\n"},
+                       outputs=["count.txt", "release.txt"], sync_interval_s=1,
+                       binds=[{"source": str(bind), "target": "/data", "mode": "rw"}])
+        _terminate_when(lambda: b"line 5\n" in (out / "stdout").read_bytes())
+        saved = vjobs.run(job, site=site, outdir=out, checkpoint=folder)
+        assert saved.status == "checkpointed" and saved.exit_status() == 207, saved.error
+        assert f"vjobs resume {folder}" in saved.error["message"]
+        assert qemu_processes(str(tmp_path)) == [] and vjobs.running(site) == []
+        assert (folder / "current.json").is_file() and len(saved.provenance["checkpoints"]) == 1
+        shutil.rmtree(tmp_path / "inputs")
+        elsewhere = dataclasses.replace(site, work_dir=tmp_path / "work2", cache_dir=tmp_path / "cache2")
+        result = vjobs.resume(folder, site=elsewhere, outdir=tmp_path / "out2")
+        assert result.status == "succeeded", (result.error, _console(tmp_path / "out2"))
+        counted = "".join(f"{i}\n" for i in range(1, COUNT_TO + 1))
+        assert (tmp_path / "out2" / "stdout").read_text() == "".join(f"line {i}\n" for i in range(1, COUNT_TO + 1))
+        assert (tmp_path / "out2" / "outputs" / "count.txt").read_text() == counted
+        assert (tmp_path / "out2" / "outputs" / "release.txt").read_text() == "r42\n"
+        assert (bind / "log.txt").read_text() == counted
+        assert result.provenance["start"]["mode"] == "restored"
+        assert [link["checkpoint"] for link in result.provenance["checkpoints"]] == ["cp-000001"]
+        assert work_leftovers(tmp_path / "work2") == []
+        assert not (folder / "current.json").exists() and list(folder.iterdir()) == []  # spent once the job ended
+
+
+# Counts in a shell variable (the guest's memory), a line each 0.3 s into stdout, an output and a rw bind.
+COUNT_TO = 30
+COUNT = (f"i=$(cat start.txt); while [ $i -lt {COUNT_TO} ]; do i=$((i+1)); echo line $i; echo $i >> count.txt; "
+         "echo $i >> /data/log.txt; sleep 0.3; done; cat /opt/release/version.txt > release.txt")
+
+
+def _terminate_when(ready, timeout_s: float = 300) -> None:
+    """SIGTERM this process once ``ready()`` (errors count as not yet): its main thread runs the job, whose
+    signal guard takes it."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                if ready():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _console(outdir: Path) -> str:
+    with contextlib.suppress(OSError):
+        return (outdir / "console.log").read_text(errors="replace")[-3000:]
+    return ""
 
 
 def _bind_folder(tmp_path: Path) -> Path:

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vjobs.checkpoint.folder import REGISTER
 from vjobs.testing.sites import LIBVIRT_URI
 
 
 def work_leftovers(work: Path) -> list[str]:
     """What a work folder holds besides its admission folders (an account's own budget, batch allocations';
-    they stay), and the tokens in them that some process still holds."""
+    they stay) and the names of its checkpoint folders (for ``vjobs gc``), and the tokens in them that some
+    process still holds."""
     if not work.exists():
         return []
-    folders = [work / "admission", *work.glob("admission.*")]
+    folders = [work / "admission", *work.glob("admission.*"), work / REGISTER]
     shares = [f"{folder.name}/{name} (held)" for folder in folders for name in held_tokens(folder)]
     return sorted([p.name for p in work.iterdir() if p not in folders] + shares)
 

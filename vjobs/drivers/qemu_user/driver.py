@@ -251,8 +251,8 @@ class QemuUserVM(VM):
         channel = self.streams  # the virtio-serial port's host end, cold boot or restored template alike
         return Channel(read=lambda: channel.recv(65536), write=channel.sendall)
 
-    def save_guest(self, folder: Path) -> dict:
-        return saved_guest.save(self, folder, self.layout)
+    def save_guest(self, folder: Path, deadline: float) -> dict:
+        return saved_guest.save(self, folder, self.layout, deadline)
 
     def resume(self) -> None:
         self.monitor.cmd("cont")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,13 +26,13 @@ from vjobs.drivers.qemu_user import qemu, template
 from vjobs.errors import VMError
 
 STATE = "state"
-SAVE_DEADLINE_S = 600.0  # a 4 GiB guest that touched all its memory writes 4 GiB; the core bounds it tighter
 COPY_CHUNK = 1 << 20
 
 
-def save(vm, folder: Path, layout: str) -> dict[str, Any]:
-    """Stop ``vm``'s guest and write it into ``folder``; return its identity. ``layout``: how its disks are
-    attached, ``"virtio"`` (a cold boot's) or ``"scsi"`` (a template's)."""
+def save(vm, folder: Path, layout: str, deadline: float) -> dict[str, Any]:
+    """Stop ``vm``'s guest and write it into ``folder`` by ``deadline`` (else QEMU's save is cancelled and
+    VMError raised); return its identity. ``layout``: how its disks are attached, ``"virtio"`` (a cold
+    boot's) or ``"scsi"`` (a template's)."""
     vm.monitor.cmd("stop")  # the guest's CPUs stop and its disks' writes are in their files
     reader, writer = os.pipe()
     try:
@@ -41,8 +42,14 @@ def save(vm, folder: Path, layout: str) -> dict[str, Any]:
         os.close(writer)  # QEMU holds its own copy: the stream ends when QEMU closes it
     copier = _StreamCopy(reader, folder / STATE)
     vm.monitor.cmd("migrate", uri="fd:checkpoint")
-    template.wait_for(lambda: template.migration_done(vm), vm, SAVE_DEADLINE_S, "QEMU to save the guest")
-    copier.join()
+    try:
+        template.wait_for(lambda: template.migration_done(vm), vm, deadline - time.monotonic(),
+                          "QEMU to save the guest")
+    except VMError:
+        vm.monitor.cmd("migrate_cancel")  # QEMU closes the pipe: the copy ends
+        raise
+    finally:
+        copier.join()
     template.write_stand_ins(vm.restore_kernel(), folder)
     return {"hypervisor": vm.qemu_identity, "machine_type": machine_type(vm), "accel": vm.machine.accel,
             "firmware": vm.machine.firmware, "vcpus": vm.spec.vcpus, "memory_mib": vm.spec.memory_mib,
@@ -80,7 +87,7 @@ class _StreamCopy:
             os.close(self.target)
 
     def join(self) -> None:
-        self.thread.join(SAVE_DEADLINE_S)
+        self.thread.join()  # the pipe ends when QEMU's save completes or is cancelled
         if self.error is not None:
             raise self.error
 
