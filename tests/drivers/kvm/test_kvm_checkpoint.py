@@ -19,6 +19,7 @@ from vjobs.api import host_context
 from vjobs.config.job import load_job
 from vjobs.drivers.contract import SavedGuest, Stop, VMSpec, deadline_in
 from vjobs.drivers.kvm import KvmDriver
+from vjobs.errors import CheckpointError
 from vjobs.events import Events
 from vjobs.guest.collect import read_results
 from vjobs.guest.console import ConsoleLog
@@ -74,7 +75,7 @@ class CountingJob:
         """``vm``'s guest saved into a new folder once it has counted to 3."""
         assert vm.spec.console.wait_for(SAVE_AT, DEADLINE_S), vm.spec.console.last(2000)
         folder = self._folder(name)
-        identity = vm.save_guest(folder)
+        identity = vm.save_guest(folder, deadline_in(DEADLINE_S))
         files = {path.name: self.host.checked_files.open(path, f"saved {path.name}") for path in folder.iterdir()}
         return SavedGuest(files, identity)
 
@@ -152,3 +153,14 @@ def test_restore_problem_names_a_machine_type_this_host_lacks(counting):
     assert newer and "newer" in newer and "999.0.0" in newer
     other = counting.driver.restore_problem({**identity, "virt_type": "kvm"})
     assert other and "virt_type 'kvm'" in other
+
+
+def test_a_save_past_its_deadline_fails_and_the_guest_can_still_go_on(counting):
+    vm = counting.started(counting.spec("vm.1", counting.disks))
+    assert vm.spec.console.wait_for(SAVE_AT, DEADLINE_S)
+    folder = counting._folder("saved")
+    with pytest.raises(CheckpointError) as failure:
+        vm.save_guest(folder, deadline_in(0))
+    assert failure.value.code == "checkpoint_too_slow"
+    vm.resume()
+    assert counting.counted(vm) == EVERY_COUNT

@@ -233,9 +233,9 @@ class KvmVM(VM):
 
     # --- checkpoints (saved_guest.py) --------------------------------------------------------------------
 
-    def save_guest(self, folder: Path) -> dict[str, Any]:
+    def save_guest(self, folder: Path, deadline: float) -> dict[str, Any]:
         with libvirt_errors(f"saving domain {self.name}", self.uri):
-            return saved_guest.save(self.dom, folder, self._stand_in_source(), _version_parts(self.conn),
+            return saved_guest.save(self.dom, folder, deadline, self._stand_in_source(), _version_parts(self.conn),
                                     [disk.role for disk in self.spec.disks])
 
     def resume(self) -> None:
@@ -415,6 +415,9 @@ class RestoredKvmVM(KvmVM):
 
     def agent_started(self) -> bool:
         return self.started  # it was up when the guest was saved
+
+    def provenance(self) -> dict[str, Any]:
+        return {"start": {"mode": "restored"}}
 
     def _stand_in_source(self) -> CheckedFile:
         return self.spec.restore.files[saved_guest.KERNEL]

@@ -22,32 +22,63 @@ ago, so a checkpoint carries no boot image, but libvirt's QEMU needs a kernel fo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import libvirt
 
 from vjobs.drivers.contract import CheckedFile
 from vjobs.drivers.qemu_user.template import STAND_INS, write_stand_ins
+from vjobs.errors import CheckpointError
 
 STATE = "state"
 KERNEL, INITRAMFS = STAND_INS
-FILES = (STATE, KERNEL, INITRAMFS)
+ABORT_S = 30.0  # how long an aborted save may take to end
 
 
-def save(dom: libvirt.virDomain, folder: Path, kernel: CheckedFile, versions: Mapping[str, str],
+def save(dom: libvirt.virDomain, folder: Path, deadline: float, kernel: CheckedFile, versions: Mapping[str, str],
          roles: list[str]) -> dict[str, Any]:
-    """Pause ``dom``, write its memory and device state into ``folder`` (with stand-ins made from ``kernel``);
+    """Pause ``dom``, write its memory and device state into ``folder`` by ``deadline`` (else libvirt's job is
+    aborted and ``CheckpointError`` raised, the guest still paused), with stand-ins made from ``kernel``;
     return its identity. ``versions``: this host's ``{"libvirt": ..., "qemu": ...}``; ``roles``: its disks'."""
     if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
         dom.suspend()
     description = ET.fromstring(dom.XMLDesc())
     state = claim(folder / STATE)
-    dom.snapshotCreateXML(_snapshot_xml(description, state), libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+    _by(deadline, dom, lambda: dom.snapshotCreateXML(_snapshot_xml(description, state),
+                                                     libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA))
     write_stand_ins(kernel, folder)
     return identity(description, versions, roles)
+
+
+def _by(deadline: float, dom: libvirt.virDomain, write: Callable[[], Any]) -> None:
+    """``write()`` (a libvirt call that blocks until the state is written), done by ``deadline``: else the
+    domain's job is aborted (QEMU cancels the save; the guest stays paused) and the save fails."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            write()
+        except BaseException as error:  # raised in the caller's thread, below
+            failures.append(error)
+
+    writer = threading.Thread(target=run, name="kvm-save", daemon=True)
+    writer.start()
+    writer.join(max(0.0, deadline - time.monotonic()))
+    if writer.is_alive():
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.abortJob()
+        writer.join(ABORT_S)
+        raise CheckpointError("libvirt did not save the guest within the time left for the checkpoint: aborted "
+                              "(a guest that touched much memory writes that much; give the checkpoint more time)",
+                              code="checkpoint_too_slow")
+    if failures:
+        raise failures[0]
 
 
 def claim(path: Path) -> Path:
