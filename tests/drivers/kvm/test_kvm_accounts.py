@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +61,22 @@ def _domains_seen_by(account, prefix: str, deadline_s: float) -> list[str]:
             return found
         time.sleep(0.2)
     return []
+
+
+def test_an_account_in_group_libvirt_saves_and_restores_a_guest(libvirtd, pool_accounts, account_cache):
+    """test_kvm_checkpoint.py run by the account's own pytest (as tests/drivers/test_conformance_as_account.py
+    runs the suite): the system libvirtd (root) writes the saved state, which must still be the account's to
+    read, copy and restore."""
+    account = pool_accounts[2]
+    cache = account_cache(account)
+    suite = account.home / "kvm-checkpoint"
+    suite.mkdir(exist_ok=True)
+    (suite / "conftest.py").write_text('pytest_plugins = ["vjobs.testing.fixtures"]\n')
+    shutil.copy(Path(__file__).with_name("test_kvm_checkpoint.py"), suite)
+    account.own(suite)
+    done = account.run([account.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={suite / 'tmp'}",
+                        str(suite)], env={"VJOBS_TEST_CACHE": str(cache), "VJOBS_REQUIRE_LIBVIRT": "1"}, cwd=suite,
+                       timeout=600)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert done.returncode == 0 and "passed" in summary and "skipped" not in summary, \
+        done.stdout[-6000:] + done.stderr[-2000:]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vjobs.drivers.contract import VMSpec
+from vjobs.errors import CheckpointError
 from vjobs.guest.streams import STREAMS_PORT
 
 #: The namespace of vjobs' element in a domain's <metadata>; libvirt keys metadata by it.
@@ -57,6 +58,41 @@ def domain_xml(spec: VMSpec, settings: DomainSettings, kernel: Path, initramfs: 
     _text(domain, "on_reboot", "restart")
     _text(domain, "on_crash", "destroy")
     domain.append(_devices(spec, settings, sockets or spec.workdir))
+    return ET.tostring(domain, encoding="unicode")
+
+
+def restored_xml(saved: str, spec: VMSpec, kernel: Path, initramfs: Path, sockets: Path | None = None) -> str:
+    """The description a saved guest continues with (``virDomainRestoreFlags``' replacement for the one in the
+    state file, ``saved``): that one, device for device, since libvirt refuses any change the guest would see
+    (its name and UUID included, so the domain keeps the name it was saved with), with this run's parts put
+    in: ``spec``'s owner labels (which ``vjobs gc`` goes by), its disks' files (copies of the saved ones, in
+    the same order), ``kernel`` and ``initramfs`` (copies of the checkpoint's stand-ins), the sockets in
+    ``sockets`` (default ``spec.workdir``). This host's libvirt picks its own QEMU binary and security labels."""
+    domain = ET.fromstring(saved)
+    for old in domain.findall("metadata"):
+        domain.remove(old)
+    domain.insert(2, owner_metadata(spec.owner.as_labels()))
+    for label in domain.findall("seclabel"):
+        domain.remove(label)
+    devices = domain.find("devices")
+    for emulator in devices.findall("emulator"):
+        devices.remove(emulator)
+    domain.find("./os/kernel").text, domain.find("./os/initrd").text = str(kernel), str(initramfs)
+    disks = devices.findall("disk")
+    if [element.find("readonly") is not None for element in disks] != [disk.readonly for disk in spec.disks]:
+        raise CheckpointError(f"the saved guest has {len(disks)} disks that do not match the job's "
+                              f"{', '.join(disk.role for disk in spec.disks)}: the checkpoint is not this job's",
+                              code="checkpoint_mismatch")
+    for index, (element, disk) in enumerate(zip(disks, spec.disks)):
+        source = element.find("source")
+        source.attrib = {"file": str(disk.path)}
+        if disk.readonly:
+            source.set("fdgroup", _fd_group(index))  # disk_fds: the checked descriptor, as in a cold boot
+    folder = sockets or spec.workdir
+    devices.find("./serial/source").set("path", str(folder / CONSOLE_SOCKET))
+    for channel in devices.iterfind("channel"):
+        if channel.find("target").get("name") == STREAMS_PORT:
+            channel.find("source").set("path", str(folder / STREAMS_SOCKET))
     return ET.tostring(domain, encoding="unicode")
 
 

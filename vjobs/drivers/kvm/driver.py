@@ -7,6 +7,11 @@ vjobs' sockets for the console and the guest's live channel by then (``DomainSoc
 ``start`` checks that no checked file changed (``check_unchanged``) and resumes it. A domain a killed vjobs
 left running, or left defined, is found by ``vjobs gc`` through its owner labels.
 
+Checkpoints (saved_guest.py): ``save_guest`` pauses the domain and has libvirt write its memory into a file
+of vjobs' user, QEMU staying up for ``resume``; a restored VM (``RestoredKvmVM``) is created the same way as a
+cold one, but ``virDomainRestoreFlags`` starts it, paused, from a private copy of that file, under the name it
+was saved with (libvirt allows no other) and this run's owner labels, disks and sockets.
+
 Site settings (``[drivers.kvm]``): ``uri`` (``qemu:///system`` default, or ``qemu:///session``),
 ``virt_type`` (``kvm`` default, or ``qemu`` for TCG, as Nova's libvirt driver has it), ``machine`` (``q35``
 default, or ``pc``; libvirt has no microvm).
@@ -25,17 +30,17 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import libvirt
 
 from vjobs.drivers.bootcheck import boot_check
-from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, Disk, Driver, Stop, VMSpec, check_disk_formats,
-                                    check_unchanged, destroyed_on_failure, first_failure)
-from vjobs.drivers.kvm import connection
+from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFile, Disk, Driver, Stop, VMSpec,
+                                    check_disk_formats, check_unchanged, destroyed_on_failure, first_failure)
+from vjobs.drivers.kvm import connection, saved_guest
 from vjobs.drivers.kvm.connection import libvirt_errors
 from vjobs.drivers.kvm.domain import (CONSOLE_SOCKET, NAMESPACE_URI, STREAMS_SOCKET, DomainSettings, disk_fds,
-                                      domain_xml, parse_owner)
+                                      domain_xml, parse_owner, restored_xml)
 from vjobs.errors import VjobsError, VMError
 
 # How long the deep probe waits for the built-in guest: a healthy KVM host boots it in well under a second;
@@ -66,16 +71,29 @@ class KvmDriver(Driver):
 
     def create(self, spec: VMSpec) -> VM:
         check_disk_formats(spec, FORMATS, self.name)
-        settings = DomainSettings(virt_type=self.virt_type, machine=self.machine, network=NETWORK)
-        # libvirt takes no descriptor for a kernel or initramfs: copies made from the checked ones, in the VM's
-        # own folder, readable by vjobs' user alone (and by QEMU, to which libvirt lends them).
-        kernel = spec.boot.kernel.private_copy(spec.workdir / "kernel")
-        initramfs = spec.boot.initramfs.private_copy(spec.workdir / "initramfs")
         sockets = DomainSockets.for_vm(spec)
-        vm = KvmVM(spec, self.uri, domain_xml(spec, settings, kernel, initramfs, sockets.folder), sockets)
+        if spec.restore is not None:
+            vm: KvmVM = RestoredKvmVM(spec, self.uri, sockets)
+        else:
+            settings = DomainSettings(virt_type=self.virt_type, machine=self.machine, network=NETWORK)
+            # libvirt takes no descriptor for a kernel or initramfs: copies made from the checked ones, in the
+            # VM's own folder, readable by vjobs' user alone (and by QEMU, to which libvirt lends them).
+            kernel = spec.boot.kernel.private_copy(spec.workdir / "kernel")
+            initramfs = spec.boot.initramfs.private_copy(spec.workdir / "initramfs")
+            vm = KvmVM(spec, self.uri, domain_xml(spec, settings, kernel, initramfs, sockets.folder), sockets)
         with destroyed_on_failure(vm):
             vm.attach()
         return vm
+
+    def restore_problem(self, identity: Mapping[str, Any]) -> str | None:
+        try:
+            with connection.connection(self.uri) as conn, libvirt_errors("checking the saved guest", self.uri):
+                versions = _version_parts(conn)
+                machine = identity.get("machine_type")
+                machines = {machine: _has_machine(conn, machine, self.virt_type)} if machine else {}
+        except VjobsError as error:
+            return f"cannot ask libvirt whether this host can continue the saved guest: {error}"
+        return saved_guest.problem(identity, self.virt_type, versions, machines)
 
     # --- probe -------------------------------------------------------------------------------------------
 
@@ -165,6 +183,7 @@ class KvmVM(VM):
     def __init__(self, spec: VMSpec, uri: str, xml: str, sockets: DomainSockets):
         super().__init__(spec)
         self.uri, self.xml, self.domain_sockets = uri, xml, sockets
+        self.name = spec.name  # the domain's; a restored guest keeps the one it was saved with
         self.conn: libvirt.virConnect | None = None
         self.dom: libvirt.virDomain | None = None
         self.callbacks: list[int] = []
@@ -178,7 +197,7 @@ class KvmVM(VM):
         """``create``'s part: the domain, started paused (QEMU has opened the disks, the read-only ones through
         the checked descriptors), transient, and its console and live channel connected."""
         self.conn = connection.open_connection(self.uri)
-        with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
+        with libvirt_errors(f"starting domain {self.name}", self.uri):
             self.conn.registerCloseCallback(self._on_close, None)
             # Registered for every domain, before the domain exists: a guest that ends at once is not missed.
             self.callbacks = [
@@ -188,21 +207,44 @@ class KvmVM(VM):
                                                  self._on_io_error, None)]
             # QEMU connects to its sockets as it starts, before its guest runs: listening first.
             with self.domain_sockets.listening() as listeners:
-                self.dom = self.conn.defineXML(self.xml)
+                self.dom = self.conn.defineXML(self._description())
                 try:
                     for group, fd in disk_fds(self.spec).items():
                         self.dom.FDAssociate(group, [fd])  # for as long as this connection lives
-                    self.dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+                    self._run_paused()
                 finally:
                     self.dom.undefine()  # transient once it runs; gone if it did not start
                 for name, listener in listeners.items():  # one by one: _close closes those made, if one fails
-                    self.connections[name] = DomainSockets.accept(listener, self.spec.name)
+                    self.connections[name] = DomainSockets.accept(listener, self.name)
             self.spec.console.follow(self._read_console)
+
+    def _description(self) -> str:
+        """The domain's description, for ``attach`` (which has the connection by then)."""
+        return self.xml
+
+    def _run_paused(self) -> None:
+        """QEMU started, the guest not yet running."""
+        self.dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
 
     def start(self) -> None:
         check_unchanged(self.spec)  # QEMU, paused, holds every file: the guest runs only on what was checked
-        with libvirt_errors(f"starting domain {self.spec.name}", self.uri):
+        with libvirt_errors(f"starting domain {self.name}", self.uri):
             self.dom.resume()
+
+    # --- checkpoints (saved_guest.py) --------------------------------------------------------------------
+
+    def save_guest(self, folder: Path, deadline: float) -> dict[str, Any]:
+        with libvirt_errors(f"saving domain {self.name}", self.uri):
+            return saved_guest.save(self.dom, folder, deadline, self._stand_in_source(), _version_parts(self.conn),
+                                    [disk.role for disk in self.spec.disks])
+
+    def resume(self) -> None:
+        with libvirt_errors(f"resuming domain {self.name}", self.uri):
+            self.dom.resume()
+
+    def _stand_in_source(self) -> CheckedFile:
+        """The kernel whose setup part the checkpoint's stand-in kernel is (saved_guest.py)."""
+        return self.spec.boot.kernel
 
     def _read_console(self) -> bytes:
         """The next chunk the guest wrote to its serial port; b"" once the console is closed.
@@ -248,7 +290,7 @@ class KvmVM(VM):
         if self.stop is not None:
             return self.stop
         if self.lost is not None:
-            raise VMError(f"lost the connection to libvirtd at {self.uri} while domain {self.spec.name} ran "
+            raise VMError(f"lost the connection to libvirtd at {self.uri} while domain {self.name} ran "
                           f"({self.lost}): was libvirtd restarted or stopped? The domain is destroyed once libvirtd "
                           f"answers again; if it does not, {connection.START_ADVICE}", code="hypervisor_lost")
         # libvirt reports a reset under on_reboot=destroy exactly like a power-off, so the domain restarts on
@@ -257,7 +299,7 @@ class KvmVM(VM):
         return self.wait_until_stopped(deadline)
 
     def _on_lifecycle(self, _conn, dom, event: int, detail: int, _opaque) -> None:
-        if dom.name() != self.spec.name:
+        if dom.name() != self.name:
             return
         stop = _stop_for(event, detail)
         if stop is not None:
@@ -266,14 +308,14 @@ class KvmVM(VM):
                 self.changed.notify_all()
 
     def _on_reboot(self, _conn, dom, _opaque) -> None:
-        if dom.name() == self.spec.name:
+        if dom.name() == self.name:
             with self.changed:
                 self.reset = True
                 self.changed.notify_all()
 
     def _on_io_error(self, _conn, dom, path: str, _alias, _action, reason: str, _opaque) -> None:
         """QEMU paused the guest because a writable disk could not grow: the host file system is full."""
-        if dom.name() == self.spec.name and reason == "enospc":
+        if dom.name() == self.name and reason == "enospc":
             with self.changed:
                 self.full_disk = Path(path)
                 self.changed.notify_all()
@@ -301,7 +343,7 @@ class KvmVM(VM):
             self._close()
 
     def _destroy_domain(self) -> None:
-        with libvirt_errors(f"destroying domain {self.spec.name}", self.uri):
+        with libvirt_errors(f"destroying domain {self.name}", self.uri):
             _destroy_quietly(self.dom)
 
     def _destroy_after_reconnect(self) -> None:
@@ -313,13 +355,13 @@ class KvmVM(VM):
                     return self._destroy_ours(conn)
             except VMError as error:
                 if time.monotonic() > give_up:
-                    raise VMError(f"could not destroy domain {self.spec.name}: {error}; `vjobs gc` removes it "
+                    raise VMError(f"could not destroy domain {self.name}: {error}; `vjobs gc` removes it "
                                   "once libvirtd runs again", code="hypervisor_lost") from error
             time.sleep(0.5)  # bounded retry while a restarted libvirtd comes up: it sends no event before
 
     def _destroy_ours(self, conn: libvirt.virConnect) -> None:
         try:
-            dom = conn.lookupByName(self.spec.name)
+            dom = conn.lookupByName(self.name)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return
@@ -338,6 +380,47 @@ class KvmVM(VM):
                 conn.domainEventDeregisterAny(callback)
             conn.unregisterCloseCallback()
         connection.close_quietly(conn)
+
+
+class RestoredKvmVM(KvmVM):
+    """A domain that continues a guest saved in a checkpoint (saved_guest.py): ``attach`` restores it paused
+    from a private copy of its state, ``start`` lets it run on, its agent already up."""
+
+    def __init__(self, spec: VMSpec, uri: str, sockets: DomainSockets):
+        saved = spec.restore
+        # libvirt takes paths only: private copies of the checked files, in the VM's own folder, as a cold
+        # boot's kernel and initramfs are
+        self.state = saved.files[saved_guest.STATE].private_copy(spec.workdir / saved_guest.STATE)
+        self.kernel = saved.files[saved_guest.KERNEL].private_copy(spec.workdir / "kernel")
+        self.initramfs = saved.files[saved_guest.INITRAMFS].private_copy(spec.workdir / "initramfs")
+        super().__init__(spec, uri, "", sockets)
+        self.started = False
+
+    def _description(self) -> str:
+        saved = self.conn.saveImageGetXMLDesc(str(self.state), 0)
+        self.name = ET.fromstring(saved).findtext("name")
+        self.xml = restored_xml(saved, self.spec, self.kernel, self.initramfs, self.domain_sockets.folder)
+        return self.xml
+
+    def _run_paused(self) -> None:
+        # onto the domain just defined, which holds the read-only disks' descriptors; the description replaces
+        # the one in the state file (new name, disks, sockets)
+        self.conn.restoreFlags(str(self.state), self.xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+
+    def start(self) -> None:
+        for file in self.spec.restore.files.values():
+            file.check_unchanged()  # libvirt has read the state and the stand-ins: what was checked
+        super().start()
+        self.started = True
+
+    def agent_started(self) -> bool:
+        return self.started  # it was up when the guest was saved
+
+    def provenance(self) -> dict[str, Any]:
+        return {"start": {"mode": "restored"}}
+
+    def _stand_in_source(self) -> CheckedFile:
+        return self.spec.restore.files[saved_guest.KERNEL]
 
 
 @dataclass(frozen=True)
@@ -445,6 +528,21 @@ def _undefine_quietly(dom: libvirt.virDomain) -> None:
 
 def _versions(conn: libvirt.virConnect) -> str:
     return f"libvirt {_dotted(conn.getLibVersion())}, {conn.getType()} {_dotted(conn.getVersion())}"
+
+
+def _version_parts(conn: libvirt.virConnect) -> dict[str, str]:
+    return {"libvirt": _dotted(conn.getLibVersion()), "qemu": _dotted(conn.getVersion())}
+
+
+def _has_machine(conn: libvirt.virConnect, machine: str, virt_type: str) -> bool:
+    """Whether libvirt's QEMU here has ``machine`` (a versioned type such as ``pc-q35-7.2``) under ``virt_type``."""
+    try:
+        conn.getDomainCapabilities(None, "x86_64", machine, virt_type)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_CONFIG_UNSUPPORTED):
+            return False
+        raise
+    return True
 
 
 def _dotted(number: int) -> str:
