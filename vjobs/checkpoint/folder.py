@@ -4,7 +4,8 @@
       current.json            {"checkpoint": "cp-000003", "manifest_sha256": "..."}: the one to resume
       cp-000003/              the current checkpoint
         manifest.json         what it is (``Manifest``), with the sum of every other file in it
-        guest/...             what the driver's ``save_guest`` wrote (qemu_user: state, restore-kernel, ...)
+        guest/...             what the driver's ``save_guest`` wrote (qemu_user and kvm: state,
+                              restore-kernel, restore-initrd; xen: suspend-image, suspended-vm.json)
         disks/io.raw          the job's writable disks as the saved guest expects them
         disks/scratch.raw
       partial-PID-N/          a checkpoint being written (``vjobs gc`` removes one whose writer is gone)

@@ -77,6 +77,26 @@ xen           logs in, copies the kernel and initramfs into the VM's      starts
               uploaded, plugs them in with VBDs, checks the files
 ============  =========================================================  ===========================================
 
+How each of vjobs' drivers saves a guest and continues one (docs/checkpoints.md):
+
+============  =========================================================  ===========================================
+driver        ``save_guest``                                             a restore (``create`` and ``start``)
+============  =========================================================  ===========================================
+qemu_user     QMP ``stop``, then ``migrate`` into a pipe vjobs copies    a QEMU of the saved versioned machine type,
+              into ``state``; the kernel stand-ins (standins.py)         the same devices in the same order, the
+                                                                         state through ``-incoming`` from the checked
+                                                                         descriptor
+kvm           pauses the domain; libvirt writes an external memory       the domain defined (read-only disks by
+              snapshot into a file vjobs made (QEMU stays up for         descriptor), ``virDomainRestoreFlags``
+              ``resume``); the kernel stand-ins                          (paused) from a private copy of the state,
+                                                                         under the saved name and UUID (libvirt
+                                                                         allows no other), this run's disks,
+                                                                         sockets and owner labels
+xen           XAPI's ``VM.suspend``, its suspend VDI downloaded          the disks and suspend image uploaded, the
+                                                                         VM created Suspended with them (XAPI
+                                                                         1.257), ``VM.resume``
+============  =========================================================  ===========================================
+
 To continue a saved guest, the core sets ``VMSpec.restore`` (a ``SavedGuest``: the files ``save_guest``
 wrote, opened and checked against the checkpoint's manifest, and its identity) after asking
 ``Driver.restore_problem(identity)`` whether this host can; ``spec.disks`` are then copies of the disks

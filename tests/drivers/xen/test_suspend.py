@@ -10,9 +10,9 @@ import pytest
 import XenAPI
 
 from vjobs.config.job import load_job
+from vjobs.config.site import site_from_dict
 from vjobs.drivers.contract import Disk, HostContext, SavedGuest, Stop, VMSpec, deadline_in
 from vjobs.drivers.registry import load_driver
-from vjobs.config.site import site_from_dict
 from vjobs.events import Events
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.disks import prepare_disks

@@ -16,7 +16,7 @@ O_TRUNC and leaves its owner and mode as they were, so what it writes is vjobs' 
 A restore hands libvirt the same machine, device for device (``domain.restored_xml``: the description in the
 state file, with this run's name, owner labels and paths put in) and a private copy of the state
 (``CheckedFile.private_copy``: libvirt takes paths only), and stand-ins for the kernel and initramfs, as
-qemu_user's restores have (vjobs/drivers/qemu_user/template.py ``write_stand_ins``): the guest booted long
+qemu_user's restores have (vjobs/drivers/standins.py): the guest booted long
 ago, so a checkpoint carries no boot image, but libvirt's QEMU needs a kernel for the machine to be the same.
 """
 
@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 import libvirt
 
 from vjobs.drivers.contract import CheckedFile
-from vjobs.drivers.qemu_user.template import STAND_INS, write_stand_ins
+from vjobs.drivers.standins import STAND_INS, write_stand_ins
 from vjobs.errors import CheckpointError
 
 STATE = "state"

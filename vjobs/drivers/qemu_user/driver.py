@@ -26,6 +26,7 @@ from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFil
                                     check_disk_formats, check_unchanged, destroyed_on_failure)
 from vjobs.drivers.qemu_user import qemu, saved_guest, template
 from vjobs.drivers.qemu_user.confine import Confinement, confinement_for
+from vjobs.drivers.standins import KERNEL
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 
@@ -258,7 +259,7 @@ class QemuUserVM(VM):
         self.monitor.cmd("cont")
 
     def restore_kernel(self) -> CheckedFile:
-        """What a restore of this guest hands QEMU as its kernel's setup part (template.py write_stand_ins)."""
+        """What a restore of this guest hands QEMU as its kernel's setup part (vjobs/drivers/standins.py)."""
         return self.spec.boot.kernel
 
     def restore_cmdline(self) -> str:
@@ -366,7 +367,7 @@ class RestoredVM(QemuUserVM):
         return self.process is not None  # it was up when the guest was saved
 
     def restore_kernel(self) -> CheckedFile:
-        return self.spec.restore.files[template.STAND_INS[0]]
+        return self.spec.restore.files[KERNEL]
 
     def restore_cmdline(self) -> str:
         return self.spec.restore.identity["cmdline"]

@@ -3,8 +3,8 @@
 Saving is QEMU's migration stream, as for templates (template.py), but of a guest in the middle of its job:
 QEMU stops the guest's CPUs, which drains its disks into their files, then writes the stream into a pipe that
 vjobs reads into ``state``: the file is vjobs' user's (not the confined QEMU's), and is bounded by vjobs, not
-by QEMU's file-size limit. Beside it go the stand-ins for ``-kernel`` and ``-initrd`` (template.py
-``write_stand_ins``): the guest booted long ago, so a checkpoint carries no boot image.
+by QEMU's file-size limit. Beside it go the stand-ins for ``-kernel`` and ``-initrd``
+(vjobs/drivers/standins.py): the guest booted long ago, so a checkpoint carries no boot image.
 
 A restore must build the same machine the guest was saved from, device for device: the versioned machine
 type QEMU resolved (``q35`` is ``pc-q35-7.2`` in QEMU 7.2, and any later QEMU that still has that type may
@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from vjobs.drivers.contract import check_unchanged
 from vjobs.drivers.qemu_user import qemu, template
+from vjobs.drivers.standins import INITRAMFS, KERNEL, write_stand_ins
 from vjobs.errors import VMError
 
 STATE = "state"
@@ -50,7 +51,7 @@ def save(vm, folder: Path, layout: str, deadline: float) -> dict[str, Any]:
         raise
     finally:
         copier.join()
-    template.write_stand_ins(vm.restore_kernel(), folder)
+    write_stand_ins(vm.restore_kernel(), folder)
     return {"hypervisor": vm.qemu_identity, "machine_type": machine_type(vm), "accel": vm.machine.accel,
             "firmware": vm.machine.firmware, "vcpus": vm.spec.vcpus, "memory_mib": vm.spec.memory_mib,
             "network": vm.spec.network, "disks": [disk.role for disk in vm.spec.disks], "layout": layout,
@@ -128,7 +129,7 @@ def prepare(vm):
         return devices + ["-incoming", f"fd:{files.add_file(saved.files[STATE])}"]
 
     return vm.prepare(cmdline=identity["cmdline"], disks=() if scsi else vm.spec.disks, extra=extra,
-                      kernel=saved.files[template.STAND_INS[0]], initramfs=saved.files[template.STAND_INS[1]])
+                      kernel=saved.files[KERNEL], initramfs=saved.files[INITRAMFS])
 
 
 def restore(vm, launch) -> None:

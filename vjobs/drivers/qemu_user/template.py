@@ -35,6 +35,7 @@ from pathlib import Path
 
 from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec, check_unchanged
 from vjobs.drivers.qemu_user import qemu
+from vjobs.drivers.standins import STAND_INS, write_stand_ins
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
@@ -43,7 +44,6 @@ from vjobs.images.store import build_once, sha256_file
 
 FORMAT = 4  # of the saved state, its stand-ins and its manifest; a change makes every template anew
 CONTROLLER = "vjobs-scsi"
-STAND_INS = ("restore-kernel", "restore-initrd")  # beside the state: see write_stand_ins
 MACHINES = ("q35", "pc")  # a PCI bus for the SCSI controller; microvm has none
 BUILD_DEADLINE_S = 30.0  # one cold boot of the template guest (~2 s), on a loaded host
 SAVE_DEADLINE_S = 60.0
@@ -263,17 +263,6 @@ def save_template(vm, state: Path) -> None:
     finally:
         vm.destroy()
         vm.spec.console.close()
-
-
-def write_stand_ins(kernel: CheckedFile, folder: Path) -> None:
-    """What a restore hands QEMU for -kernel and -initrd. QEMU reads both whole into its own memory, the
-    kernel into its heap for as long as it runs (14 MiB of the cloud kernel, per VM), although a restored
-    guest never boots again. It still needs a kernel, for the machine to be the template's (the same
-    option ROM): the bzImage's setup part, its header and real-mode code, is all QEMU looks at. The
-    initramfs can be any bytes."""
-    setup_sectors = kernel.read(0x1f1, 1)[0] or 4  # boot protocol: 0 means 4
-    (folder / STAND_INS[0]).write_bytes(kernel.read(0, (setup_sectors + 2) * 512))
-    (folder / STAND_INS[1]).write_bytes(bytes(512))
 
 
 def prepare_restore(vm, saved: SavedTemplate):
