@@ -168,3 +168,11 @@ def test_periodic_checkpoints_outlive_a_killed_vjobs_and_the_warning_signal_save
     chain = result["provenance"]["checkpoints"]
     assert len(chain) >= 3 and [link["checkpoint"] for link in chain] == sorted(link["checkpoint"] for link in chain)
     assert chain[-1]["run_s"] > chain[0]["run_s"]
+
+
+def test_a_new_job_does_not_take_over_a_folder_that_holds_a_checkpoint(make_job, qemu_user_site, tmp_path):
+    checkpoints = _synthetic_checkpoint(tmp_path / "ckpt", make_job(["true"]))
+    result = vjobs.run(make_job(["true"], id="other"), site=qemu_user_site, outdir=tmp_path / "out",
+                       checkpoint=checkpoints.path)
+    assert result.status == "setup_error" and result.error["code"] == "checkpoint_exists"
+    assert checkpoints.current().name == "cp-000001"

@@ -51,8 +51,8 @@ from vjobs.config.site import SiteConfig
 from vjobs.container.signals import SignalGuard, signals_cancel
 from vjobs.drivers.contract import VM, Driver, HostContext, Stop, VMSpec, deadline_in
 from vjobs.drivers.registry import choose_driver
-from vjobs.errors import (BootTimeout, Cancelled, Checkpointed, DiskFull, LimitExceeded, StageOutFailed, VjobsError,
-                          VMError, WalltimeExceeded, internal_error)
+from vjobs.errors import (BootTimeout, Cancelled, Checkpointed, CheckpointError, DiskFull, LimitExceeded,
+                          StageOutFailed, VjobsError, VMError, WalltimeExceeded, internal_error)
 from vjobs.guest.binds import check_folders as check_bind_folders
 from vjobs.guest.binds import snapshot as snapshot_bind
 from vjobs.guest.collect import GuestResults, read_results
@@ -153,6 +153,10 @@ class VMContainer:
             output_folder(self.outdir)  # this account's alone, before anything of the job is written anywhere
             if self.checkpoints:
                 self.checkpoints.make()  # this account's alone too: the guest's memory goes in there
+                if not self.resuming and self.checkpoints.exists():
+                    raise CheckpointError(f"{self.checkpoints.path} holds a checkpoint of a job already: "
+                                          f"`vjobs resume {self.checkpoints.path}` continues it; give this job a "
+                                          "folder of its own, or remove that one", code="checkpoint_exists")
             self.site.check_limits(self.job)
             self._check_allocation()
             check_bind_folders(self.job, self.site)
