@@ -176,3 +176,21 @@ def test_a_new_job_does_not_take_over_a_folder_that_holds_a_checkpoint(make_job,
                        checkpoint=checkpoints.path)
     assert result.status == "setup_error" and result.error["code"] == "checkpoint_exists"
     assert checkpoints.current().name == "cp-000001"
+
+
+@pytest.mark.vm
+def test_a_job_larger_than_checkpoint_max_gib_is_not_saved_and_says_so(make_job, make_site, tmp_path):
+    """512 MiB of memory against a bound of 0.25 GiB: SIGTERM cancels the job as without a checkpoint folder,
+    and the result says why it was not saved; no partial checkpoint is left."""
+    site = make_site(driver="qemu_user", checkpoint_max_gib=0.25)
+    out, folder = tmp_path / "out", tmp_path / "ckpt"
+    job = make_job(["sh", "-c", "echo ready; sleep 600"])
+    watcher = subprocess.Popen(["sh", "-c", f"until grep -q ready {out}/stdout 2>/dev/null; do sleep 0.2; done; "
+                                            f"kill -TERM {os.getpid()}"])
+    try:
+        result = vjobs.run(job, site=site, outdir=out, checkpoint=folder)
+    finally:
+        watcher.wait(timeout=60)
+    assert result.status == "cancelled"
+    assert "could not be checkpointed" in result.error["message"] and "checkpoint_max_gib" in result.error["message"]
+    assert list(folder.iterdir()) == []

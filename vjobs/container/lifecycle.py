@@ -97,6 +97,7 @@ class VMContainer:
         self.run_before_s = resume.run_s if resume else 0.0  # the payload's run time before this run
         self._run_started: float | None = None
         self._last_checkpoint = 0.0
+        self.checkpoint_failed: str | None = None  # why the last checkpoint could not be taken
         self.events = host.events
         self.owner = new_owner(job.id)
         self.folder = site.work_dir / f"{job.id}-{self.owner.run_id}"
@@ -244,7 +245,8 @@ class VMContainer:
             return Checkpointed(f"{signal_name} came before the job's VM ran again; its checkpoint in "
                                 f"{self.checkpoints.path} is still the current one: `vjobs resume "
                                 f"{self.checkpoints.path}` continues it")
-        return Cancelled(f"{signal_name} received; the VM was stopped and its files removed")
+        failed = f"; it could not be checkpointed: {self.checkpoint_failed}" if self.checkpoint_failed else ""
+        return Cancelled(f"{signal_name} received; the VM was stopped and its files removed{failed}")
 
     def _checkpoint_on(self, interrupt: KeyboardInterrupt) -> bool:
         signal_name = interrupt.args[0] if interrupt.args else "SIGINT"
@@ -268,6 +270,7 @@ class VMContainer:
                                         max_bytes=self.site.checkpoint_max_bytes,
                                         channel_position=self.live.position if self.live else None)
         except (VjobsError, OSError) as error:
+            self.checkpoint_failed = str(error)
             self.host.progress(f"checkpoint failed: {error}")
             if not final:
                 with contextlib.suppress(VjobsError, OSError):
