@@ -42,6 +42,7 @@ def save(vm, folder: Path, layout: str, deadline: float) -> dict[str, Any]:
     finally:
         os.close(writer)  # QEMU holds its own copy: the stream ends when QEMU closes it
     copier = _StreamCopy(reader, folder / STATE)
+    template.unthrottled(vm)
     vm.monitor.cmd("migrate", uri="fd:checkpoint")
     try:
         template.wait_for(lambda: template.migration_done(vm), vm, deadline - time.monotonic(),

@@ -48,6 +48,7 @@ MACHINES = ("q35", "pc")  # a PCI bus for the SCSI controller; microvm has none
 BUILD_DEADLINE_S = 30.0  # one cold boot of the template guest (~2 s), on a loaded host
 SAVE_DEADLINE_S = 60.0
 RESTORE_DEADLINE_S = 10.0  # from QEMU's start to the agent's "up"; normally a few tenths of a second
+MIGRATION_BANDWIDTH = 1 << 40  # bytes/s: no limit in practice (the disk's speed is the limit)
 POLL_S = 0.002  # QMP questions while QEMU loads the state (~30 ms): each a fraction of a millisecond
 FAILURE_MEMORY_S = 3600.0  # after a template fails, jobs of its shape boot cold this long, then it is retried
 
@@ -258,11 +259,19 @@ def save_template(vm, state: Path) -> None:
         with open(state, "wb") as output:
             vm.monitor.send_fd_scm(output.fileno())
         vm.monitor.cmd("getfd", fdname="state")
+        unthrottled(vm)
         vm.monitor.cmd("migrate", uri="fd:state")
         wait_for(lambda: migration_done(vm), vm, SAVE_DEADLINE_S, "QEMU to save the template")
     finally:
         vm.destroy()
         vm.spec.console.close()
+
+
+def unthrottled(vm) -> None:
+    """No bandwidth limit on QEMU's migration stream: its default (128 MiB/s, meant for a live migration over
+    a network that the guest also uses) made a stopped 4 GiB guest take 29 s to save into a local file
+    (docs/benchmarks.md, "Checkpoints")."""
+    vm.monitor.cmd("migrate-set-parameters", **{"max-bandwidth": MIGRATION_BANDWIDTH})
 
 
 def prepare_restore(vm, saved: SavedTemplate):
