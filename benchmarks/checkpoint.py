@@ -3,7 +3,8 @@
 for a payload that has touched little of it and one that has filled it, beside starting the same job over,
 in one run. Run by hand (it boots VMs of up to 4 GiB); results go into docs/benchmarks.md ("Checkpoints").
 
-    .venv/bin/python benchmarks/checkpoint.py [--memory 256,1024,4096] [--grace 300] [--site FILE]
+    .venv/bin/python benchmarks/checkpoint.py [--memory 256,1024,4096] [--runs 2] [--grace 300] [--site FILE]
+                                              [--json FILE] [--keep]
 
 Every job goes through the CLI, as a batch system runs it, so that SIGTERM reaches the real `vjobs run`. Per
 memory size and payload: `vjobs run --checkpoint DIR`, SIGTERM once the payload's live stdout says it has
@@ -18,6 +19,7 @@ the default bound (25 s) is measured rather than cut off; the table says which s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -239,6 +241,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="measurements of each memory size and payload")
     parser.add_argument("--grace", type=float, default=300.0, help="the site's checkpoint_grace_s for this run")
     parser.add_argument("--site")
+    parser.add_argument("--json", type=Path, help="also write every measurement into this file (JSON)")
     parser.add_argument("--keep", action="store_true", help="keep the jobs' output folders (in /var/tmp)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -265,6 +268,8 @@ def main() -> None:
     print(f"\nbenchmarks/checkpoint.py at {commit}, {machine()}, qemu_user (TCG), checkpoint_grace_s = {args.grace:g}, "
           f"{time.monotonic() - began:.0f} s in all:\n")
     print(table(cases))
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(case) for case in cases], indent=2) + "\n")
     print("\nresume phases before the guest runs again (s): " + "; ".join(
         f"{c.memory_mib}/{c.touch}: " + ", ".join(f"{p} {v:.2f}" for p, v in c.resume_phases.items()) for c in cases))
 
