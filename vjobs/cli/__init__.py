@@ -1,10 +1,10 @@
-"""The command line: ``vjobs run|exec|validate|probe|drivers|image|pilot3|gc`` (commands.py), ``vjobs exec``'s
-apptainer-like front end (exec_command.py). A thin layer over the public API (vjobs/api.py)."""
+"""The command line: ``vjobs run|resume|exec|validate|probe|drivers|image|pilot3|gc|ps`` (commands.py),
+``vjobs exec``'s apptainer-like front end (exec_command.py). A thin layer over the public API (vjobs/api.py)."""
 
 import contextlib
 import sys
 
-RUNS_A_JOB = ("run", "exec")
+RUNS_A_JOB = ("run", "resume", "exec")
 
 
 def main(argv: list[str] | None = None) -> int:
