@@ -183,7 +183,10 @@ def resumed(case: Case, folder: Path, site: Path, saved_outdir: Path, scratch: P
 
 
 def measure(memory_mib: int, touch: str, site: Path, scratch: Path) -> Case:
+    """One case, in a folder of its own: a second run of the same case must not find the first's live stdout
+    (it would be signalled at once, before it even held its signals) nor its checkpoint folder."""
     case = Case(memory_mib, touch)
+    scratch = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{memory_mib}-{touch}-"))
     job = job_file(scratch, memory_mib, touch)
     folder = checkpointed(case, job, site, scratch)
     resumed(case, folder, site, scratch / f"{job.stem}.saved", scratch)
