@@ -4,7 +4,8 @@ Six VM jobs of one CPU each: all succeed, Slurm runs two at a time (never more, 
 job's output is staged out to a real XRootD server. Slurm, its batch jobs (so vjobs and QEMU) and XRootD all run
 in one loopback-only network namespace. And scancel reaches vjobs, which stops the VM and says so. And an
 ordinary account submits its jobs as a grid site's pool account does: Slurm runs them as that account, with
-its own vjobs.
+its own vjobs. And a task of the preemptible array (examples/slurm/preemptible.sbatch), requeued while its VM
+runs, is saved on Slurm's SIGTERM and resumed when Slurm starts it again.
 """
 
 from __future__ import annotations
@@ -174,3 +175,61 @@ def test_an_ordinary_account_submits_an_array_and_slurm_runs_its_jobs_as_that_ac
                        if path.stat().st_uid != account.uid)
     assert strangers == [], f"files of the account's jobs that are not the account's: {strangers}"
     assert [p.name for p in (folder / "work").iterdir() if not p.name.startswith("admission")] == []
+
+
+COUNT_TO = 40
+COUNT = (f"i=0; while [ $i -lt {COUNT_TO} ]; do i=$((i+1)); echo line $i; echo $i >> count.txt; sleep 0.5; "
+         "done")
+
+
+def stdout_lines(outdir: Path) -> int:
+    try:
+        return len((outdir / "stdout").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def test_a_requeued_task_of_the_preemptible_array_resumes_its_checkpoint(slurm_cluster, built_image, cache_dir, repo,
+                                                                        vjobs_program, tmp_path):
+    """``scontrol requeue`` of a running task: Slurm sends SIGTERM to every process of the task, QEMU's too, so
+    vjobs' own save on that SIGTERM fails and the task ends cancelled; the checkpoint it saved periodically
+    (checkpoint_interval_s) stays current, and the task, started again by Slurm, resumes it. The payload's count
+    goes on from there, memory and disks alike: its file and its stdout hold every number once, as an
+    uninterrupted run writes them."""
+    site = tmp_path / "site.toml"
+    site.write_text(f'driver = "qemu_user"\ncache_dir = "{cache_dir}"\nwork_dir = "{tmp_path / "work"}"\n'
+                    "checkpoint_interval_s = 2\n")
+    job = write_job(tmp_path / "jobs", "counter", COUNT, outputs=["count.txt"])
+    jobs_list, out, checkpoints = tmp_path / "jobs.txt", tmp_path / "out", tmp_path / "checkpoints"
+    jobs_list.write_text(f"{job}\n")
+    out.mkdir()  # for Slurm's log
+    submitted = slurm_cluster.run(["sbatch", "--parsable", "--array=1", f"--output={out}/slurm-%A_%a.out",
+                                   str(repo / "examples/slurm/preemptible.sbatch"), str(jobs_list), str(out),
+                                   str(checkpoints)], env={"VJOBS": str(vjobs_program), "VJOBS_SITE": str(site)})
+    array = slurm_cluster.submitted_job(submitted.stdout)
+    task = f"{array}_1"
+
+    deadline = time.monotonic() + 240
+    while stdout_lines(out / "1") < 6 or not (checkpoints / "1/current.json").exists():  # counting, and saved
+        assert time.monotonic() < deadline and slurm_cluster.queued(array), task_logs(out)
+        time.sleep(0.5)
+    slurm_cluster.run(["scontrol", "requeue", task])
+    # Slurm holds a requeued job back (its BeginTime is set about two minutes ahead, squeue's reason "BeginTime");
+    # an administrator lets it start at once as Slurm documents, with a new StartTime.
+    while not any(line.endswith("PENDING") for line in slurm_cluster.queued(array)):
+        assert time.monotonic() < deadline + 120, (slurm_cluster.queued(array), task_logs(out))
+        time.sleep(0.5)
+    slurm_cluster.run(["scontrol", "update", f"JobId={task}", "StartTime=now"])
+    slurm_cluster.wait(array, timeout=240)
+
+    logs = task_logs(out)
+    result = json.loads((out / "1/result.json").read_text())
+    assert (result["job_id"], result["status"]) == ("counter", "succeeded"), (result.get("error"), logs)
+    assert result["provenance"].get("checkpoints"), f"not resumed: no checkpoint in its provenance\n{logs}"
+    assert "preemptible.sbatch: resuming" in (out / f"slurm-{array}_1.out").read_text()
+    numbers = [str(n) for n in range(1, COUNT_TO + 1)]
+    assert (out / "1/outputs/count.txt").read_text().split() == numbers
+    assert (out / "1/stdout").read_text().splitlines() == [f"line {n}" for n in numbers]
+    finished = [row for row in slurm_cluster.jobcomp() if row.get("ArrayJobId") == array]
+    assert [(row["JobState"], row["ExitCode"]) for row in finished][-1] == ("COMPLETED", "0:0"), (finished, logs)
+    assert qemu_processes(str(tmp_path)) == []

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from qemu.qmp import QMPError
+
 from vjobs.drivers.contract import check_unchanged
 from vjobs.drivers.qemu_user import qemu, template
 from vjobs.drivers.standins import INITRAMFS, KERNEL, write_stand_ins
@@ -34,6 +36,14 @@ def save(vm, folder: Path, layout: str, deadline: float) -> dict[str, Any]:
     """Stop ``vm``'s guest and write it into ``folder`` by ``deadline`` (else QEMU's save is cancelled and
     VMError raised); return its identity. ``layout``: how its disks are attached, ``"virtio"`` (a cold
     boot's) or ``"scsi"`` (a template's)."""
+    try:
+        return _save(vm, folder, layout, deadline)
+    except QMPError as exc:  # its monitor went away: QEMU ended (killed from outside, or it crashed)
+        raise VMError(f"QEMU ended while saving the guest ({type(exc).__name__}: {exc}): {vm.log_tail()}",
+                      code="hypervisor_failed") from exc
+
+
+def _save(vm, folder: Path, layout: str, deadline: float) -> dict[str, Any]:
     vm.monitor.cmd("stop")  # the guest's CPUs stop and its disks' writes are in their files
     reader, writer = os.pipe()
     try:
