@@ -13,8 +13,13 @@ QEMU must find nothing worth having. So QEMU started by a root vjobs:
 - has resource limits: no core dumps, no file larger than its largest writable disk, at most
   ``MAX_OPEN_FILES`` descriptors;
 - dies with vjobs, even under SIGKILL: the parent-death signal is set again after the switch of user,
-  which clears it.
-A vjobs that is not root starts QEMU as itself with the same descriptors and limits (no namespaces).
+  which clears it;
+- ends only when vjobs ends it: it starts with SIGHUP, SIGINT and SIGTERM blocked (``env --block-signal``,
+  which QEMU keeps). A batch system that ends a job signals every process of it, QEMU too (Slurm's
+  requeue, preemption and scancel send SIGTERM, then SIGKILL after KillWait); a QEMU that quit at once would
+  leave vjobs nothing to checkpoint or to bring the last files back from. vjobs kills it with SIGKILL.
+A vjobs that is not root starts QEMU as itself with the same descriptors, limits and blocked signals (no
+namespaces).
 """
 
 from __future__ import annotations
@@ -81,8 +86,14 @@ def _qemu_user(run_as: str | None) -> pwd.struct_passwd:
                           "user") from None
 
 
+# What QEMU starts with blocked (see the module's description): signals only vjobs should act on.
+BLOCKED = ["env", "--block-signal=HUP,INT,TERM", "--"]
+
+
 def wrap(argv: list[str], confinement: Confinement) -> list[str]:
-    """``argv`` preceded by what puts it in its namespaces and switches its user."""
+    """``argv`` preceded by what puts it in its namespaces and switches its user, and blocks the signals a
+    batch system sends to every process of a job."""
+    argv = [*BLOCKED, *argv]
     if confinement.user is None:
         return argv
     namespaces = ["unshare", "--mount", "--ipc", "--pid", "--fork", "--kill-child", "--propagation", "private"]
