@@ -238,13 +238,15 @@ class VMContainer:
     # --- checkpoints (vjobs/checkpoint/) ------------------------------------------------------------------
 
     def _stopped_by(self, interrupt: KeyboardInterrupt) -> VjobsError:
-        """What a signal that came before the VM ran (or one that does not checkpoint) makes of the job: a
-        resumed job whose checkpoint is still current stays ``checkpointed``, any other is cancelled."""
+        """What a signal makes of a job it did not checkpoint (it came before the VM ran, or the save failed,
+        or it is not a checkpoint signal): one with a checkpoint from before (a resumed job's, a periodic one)
+        stays ``checkpointed`` at that one; any other is cancelled."""
         signal_name = interrupt.args[0] if interrupt.args else "SIGINT"
         if self._checkpoint_on(interrupt) and self.checkpoints.exists():
-            return Checkpointed(f"{signal_name} came before the job's VM ran again; its checkpoint in "
-                                f"{self.checkpoints.path} is still the current one: `vjobs resume "
-                                f"{self.checkpoints.path}` continues it")
+            why = f"the VM could not be saved now ({self.checkpoint_failed})" if self.checkpoint_failed else \
+                "it came before the job's VM ran"
+            return Checkpointed(f"{signal_name}: {why}; the checkpoint saved before in {self.checkpoints.path} is "
+                                f"the current one: `vjobs resume {self.checkpoints.path}` continues from there")
         failed = f"; it could not be checkpointed: {self.checkpoint_failed}" if self.checkpoint_failed else ""
         return Cancelled(f"{signal_name} received; the VM was stopped and its files removed{failed}")
 
