@@ -98,6 +98,7 @@ class VMContainer:
         self._run_started: float | None = None
         self._last_checkpoint = 0.0
         self.checkpoint_failed: str | None = None  # why the last checkpoint could not be taken
+        self.checkpoint_disks: list[dict] = []  # what a checkpoint says of the job's disks (checkpoint/resume.py)
         self.events = host.events
         self.owner = new_owner(job.id)
         self.folder = site.work_dir / f"{job.id}-{self.owner.run_id}"
@@ -180,6 +181,8 @@ class VMContainer:
             resources = self.job.resources
             self.held.enter_context(admitted(self.job.id, resources.vcpus, resources.memory_mib, self.site,
                                              self.host.progress, scope=admission_scope(self.allocation, self.site)))
+        if self.checkpoints:  # before the VM runs: summing a base image must not eat into a signal's grace
+            self.checkpoint_disks = read_only_records(disks, self.job)
         vm = self._boot(driver, image, disks)
         with self._phase("run"):
             self._run_started = self._last_checkpoint = time.monotonic()
@@ -264,7 +267,7 @@ class VMContainer:
         Otherwise (a periodic one) the guest goes on, whether or not the save worked."""
         run_s = self.run_before_s + time.monotonic() - self._run_started
         manifest = {"job": job_document(self.job), "driver": self.result.driver, "run_s": round(run_s, 3),
-                    "disks": read_only_records(disks, self.job),
+                    "disks": self.checkpoint_disks,
                     "chain": self.resuming.chain() if self.resuming else []}
         try:
             with self.events.step("checkpoint", detail="final" if final else "periodic"):
