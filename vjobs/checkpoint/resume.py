@@ -10,7 +10,6 @@ what differs (``Driver.restore_problem``).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from vjobs.checkpoint.take import GUEST
 from vjobs.config.job import Job, job_from_dict
 from vjobs.drivers.contract import Disk, Driver, SavedGuest
 from vjobs.errors import CheckpointError, VjobsError
-from vjobs.guest.disks import BaseDisk, JobDisks, release_image
+from vjobs.guest.disks import RELEASES, BaseDisk, JobDisks, cached_image_with_sum, release_image
 from vjobs.host.cache import CacheHold
 from vjobs.images.checked import CheckedFiles
 
@@ -130,24 +129,6 @@ def link(checkpoint: Checkpoint) -> dict[str, Any]:
             "bytes": manifest.get("stored_bytes", 0)}
 
 
-def read_only_records(disks: JobDisks, job: Job) -> list[dict[str, Any]]:
-    """What a checkpoint says of each of the job's disks, in the order the guest has them: a writable one is a
-    file of the checkpoint; a read-only one is named by its sha256 and where it came from."""
-    sources = {"release": str(job.release.path) if job.release else None}
-    binds = iter(str(bind.source) for bind in job.binds if bind.mode == "ro")
-    records = []
-    for disk in disks.all():
-        if not disk.readonly:
-            records.append({"role": disk.role, "file": f"disks/{disk.role}.raw"})
-        elif disk.role == "rootfs":
-            records.append({"role": "rootfs", "sha256": disk.file.sha256(), "format": disk.format})
-        else:
-            source = next(binds) if disk.role == "bind" else sources["release"]
-            records.append({"role": disk.role, "sha256": disk.cache_key, "source": source,
-                            "format": disk.path.suffix.lstrip(".")})
-    return records
-
-
 def _verified(files: CheckedFiles, path: Path, sha256: str):
     try:
         return files.verified(path, f"the checkpoint's {path.name}", sha256)
@@ -160,9 +141,9 @@ def _image_by_sum(record: dict, caches: list[Path], *, hold: CacheHold, files: C
                   progress: Callable[[str], None]) -> Disk:
     """A read-only image by its sha256: in this host's caches, else built again from its folder."""
     wanted, fmt = record["sha256"], record["format"]
-    image = _cached(wanted, caches, hold)
+    image = cached_image_with_sum(caches, wanted, hold=hold)
     if image is None and record.get("source") and Path(record["source"]).is_dir():
-        built, digest = release_image(Path(record["source"]), caches[0] / "releases", fmt, progress, hold=hold)
+        built, digest = release_image(Path(record["source"]), caches[0] / RELEASES, fmt, progress, hold=hold)
         image = built if digest == wanted else None
     if image is None:
         raise CheckpointError(f"the {record['role']} image the guest was saved with (sha256 {wanted}, made from "
@@ -171,17 +152,3 @@ def _image_by_sum(record: dict, caches: list[Path], *, hold: CacheHold, files: C
                               code="checkpoint_image_missing")
     return Disk(record["role"], image, "raw", readonly=True, cache_key=wanted,
                 file=_verified(files, image, wanted))
-
-
-def _cached(sha256: str, caches: list[Path], hold: CacheHold) -> Path | None:
-    """A release or bind image with that sum in one of ``caches`` (their sidecars say each image's sum)."""
-    for cache in caches:
-        for sidecar in sorted((cache / "releases").glob("*.json")):
-            try:
-                entry = json.loads(sidecar.read_text())
-            except (OSError, ValueError):
-                continue
-            image = sidecar.with_suffix(f".{entry.get('format')}")
-            if entry.get("sha256") == sha256 and image.is_file() and hold.use(image):
-                return image
-    return None

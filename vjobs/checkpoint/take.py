@@ -12,8 +12,9 @@ from vjobs._version import __version__
 from vjobs.checkpoint import folder as checkpoint_folder
 from vjobs.checkpoint.folder import Checkpoint, CheckpointFolder
 from vjobs.checkpoint.sparse import copy_summed
+from vjobs.config.job import Job
 from vjobs.drivers.contract import VM, Disk
-from vjobs.errors import CheckpointError, VjobsError
+from vjobs.errors import CheckpointError
 from vjobs.guest.disks import JobDisks
 from vjobs.result import utc_now
 
@@ -59,15 +60,30 @@ def take(vm: VM, disks: JobDisks, into: CheckpointFolder, manifest: dict[str, An
                     "timings": {"save_guest": round(saved_s, 3)}}
         document["timings"]["total"] = round(time.monotonic() - started, 3)
         return into.commit(partial, document)
-    except VjobsError:
-        into.abandon(partial)
-        raise
     except OSError as error:  # a full disk, or TimeoutError: past the bound
         into.abandon(partial)
         raise CheckpointError(f"writing the checkpoint into {into.path} failed: {error}") from error
-    except BaseException:
+    except BaseException:  # the driver's VMError, a signal: the partial checkpoint goes, the one before stays
         into.abandon(partial)
         raise
+
+
+def disk_records(disks: JobDisks, job: Job) -> list[dict[str, Any]]:
+    """What a checkpoint says of each of the job's disks, in the order the guest has them: a writable one is a
+    file of the checkpoint; a read-only one is named by its sha256 and where it came from."""
+    release = str(job.release.path) if job.release else None
+    binds = iter(str(bind.source) for bind in job.binds if bind.mode == "ro")
+    records = []
+    for disk in disks.all():
+        if not disk.readonly:
+            records.append({"role": disk.role, "file": f"{DISKS}/{disk.role}.raw"})
+        elif disk.role == "rootfs":
+            records.append({"role": "rootfs", "sha256": disk.file.sha256(), "format": disk.format})
+        else:
+            source = next(binds) if disk.role == "bind" else release
+            records.append({"role": disk.role, "sha256": disk.cache_key, "source": source,
+                            "format": disk.path.suffix.lstrip(".")})
+    return records
 
 
 def _writable(disks: JobDisks) -> list[Disk]:

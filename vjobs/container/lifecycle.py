@@ -44,7 +44,7 @@ from vjobs._version import __version__
 from vjobs.checkpoint.folder import CheckpointFolder
 from vjobs.checkpoint.resume import Resumable
 from vjobs.checkpoint.resume import link as checkpoint_link
-from vjobs.checkpoint.resume import read_only_records
+from vjobs.checkpoint.take import disk_records
 from vjobs.checkpoint.take import take as take_checkpoint
 from vjobs.config.job import Job, job_document
 from vjobs.config.site import SiteConfig
@@ -182,7 +182,7 @@ class VMContainer:
             self.held.enter_context(admitted(self.job.id, resources.vcpus, resources.memory_mib, self.site,
                                              self.host.progress, scope=admission_scope(self.allocation, self.site)))
         if self.checkpoints:  # before the VM runs: summing a base image must not eat into a signal's grace
-            self.checkpoint_disks = read_only_records(disks, self.job)
+            self.checkpoint_disks = disk_records(disks, self.job)
         vm = self._boot(driver, image, disks)
         with self._phase("run"):
             self._run_started = self._last_checkpoint = time.monotonic()
@@ -244,7 +244,7 @@ class VMContainer:
         """What a signal makes of a job it did not checkpoint (it came before the VM ran, or the save failed,
         or it is not a checkpoint signal): one with a checkpoint from before (a resumed job's, a periodic one)
         stays ``checkpointed`` at that one; any other is cancelled."""
-        signal_name = interrupt.args[0] if interrupt.args else "SIGINT"
+        signal_name = _signal_name(interrupt)
         if self._checkpoint_on(interrupt) and self.checkpoints.exists():
             why = f"the VM could not be saved now ({self.checkpoint_failed})" if self.checkpoint_failed else \
                 "it came before the job's VM ran"
@@ -254,8 +254,7 @@ class VMContainer:
         return Cancelled(f"{signal_name} received; the VM was stopped and its files removed{failed}")
 
     def _checkpoint_on(self, interrupt: KeyboardInterrupt) -> bool:
-        signal_name = interrupt.args[0] if interrupt.args else "SIGINT"
-        return self.checkpoints is not None and signal_name in ("SIGTERM", self.site.checkpoint_signal)
+        return self.checkpoints is not None and _signal_name(interrupt) in ("SIGTERM", self.site.checkpoint_signal)
 
     def _checkpoint_due(self) -> bool:
         interval = self.site.checkpoint_interval_s
@@ -643,6 +642,11 @@ class VMContainer:
             return None
         disk = rootfs_disk_for(image.rootfs, formats, self.host.progress, hold=self.cache_hold, files=self.files)
         return BaseDisk(disk, image.rootfs.info, self.site.payload_user)
+
+
+def _signal_name(interrupt: KeyboardInterrupt) -> str:
+    """The signal a ``Terminated`` names (vjobs/container/signals.py); a bare KeyboardInterrupt is Ctrl-C's."""
+    return interrupt.args[0] if interrupt.args else "SIGINT"
 
 
 def _guest_disk_full(path: Path) -> DiskFull:

@@ -26,7 +26,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from vjobs.config.job import Job
 from vjobs.drivers.contract import Disk
@@ -43,6 +43,7 @@ from vjobs.images.store import sha256_file
 if TYPE_CHECKING:
     from vjobs.images.rootfs.inspect import RootfsInfo
 
+RELEASES = "releases"  # the cache's folder of read-only images: releases, read-only binds, images of folders
 HEAD_BYTES = 65536  # the agent recognises a disk by the sha256 of this many leading bytes
 MIB = 1 << 20
 RELEASE_TOOLS = {
@@ -96,7 +97,7 @@ def prepare_disks(job: Job, folder: Path, cache_dir: Path, release_format: str, 
     release, release_sha256 = None, None
 
     def imaged(role: str, source: Path) -> Disk:
-        image, digest = release_image(source, cache_dir / "releases", release_format, events.progress, hold=hold,
+        image, digest = release_image(source, cache_dir / RELEASES, release_format, events.progress, hold=hold,
                                       events=events)
         return Disk(role, image, "raw", readonly=True, cache_key=digest,
                     file=files.open(image, f"the {release_format} image of {source}"))
@@ -209,6 +210,21 @@ def cached_image(cache: Path, key: str, fmt: str, what: str, build: Callable[[Pa
     progress(f"{what} built in {time.monotonic() - started:.1f} s ({image.stat().st_size // MIB} MiB)")
     hold.added(image, progress)
     return image, digest
+
+
+def cached_image_with_sum(cache_dirs: Iterable[Path], sha256: str, *, hold: CacheHold) -> Path | None:
+    """An image ``cached_image`` made in the ``RELEASES`` folder of one of ``cache_dirs`` whose sha256 (its
+    sidecar's) is ``sha256``, held by ``hold``; None when there is none (a checkpoint's images are found so)."""
+    for cache_dir in cache_dirs:
+        for sidecar in sorted((cache_dir / RELEASES).glob("*.json")):
+            try:
+                entry = json.loads(sidecar.read_text())
+            except (OSError, ValueError):
+                continue
+            image = sidecar.with_suffix(f".{entry.get('format')}")
+            if entry.get("sha256") == sha256 and image.is_file() and hold.use(image):
+                return image
+    return None
 
 
 # --- scratch -------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Callable
 from vjobs.config.site import SiteConfig
 from vjobs.errors import ImageError, LimitExceeded
 from vjobs.guest.binds import MAX_BIND_ENTRIES
-from vjobs.guest.disks import build_disk, cached_image, release_image
+from vjobs.guest.disks import RELEASES, build_disk, cached_image, release_image
 from vjobs.host.cache import CacheHold
 from vjobs.images.checked import CheckedFiles
 from vjobs.images.rootfs import RootfsImage, load_rootfs, oci
@@ -57,7 +57,7 @@ def folder_rootfs(image: str, site: SiteConfig, cache_dir: Path, progress: Calla
     should add (an OCI manifest's digest)."""
     folder = find_image_folder(image)
     label = f"image {image}"
-    releases = cache_dir / "releases"
+    releases = cache_dir / RELEASES
     if folder.layout:
         layout = oci.read_layout(folder.path, folder.tag, label)
         path, sha256 = _layout_image(layout, releases, site, progress, hold)
