@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -109,11 +110,15 @@ def account_cache(request, cache_dir, built_image):
 # --- images and the session's cache --------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
+def cache_dir(tmp_path_factory) -> Iterator[Path]:
     """One cache for the session: the built-in image and release images are built once. Set
     VJOBS_TEST_CACHE to keep it across sessions while developing."""
+    from vjobs.drivers.qemu_user.shared_ram import KEEPERS, stop_keepers
+
     kept = os.environ.get("VJOBS_TEST_CACHE")
-    return Path(kept) if kept else tmp_path_factory.mktemp("cache")
+    cache = Path(kept) if kept else tmp_path_factory.mktemp("cache")
+    yield cache
+    stop_keepers(cache / "templates" / KEEPERS)  # the templates' RAM, held for the session's jobs
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ when a real guest boots under it on this host, else TCG), ``machine`` (``q35`` d
 ``tb_size_mib``, ``run_as`` (the user QEMU runs as when vjobs is root; default ``vjobs-qemu``), ``template``
 (start each job's guest from a saved, pre-booted template instead of booting a kernel, see template.py;
 ``"auto"``, the default: for the built-in guest image; ``true``: for the site's own boot images too;
-``false``: never; a job that cannot use one boots cold).
+``false``: never; a job that cannot use one boots cold), ``template_ram_idle_s`` (how long a template's RAM
+stays in memory, held by its keeper, with no job starting from it; shared_ram.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vjobs.drivers import probecache
 from vjobs.drivers.bootcheck import boot_check
 from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFile, Driver, HostContext, Stop, VMSpec,
                                     check_disk_formats, check_unchanged, destroyed_on_failure)
-from vjobs.drivers.qemu_user import qemu, saved_guest, template
+from vjobs.drivers.qemu_user import qemu, saved_guest, shared_ram, template
 from vjobs.drivers.qemu_user.confine import Confinement, confinement_for
 from vjobs.drivers.standins import KERNEL
 from vjobs.errors import ImageError, VMError
@@ -141,7 +142,8 @@ class QemuUserDriver(Driver):
             if why_not is None:
                 recipe = template.recipe_for(spec, machine, f"{shutil.which(self.binary)} {self.qemu_version()}")
                 store = template.TemplateStore(self.host.cache_dir, self.host.cache_hold, self.host.checked_files,
-                                               self.host.progress, self.host.shared_cache_dir)
+                                               self.host.progress, self.host.shared_cache_dir,
+                                               self._setting("template_ram_idle_s", shared_ram.DEFAULT_IDLE_S))
                 return TemplateVM(spec, self.binary, machine, run_as, store, recipe,
                                   qemu_identity=self.qemu_version())
             return QemuUserVM(spec, self.binary, machine, run_as, start={"mode": "cold", "why": why_not},
@@ -161,6 +163,7 @@ class Launch:
         self.monitor, self.qemus_monitor = socket.socketpair()
         self.streams, self.qemus_streams = socket.socketpair()
         self.argv: list[str] = []
+        self.incoming: str | None = None  # a restore's stream (``fd:N``), for ``migrate-incoming`` once QEMU runs
 
     def close(self) -> None:
         """Let go of a launch that will not run."""
@@ -172,6 +175,7 @@ class Launch:
 
 class QemuUserVM(VM):
     layout = "virtio"  # how its disks are attached: what a restore of its saved guest must rebuild (saved_guest.py)
+    memory_backend = False  # its RAM is a named backend (qemu.GuestRam, a template's): a restore names it so too
 
     def __init__(self, spec: VMSpec, binary: str, machine: qemu.QemuMachine, run_as: str | None = None,
                  start: dict | None = None, qemu_identity: str | None = None):
@@ -206,11 +210,13 @@ class QemuUserVM(VM):
         return launch
 
     def prepare(self, *, cmdline: str, disks, extra=(), max_file_bytes: int | None = None,
-                kernel: CheckedFile | None = None, initramfs: CheckedFile | None = None) -> Launch:
+                kernel: CheckedFile | None = None, initramfs: CheckedFile | None = None,
+                ram: qemu.GuestRam | None = None) -> Launch:
         """One start of QEMU, made ready without running anything: its confinement, every file it gets as a
         descriptor (the disks, sealed copies of the kernel and initramfs), its command line. ``extra``: more
         options, or a function of the ``PassedFiles`` that adds them (a template's devices, ``-incoming``);
-        ``kernel`` and ``initramfs`` replace the spec's (a restore's stand-ins)."""
+        ``kernel`` and ``initramfs`` replace the spec's (a restore's stand-ins); ``ram``: where the guest's RAM
+        lives, when not in QEMU's own memory (a template's)."""
         spec = self.spec
         launch = Launch(confinement_for(self.run_as, network=spec.network, kvm=self.machine.accel == "kvm",
                                         max_file_bytes=max_file_bytes or _largest_writable_disk(spec)))
@@ -220,7 +226,7 @@ class QemuUserVM(VM):
                 kernel=kernel or spec.boot.kernel, initramfs=initramfs or spec.boot.initramfs,
                 cmdline=f"{cmdline} console=ttyS0", disks=disks, machine=self.machine, files=launch.files,
                 console=launch.qemus_console, monitor=launch.qemus_monitor, streams=launch.qemus_streams,
-                network=spec.network,
+                network=spec.network, ram=ram,
                 extra=extra(launch.files) if callable(extra) else extra)
         except BaseException:
             launch.close()
@@ -356,6 +362,7 @@ class RestoredVM(QemuUserVM):
         machine = dataclasses.replace(machine, machine_type=identity["machine_type"], firmware=identity["firmware"])
         super().__init__(spec, binary, machine, run_as, start={"mode": "restored"}, qemu_identity=qemu_identity)
         self.layout = identity["layout"]
+        self.memory_backend = identity.get("memory_backend", False)
 
     def attach(self) -> None:
         self.prepared = saved_guest.prepare(self)
@@ -392,10 +399,17 @@ class TemplateVM(QemuUserVM):
             self._prepare_cold(str(error) or type(error).__name__)
             return
         try:
-            self.prepared = template.prepare_restore(self, saved)
+            ram = self.store.shared_ram(saved)
+        except Exception as error:  # no keeper: the template's RAM cannot be shared safely
+            self._prepare_cold(f"restoring {saved.name} failed: {error or type(error).__name__}")
+            return
+        try:
+            self.prepared = template.prepare_restore(self, saved, ram)
         except Exception as error:  # before QEMU ran (a site's run_as that does not exist, say): nothing the
             self._prepare_cold(f"restoring {saved.name} failed: {error or type(error).__name__}")
             return  # template did; a cold boot fails the same way and reports it
+        finally:
+            os.close(ram)  # the launch holds its own copy until QEMU has it
         self.template = saved
 
     def start(self) -> None:
@@ -406,6 +420,7 @@ class TemplateVM(QemuUserVM):
             template.restore(self, self.take_prepared(), self.template)
             self.start_record = {"mode": "template", "template": self.template.name}
             self.layout = "scsi"
+            self.memory_backend = True
             return
         except ImageError:  # a checked file changed before the guest ran: the job's refusal, not the template's
             raise

@@ -47,6 +47,18 @@ MACHINES = {
 # stays the default and qboot is a site's choice (firmware = "qboot").
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 DEFAULT_TB_SIZE_MIB = 32
+RAM_BACKEND = "vjobs-ram"  # the guest RAM's block, by this name in a saved state: a restore must name it so too
+
+
+@dataclass(frozen=True)
+class GuestRam:
+    """Where the guest's RAM lives, when not in QEMU's anonymous memory (``-m`` alone). ``fd``: a memfd whose
+    pages are the RAM (vjobs/drivers/qemu_user/shared_ram.py), or None: anonymous memory under the backend's
+    name (a template-started guest restored from a checkpoint). ``shared``: QEMU writes the guest's RAM into
+    the memfd (a template guest, saved without its RAM); else it maps it copy-on-write (a job's guest)."""
+
+    fd: int | None = None
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,12 @@ class PassedFiles:
         _seal(fd)
         return f"/proc/self/fd/{fd}"
 
+    def add_ram(self, fd: int) -> str:
+        """A ``/proc/self/fd/N`` for the guest RAM's memfd (``GuestRam``): QEMU 7.2 maps a memory backend's file
+        by path only, and opens it read-write even to map it private; the memfd's seals are what keep a job's
+        QEMU from changing it (vjobs/drivers/qemu_user/shared_ram.py)."""
+        return f"/proc/self/fd/{self._keep(os.dup(fd))}"
+
     def add_socket(self, sock: socket.socket) -> int:
         return self._keep(sock.detach())  # ours to close from now on, once: the socket object lets go
 
@@ -151,19 +169,22 @@ def drive_args(disks: Sequence[Disk], device: str, files: PassedFiles) -> list[s
 def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: CheckedFile,
               initramfs: CheckedFile, cmdline: str, disks: Sequence[Disk], machine: QemuMachine, files: PassedFiles,
               console: socket.socket, monitor: socket.socket | None = None, streams: socket.socket | None = None,
-              network: bool = False, extra: Sequence[str] = ()) -> list[str]:
+              network: bool = False, extra: Sequence[str] = (), ram: GuestRam | None = None) -> list[str]:
     """QEMU's command line; every file and socket goes through ``files``. ``console``, ``monitor`` and
     ``streams`` are QEMU's ends of connected socket pairs: nothing listens anywhere in the file system.
     ``streams``: the virtio-serial port ``STREAMS_PORT`` that carries the payload's live output
-    (vjobs/guest/streams.py). ``extra``: more options (a template's devices, its disks' backends, ``-incoming``)."""
+    (vjobs/guest/streams.py). ``extra``: more options (a template's devices, its disks' backends, ``-incoming``).
+    ``ram``: the guest's RAM in a named memory backend (``GuestRam``)."""
     machine_option, block_device = MACHINES[machine.name]
     machine_option = machine.machine_type or machine_option
+    if ram is not None:
+        machine_option += f",memory-backend={RAM_BACKEND}"
     accel = machine.accel
     if accel == "tcg" and machine.tb_size_mib:
         accel += f",tb-size={machine.tb_size_mib}"
     argv = [binary, "-name", _escape(name), "-machine", machine_option, "-accel", accel,
             *(["-bios", machine.firmware] if machine.firmware and machine.name != "microvm" else []),
-            "-m", str(memory_mib), "-smp", str(vcpus),
+            "-m", str(memory_mib), *memory_backend(memory_mib, ram, files), "-smp", str(vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel", files.add_sealed_copy(kernel, "kernel"),
@@ -184,6 +205,17 @@ def qemu_argv(*, binary: str, name: str, vcpus: int, memory_mib: int, kernel: Ch
         argv += ["-chardev", f"socket,id=qmp,fd={files.add_socket(monitor)}", "-mon", "chardev=qmp,mode=control",
                  "-S"]
     return [argv[0], *files.args, *argv[1:]]
+
+
+def memory_backend(memory_mib: int, ram: GuestRam | None, files: PassedFiles) -> list[str]:
+    """The ``-object`` that holds the guest's RAM as ``ram`` says, or nothing: QEMU's anonymous memory."""
+    if ram is None:
+        return []
+    if ram.fd is None:
+        return ["-object", f"memory-backend-ram,id={RAM_BACKEND},size={memory_mib}M"]
+    share = "on" if ram.shared else "off"
+    return ["-object", f"memory-backend-file,id={RAM_BACKEND},size={memory_mib}M,mem-path={files.add_ram(ram.fd)},"
+                       f"share={share}"]
 
 
 def _escape(value: str) -> str:

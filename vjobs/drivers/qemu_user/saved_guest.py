@@ -53,6 +53,8 @@ def _save(vm, folder: Path, layout: str, deadline: float) -> dict[str, Any]:
         os.close(writer)  # QEMU holds its own copy: the stream ends when QEMU closes it
     copier = _StreamCopy(reader, folder / STATE)
     template.unthrottled(vm)
+    # all of the RAM: a template-started guest's is a file's (mapped copy-on-write) that a restore lacks
+    vm.monitor.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
     vm.monitor.cmd("migrate", uri="fd:checkpoint")
     try:
         template.wait_for(lambda: template.migration_done(vm), vm, deadline - time.monotonic(),
@@ -66,7 +68,7 @@ def _save(vm, folder: Path, layout: str, deadline: float) -> dict[str, Any]:
     return {"hypervisor": vm.qemu_identity, "machine_type": machine_type(vm), "accel": vm.machine.accel,
             "firmware": vm.machine.firmware, "vcpus": vm.spec.vcpus, "memory_mib": vm.spec.memory_mib,
             "network": vm.spec.network, "disks": [disk.role for disk in vm.spec.disks], "layout": layout,
-            "cmdline": vm.restore_cmdline()}
+            "memory_backend": vm.memory_backend, "cmdline": vm.restore_cmdline()}
 
 
 def machine_type(vm) -> str:
@@ -140,7 +142,8 @@ def prepare(vm):
         return devices + ["-incoming", f"fd:{files.add_file(saved.files[STATE])}"]
 
     return vm.prepare(cmdline=identity["cmdline"], disks=() if scsi else vm.spec.disks, extra=extra,
-                      kernel=saved.files[KERNEL], initramfs=saved.files[INITRAMFS])
+                      kernel=saved.files[KERNEL], initramfs=saved.files[INITRAMFS],
+                      ram=qemu.GuestRam() if identity.get("memory_backend") else None)
 
 
 def restore(vm, launch) -> None:

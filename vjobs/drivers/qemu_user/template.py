@@ -3,16 +3,20 @@
 A cold start boots a kernel for every job (about 2 s under TCG). A template is that boot done once: QEMU
 boots the image with ``vjobs.template`` on the kernel command line and a virtio-scsi controller but no
 disks; the agent loads its modules, says "template ready" and waits for an io disk. vjobs then pauses the
-guest and saves it (QEMU's migration stream, into a file). A job's QEMU starts from that file
-(``-incoming``), gets the job's disks hot-plugged onto the SCSI bus (a virtio-scsi event: no PCI hot-plug,
-no firmware), and the agent, which was waiting for exactly that, runs the job.
+guest and saves it: its RAM, which QEMU kept in a memfd of vjobs' (``share=on``), into the file ``ram``, and
+QEMU's migration stream without that RAM (``x-ignore-shared``: only the devices, a third of a megabyte) into
+``state``. A job's QEMU maps the RAM copy-on-write, from a sealed copy that every job of the account shares
+(vjobs/drivers/qemu_user/shared_ram.py), loads the devices (``-incoming``), gets the job's disks hot-plugged
+onto the SCSI bus (a virtio-scsi event: no PCI hot-plug, no firmware), and the agent, which was waiting for
+exactly that, runs the job.
 
 One template per (QEMU, machine, acceleration, memory, vCPUs, kernel, initramfs, command line): the cache
 entry ``templates/FAMILY-KEY`` (vjobs/host/cache.py), KEY hashing all of those by content, so a new image or QEMU
 makes a new template and the old one is removed as any stale build is. Nothing of a job is ever in a
-template: it is saved before any job's disk exists, and each job's QEMU reads it read-only. Its files are
-checked as any image a VM gets (vjobs/images/checked.py): their sums, taken when the template was saved, are in
-its manifest; each job opens them once, checks them, and gives QEMU those descriptors.
+template: it is saved before any job's disk exists, each job's QEMU reads the state read-only and gets the
+RAM sealed. Its files are checked as any image a VM gets (vjobs/images/checked.py): their sums, taken when the
+template was saved, are in its manifest; each job opens the state and stand-ins once, checks them, and gives
+QEMU those descriptors; the RAM's keeper checks the RAM against the same manifest when it loads it.
 
 Restored guests start from the same RAM, so the same kernel random-number state: the agent mixes entropy
 from the host into the pool and forces the kernel to reseed before anything else runs (the job's io disk
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec, check_unchanged
-from vjobs.drivers.qemu_user import qemu
+from vjobs.drivers.qemu_user import qemu, ram_keeper, shared_ram
 from vjobs.drivers.standins import STAND_INS, write_stand_ins
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
@@ -42,7 +46,7 @@ from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
 from vjobs.host.cache import CacheHold
 from vjobs.images.store import build_once, sha256_file
 
-FORMAT = 4  # of the saved state, its stand-ins and its manifest; a change makes every template anew
+FORMAT = 5  # of the saved state, its stand-ins and its manifest; a change makes every template anew
 CONTROLLER = "vjobs-scsi"
 MACHINES = ("q35", "pc")  # a PCI bus for the SCSI controller; microvm has none
 BUILD_DEADLINE_S = 30.0  # one cold boot of the template guest (~2 s), on a loaded host
@@ -51,6 +55,8 @@ RESTORE_DEADLINE_S = 10.0  # from QEMU's start to the agent's "up"; normally a f
 MIGRATION_BANDWIDTH = 1 << 40  # bytes/s: no limit in practice (the disk's speed is the limit)
 POLL_S = 0.002  # QMP questions while QEMU loads the state (~30 ms): each a fraction of a millisecond
 FAILURE_MEMORY_S = 3600.0  # after a template fails, jobs of its shape boot cold this long, then it is retried
+RAM = "ram"  # the guest's RAM, beside ``state`` and the stand-ins
+IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]  # the stream leaves out RAM that is a file's
 
 
 @dataclass(frozen=True)
@@ -129,16 +135,21 @@ class SavedTemplate:
     """A template as one job's QEMU gets it: its files opened and checked against its manifest's sums."""
 
     name: str  # its cache entry's, FAMILY-KEY
-    state: CheckedFile  # the migration stream, for ``-incoming``
+    state: CheckedFile  # the migration stream, for ``-incoming``: the devices, not the RAM
     kernel: CheckedFile  # the stand-ins for -kernel and -initrd (write_stand_ins)
     initramfs: CheckedFile
+    ram: Path  # the guest's RAM, which its keeper loads, checks against ``ram_sum`` and seals (shared_ram.py)
+    ram_sum: str  # ram_keeper.copy_pages' sum
+    ram_bytes: int
 
     @classmethod
     def open(cls, folder: Path, files: CheckedFiles) -> SavedTemplate:
-        sums = json.loads((folder / "manifest.json").read_text())["sha256"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        sums = manifest["sha256"]
         state, kernel, initramfs = (files.verified(folder / name, f"the template {folder.name}", sums[name])
                                     for name in ("state", *STAND_INS))
-        return cls(folder.name, state, kernel, initramfs)
+        ram = manifest["ram"]
+        return cls(folder.name, state, kernel, initramfs, folder / RAM, ram["sum"], int(ram["bytes"]))
 
     def check_unchanged(self) -> None:
         for file in (self.state, self.kernel, self.initramfs):
@@ -154,8 +165,10 @@ class TemplateStore:
     any other in its own ``cache_dir``, for its own jobs alone (guest memory is shared only when root made it)."""
 
     def __init__(self, cache_dir: Path, hold: CacheHold, files: CheckedFiles, progress=lambda message: None,
-                 shared_cache_dir: Path | None = None):
+                 shared_cache_dir: Path | None = None, ram_idle_s: float = shared_ram.DEFAULT_IDLE_S):
         self.folder = cache_dir / "templates"
+        self.keepers = self.folder / shared_ram.KEEPERS  # always the account's own: its keepers serve it alone
+        self.ram_idle_s = ram_idle_s
         self.shared = shared_cache_dir / "templates" if shared_cache_dir else None
         self.hold = hold
         self.files = files
@@ -180,10 +193,10 @@ class TemplateStore:
             output.mkdir()
             started = time.monotonic()
             vm = make_vm(scratch)
-            save_template(vm, output / "state")
+            ram = save_template(vm, output / "state", output / RAM)
             write_stand_ins(vm.spec.boot.kernel, output)
             manifest = {"recipe": dataclasses.asdict(recipe), "made_s": round(time.monotonic() - started, 3),
-                        "state_bytes": (output / "state").stat().st_size, "made_at": time.time(),
+                        "state_bytes": (output / "state").stat().st_size, "made_at": time.time(), "ram": ram,
                         "sha256": {name: sha256_file(output / name) for name in ("state", *STAND_INS)}}
             (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             if folder.exists():  # made anew after a failed restore: replace it whole
@@ -191,7 +204,7 @@ class TemplateStore:
             os.rename(output, folder)
             self._memo(recipe).unlink(missing_ok=True)
             self.progress(f"template: {folder.name} saved in {manifest['made_s']} s "
-                          f"({manifest['state_bytes'] >> 20} MiB)")
+                          f"({ram['stored_bytes'] >> 20} MiB of RAM, {manifest['state_bytes'] >> 10} KiB of devices)")
             return folder / "state"
 
         try:
@@ -211,6 +224,10 @@ class TemplateStore:
         except (OSError, ValueError, KeyError, ImageError) as error:
             self.remember_failure(recipe, f"its files are not what was saved: {error}")
             raise VMError(f"the template {folder.name} is damaged: {error}", code="template_failed") from error
+
+    def shared_ram(self, saved: SavedTemplate) -> int:
+        """A descriptor of ``saved``'s RAM as every job of this account maps it: sealed, from its keeper."""
+        return shared_ram.memfd(saved.ram, saved.ram_sum, saved.ram_bytes, self.keepers, self.ram_idle_s)
 
     def remember_failure(self, recipe: Recipe, reason: str, stage: str = "restore") -> None:
         """Jobs of this shape boot cold for FAILURE_MEMORY_S instead of paying for the same failure each."""
@@ -243,15 +260,19 @@ def saved_state(folder: Path, recipe: Recipe) -> Path | None:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    complete = all((folder / name).is_file() for name in ("state", *STAND_INS))
+    complete = all((folder / name).is_file() for name in ("state", RAM, *STAND_INS))
     return folder / "state" if manifest.get("recipe") == dataclasses.asdict(recipe) and complete else None
 
 
-def save_template(vm, state: Path) -> None:
-    """Boot ``vm`` (a QemuUserVM for the template's spec) until its agent waits for a job, then save it."""
+def save_template(vm, state: Path, ram: Path) -> dict:
+    """Boot ``vm`` (a QemuUserVM for the template's spec) until its agent waits for a job, then save it: its
+    RAM into ``ram``, its devices into ``state``. Returns the RAM's record for the manifest (``bytes``, ``sum``:
+    ram_keeper.copy_pages', ``stored_bytes``)."""
+    memory = os.memfd_create("vjobs-template-ram", os.MFD_CLOEXEC)
     try:
+        os.ftruncate(memory, vm.spec.memory_mib << 20)
         vm.launch(vm.prepare(cmdline=template_cmdline(vm.spec), disks=(), extra=controller_args(),
-                             max_file_bytes=state_bytes_limit(vm.spec)))
+                             max_file_bytes=state_bytes_limit(vm.spec), ram=qemu.GuestRam(memory, shared=True)))
         vm.monitor.cmd("cont")
         wait_for(lambda: vm.spec.console.saw(TEMPLATE_READY_MARKER), vm, BUILD_DEADLINE_S,
                   "the template guest to boot")
@@ -260,11 +281,28 @@ def save_template(vm, state: Path) -> None:
             vm.monitor.send_fd_scm(output.fileno())
         vm.monitor.cmd("getfd", fdname="state")
         unthrottled(vm)
+        vm.monitor.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
         vm.monitor.cmd("migrate", uri="fd:state")
         wait_for(lambda: migration_done(vm), vm, SAVE_DEADLINE_S, "QEMU to save the template")
+        vm.destroy()  # the guest's RAM is final only once QEMU is gone
+        return write_ram(memory, ram)
     finally:
+        os.close(memory)
         vm.destroy()
         vm.spec.console.close()
+
+
+def write_ram(memory: int, ram: Path) -> dict:
+    """The template guest's RAM (the memfd ``memory``) into the new file ``ram``, zero pages as holes."""
+    size = os.fstat(memory).st_size
+    target = os.open(ram, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(target, size)
+        digest = ram_keeper.copy_pages(memory, size, target)
+        stored = os.fstat(target).st_blocks * 512
+    finally:
+        os.close(target)
+    return {"bytes": size, "sum": digest, "stored_bytes": stored}
 
 
 def unthrottled(vm) -> None:
@@ -274,18 +312,22 @@ def unthrottled(vm) -> None:
     vm.monitor.cmd("migrate-set-parameters", **{"max-bandwidth": MIGRATION_BANDWIDTH})
 
 
-def prepare_restore(vm, saved: SavedTemplate):
-    """``vm``'s QEMU that restores ``saved``, prepared (``vm.prepare``, nothing runs): the saved guest comes in
-    through ``-incoming``, the stand-ins serve as kernel and initramfs, the job's disks are drive backends that
-    ``restore`` hot-plugs once the guest is loaded."""
+def prepare_restore(vm, saved: SavedTemplate, ram: int):
+    """``vm``'s QEMU that restores ``saved``, prepared (``vm.prepare``, nothing runs): its RAM mapped from
+    ``ram`` (the sealed memfd, ``TemplateStore.shared_ram``) copy-on-write, the saved devices to come in through
+    ``-incoming`` once ``restore`` has told QEMU to leave the RAM out, the stand-ins as kernel and initramfs,
+    the job's disks as drive backends that ``restore`` hot-plugs once the guest is loaded."""
     spec = vm.spec
+    incoming = []
 
     def extra(files: qemu.PassedFiles) -> list[str]:
-        incoming = files.add_file(saved.state)
-        return controller_args() + qemu.drive_backends(spec.disks, files) + ["-incoming", f"fd:{incoming}"]
+        incoming.append(f"fd:{files.add_file(saved.state)}")
+        return controller_args() + qemu.drive_backends(spec.disks, files) + ["-incoming", "defer"]
 
-    return vm.prepare(cmdline=template_cmdline(spec), disks=(), extra=extra, kernel=saved.kernel,
-                      initramfs=saved.initramfs)
+    launch = vm.prepare(cmdline=template_cmdline(spec), disks=(), extra=extra, kernel=saved.kernel,
+                        initramfs=saved.initramfs, ram=qemu.GuestRam(ram, shared=False))
+    launch.incoming = incoming[0]
+    return launch
 
 
 def restore(vm, launch, saved: SavedTemplate) -> None:
@@ -293,6 +335,8 @@ def restore(vm, launch, saved: SavedTemplate) -> None:
     run, wait for the agent's "up"."""
     spec = vm.spec
     vm.launch(launch)
+    vm.monitor.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+    vm.monitor.cmd("migrate-incoming", uri=launch.incoming)
     wait_for(lambda: loaded(vm), vm, RESTORE_DEADLINE_S, "QEMU to load the template")
     check_unchanged(spec)  # QEMU holds every file and has read the saved guest: it runs only what was checked
     saved.check_unchanged()
