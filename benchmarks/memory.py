@@ -148,13 +148,15 @@ def read_smaps(pid: int, guest_mib: int) -> Sample | None:
             mappings[-1][3] = int(line.split()[1])
         elif mappings and line.startswith("Anonymous:"):
             mappings[-1][4] = int(line.split()[1])
-    guests = [m for m in mappings if m[0].startswith("rw") and not m[1] and m[2] == guest_mib * KIB_PER_MIB]
+    # anonymous, or a template's RAM mapped copy-on-write (vjobs/drivers/qemu_user/shared_ram.py)
+    guests = [m for m in mappings if m[0].startswith("rw") and (not m[1] or "vjobs-template-ram" in m[1])
+              and m[2] == guest_mib * KIB_PER_MIB]
     if not guests:
         return None
     guest = max(guests, key=lambda m: m[3])
     return Sample(total=sum(m[3] for m in mappings), guest=guest[3],
                   tcg=sum(m[3] for m in mappings if m[0].startswith("rwx") and not m[1]),
-                  files=sum(m[3] for m in mappings if m[1].startswith("/")),
+                  files=sum(m[3] for m in mappings if m[1].startswith("/") and m is not guest),
                   anonymous=sum(m[4] for m in mappings if m is not guest))
 
 
