@@ -81,11 +81,17 @@ def _ask(socket_path: Path, ram_sum: str) -> int | None:
             except (FileNotFoundError, ConnectionRefusedError):
                 return None  # none yet, or one that exited and left its socket: the caller starts one
             peer_uid = _peer(connection)[1]
-            message, fds, _flags, _address = socket.recv_fds(connection, 256, 1)
+            try:
+                message, fds, _flags, _address = socket.recv_fds(connection, 256, 1)
+            except ConnectionResetError:
+                message, fds = b"", []
     except OSError as error:
         raise VMError(f"asking the template's RAM keeper failed: {error}", code="template_failed") from error
     finally:
         os.close(folder)
+    if not message and not fds:  # it was exiting (idle, or its template replaced) as we asked
+        socket_path.unlink(missing_ok=True)
+        return None
     if peer_uid != os.geteuid() or not message.startswith(ram_keeper.GREETING) or len(fds) != 1:
         for fd in fds:
             os.close(fd)
