@@ -190,8 +190,8 @@ def reliability(quick: bool, runs: int) -> Section:
         lines.append(f"| {mode} | {sum(outcomes.values())} | "
                      + "; ".join(f"{label} {n}" for label, n in sorted(outcomes.items())) + f" | {medians} |")
     section.text = "\n".join(lines) + (
-        f"\n\nFallbacks to a cold boot: {report['fallbacks'] or 'none'}. Kinds, a third of the runs each: the "
-        "hello job; a guest that writes all its free memory and reads it back; 4 jobs started at once "
+        f"\n\nFallbacks to a cold boot: {report['fallbacks'] or 'none'}. Rounds of three kinds in turn: the "
+        "hello job; a guest that writes all its free memory and reads it back; 4 hello jobs started at once "
         f"(benchmarks/template_reliability.py). The campaign took {report['campaign_s']:.0f} s.")
     return section
 

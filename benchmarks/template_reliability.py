@@ -6,11 +6,12 @@ template is made before the count starts.
 
     .venv/bin/python benchmarks/template_reliability.py [--runs 200] [--concurrency 4] [--site FILE] [--json OUT]
 
-The runs cycle through three kinds, so that every kind is a third of each side's runs:
+The rounds cycle through three kinds (a concurrent round counts each of its jobs as a run, so with
+``--concurrency 4`` a sixth of the runs are hello, a sixth all-memory, two thirds concurrent):
 - ``hello``: examples/hello, one job at a time;
 - ``all-memory``: a guest that writes all its free memory (a tmpfs filled from /dev/urandom, as
   benchmarks/checkpoint.py), then checks what it wrote: every page of the template's RAM is copied on write;
-- ``concurrent``: ``--concurrency`` hello jobs started at once (one run counts each of them).
+- ``concurrent``: ``--concurrency`` hello jobs started at once.
 
 Issue 11 turned templates on by default after 200 template runs with no failure and no fallback; issue 21
 asks the same of templates whose RAM is mapped from one shared memfd (docs/templates.md)."""
