@@ -479,6 +479,7 @@ class KvmTemplateVM(KvmVM):
     def _description(self) -> str:
         if self.slot is None:
             return super()._description()  # booting cold
+        self.restoring = True  # libvirt reads the saved state from here on: a failure is the template's
         _remove_leftover(self.conn, self.name)  # under the slot's lock: a killed job's domain of the slot
         saved = self.conn.saveImageGetXMLDesc(str(self.slot.state.path), 0)
         if ET.fromstring(saved).findtext("name") != self.slot.domain:
@@ -497,7 +498,6 @@ class KvmTemplateVM(KvmVM):
         if self.slot is None:
             super()._run_paused()  # booting cold
             return
-        self.restoring = True
         self.conn.restoreFlags(str(self.slot.state.path), self.xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
         for index, disk in enumerate(self.spec.disks):
             source = _checked_link(disk, self.spec.workdir / f"disk{index}") if disk.readonly else disk.path
