@@ -15,6 +15,8 @@ rootfs/SHA.raw                              a raw copy of a base image for a dri
 templates/FAMILY-KEY/                       a pre-booted guest, saved (drivers/qemu_user/template.py;   yes
                                             build lock templates/FAMILY.lock)
 templates/FAMILY.failed                     its last template failure: jobs boot cold for an hour       no
+templates/FAMILY_sN.inuse                   a kvm template slot's lock, held by the job that runs it    no
+                                            (drivers/kvm/template.py; its entry is FAMILY_sN-KEY/)
 rootfs/SHA.vN.json, checksums.json          a base image's inspection record; sha256 sums by inode      no
 rootfs/refused.json                         the inspections that refused a file, by its stamp           no
 probes/*.json                               deep-probe verdicts (vjobs/drivers/bootcheck.py) and remembered     no

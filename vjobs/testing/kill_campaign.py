@@ -536,7 +536,7 @@ class DriverCampaign:
                     info["cache_entries"] += 1
                 elif re.fullmatch(r"[a-z0-9_]+\.failed", path.name):
                     pass  # a template's last failure, remembered on purpose: small
-                elif not re.fullmatch(r"[a-z0-9_]+\.lock", path.name):
+                elif not re.fullmatch(r"[a-z0-9_]+\.(lock|inuse)", path.name):  # .inuse: a kvm template slot's
                     found["cache_unknown"].append(str(path))
         probes = cache / "probes"
         if probes.is_dir():

@@ -99,7 +99,8 @@ def job_qemu(root: int) -> int | None:
 
 def qemu_named_for(job_id: str, deadline_s: float = 30) -> Path:
     """The /proc folder of the QEMU that runs job ``job_id`` (its ``-name`` is ``vjobs-JOB-...``, under qemu_user
-    and libvirt alike), waited for up to ``deadline_s``; not one that makes a template for it first."""
+    and libvirt alike; a kvm template slot's ``vjobs-tpl-...``, its kernel in the job's folder), waited for up to
+    ``deadline_s``; not one that makes a template for it first."""
     give_up = time.monotonic() + deadline_s
     while time.monotonic() < give_up:
         for proc in Path("/proc").iterdir():
@@ -111,6 +112,11 @@ def qemu_named_for(job_id: str, deadline_s: float = 30) -> Path:
                          for i, arg in enumerate(argv[:-1]) if arg == b"-name"]
                 if any(name.startswith(f"vjobs-{job_id}-".encode()) and not name.endswith(b"-template")
                        for name in names):
+                    return proc
+                # a kvm template slot's domain has the slot's name; its kernel is a copy in the job's folder
+                kernels = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == b"-kernel"]
+                if any(name.startswith(b"vjobs-tpl-") for name in names) and \
+                        any(f"/{job_id}-".encode() in kernel for kernel in kernels):
                     return proc
             except OSError:
                 continue

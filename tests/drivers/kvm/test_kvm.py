@@ -126,7 +126,7 @@ def test_read_only_disks_reach_qemu_as_the_descriptors_libvirt_was_handed(kvm_si
     spec = make_spec(tmp_path, checked_files, name=f"vjobs-{job}-abcd1234", boot=built_boot)
     spec = dataclasses.replace(spec, disks=(*spec.disks, Disk("rootfs", qcow2, "qcow2", True,
                                                               file=checked_files.open(qcow2, "rootfs"))))
-    vm = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site)).create(spec)
+    vm = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu", "template": False}, host_context(kvm_site)).create(spec)
     conn = libvirt.open(LIBVIRT_URI)
     try:
         dom = conn.lookupByName(spec.name)
@@ -281,7 +281,7 @@ def blocker(kvm_site, built_image, tmp_path):
 def test_domain_with_the_same_name_already_running(kvm_site, blocker, built_boot, checked_files, tmp_path):
     from vjobs.api import host_context
 
-    driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
+    driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu", "template": False}, host_context(kvm_site))
     with pytest.raises(vjobs.VMError) as failure:
         # it releases what it made: there is no VM to destroy
         driver.create(make_spec(tmp_path, checked_files, name=blocker, boot=built_boot))
@@ -296,7 +296,7 @@ def test_domain_with_the_same_name_already_running(kvm_site, blocker, built_boot
 def test_create_makes_the_domain_paused_and_destroy_removes_it(kvm_site, built_boot, checked_files, tmp_path):
     from vjobs.api import host_context
 
-    driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
+    driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu", "template": False}, host_context(kvm_site))
     spec = make_spec(tmp_path, checked_files, name=f"vjobs-t1-{uuid.uuid4().hex[:8]}", boot=built_boot)
     vm = driver.create(spec)
     conn = libvirt.open(LIBVIRT_URI)
@@ -359,7 +359,8 @@ def test_killed_pilot_leaves_a_domain_that_gc_removes_and_nothing_else(kvm_site,
     gc = subprocess.run([sys.executable, "-m", "vjobs", "gc", "--site", str(site_file)], capture_output=True,
                         text=True, timeout=120)
     assert gc.returncode == 0, gc.stderr
-    assert "destroyed domain vjobs-t1-" in gc.stdout and "removed job folder" in gc.stdout
+    # the job's own domain, or the template slot it was restored into: gc goes by its owner labels
+    assert "destroyed domain vjobs-" in gc.stdout and "(job t1," in gc.stdout and "removed job folder" in gc.stdout
     assert vjobs_domains_of(process.pid) == []
     assert work_leftovers(tmp_path / "work") == []
     assert qemu_processes(str(tmp_path)) == []
@@ -381,7 +382,7 @@ def test_gc_removes_a_domain_a_killed_vjobs_left_defined(kvm_site, checked_files
     conn = libvirt.open(LIBVIRT_URI)
     try:
         conn.defineXML(xml_of(spec, DomainSettings(virt_type="qemu")))
-        driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu"}, host_context(kvm_site))
+        driver = KvmDriver({"uri": LIBVIRT_URI, "virt_type": "qemu", "template": False}, host_context(kvm_site))
         removed = driver.collect_garbage(lambda labels: labels.get("vjobs.run_id") == run_id)
         assert removed == [f"destroyed domain {spec.name} on {LIBVIRT_URI} (job t1, pid {os.getpid()})"]
         with pytest.raises(libvirt.libvirtError, match="Domain not found"):

@@ -39,7 +39,8 @@ def test_an_account_in_group_libvirt_runs_a_job_on_kvm(libvirtd, pool_accounts, 
     running = account.popen([account.vjobs, "run", str(job), "--site", str(site), "--outdir", "out-kvm", "--json"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        seen = _domains_seen_by(neighbour, "vjobs-kvmaccount-", deadline_s=120)
+        # the job's own domain, or the account's template slot it was restored into (vjobs/drivers/kvm/template.py)
+        seen = _domains_seen_by(neighbour, ("vjobs-kvmaccount-", f"vjobs-tpl-{account.uid}-"), deadline_s=120)
         stdout, stderr = running.communicate(timeout=300)
     finally:
         if running.poll() is None:
@@ -51,8 +52,8 @@ def test_an_account_in_group_libvirt_runs_a_job_on_kvm(libvirtd, pool_accounts, 
     assert seen, "another account of group libvirt did not see the domain"
 
 
-def _domains_seen_by(account, prefix: str, deadline_s: float) -> list[str]:
-    """The domains named ``prefix...`` that ``account`` lists on the system libvirtd, once there are any."""
+def _domains_seen_by(account, prefix: tuple[str, ...], deadline_s: float) -> list[str]:
+    """The domains named ``prefix...`` (one of them) that ``account`` lists on the system libvirtd, once there are any."""
     give_up = time.monotonic() + deadline_s
     while time.monotonic() < give_up:
         listed = account.run(["virsh", "-c", LIBVIRT_URI, "list", "--name"], timeout=30)

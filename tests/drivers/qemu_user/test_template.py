@@ -12,6 +12,7 @@ import time
 import pytest
 
 import vjobs
+from vjobs.drivers import templates as shared_templates
 from vjobs.drivers.qemu_user import template
 from vjobs.images.boot import AGENT
 
@@ -109,7 +110,7 @@ def test_a_template_that_cannot_be_restored_is_a_cold_boot_then_made_anew(
     assert "failed" in remembered.provenance["start"]["fallback"] and "boot cold" in \
         remembered.provenance["start"]["fallback"]
 
-    monkeypatch.setattr(template, "FAILURE_MEMORY_S", 0.0)  # the memory has run out: made anew, then used
+    monkeypatch.setattr(shared_templates, "FAILURE_MEMORY_S", 0.0)  # the memory has run out: made anew, then used
     again = vjobs.run(make_job(["true"], **own), site=site, outdir=tmp_path / "again")
     assert again.status == "succeeded" and again.provenance["start"]["mode"] == "template"
     assert state.read_bytes()[:4] == b"QEVM" and state.stat().st_size > 1 << 16  # made anew: whole again

@@ -68,6 +68,29 @@ def restored_xml(saved: str, spec: VMSpec, kernel: Path, initramfs: Path, socket
     in: ``spec``'s owner labels (which ``vjobs gc`` goes by), its disks' files (copies of the saved ones, in
     the same order), ``kernel`` and ``initramfs`` (copies of the checkpoint's stand-ins), the sockets in
     ``sockets`` (default ``spec.workdir``). This host's libvirt picks its own QEMU binary and security labels."""
+    domain = _rebound(saved, spec, kernel, initramfs, sockets)
+    disks = domain.find("devices").findall("disk")
+    if [element.find("readonly") is not None for element in disks] != [disk.readonly for disk in spec.disks]:
+        raise CheckpointError(f"the saved guest has {len(disks)} disks that do not match the job's "
+                              f"{', '.join(disk.role for disk in spec.disks)}: the checkpoint is not this job's",
+                              code="checkpoint_mismatch")
+    for index, (element, disk) in enumerate(zip(disks, spec.disks)):
+        source = element.find("source")
+        source.attrib = {"file": str(disk.path)}
+        if disk.readonly:
+            source.set("fdgroup", _fd_group(index))  # disk_fds: the checked descriptor, as in a cold boot
+    return ET.tostring(domain, encoding="unicode")
+
+
+def template_restored_xml(saved: str, spec: VMSpec, kernel: Path, initramfs: Path, sockets: Path) -> str:
+    """The description a template's saved guest (no disks) is restored with for ``spec``'s job: as
+    ``restored_xml``, the job's disks left out (libvirt refuses a restore with more disks than were saved: they
+    are hot-plugged after it, ``scsi_disk_xml``)."""
+    return ET.tostring(_rebound(saved, spec, kernel, initramfs, sockets), encoding="unicode")
+
+
+def _rebound(saved: str, spec: VMSpec, kernel: Path, initramfs: Path, sockets: Path | None) -> ET.Element:
+    """The saved description with this run's owner labels, stand-ins and sockets, what libvirt decides left out."""
     domain = ET.fromstring(saved)
     for old in domain.findall("metadata"):
         domain.remove(old)
@@ -78,22 +101,12 @@ def restored_xml(saved: str, spec: VMSpec, kernel: Path, initramfs: Path, socket
     for emulator in devices.findall("emulator"):
         devices.remove(emulator)
     domain.find("./os/kernel").text, domain.find("./os/initrd").text = str(kernel), str(initramfs)
-    disks = devices.findall("disk")
-    if [element.find("readonly") is not None for element in disks] != [disk.readonly for disk in spec.disks]:
-        raise CheckpointError(f"the saved guest has {len(disks)} disks that do not match the job's "
-                              f"{', '.join(disk.role for disk in spec.disks)}: the checkpoint is not this job's",
-                              code="checkpoint_mismatch")
-    for index, (element, disk) in enumerate(zip(disks, spec.disks)):
-        source = element.find("source")
-        source.attrib = {"file": str(disk.path)}
-        if disk.readonly:
-            source.set("fdgroup", _fd_group(index))  # disk_fds: the checked descriptor, as in a cold boot
     folder = sockets or spec.workdir
     devices.find("./serial/source").set("path", str(folder / CONSOLE_SOCKET))
     for channel in devices.iterfind("channel"):
         if channel.find("target").get("name") == STREAMS_PORT:
             channel.find("source").set("path", str(folder / STREAMS_SOCKET))
-    return ET.tostring(domain, encoding="unicode")
+    return domain
 
 
 def disk_fds(spec: VMSpec) -> dict[str, int]:
@@ -126,21 +139,7 @@ def _features(settings: DomainSettings) -> ET.Element:
 def _devices(spec: VMSpec, settings: DomainSettings, sockets: Path) -> ET.Element:
     devices = ET.Element("devices")
     for index, disk in enumerate(spec.disks):
-        element = ET.SubElement(devices, "disk", type="file", device="disk")
-        # The format is named so that libvirt and QEMU never probe it: a guest could otherwise write a qcow2
-        # header into a raw disk and make QEMU open host files on the next boot. Writable disks are scratch
-        # space the host reads only after QEMU ended, so guest flushes need not reach the platter.
-        ET.SubElement(element, "driver", name="qemu", type=disk.format,
-                      cache="writethrough" if disk.readonly else "unsafe")
-        source = ET.SubElement(element, "source", file=str(disk.path))
-        if disk.readonly:
-            source.set("fdgroup", _fd_group(index))  # disk_fds: the checked descriptor, not the path
-        # No backing file, whatever the image's header says: libvirt then neither probes one nor lets QEMU
-        # open one ("backing": null).
-        ET.SubElement(element, "backingStore")
-        ET.SubElement(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
-        if disk.readonly:
-            ET.SubElement(element, "readonly")
+        devices.append(disk_element(index, disk, f"vd{chr(ord('a') + index)}", "virtio"))
     if spec.network and settings.network:
         interface = ET.SubElement(devices, "interface", type="network")
         ET.SubElement(interface, "source", network=settings.network)
@@ -160,6 +159,47 @@ def _devices(spec: VMSpec, settings: DomainSettings, sockets: Path) -> ET.Elemen
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
     return devices
+
+
+def disk_element(index: int, disk, target: str, bus: str) -> ET.Element:
+    """The spec's disk ``index`` as the device ``target`` on ``bus`` (virtio; scsi for a template's guest)."""
+    element = ET.Element("disk", type="file", device="disk")
+    # The format is named so that libvirt and QEMU never probe it: a guest could otherwise write a qcow2
+    # header into a raw disk and make QEMU open host files on the next boot. Writable disks are scratch
+    # space the host reads only after QEMU ended, so guest flushes need not reach the platter.
+    ET.SubElement(element, "driver", name="qemu", type=disk.format, cache="writethrough" if disk.readonly else "unsafe")
+    source = ET.SubElement(element, "source", file=str(disk.path))
+    if disk.readonly:
+        source.set("fdgroup", _fd_group(index))  # disk_fds: the checked descriptor, not the path
+    # No backing file, whatever the image's header says: libvirt then neither probes one nor lets QEMU
+    # open one ("backing": null).
+    ET.SubElement(element, "backingStore")
+    ET.SubElement(element, "target", dev=target, bus=bus)
+    if disk.readonly:
+        ET.SubElement(element, "readonly")
+    return element
+
+
+def scsi_disk_xml(index: int, disk, source: Path) -> str:
+    """The spec's disk ``index`` as a template's restored guest gets it, hot-plugged from the file ``source``: one
+    SCSI target per disk on the template's controller, in the spec's order (the agent finds them by content
+    anyway). By path: libvirt 9.0 hands QEMU no descriptor of ``virDomainFDAssociate`` on a hot-plug ("Could
+    not dup FD for /dev/fdset/0"), so a read-only disk's ``source`` is a private link to the checked file
+    (``KvmTemplateVM``), which libvirt must not relabel (chown) as it would a file of the VM's own."""
+    element = disk_element(index, disk, f"sd{chr(ord('a') + index)}", "scsi")
+    source_element = element.find("source")
+    source_element.attrib = {"file": str(source)}
+    if disk.readonly:
+        ET.SubElement(source_element, "seclabel", model="dac", relabel="no")
+    ET.SubElement(element, "address", type="drive", controller="0", bus="0", target=str(index), unit="0")
+    return ET.tostring(element, encoding="unicode")
+
+
+def with_scsi_controller(xml: str) -> str:
+    """``xml`` (a diskless domain) with the virtio-scsi controller a template's guest gets its disks on."""
+    domain = ET.fromstring(xml)
+    ET.SubElement(domain.find("devices"), "controller", type="scsi", index="0", model="virtio-scsi")
+    return ET.tostring(domain, encoding="unicode")
 
 
 def owner_metadata(labels: dict[str, str]) -> ET.Element:

@@ -37,11 +37,15 @@ import libvirt
 from vjobs.drivers.bootcheck import boot_check
 from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFile, Disk, Driver, Stop, VMSpec,
                                     check_disk_formats, check_unchanged, destroyed_on_failure, first_failure)
-from vjobs.drivers.kvm import connection, saved_guest
+from vjobs.drivers.kvm import connection, saved_guest, template
 from vjobs.drivers.kvm.connection import libvirt_errors
 from vjobs.drivers.kvm.domain import (CONSOLE_SOCKET, NAMESPACE_URI, STREAMS_SOCKET, DomainSettings, disk_fds,
-                                      domain_xml, parse_owner, restored_xml)
-from vjobs.errors import VjobsError, VMError
+                                      domain_xml, parse_owner, restored_xml, scsi_disk_xml, template_restored_xml,
+                                      with_scsi_controller)
+from vjobs.drivers.standins import INITRAMFS, KERNEL, write_stand_ins
+from vjobs.drivers.templates import RESTORE_DEADLINE_S, STATE, why_not_template
+from vjobs.errors import ImageError, VjobsError, VMError
+from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
 
 # How long the deep probe waits for the built-in guest: a healthy KVM host boots it in well under a second;
 # TCG through libvirt took about 4-5 s here (kernel decompression and boot, plus libvirt's start and stop).
@@ -69,21 +73,37 @@ class KvmDriver(Driver):
     def machine(self) -> str:
         return self.settings.get("machine", "q35")
 
+    @property
+    def domain_settings(self) -> DomainSettings:
+        return DomainSettings(virt_type=self.virt_type, machine=self.machine, network=NETWORK)
+
     def create(self, spec: VMSpec) -> VM:
+        return self._create(spec, allow_template=True)
+
+    def _create(self, spec: VMSpec, allow_template: bool) -> VM:
         check_disk_formats(spec, FORMATS, self.name)
         sockets = DomainSockets.for_vm(spec)
+        wanted = self.settings.get("template", "auto")
+        why_not = why_not_template(spec, wanted) if wanted else None
         if spec.restore is not None:
             vm: KvmVM = RestoredKvmVM(spec, self.uri, sockets)
+        elif allow_template and wanted and why_not is None:
+            vm = self._template_vm(spec, sockets)
         else:
-            settings = DomainSettings(virt_type=self.virt_type, machine=self.machine, network=NETWORK)
-            # libvirt takes no descriptor for a kernel or initramfs: copies made from the checked ones, in the
-            # VM's own folder, readable by vjobs' user alone (and by QEMU, to which libvirt lends them).
-            kernel = spec.boot.kernel.private_copy(spec.workdir / "kernel")
-            initramfs = spec.boot.initramfs.private_copy(spec.workdir / "initramfs")
-            vm = KvmVM(spec, self.uri, domain_xml(spec, settings, kernel, initramfs, sockets.folder), sockets)
+            vm = KvmVM(spec, self.uri, cold_xml(spec, self.domain_settings, sockets), sockets,
+                       start={"mode": "cold", "why": why_not} if why_not else None)
         with destroyed_on_failure(vm):
             vm.attach()
         return vm
+
+    def _template_vm(self, spec: VMSpec, sockets: DomainSockets) -> KvmTemplateVM:
+        """A VM that starts from a saved template domain of this account's pool (template.py)."""
+        with connection.connection(self.uri) as conn, libvirt_errors("asking libvirt's versions", self.uri):
+            versions = _version_parts(conn)
+        recipe = template.recipe_for(spec, self.domain_settings, versions)
+        pool = template.TemplatePool(self.host.cache_dir, self.host.cache_hold, self.host.checked_files,
+                                     self.host.progress)
+        return KvmTemplateVM(spec, self.uri, sockets, self.domain_settings, pool, recipe)
 
     def restore_problem(self, identity: Mapping[str, Any]) -> str | None:
         try:
@@ -110,7 +130,8 @@ class KvmDriver(Driver):
             checks.append(Check("libvirtd", False, str(error)))
             return Capabilities.from_checks(self.name, checks, "")
         if all(check.ok for check in checks):
-            checks.append(boot_check(self.host, f"kvm-{self.uri}-{self.virt_type}", self.create,
+            checks.append(boot_check(self.host, f"kvm-{self.uri}-{self.virt_type}",
+                                     lambda spec: self._create(spec, allow_template=False),
                                      BOOT_DEADLINE_S[self.virt_type]))
         return self._verdict(checks, hypervisor, network, limits)
 
@@ -180,9 +201,10 @@ class KvmDriver(Driver):
 class KvmVM(VM):
     """One transient domain. Its own connection carries the event callbacks, so that closing it ends them."""
 
-    def __init__(self, spec: VMSpec, uri: str, xml: str, sockets: DomainSockets):
+    def __init__(self, spec: VMSpec, uri: str, xml: str, sockets: DomainSockets, start: dict | None = None):
         super().__init__(spec)
         self.uri, self.xml, self.domain_sockets = uri, xml, sockets
+        self.start_record = start or {"mode": "cold"}  # provenance: how the guest started
         self.name = spec.name  # the domain's; a restored guest keeps the one it was saved with
         self.conn: libvirt.virConnect | None = None
         self.dom: libvirt.virDomain | None = None
@@ -230,6 +252,9 @@ class KvmVM(VM):
         check_unchanged(self.spec)  # QEMU, paused, holds every file: the guest runs only on what was checked
         with libvirt_errors(f"starting domain {self.name}", self.uri):
             self.dom.resume()
+
+    def provenance(self) -> dict[str, Any]:
+        return {"start": self.start_record}
 
     # --- checkpoints (saved_guest.py) --------------------------------------------------------------------
 
@@ -421,6 +446,164 @@ class RestoredKvmVM(KvmVM):
 
     def _stand_in_source(self) -> CheckedFile:
         return self.spec.restore.files[saved_guest.KERNEL]
+
+
+class KvmTemplateVM(KvmVM):
+    """A domain restored from a free slot of the account's template pool (template.py), the job's disks
+    hot-plugged while it is paused; the slot is the job's until ``destroy``. When anything about that fails, a
+    cold boot instead, and ``provenance()`` says why. Its domain has the slot's name and the job's owner labels,
+    which ``vjobs gc`` goes by."""
+
+    def __init__(self, spec: VMSpec, uri: str, sockets: DomainSockets, settings: DomainSettings,
+                 pool: template.TemplatePool, recipe: template.Recipe):
+        super().__init__(spec, uri, "", sockets)
+        self.settings, self.pool, self.recipe = settings, pool, recipe
+        self.slot: template.Slot | None = None  # the saved domain ``start`` resumes; None: a cold boot
+        self.restoring = False  # libvirt is restoring the slot: a failure now is the template's
+
+    def attach(self) -> None:
+        try:
+            self.slot = self.pool.take(self.recipe, self._make_template)
+        except Exception as error:  # whatever went wrong, it is not the job's: a cold boot still runs it
+            self._attach_cold(str(error) or type(error).__name__)
+            return
+        self.name = self.slot.domain
+        try:
+            super().attach()
+        except ImageError:
+            raise  # a checked file changed: the job's refusal, not the template's
+        except Exception as error:
+            self._fall_back(f"restoring {self.slot.name} failed: {error or type(error).__name__}", self.restoring)
+        self.restoring = False
+
+    def _description(self) -> str:
+        if self.slot is None:
+            return super()._description()  # booting cold
+        self.restoring = True  # libvirt reads the saved state from here on: a failure is the template's
+        _remove_leftover(self.conn, self.name)  # under the slot's lock: a killed job's domain of the slot
+        saved = self.conn.saveImageGetXMLDesc(str(self.slot.state.path), 0)
+        if ET.fromstring(saved).findtext("name") != self.slot.domain:
+            raise VMError(f"the template {self.slot.name} holds another domain than {self.slot.domain}",
+                          code="template_failed")
+        # libvirt relabels (chowns) a kernel and initramfs while the domain runs: private copies of the stand-ins
+        # (21 KiB and 512 bytes), as a cold boot's, not the template's own files
+        kernel = self.slot.kernel.private_copy(self.spec.workdir / KERNEL)
+        initramfs = self.slot.initramfs.private_copy(self.spec.workdir / INITRAMFS)
+        self.xml = template_restored_xml(saved, self.spec, kernel, initramfs, self.domain_sockets.folder)
+        return self.xml
+
+    def _run_paused(self) -> None:
+        """The slot's guest restored paused onto the domain just defined (which holds the read-only disks'
+        descriptors), then the job's disks hot-plugged: libvirt refuses a restore with disks the save lacked."""
+        if self.slot is None:
+            super()._run_paused()  # booting cold
+            return
+        self.conn.restoreFlags(str(self.slot.state.path), self.xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+        for index, disk in enumerate(self.spec.disks):
+            source = _checked_link(disk, self.spec.workdir / f"disk{index}") if disk.readonly else disk.path
+            self.dom.attachDeviceFlags(scsi_disk_xml(index, disk, source), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def start(self) -> None:
+        if self.slot is None:
+            super().start()
+            return
+        try:
+            self.slot.check_unchanged()  # libvirt has read the state: what was checked
+        except ImageError as error:
+            self._fall_back(f"the template {self.slot.name} changed: {error}", templates_fault=True)
+            super().start()
+            return
+        super().start()  # the job's files checked too, then resumed
+        if self.spec.console.wait_for(AGENT_UP_MARKER, RESTORE_DEADLINE_S):
+            self.start_record = {"mode": "template", "template": self.slot.name}
+            return
+        self._fall_back(f"restoring {self.slot.name} failed: the restored agent did not say it was up within "
+                        f"{RESTORE_DEADLINE_S:g} s", templates_fault=True)
+        super().start()
+
+    def _fall_back(self, reason: str, templates_fault: bool) -> None:
+        """End the template's domain, let go of its slot, and prepare a cold boot."""
+        self.destroy()
+        if templates_fault:
+            self.pool.memo.remember(self.recipe, reason)
+        self._attach_cold(reason)
+
+    def _attach_cold(self, reason: str) -> None:
+        self.slot = None
+        self.spec.console.write(f"\n[vjobs: starting from the template failed ({reason}); booting cold]\n".encode())
+        self.start_record = {"mode": "cold", "fallback": reason}
+        self.name, self.stop, self.reset, self.lost = self.spec.name, None, False, None
+        self.domain_sockets = DomainSockets.for_vm(self.spec)  # the first ones were removed once QEMU connected
+        self.xml = cold_xml(self.spec, self.settings, self.domain_sockets)
+        KvmVM.attach(self)
+
+    def destroy(self) -> None:
+        try:
+            super().destroy()
+        finally:
+            if self.slot is not None:
+                self.slot.release()  # after its domain is gone: the next job may restore it then
+                self.slot = None
+
+    def _stand_in_source(self) -> CheckedFile:
+        return self.slot.kernel if self.start_record.get("mode") == "template" else self.spec.boot.kernel
+
+    def _make_template(self, output: Path, domain: str) -> None:
+        """Boot the template guest as ``domain`` until its agent waits for a job, and save it into ``output``
+        (its state, made as this account's file, and the stand-ins)."""
+        spec = template.template_spec(self.spec, domain, output.parent)
+        sockets = DomainSockets.for_vm(spec)
+        vm = KvmVM(spec, self.uri, with_scsi_controller(cold_xml(spec, self.settings, sockets)), sockets)
+        try:
+            with connection.connection(self.uri) as conn:
+                _remove_leftover(conn, domain)
+            vm.attach()
+            vm.start()
+            if not spec.console.wait_for(TEMPLATE_READY_MARKER, template.BUILD_DEADLINE_S):
+                raise VMError(f"the template guest did not say it was ready within {template.BUILD_DEADLINE_S:g} s",
+                              code="template_failed")
+            with libvirt_errors(f"saving the template domain {domain}", self.uri):
+                vm.dom.suspend()
+                vm.dom.save(str(saved_guest.claim(output / STATE)))
+            write_stand_ins(spec.boot.kernel, output)
+        finally:
+            vm.destroy()
+            spec.console.close()
+
+
+def cold_xml(spec: VMSpec, settings: DomainSettings, sockets: DomainSockets) -> str:
+    """The description of a domain that boots ``spec``. libvirt takes no descriptor for a kernel or initramfs:
+    copies made from the checked ones, in the VM's own folder, readable by vjobs' user alone (and by QEMU, to
+    which libvirt lends them)."""
+    kernel = spec.boot.kernel.private_copy(spec.workdir / "kernel")
+    initramfs = spec.boot.initramfs.private_copy(spec.workdir / "initramfs")
+    return domain_xml(spec, settings, kernel, initramfs, sockets.folder)
+
+
+def _checked_link(disk: Disk, target: Path) -> Path:
+    """A path in the VM's own folder (vjobs' user's alone) to the very file vjobs checked and holds open, for
+    libvirt, which takes only a path on a hot-plug: a hard link to the descriptor's file, which a rename or
+    replacement of the original path cannot change; where that cannot be (another file system), a private
+    copy made from the descriptor. ``check_unchanged`` afterwards still refuses a file written meanwhile."""
+    try:
+        os.link(f"/proc/self/fd/{disk.file.fd}", target, follow_symlinks=True)
+    except OSError:
+        disk.file.private_copy(target)
+    return target
+
+
+def _remove_leftover(conn: libvirt.virConnect, name: str) -> None:
+    """A vjobs domain named ``name`` that a killed job left (the caller holds the lock that proves it is not
+    another live job's): destroyed, and undefined if it was left defined."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return
+        raise
+    if owner_labels(dom):
+        _destroy_quietly(dom)
+        _undefine_quietly(dom)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ the job's: the VM falls back to a cold boot and the result says why (provenance 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,8 @@ from pathlib import Path
 from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec, check_unchanged
 from vjobs.drivers.qemu_user import qemu, ram_keeper, shared_ram
 from vjobs.drivers.standins import STAND_INS, write_stand_ins
+from vjobs.drivers.templates import (RESTORE_DEADLINE_S, FailureMemo, Recipe, saved_state, template_cmdline,
+                                     why_not_template)
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
@@ -51,61 +52,24 @@ CONTROLLER = "vjobs-scsi"
 MACHINES = ("q35", "pc")  # a PCI bus for the SCSI controller; microvm has none
 BUILD_DEADLINE_S = 30.0  # one cold boot of the template guest (~2 s), on a loaded host
 SAVE_DEADLINE_S = 60.0
-RESTORE_DEADLINE_S = 10.0  # from QEMU's start to the agent's "up"; normally a few tenths of a second
 MIGRATION_BANDWIDTH = 1 << 40  # bytes/s: no limit in practice (the disk's speed is the limit)
 POLL_S = 0.002  # QMP questions while QEMU loads the state (~30 ms): each a fraction of a millisecond
-FAILURE_MEMORY_S = 3600.0  # after a template fails, jobs of its shape boot cold this long, then it is retried
 RAM = "ram"  # the guest's RAM, beside ``state`` and the stand-ins
 IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]  # the stream leaves out RAM that is a file's
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Everything a saved guest depends on. Two jobs with the same recipe share a template."""
-
-    qemu: str  # the binary's version and identity
-    machine: str
-    accel: str
-    tb_size_mib: int | None
-    firmware: str | None
-    memory_mib: int
-    vcpus: int
-    kernel_sha256: str
-    initramfs_sha256: str
-    cmdline: str
-    format: int = FORMAT
-
-    @property
-    def family(self) -> str:
-        """Templates that replace each other when their image or QEMU changes: one per guest shape."""
-        return f"{self.machine}_{self.accel}_{self.memory_mib}m_{self.vcpus}cpu"
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def recipe_for(spec: VMSpec, machine: qemu.QemuMachine, qemu_identity: str) -> Recipe:
     boot = spec.boot
     return Recipe(qemu=qemu_identity, machine=machine.name, accel=machine.accel, tb_size_mib=machine.tb_size_mib,
                   firmware=machine.firmware, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
-                  kernel_sha256=boot.kernel.sha256(), initramfs_sha256=boot.initramfs.sha256(), cmdline=boot.cmdline)
+                  kernel_sha256=boot.kernel.sha256(), initramfs_sha256=boot.initramfs.sha256(), cmdline=boot.cmdline,
+                  format=FORMAT)
 
 
 def eligible(spec: VMSpec, machine: qemu.QemuMachine, setting: bool | str) -> str | None:
-    """Why this VM cannot start from a template, or None when it can. ``setting``: the site's ``template``
-    (``"auto"``: for the built-in guest image only, whose agent surely waits as a template must)."""
-    if setting == "auto" and not spec.boot.builtin:
-        return "the site's own boot image: templates are made for it only with template = true"
-    if machine.name not in MACHINES:
-        return f"machine {machine.name} has no PCI bus for the template's SCSI controller"
-    if spec.network:
-        return "the job asks for a network, which a template does not have"
-    return None
-
-
-def template_cmdline(spec: VMSpec) -> str:
-    return f"{spec.boot.cmdline} vjobs.template"
+    """Why this VM cannot start from a template, or None when it can (vjobs/drivers/templates.py)."""
+    no_bus = f"machine {machine.name} has no PCI bus for the template's SCSI controller"
+    return why_not_template(spec, setting, None if machine.name in MACHINES else no_bus)
 
 
 def controller_args() -> list[str]:
@@ -173,6 +137,7 @@ class TemplateStore:
         self.hold = hold
         self.files = files
         self.progress = progress
+        self.memo = FailureMemo(self.folder)
 
     def ensure(self, recipe: Recipe, make_vm) -> SavedTemplate:
         """The saved guest for ``recipe``, made with ``make_vm(scratch)`` (a VM for the template guest) when
@@ -181,11 +146,11 @@ class TemplateStore:
         name = f"{recipe.family}-{recipe.key}"
         folder = self.folder / name
         self.folder.mkdir(parents=True, exist_ok=True)
-        failed_before = self._raise_if_failed_recently(recipe)
+        failed_before = self.memo.raise_if_recent(recipe)
         # root's, read-only; not one whose restore failed here before: this process then makes its own
-        if self.shared and failed_before != "restore" and (state := saved_state(self.shared / name, recipe)) \
-                and self.hold.use(state.parent):
-            return self._opened(recipe, state.parent)
+        shared = self.shared and failed_before != "restore" and saved_state(self.shared / name, recipe, also=(RAM,))
+        if shared and self.hold.use(shared.parent):
+            return self._opened(recipe, shared.parent)
 
         def build(scratch: Path) -> Path:
             self.progress(f"template: booting a {recipe.family} guest once, to save it for the jobs after")
@@ -202,15 +167,15 @@ class TemplateStore:
             if folder.exists():  # made anew after a failed restore: replace it whole
                 shutil.rmtree(folder)
             os.rename(output, folder)
-            self._memo(recipe).unlink(missing_ok=True)
-            self.progress(f"template: {folder.name} saved in {manifest['made_s']} s "
-                          f"({ram['stored_bytes'] >> 20} MiB of RAM, {manifest['state_bytes'] >> 10} KiB of devices)")
+            self.memo.forget(recipe)
+            self.progress(f"template: {folder.name} saved in {manifest['made_s']} s ({ram['stored_bytes'] >> 20} "
+                          f"MiB of RAM, {manifest['state_bytes'] >> 10} KiB of devices)")
             return folder / "state"
 
         try:
             # A template whose restore failed before is made anew, not trusted again.
-            state = build_once(folder, "VM template", lambda: saved_state(folder, recipe), build, hold=self.hold,
-                               force=failed_before == "restore")
+            state = build_once(folder, "VM template", lambda: saved_state(folder, recipe, also=(RAM,)), build,
+                               hold=self.hold, force=failed_before == "restore")
         except VMError as error:  # QEMU's or the template guest's failure; a site's setting (DriverError)
             self.remember_failure(recipe, f"making it failed: {error}", stage="make")  # would fail a cold
             raise  # boot the same way, and a full disk passes: neither says anything about templates
@@ -231,37 +196,7 @@ class TemplateStore:
 
     def remember_failure(self, recipe: Recipe, reason: str, stage: str = "restore") -> None:
         """Jobs of this shape boot cold for FAILURE_MEMORY_S instead of paying for the same failure each."""
-        memo = {"key": recipe.key, "stage": stage, "reason": reason, "at": time.time()}
-        temporary = self.folder / f"{recipe.family}.failed.{os.getpid()}.tmp"
-        temporary.write_text(json.dumps(memo) + "\n")
-        os.replace(temporary, self._memo(recipe))
-
-    def _raise_if_failed_recently(self, recipe: Recipe) -> str | None:
-        """Raises within FAILURE_MEMORY_S of a failure; after that, says which stage failed last."""
-        try:
-            memo = json.loads(self._memo(recipe).read_text())
-        except (OSError, ValueError):
-            return None
-        if memo.get("key") != recipe.key:
-            return None
-        age = time.time() - float(memo.get("at", 0))
-        if 0 <= age < FAILURE_MEMORY_S:
-            raise VMError(f"the template failed {age:.0f} s ago ({memo.get('reason')}); jobs of this shape boot "
-                          f"cold for {FAILURE_MEMORY_S - age:.0f} s more", code="template_failed")
-        return memo.get("stage")
-
-    def _memo(self, recipe: Recipe) -> Path:
-        return self.folder / f"{recipe.family}.failed"
-
-
-def saved_state(folder: Path, recipe: Recipe) -> Path | None:
-    """The state file of the complete template for ``recipe`` in ``folder``, or None."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    complete = all((folder / name).is_file() for name in ("state", RAM, *STAND_INS))
-    return folder / "state" if manifest.get("recipe") == dataclasses.asdict(recipe) and complete else None
+        self.memo.remember(recipe, reason, stage)
 
 
 def save_template(vm, state: Path, ram: Path) -> dict:
