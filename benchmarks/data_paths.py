@@ -16,7 +16,7 @@ benchmarks.report.Section (benchmarks/speed.py gathers it); ``main()`` prints th
     Reuse: ``release_image`` of the unchanged tree with its image cached, against ``find -printf`` of the
     tree's names, sizes and mtimes (a C-speed stat walk: the least work that can tell the tree is unchanged).
 3b. inputs onto the guest's disks: a 2 GB inputs folder of 1,000 files, then one of 100,000 files, made into
-    the job's inputs image by ``vjobs.guest.disks.build_inputs_image`` (an uncompressed squashfs) and its fresh
+    the job's inputs image by ``vjobs.guest.disks.build_inputs_image`` (an uncompressed erofs) and its fresh
     scratch ext4 by ``build_scratch`` (``mke2fs -d``, room kept for the inputs), against ``cp -a`` of it.
 3c. outputs collected: a 1 GB, 100-file results tar, written with busybox tar (the guest agent's tar) as the
     agent lays it out, onto a raw io disk file just larger than it, read by ``vjobs.guest.collect.read_results``
@@ -289,7 +289,7 @@ def goal_b(inputs: Path, scratch: Path, runs: int, trees: Trees) -> list[Compari
 
     warm(inputs)
     built, copied = interleaved(runs, build, copy)
-    return [Comparison("3b. inputs onto the guest's disks", f"inputs' squashfs and scratch ext4 for "
+    return [Comparison("3b. inputs onto the guest's disks", f"inputs' erofs and scratch ext4 for "
                        f"{size_text(total, files)} of inputs",
                        built, "`cp -a` of the same folder", copied, goal_ratio=round(1 / GOAL_SPEED, 3),
                        note=f"{total / statistics.median(built) / 1e6:.0f} MB/s against "

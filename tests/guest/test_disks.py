@@ -53,8 +53,9 @@ def test_job_disks(tmp_path, cache_hold, checked_files):
         assert job_tar.extractfile("job/env.sh").read() == b"export A='b c'\n"
     # The inputs are an image of their own, read-only; the working directory on the scratch disk starts empty.
     assert disks.inputs.readonly and disks.inputs in disks.all() and disks.inputs in disks.own()
-    listing = subprocess.run(["unsquashfs", "-l", str(disks.inputs.path)], capture_output=True, text=True).stdout
-    assert "squashfs-root/sub/data" in listing
+    listing = subprocess.run(["dump.erofs", "--path=/sub/data", str(disks.inputs.path)], capture_output=True,
+                             text=True).stdout
+    assert "Size: 7 " in listing
     work = subprocess.run(["debugfs", "-R", "ls -p /work", str(disks.scratch.path)],
                           capture_output=True, text=True).stdout
     assert [line.split("/")[5] for line in work.split("\n") if line.count("/") > 5] == [".", ".."]
@@ -72,11 +73,12 @@ def test_staged_inputs_are_merged_into_the_inputs_image_owned_as_asked(tmp_path,
     job = vjobs.config.job.job_from_dict({"id": "s", "command": ["true"], "inputs": str(tmp_path / "in")})
     (tmp_path / "job").mkdir()
     image = build_inputs_image(job, tmp_path / "job", tmp_path / "staged", owner=65534)
-    listing = subprocess.run(["unsquashfs", "-lln", str(image)], capture_output=True, text=True).stdout
-    entries = {line.split()[-1]: line.split()[1] for line in listing.splitlines() if "squashfs-root/" in line}
-    assert set(entries) == {"squashfs-root/local", "squashfs-root/remote", "squashfs-root/remote/file"}
-    assert set(entries.values()) == {"65534/65534"}
-    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["inputs.squashfs"]  # no merge tree left
+    subprocess.run(["fsck.erofs", f"--extract={tmp_path / 'out'}", str(image)], check=True, capture_output=True)
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "local", "remote", "remote/file"]
+    owners = subprocess.run(["dump.erofs", "--path=/remote/file", str(image)], capture_output=True, text=True).stdout
+    assert "Uid: 65534   Gid: 65534" in owners
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["inputs.erofs"]  # no merge tree left
     assert not (tmp_path / "in" / "remote").exists()  # the inputs folder itself is not changed
 
 
