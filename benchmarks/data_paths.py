@@ -15,8 +15,9 @@ benchmarks.report.Section (benchmarks/speed.py gathers it); ``main()`` prints th
     into an empty cache, against ``cp -a`` of the same tree to a fresh folder on the same file system.
     Reuse: ``release_image`` of the unchanged tree with its image cached, against ``find -printf`` of the
     tree's names, sizes and mtimes (a C-speed stat walk: the least work that can tell the tree is unchanged).
-3b. inputs onto the scratch disk: a 2 GB, 1,000-file inputs folder put into a fresh scratch ext4 by
-    ``vjobs.guest.disks.build_scratch`` (the hard-linked staging copy, ``mke2fs -d``), against ``cp -a`` of it.
+3b. inputs onto the guest's disks: a 2 GB inputs folder of 1,000 files, then one of 100,000 files, made into
+    the job's inputs image by ``vjobs.guest.disks.build_inputs_image`` (an uncompressed erofs) and its fresh
+    scratch ext4 by ``build_scratch`` (``mke2fs -d``, room kept for the inputs), against ``cp -a`` of it.
 3c. outputs collected: a 1 GB, 100-file results tar, written with busybox tar (the guest agent's tar) as the
     agent lays it out, onto a raw io disk file just larger than it, read by ``vjobs.guest.collect.read_results``
     (the path filter, the size limits, each file written and hashed), against ``dd`` of the raw disk file
@@ -57,7 +58,8 @@ import vjobs  # noqa: E402
 from benchmarks.report import Comparison, Section, print_comparisons, print_section  # noqa: E402
 from vjobs.config.job import job_from_dict  # noqa: E402
 from vjobs.guest.collect import read_results  # noqa: E402
-from vjobs.guest.disks import RELEASE_TOOLS, build_scratch, release_image, tree_fingerprint  # noqa: E402
+from vjobs.guest.disks import (RELEASE_TOOLS, build_inputs_image, build_scratch, release_image,  # noqa: E402
+                               tree_fingerprint)
 from vjobs.host.cache import CacheHold  # noqa: E402
 from vjobs.images.store import sha256_file  # noqa: E402
 from vjobs.testing.sites import seed_cache  # noqa: E402
@@ -65,7 +67,7 @@ from vjobs.testing.sites import seed_cache  # noqa: E402
 GB = 10 ** 9
 MIB = 1 << 20
 RELEASE_BYTES, RELEASE_FILES = 2 * GB, 100_000
-INPUT_BYTES, INPUT_FILES = 2 * GB, 1_000
+INPUT_BYTES, INPUT_FILES = 2 * GB, (1_000, 100_000)  # two folders, one after the other
 OUTPUT_BYTES, OUTPUT_FILES = 1 * GB, 100
 FILES_PER_FOLDER = 100
 POOL_BYTES = 32 * MIB  # each of the two pools (text-like, random) that file contents are cut from
@@ -269,11 +271,15 @@ def goal_b(inputs: Path, scratch: Path, runs: int, trees: Trees) -> list[Compari
     total, files = tree_bytes(inputs)
     job = job_from_dict({"id": "bench-inputs", "command": ["true"], "inputs": str(inputs)})
 
+    def disks(folder: Path) -> None:
+        image = build_inputs_image(job, folder)
+        build_scratch(job, folder, room_for_inputs=image.stat().st_size)
+
     def build(number: int) -> float:
         folder = scratch / f"b-job-{number}"
         folder.mkdir()
-        seconds = timed(lambda: build_scratch(job, folder))
-        remove(folder)  # the scratch disk: one file
+        seconds = timed(lambda: disks(folder))
+        remove(folder)  # the inputs' image and the scratch disk: two files
         return seconds
 
     def copy(number: int) -> float:
@@ -283,7 +289,8 @@ def goal_b(inputs: Path, scratch: Path, runs: int, trees: Trees) -> list[Compari
 
     warm(inputs)
     built, copied = interleaved(runs, build, copy)
-    return [Comparison("3b. inputs onto the scratch disk", f"scratch ext4 with {size_text(total, files)} of inputs",
+    return [Comparison("3b. inputs onto the guest's disks", f"inputs' erofs and scratch ext4 for "
+                       f"{size_text(total, files)} of inputs",
                        built, "`cp -a` of the same folder", copied, goal_ratio=round(1 / GOAL_SPEED, 3),
                        note=f"{total / statistics.median(built) / 1e6:.0f} MB/s against "
                             f"{total / statistics.median(copied) / 1e6:.0f} MB/s")]
@@ -406,7 +413,7 @@ def needed_bytes(scale: float, runs: int, goals: str) -> int:
     if "a" in goals or "d" in goals:
         need = RELEASE_BYTES * (1 + runs + 1.0)  # the tree, the copies, an image
     if "b" in goals:
-        need = max(need, INPUT_BYTES * (1 + runs + 1.2))  # the inputs, the copies, a scratch disk
+        need = max(need, INPUT_BYTES * (1 + runs + 1.2))  # the inputs, the copies, the inputs image
     if "c" in goals:
         need = max(need, OUTPUT_BYTES * 3.2)  # the io disk, the outputs or a copy, the staging tree
     return int(need * scale) + GB // 2
@@ -437,9 +444,9 @@ def measure(args: argparse.Namespace) -> Section:
                     comparisons += goal_d(tree, site, folder, runs)
                 print_comparisons(comparisons[-1:])
             trees.remove(tree, folder / "cache", folder / "work", folder / "d-out")
-        if "b" in goals:
-            inputs = folder / "inputs"
-            make_tree(inputs, max(1, round(INPUT_FILES * scale)), int(INPUT_BYTES * scale), 0.0, pools, sigma=1.0)
+        for count in INPUT_FILES if "b" in goals else ():
+            inputs = folder / f"inputs-{count}"
+            make_tree(inputs, max(1, round(count * scale)), int(INPUT_BYTES * scale), 0.0, pools, sigma=1.0)
             trees.settle()
             comparisons += goal_b(inputs, folder, runs, trees)
             print_comparisons(comparisons[-1:])

@@ -44,6 +44,7 @@ PHASES = ("probe", "prepare", "stage_in", "admission", "attach", "boot", "run", 
 STEPS = (
     "deep_probe",         # probe: a driver boots the built-in guest to see whether its acceleration works
     "release_image",      # prepare: the release's or a read-only bind's image is built (cached by content)
+    "inputs_disk",        # prepare: the image of the job's inputs is built (jobs with inputs only)
     "scratch_disk",       # prepare: the working directory's disk is built
     "io_disk",            # prepare: the disk that carries the job in and its results out
     "tool",               # prepare: a host tool runs (detail: its name, e.g. mksquashfs)

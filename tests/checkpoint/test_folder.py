@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from vjobs.checkpoint.folder import CheckpointFolder, garbage
+from vjobs.checkpoint.folder import FORMAT, CheckpointFolder, garbage
 from vjobs.checkpoint.sparse import BLOCK, block_sha256, copy_summed
 from vjobs.config.job import job_document, job_from_dict, load_job
 from vjobs.errors import CheckpointError
@@ -19,7 +19,7 @@ def _commit(folder: CheckpointFolder, state: bytes = b"guest state") -> str:
     partial = folder.begin()
     (partial / "guest").mkdir()
     (partial / "guest" / "state").write_bytes(state)
-    return folder.commit(partial, {"format": 1, "files": {}, "job": {}}).name
+    return folder.commit(partial, {"format": FORMAT, "files": {}, "job": {}}).name
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import vjobs
-from vjobs.checkpoint.folder import CheckpointFolder
+from vjobs.checkpoint.folder import FORMAT, CheckpointFolder
 from vjobs.checkpoint.sparse import copy_summed
 from vjobs.config.job import job_document, load_job
 from vjobs.testing.sites import vjobs_command, write_site
@@ -48,7 +48,7 @@ def _synthetic_checkpoint(folder, job_file, *, driver="qemu_user", machine_type=
     identity = {"hypervisor": "QEMU", "machine_type": machine_type or _machine_type(), "accel": "tcg",
                 "firmware": None, "vcpus": 1, "memory_mib": 512, "network": False, "disks": ["io", "scratch"],
                 "layout": "virtio", "cmdline": "panic=-1"}
-    manifest = {"format": 1, "job": job_document(load_job(job_file)), "driver": driver, "guest": identity,
+    manifest = {"format": FORMAT, "job": job_document(load_job(job_file)), "driver": driver, "guest": identity,
                 "run_s": 3.0, "chain": [], "made_at": "2026-12-04T00:00:00+00:00", "made_on": "elsewhere",
                 "channel": {}, "files": files,
                 "disks": [{"role": "io", "file": "disks/io.raw"}, {"role": "scratch", "file": "disks/scratch.raw"},

@@ -10,7 +10,7 @@ import pytest
 
 import vjobs
 from vjobs.events import Events
-from vjobs.guest.disks import prepare_disks, release_image
+from vjobs.guest.disks import build_inputs_image, head_sha256, prepare_disks, release_image
 from vjobs.guest.protocol import IO_DISK_MAGIC
 
 
@@ -51,11 +51,44 @@ def test_job_disks(tmp_path, cache_hold, checked_files):
         assert job_tar.getnames()[0] == IO_DISK_MAGIC
         assert job_tar.extractfile("job/command.sh").read() == b"exec echo 'it'\"'\"'s'\n"
         assert job_tar.extractfile("job/env.sh").read() == b"export A='b c'\n"
-    listing = subprocess.run(["debugfs", "-R", "ls -p /work/sub", str(disks.scratch.path)],
-                             capture_output=True, text=True).stdout
-    assert "data" in listing
+    # The inputs are an image of their own, read-only; the working directory on the scratch disk starts empty.
+    assert disks.inputs.readonly and disks.inputs in disks.all() and disks.inputs in disks.own()
+    listing = subprocess.run(["dump.erofs", "--path=/sub/data", str(disks.inputs.path)], capture_output=True,
+                             text=True).stdout
+    assert "Size: 7 " in listing
+    work = subprocess.run(["debugfs", "-R", "ls -p /work", str(disks.scratch.path)],
+                          capture_output=True, text=True).stdout
+    assert [line.split("/")[5] for line in work.split("\n") if line.count("/") > 5] == [".", ".."]
+    settings = tarfile.open(disks.io.path).extractfile("job/settings").read().decode()
+    assert f"INPUTS_HEAD={head_sha256(disks.inputs.path.read_bytes())}" in settings
     assert disks.release is None
     assert not (tmp_path / "job" / "scratch-root").exists()
+
+
+def test_staged_inputs_are_merged_into_the_inputs_image_owned_as_asked(tmp_path, cache_hold, checked_files):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "local").write_text("here")
+    (tmp_path / "staged" / "remote").mkdir(parents=True)
+    (tmp_path / "staged" / "remote" / "file").write_text("fetched")
+    job = vjobs.config.job.job_from_dict({"id": "s", "command": ["true"], "inputs": str(tmp_path / "in")})
+    (tmp_path / "job").mkdir()
+    image = build_inputs_image(job, tmp_path / "job", tmp_path / "staged", owner=65534)
+    subprocess.run(["fsck.erofs", f"--extract={tmp_path / 'out'}", str(image)], check=True, capture_output=True)
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "local", "remote", "remote/file"]
+    owners = subprocess.run(["dump.erofs", "--path=/remote/file", str(image)], capture_output=True, text=True).stdout
+    assert "Uid: 65534   Gid: 65534" in owners
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["inputs.erofs"]  # no merge tree left
+    assert not (tmp_path / "in" / "remote").exists()  # the inputs folder itself is not changed
+
+
+def test_a_job_without_inputs_has_no_inputs_disk(tmp_path, cache_hold, checked_files):
+    job = vjobs.config.job.job_from_dict({"id": "n", "command": ["true"]})
+    (tmp_path / "job").mkdir()
+    disks = prepare_disks(job, tmp_path / "job", tmp_path / "cache", "squashfs", Events(), hold=cache_hold,
+                          files=checked_files)
+    assert disks.inputs is None and [disk.role for disk in disks.all()] == ["io", "scratch"]
+    assert "INPUTS_HEAD=''" in tarfile.open(disks.io.path).extractfile("job/settings").read().decode()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="mounting a small tmpfs needs root")

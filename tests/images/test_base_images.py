@@ -44,14 +44,16 @@ def test_a_daemon_left_behind_ends_with_the_payload(make_job, make_site, debian_
 
 def test_workdir_and_an_unprivileged_payload(make_job, make_site, debian_image, tmp_path, assert_clean_host):
     script = ('echo "uid=$(id -u) cwd=$(pwd)"; touch made-here && echo workdir-writable; '
+              'echo y >> in && rm gone && echo "inputs-writable $(cat in) $(stat -c %u .)"; '
               'for d in /dev/vd?; do cat $d > /dev/null 2>&1 && echo "read $d"; done; '
               'touch /etc/x 2>/dev/null && echo wrote-etc; exit 0')
-    job = make_job(["sh", "-c", script], image="debian12", workdir="/srv/job", inputs={"in": "x"},
-                   outputs=["made-here"])
+    job = make_job(["sh", "-c", script], image="debian12", workdir="/srv/job", inputs={"in": "x\n", "gone": "z"},
+                   outputs=["made-here", "in"])
     result = vjobs.run(job, site=make_site(driver="qemu_user", payload_user="unprivileged"), outdir=tmp_path / "o")
     assert result.status == "succeeded", result.error
-    assert (tmp_path / "o" / "stdout").read_text() == "uid=65534 cwd=/srv/job\nworkdir-writable\n"
-    assert [o["path"] for o in result.outputs] == ["made-here"]
+    assert (tmp_path / "o" / "stdout").read_text() == ("uid=65534 cwd=/srv/job\nworkdir-writable\n"
+                                                       "inputs-writable x\ny 65534\n")
+    assert sorted(o["path"] for o in result.outputs) == ["in", "made-here"]
 
 
 def test_a_base_the_guest_cannot_mount_is_a_clear_vm_error(make_job, make_site, built_image, corrupt_base,

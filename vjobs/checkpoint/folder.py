@@ -6,8 +6,9 @@
         manifest.json         what it is (``Manifest``), with the sum of every other file in it
         guest/...             what the driver's ``save_guest`` wrote (qemu_user and kvm: state,
                               restore-kernel, restore-initrd; xen: suspend-image, suspended-vm.json)
-        disks/io.raw          the job's writable disks as the saved guest expects them
-        disks/scratch.raw
+        disks/io.raw          the job's own disks as the saved guest expects them: its writable ones,
+        disks/scratch.raw     and its inputs' image (read-only) when it has inputs
+        disks/inputs.raw
       partial-PID-N/          a checkpoint being written (``vjobs gc`` removes one whose writer is gone)
 
 A checkpoint is written whole into a ``partial-`` folder, renamed to ``cp-N``, and only then named in
@@ -34,7 +35,7 @@ from vjobs.images.store import sha256_file
 
 POINTER = "current.json"
 MANIFEST = "manifest.json"
-FORMAT = 1  # of the manifest and the folder; a resume refuses another
+FORMAT = 2  # of the manifest and the folder; a resume refuses another (2: the inputs image is a disk of its own)
 CHECKPOINT_NAME = re.compile(r"cp-(\d{6})")
 PARTIAL_NAME = re.compile(r"partial-(\d+)-\d+")
 

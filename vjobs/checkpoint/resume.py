@@ -1,7 +1,8 @@
 """Continuing a checkpoint (``vjobs resume DIR``): everything checked before a VM starts.
 
 The checkpoint's own files are checked against its manifest's sums as they are opened (the saved guest:
-``CheckedFiles.verified``) or copied (its writable disks, into the new job folder: sparse.py). What it only
+``CheckedFiles.verified``) or copied (the job's own disks: its writable ones and its inputs' image, into the new
+job folder: sparse.py). What it only
 names is found by its sha256: the release and read-only bind images in this host's caches (built again from
 their folder when it is here: squashfs images are reproducible), the base image through the site's catalogue.
 A checkpoint made by another driver, or for a machine this host's hypervisor cannot load, is refused with
@@ -71,12 +72,13 @@ class Resumable:
 
     def disks(self, job_folder: Path, caches: list[Path], *, hold: CacheHold, files: CheckedFiles,
               base: BaseDisk | None, progress: Callable[[str], None]) -> JobDisks:
-        """The disks the guest was saved with, in the same order: its writable disks copied into
-        ``job_folder`` (checked as they are copied), its read-only images found by their sums."""
+        """The disks the guest was saved with, in the same order: the job's own (writable, and the inputs'
+        image) copied into ``job_folder`` (checked as they are copied), the other read-only images found by
+        their sums."""
         found: dict[str, list[Disk]] = {}
         for record in self.manifest["disks"]:
             if record.get("file"):
-                disk = self._copied(record, job_folder)
+                disk = self._copied(record, job_folder, files)
             elif record["role"] == "rootfs":
                 disk = self._base_disk(record, base)
             else:
@@ -85,9 +87,10 @@ class Resumable:
         release = found.get("release", [None])[0]
         return JobDisks(io=found["io"][0], scratch=found["scratch"][0], release=release,
                         release_sha256=release.cache_key if release else None,
-                        rootfs=found.get("rootfs", [None])[0], read_only_binds=tuple(found.get("bind", ())))
+                        rootfs=found.get("rootfs", [None])[0], read_only_binds=tuple(found.get("bind", ())),
+                        inputs=found.get("inputs", [None])[0])
 
-    def _copied(self, record: dict, job_folder: Path) -> Disk:
+    def _copied(self, record: dict, job_folder: Path, files: CheckedFiles) -> Disk:
         name = record["file"]
         target = job_folder / Path(name).name
         fd = os.open(self.checkpoint.file(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -98,6 +101,8 @@ class Resumable:
         if digest != self.manifest["files"][name]["block_sha256"]:
             raise CheckpointError(f"{self.checkpoint.folder}: {name} is not what was saved (its sum differs): it was "
                                   "changed or damaged; the checkpoint is refused", code="checkpoint_damaged")
+        if record["role"] == "inputs":  # read-only in the guest, as when it was saved
+            return Disk("inputs", target, "raw", readonly=True, file=files.open(target, "the inputs' image"))
         return Disk(record["role"], target, "raw", readonly=False)
 
     def _base_disk(self, record: dict, base: BaseDisk | None) -> Disk:

@@ -1,5 +1,5 @@
-"""Taking a running job's checkpoint: the driver saves the guest, the core copies its writable disks while it
-is stopped, and the checkpoint becomes the current one only once complete (folder.py)."""
+"""Taking a running job's checkpoint: the driver saves the guest, the core copies the job's own disks (its
+writable ones, its inputs' image) while it is stopped, and the checkpoint becomes the current one only once complete (folder.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vjobs.checkpoint import folder as checkpoint_folder
 from vjobs.checkpoint.folder import Checkpoint, CheckpointFolder
 from vjobs.checkpoint.sparse import copy_summed
 from vjobs.config.job import Job
-from vjobs.drivers.contract import VM, Disk
+from vjobs.drivers.contract import VM
 from vjobs.errors import CheckpointError
 from vjobs.guest.disks import JobDisks
 from vjobs.result import utc_now
@@ -22,14 +22,14 @@ GUEST, DISKS = "guest", "disks"
 
 
 def estimated_bytes(vm: VM, disks: JobDisks) -> int:
-    """At most what a checkpoint of ``vm`` takes: its memory, and what its writable disks hold."""
-    held = sum(os.stat(disk.path).st_blocks * 512 for disk in _writable(disks))
+    """At most what a checkpoint of ``vm`` takes: its memory, and what the job's own disks hold."""
+    held = sum(os.stat(disk.path).st_blocks * 512 for disk in disks.own())
     return (vm.spec.memory_mib << 20) + held
 
 
 def take(vm: VM, disks: JobDisks, into: CheckpointFolder, manifest: dict[str, Any], *, within_s: float,
          channel_position: Callable[[], dict] | None = None, max_bytes: int | None = None) -> Checkpoint:
-    """Stop ``vm``'s guest and save it, with its writable disks, as the current checkpoint in ``into``, in at
+    """Stop ``vm``'s guest and save it, with the job's own disks, as the current checkpoint in ``into``, in at
     most ``within_s`` seconds; the guest stays stopped (``vm.resume()`` lets it go on). ``manifest``: what the
     container knows of the job (its document, driver, chain, time used, read-only disks);
     ``channel_position``: the live channel's parsing position once the guest is stopped. Raises
@@ -47,8 +47,11 @@ def take(vm: VM, disks: JobDisks, into: CheckpointFolder, manifest: dict[str, An
         identity = vm.save_guest(partial / GUEST, deadline)
         saved_s = time.monotonic() - started
         files = {}
-        for disk in _writable(disks):
+        for disk in disks.own():
             name = f"{DISKS}/{disk.role}.raw"
+            if disk.readonly:  # the inputs' image: as vjobs made it, through the descriptor the VM was given
+                files[name] = {"block_sha256": copy_summed(disk.file.fd, partial / name, deadline)}
+                continue
             fd = os.open(vm.fetch_disk(disk), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 files[name] = {"block_sha256": copy_summed(fd, partial / name, deadline)}
@@ -69,13 +72,15 @@ def take(vm: VM, disks: JobDisks, into: CheckpointFolder, manifest: dict[str, An
 
 
 def disk_records(disks: JobDisks, job: Job) -> list[dict[str, Any]]:
-    """What a checkpoint says of each of the job's disks, in the order the guest has them: a writable one is a
-    file of the checkpoint; a read-only one is named by its sha256 and where it came from."""
+    """What a checkpoint says of each of the job's disks, in the order the guest has them: the job's own (its
+    writable ones, its inputs' image) are files of the checkpoint; the other read-only ones are named by their
+    sha256 and where they came from."""
     release = str(job.release.path) if job.release else None
     binds = iter(str(bind.source) for bind in job.binds if bind.mode == "ro")
     records = []
+    own = disks.own()
     for disk in disks.all():
-        if not disk.readonly:
+        if disk in own:
             records.append({"role": disk.role, "file": f"{DISKS}/{disk.role}.raw"})
         elif disk.role == "rootfs":
             records.append({"role": "rootfs", "sha256": disk.file.sha256(), "format": disk.format})
@@ -84,7 +89,3 @@ def disk_records(disks: JobDisks, job: Job) -> list[dict[str, Any]]:
             records.append({"role": disk.role, "sha256": disk.cache_key, "source": source,
                             "format": disk.path.suffix.lstrip(".")})
     return records
-
-
-def _writable(disks: JobDisks) -> list[Disk]:
-    return [disk for disk in disks.all() if not disk.readonly]

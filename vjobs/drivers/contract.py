@@ -112,6 +112,7 @@ Example of a spec a driver receives::
                           cmdline="quiet panic=-1"),
            disks=(Disk("io", Path(".../io.raw"), "raw", readonly=False),
                   Disk("scratch", Path(".../scratch.ext4"), "raw", readonly=False),
+                  Disk("inputs", Path(".../inputs.erofs"), "raw", readonly=True, file=CheckedFile(".../inputs.erofs")),
                   Disk("release", Path(".../release-<key>.squashfs"), "raw", readonly=True, cache_key="<key>",
                        file=CheckedFile(".../release-<key>.squashfs"))),
            console=ConsoleLog(Path(".../console.1.log")), network=False, owner=Owner(job_id="job42", pid=1234, ...))

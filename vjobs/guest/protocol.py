@@ -36,6 +36,7 @@ AGENT_ERRORS = {
     "payload_setup_failed": "the guest could not set up the payload's namespaces and mounts",
     "readonly_disk_missing": "the guest did not find the disk of the release or a read-only bind",
     "readonly_mount_failed": "the guest could not mount the image of the release or a read-only bind",
+    "inputs_failed": "the guest could not put the job's inputs under its working directory",
 }
 
 #: The error codes of a VM that never got as far as the payload: the host's boot failures and every set-up

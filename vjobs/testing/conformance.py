@@ -171,6 +171,24 @@ class DriverConformance:
         assert json.loads((out / "result.json").read_text())["exit_code"] == 7
         assert result.provenance["release_sha256"]
 
+    def test_inputs_may_be_changed_renamed_and_deleted_in_the_guest_alone(self, make_job, driver_site, tmp_path,
+                                                                        assert_clean_host):
+        """The inputs come on a read-only image under an overlay: every change is the guest's own copy."""
+        script = ('echo more >> data/a.txt && rm data/b.txt && mv c.txt renamed.txt && mv data moved && '
+                  'ls -A moved && cat moved/a.txt renamed.txt && [ ! -e c.txt ] && echo new > data.txt && echo ok')
+        job = make_job(["sh", "-c", script], inputs={"data/a.txt": "a\n", "data/b.txt": "b\n", "c.txt": "c\n"},
+                       outputs=["moved", "renamed.txt", "data.txt"])
+        result = _run(job, driver_site, tmp_path / "out")
+        assert result.status == "succeeded", result.error
+        assert (tmp_path / "out" / "stdout").read_text() == "a.txt\na\nmore\nc\nok\n"
+        outputs = tmp_path / "out" / "outputs"
+        assert (outputs / "moved" / "a.txt").read_text() == "a\nmore\n"
+        assert {o["path"] for o in result.outputs} == {"moved/a.txt", "renamed.txt", "data.txt"}
+        inputs = tmp_path / "inputs"
+        assert sorted(str(p.relative_to(inputs)) for p in inputs.rglob("*")) == ["c.txt", "data", "data/a.txt",
+                                                                                 "data/b.txt"]
+        assert (inputs / "data" / "a.txt").read_text() == "a\n"
+
     def test_release_is_read_only_in_the_guest(self, make_job, driver_site, tmp_path, assert_clean_host):
         script = ('touch /opt/release/new 2>/dev/null && echo file-write-worked; '
                   'dev=$(grep " /opt/release " /proc/mounts | cut -d" " -f1); '

@@ -9,7 +9,9 @@ cd "$CWD" || exit 125
 exec /bin/sh /run/vjobs/command.sh
 SCRIPT
 if [ "$PAYLOAD_USER" = unprivileged ]; then
-    chown -R 65534:65534 /scratch/work
+    # The inputs' image is the payload user's already (the host made it so): a chown through the overlay
+    # would copy every input up onto the scratch disk.
+    [ -n "$INPUTS_HEAD" ] || chown -R 65534:65534 /scratch/work
     [ -d /scratch/binds ] && chown -R 65534:65534 /scratch/binds
 fi
 
