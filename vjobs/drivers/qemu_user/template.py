@@ -40,6 +40,7 @@ from pathlib import Path
 from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec, check_unchanged
 from vjobs.drivers.qemu_user import qemu, ram_keeper, shared_ram
 from vjobs.drivers.standins import STAND_INS, write_stand_ins
+from vjobs.drivers.templates import template_cmdline  # shared with the other drivers' templates
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
@@ -102,10 +103,6 @@ def eligible(spec: VMSpec, machine: qemu.QemuMachine, setting: bool | str) -> st
     if spec.network:
         return "the job asks for a network, which a template does not have"
     return None
-
-
-def template_cmdline(spec: VMSpec) -> str:
-    return f"{spec.boot.cmdline} vjobs.template"
 
 
 def controller_args() -> list[str]:
