@@ -40,7 +40,7 @@ from pathlib import Path
 from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec, check_unchanged
 from vjobs.drivers.qemu_user import qemu, ram_keeper, shared_ram
 from vjobs.drivers.standins import STAND_INS, write_stand_ins
-from vjobs.drivers.templates import template_cmdline  # shared with the other drivers' templates
+from vjobs.drivers.templates import FailureMemo, not_eligible, template_cmdline  # shared with the other drivers' templates
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
@@ -96,13 +96,9 @@ def recipe_for(spec: VMSpec, machine: qemu.QemuMachine, qemu_identity: str) -> R
 def eligible(spec: VMSpec, machine: qemu.QemuMachine, setting: bool | str) -> str | None:
     """Why this VM cannot start from a template, or None when it can. ``setting``: the site's ``template``
     (``"auto"``: for the built-in guest image only, whose agent surely waits as a template must)."""
-    if setting == "auto" and not spec.boot.builtin:
-        return "the site's own boot image: templates are made for it only with template = true"
     if machine.name not in MACHINES:
         return f"machine {machine.name} has no PCI bus for the template's SCSI controller"
-    if spec.network:
-        return "the job asks for a network, which a template does not have"
-    return None
+    return not_eligible(spec, setting)
 
 
 def controller_args() -> list[str]:
@@ -199,7 +195,7 @@ class TemplateStore:
             if folder.exists():  # made anew after a failed restore: replace it whole
                 shutil.rmtree(folder)
             os.rename(output, folder)
-            self._memo(recipe).unlink(missing_ok=True)
+            self._memo(recipe).forget()
             self.progress(f"template: {folder.name} saved in {manifest['made_s']} s "
                           f"({ram['stored_bytes'] >> 20} MiB of RAM, {manifest['state_bytes'] >> 10} KiB of devices)")
             return folder / "state"
@@ -228,27 +224,14 @@ class TemplateStore:
 
     def remember_failure(self, recipe: Recipe, reason: str, stage: str = "restore") -> None:
         """Jobs of this shape boot cold for FAILURE_MEMORY_S instead of paying for the same failure each."""
-        memo = {"key": recipe.key, "stage": stage, "reason": reason, "at": time.time()}
-        temporary = self.folder / f"{recipe.family}.failed.{os.getpid()}.tmp"
-        temporary.write_text(json.dumps(memo) + "\n")
-        os.replace(temporary, self._memo(recipe))
+        self._memo(recipe).remember(reason, stage)
 
     def _raise_if_failed_recently(self, recipe: Recipe) -> str | None:
         """Raises within FAILURE_MEMORY_S of a failure; after that, says which stage failed last."""
-        try:
-            memo = json.loads(self._memo(recipe).read_text())
-        except (OSError, ValueError):
-            return None
-        if memo.get("key") != recipe.key:
-            return None
-        age = time.time() - float(memo.get("at", 0))
-        if 0 <= age < FAILURE_MEMORY_S:
-            raise VMError(f"the template failed {age:.0f} s ago ({memo.get('reason')}); jobs of this shape boot "
-                          f"cold for {FAILURE_MEMORY_S - age:.0f} s more", code="template_failed")
-        return memo.get("stage")
+        return self._memo(recipe).raise_if_recent()
 
-    def _memo(self, recipe: Recipe) -> Path:
-        return self.folder / f"{recipe.family}.failed"
+    def _memo(self, recipe: Recipe) -> FailureMemo:
+        return FailureMemo(self.folder, recipe.family, recipe.key, FAILURE_MEMORY_S)
 
 
 def saved_state(folder: Path, recipe: Recipe) -> Path | None:

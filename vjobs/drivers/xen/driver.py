@@ -132,7 +132,7 @@ class XenDriver(Driver):
                     removed.append(f"destroyed VM {record['name_label']}")
             for ref, record in xapi.api.VDI.get_all_records().items():
                 labels = record.get("other_config", {})
-                if SHARED_KEY in labels and not labels.get(COMPLETE):
+                if (SHARED_KEY in labels or xen_template.TEMPLATE_KEY in labels) and not labels.get(COMPLETE):
                     labels = {key[len(UPLOADER):]: value for key, value in labels.items() if key.startswith(UPLOADER)}
                 if "vjobs.run_id" in labels and is_orphan(labels):
                     with contextlib.suppress(Exception):
@@ -194,7 +194,7 @@ class XenVM(VM):
             if restore is None and (why_not := not_eligible(self.spec, self.template_setting)) is None:
                 self._from_template(sr, record)
             elif restore is None and self.template_setting:
-                self.start_record = {"mode": "cold", "fallback": why_not}
+                self.start_record = {"mode": "cold", "why": why_not}  # as qemu_user says it
             if self.vm is None:
                 self.vm = self.xapi.api.VM.create(record)
                 self._create_vbds(devices)
@@ -216,13 +216,13 @@ class XenVM(VM):
             host = self.xapi.api.host.get_record(self.xapi.api.session.get_this_host(self.xapi.handle))
             recipe = xen_template.recipe(self.spec, host)
             self.template_name = xen_template.name(recipe)
-            self.template_memo = FailureMemo(self.cache_dir / "xen" / "templates", xen_template.family(recipe),
+            self.template_memo = FailureMemo(self.cache_dir / "xen", xen_template.family(recipe),
                                              self.template_name)
             self.template_memo.raise_if_recent()
             template = self._template_vdi(sr, recipe, record)
             config = self.xapi.api.VDI.get_other_config(template)
             clone = self.suspend_image = self.xapi.api.VDI.clone(template, {})
-            for key in (xen_template.TEMPLATE_KEY, COMPLETE):  # a job's clone is no template
+            for key in (xen_template.TEMPLATE_KEY, COMPLETE):  # a job's clone is no template: gc's with its job
                 self.xapi.api.VDI.remove_from_other_config(clone, key)
             for key, value in self.labels.items():  # gc removes it with its job
                 self.xapi.api.VDI.add_to_other_config(clone, key, value)
@@ -265,11 +265,18 @@ class XenVM(VM):
                 stream.close()
             self.xapi.api.VM.suspend(vm)
             suspended_record = self.xapi.api.VM.get_record(vm)
+            # The maker's labels, under their own prefix, as on a shared VDI's upload: gc removes a template
+            # whose maker died before it was complete (labelled on the suspend VDI first, which a clone copies).
+            uploader = {f"{UPLOADER}{key}": value for key, value in self.labels.items()}
+            for key, value in {xen_template.TEMPLATE_KEY: xen_template.name(recipe), **uploader}.items():
+                self.xapi.api.VDI.add_to_other_config(suspended_record["suspend_VDI"], key, value)
             template = self.xapi.api.VDI.clone(suspended_record["suspend_VDI"], {})
             try:
-                for key, value in xen_template.labels(recipe, suspended_record).items():
+                for key, value in {**xen_template.labels(recipe, suspended_record), **uploader}.items():
                     self.xapi.api.VDI.add_to_other_config(template, key, value)
                 self.xapi.api.VDI.add_to_other_config(template, COMPLETE, "true")
+                for key in uploader:  # complete: kept by gc from now on, as a release VDI is
+                    self.xapi.api.VDI.remove_from_other_config(template, key)
             except Exception:
                 with contextlib.suppress(Exception):
                     self.xapi.api.VDI.destroy(template)
