@@ -46,10 +46,12 @@ def test_a_job_starts_from_a_template_and_the_next_reuses_it(xen_site, xapi_stan
 
 
 def test_two_concurrent_jobs_from_one_template(xen_site, xapi_standin, make_job, tmp_path, assert_clean_host):
-    results = {}
+    jobs, results = {}, {}
+    for n in (1, 2):  # make_job writes one file: each job gets its own copy
+        jobs[n] = tmp_path / f"job{n}.json"
+        jobs[n].write_text(make_job(["echo", str(n)], id=f"c{n}").read_text())
     runners = [threading.Thread(target=lambda n=n: results.__setitem__(
-        n, vjobs.run(make_job(["echo", str(n)], id=f"c{n}"), site=xen_site, outdir=tmp_path / f"out{n}")))
-        for n in (1, 2)]
+        n, vjobs.run(jobs[n], site=xen_site, outdir=tmp_path / f"out{n}"))) for n in (1, 2)]
     for runner in runners:
         runner.start()
     for runner in runners:

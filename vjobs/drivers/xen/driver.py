@@ -224,8 +224,7 @@ class XenVM(VM):
             clone = self.suspend_image = self.xapi.api.VDI.clone(template, {})
             for key in (xen_template.TEMPLATE_KEY, COMPLETE):  # a job's clone is no template: gc's with its job
                 self.xapi.api.VDI.remove_from_other_config(clone, key)
-            for key, value in self.labels.items():  # gc removes it with its job
-                self.xapi.api.VDI.add_to_other_config(clone, key, value)
+            self._label_vdi(clone, self.labels)  # gc removes it with its job
             self.vm = self.xapi.api.VM.create({**record, **xen_template.suspended_fields(config),
                                                "suspend_VDI": clone})
             self.template = template
@@ -268,12 +267,11 @@ class XenVM(VM):
             # The maker's labels, under their own prefix, as on a shared VDI's upload: gc removes a template
             # whose maker died before it was complete (labelled on the suspend VDI first, which a clone copies).
             uploader = {f"{UPLOADER}{key}": value for key, value in self.labels.items()}
-            for key, value in {xen_template.TEMPLATE_KEY: xen_template.name(recipe), **uploader}.items():
-                self.xapi.api.VDI.add_to_other_config(suspended_record["suspend_VDI"], key, value)
+            self._label_vdi(suspended_record["suspend_VDI"], {xen_template.TEMPLATE_KEY: xen_template.name(recipe),
+                                                              **uploader})
             template = self.xapi.api.VDI.clone(suspended_record["suspend_VDI"], {})
             try:
-                for key, value in {**xen_template.labels(recipe, suspended_record), **uploader}.items():
-                    self.xapi.api.VDI.add_to_other_config(template, key, value)
+                self._label_vdi(template, {**xen_template.labels(recipe, suspended_record), **uploader})
                 self.xapi.api.VDI.add_to_other_config(template, COMPLETE, "true")
                 for key in uploader:  # complete: kept by gc from now on, as a release VDI is
                     self.xapi.api.VDI.remove_from_other_config(template, key)
@@ -286,6 +284,17 @@ class XenVM(VM):
         finally:
             with contextlib.suppress(Exception):
                 _destroy_vm(self.xapi, vm)  # a Suspended VM's shutdown destroys its own suspend VDI
+
+    def _label_vdi(self, vdi: str, labels: Mapping[str, str]) -> None:
+        """``labels`` into the VDI's other_config, replacing what a clone copied (XAPI's add_to_other_config
+        refuses a key that is there: MAP_DUPLICATE_KEY)."""
+        present = self.xapi.api.VDI.get_other_config(vdi)
+        for key, value in labels.items():
+            if present.get(key) == value:
+                continue
+            if key in present:
+                self.xapi.api.VDI.remove_from_other_config(vdi, key)
+            self.xapi.api.VDI.add_to_other_config(vdi, key, value)
 
     def _undo_template(self, reason: str) -> None:
         """Nothing left of the template's attempt; the job's VM to be made cold, and why."""
