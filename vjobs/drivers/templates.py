@@ -1,9 +1,10 @@
 """What every driver's pre-booted templates share (qemu_user's: vjobs/drivers/qemu_user/template.py; kvm's:
-vjobs/drivers/kvm/template.py; docs/templates.md).
+vjobs/drivers/kvm/template.py; xen's: vjobs/drivers/xen/template.py; docs/templates.md).
 
-A template is the guest image booted once with ``vjobs.template`` on its kernel command line and a virtio-scsi
-controller but no disks: its agent says "template ready" and waits for an io disk. The driver saves it, and
-each job's guest is restored from it with the job's disks hot-plugged as SCSI disks; the agent says "up".
+A template is the guest image booted once with ``vjobs.template`` on its kernel command line and no disks:
+its agent says "template ready" and waits for an io disk. The driver saves it (qemu_user: QEMU's migration
+stream and a RAM file; kvm: libvirt's save; xen: XAPI's suspend), and each job's guest continues from that
+save with the job's disks hot-plugged; the agent says "up".
 
 Shared here: the recipe a template is made from (its name is the recipe's hash), which jobs may use one, the
 command line, how a complete template is recognised, and the failure memo: after a template fails, jobs of
@@ -19,11 +20,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from vjobs.drivers.contract import VMSpec
 from vjobs.drivers.standins import STAND_INS
 from vjobs.errors import VMError
 
+TEMPLATE_ARGUMENT = "vjobs.template"  # on the template guest's kernel command line: the agent waits for a job
 STATE = "state"  # the saved guest, beside its stand-ins (vjobs/drivers/standins.py) and manifest.json
 RESTORE_DEADLINE_S = 10.0  # from the restore's start to the agent's "up"; normally a few tenths of a second
 FAILURE_MEMORY_S = 3600.0  # after a template fails, jobs of its shape boot cold this long, then it is retried
@@ -52,13 +55,25 @@ class Recipe:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return recipe_key(dataclasses.asdict(self))
+
+    def memo(self, folder: Path) -> FailureMemo:
+        """This template's failure memo, among the memos in ``folder``."""
+        return FailureMemo(folder, self.family, self.key)
+
+
+def recipe_key(recipe: Mapping[str, Any]) -> str:
+    """A short name for everything a saved guest depends on (``recipe``: JSON-able): two jobs whose recipes
+    are equal share a template, any change makes another."""
+    return hashlib.sha256(json.dumps(dict(recipe), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def why_not_template(spec: VMSpec, setting: bool | str, machine_problem: str | None = None) -> str | None:
     """Why this VM cannot start from a template, or None. ``setting``: the site's ``template`` (``"auto"``: for
     the built-in guest image only, whose agent surely waits as a template must); ``machine_problem``: the
     driver's reason, if any, why its machine cannot have one."""
+    if not setting:
+        return "the site's template setting is false"
     if setting == "auto" and not spec.boot.builtin:
         return "the site's own boot image: templates are made for it only with template = true"
     if machine_problem:
@@ -69,7 +84,7 @@ def why_not_template(spec: VMSpec, setting: bool | str, machine_problem: str | N
 
 
 def template_cmdline(spec: VMSpec) -> str:
-    return f"{spec.boot.cmdline} vjobs.template"
+    return f"{spec.boot.cmdline} {TEMPLATE_ARGUMENT}"
 
 
 def saved_state(folder: Path, recipe: Recipe, also: tuple[str, ...] = ()) -> Path | None:
@@ -84,35 +99,35 @@ def saved_state(folder: Path, recipe: Recipe, also: tuple[str, ...] = ()) -> Pat
 
 
 class FailureMemo:
-    """The last failure of each template family, in ``folder/FAMILY.failed``: jobs of that shape boot cold for
-    FAILURE_MEMORY_S after it instead of paying for the same failure each."""
+    """A file per guest shape (``folder/FAMILY.failed``) that remembers its template's last failure, so that
+    jobs of that shape boot cold for ``memory_s`` (FAILURE_MEMORY_S) instead of failing the same way each.
+    ``key``: the template's (a recipe's); a memo of another key is not this template's."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, family: str, key: str, memory_s: float | None = None):
+        self.path = folder / f"{family}.failed"
+        self.key, self.memory_s = key, memory_s
 
-    def remember(self, recipe: Recipe, reason: str, stage: str = "restore") -> None:
-        memo = {"key": recipe.key, "stage": stage, "reason": reason, "at": time.time()}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        temporary = self.folder / f"{recipe.family}.failed.{os.getpid()}.tmp"
-        temporary.write_text(json.dumps(memo) + "\n")
-        os.replace(temporary, self.path(recipe))
+    def remember(self, reason: str, stage: str = "restore") -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"key": self.key, "stage": stage, "reason": reason, "at": time.time()}) + "\n")
+        os.replace(temporary, self.path)
 
-    def raise_if_recent(self, recipe: Recipe) -> str | None:
-        """Raises VMError within FAILURE_MEMORY_S of a failure; after that, says which stage failed last."""
+    def forget(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def raise_if_recent(self) -> str | None:
+        """Raises VMError (``template_failed``) within the memory of a failure of this key; after that, says
+        which stage failed last (None: none remembered)."""
         try:
-            memo = json.loads(self.path(recipe).read_text())
+            memo = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
-        if memo.get("key") != recipe.key:
+        if memo.get("key") != self.key:
             return None
+        memory_s = FAILURE_MEMORY_S if self.memory_s is None else self.memory_s
         age = time.time() - float(memo.get("at", 0))
-        if 0 <= age < FAILURE_MEMORY_S:
+        if 0 <= age < memory_s:
             raise VMError(f"the template failed {age:.0f} s ago ({memo.get('reason')}); jobs of this shape boot "
-                          f"cold for {FAILURE_MEMORY_S - age:.0f} s more", code="template_failed")
+                          f"cold for {memory_s - age:.0f} s more", code="template_failed")
         return memo.get("stage")
-
-    def forget(self, recipe: Recipe) -> None:
-        self.path(recipe).unlink(missing_ok=True)
-
-    def path(self, recipe: Recipe) -> Path:
-        return self.folder / f"{recipe.family}.failed"

@@ -22,6 +22,8 @@ rootfs/refused.json                         the inspections that refused a file,
 probes/*.json                               deep-probe verdicts (vjobs/drivers/bootcheck.py) and remembered     no
                                             answers of programs (vjobs/drivers/probecache.py)
 xen/shared-KEY.lock                         the xen driver's upload locks                               no
+xen/template-NAME.lock, xen/FAMILY.failed   the xen driver's template locks and last template failure   no
+                                            (its templates are VDIs in the pool: drivers/xen/template.py)
 releases/KEY.PID.partial,                   a build in progress: not counted, never evicted; ``vjobs    no
 rootfs/SHA.PID.partial, images/.build-*/,   gc`` removes one whose build lock nobody holds
 templates/.build-*/

@@ -101,6 +101,8 @@ INFO_KINDS = (
     "xapi_sessions",       # sessions of killed runs never logged out (XAPI expires idle sessions itself)
     "xapi_shared_vdis",    # complete shared VDIs: a cache in the pool, kept on purpose
     "xen_upload_locks",    # cache_dir/xen/shared-KEY.lock: one per content ever uploaded; gc keeps them
+    "xapi_templates",      # complete template VDIs (vjobs.template): a cache in the pool, kept on purpose
+    "xen_template_records",  # cache_dir/xen/template-NAME.lock, xen/FAMILY.failed: small, kept on purpose
     "cache_entries",       # complete cache entries (release images, built images, raw copies)
 )
 
@@ -478,6 +480,10 @@ class DriverCampaign:
                                                          f"(content {config['vjobs.content_key'][:12]})")
             elif "vjobs.content_key" in config:
                 info["xapi_shared_vdis"] += 1
+            elif "vjobs.template" in config and config.get("vjobs.complete"):
+                info["xapi_templates"] += 1
+            elif "vjobs.template" in config:
+                found["xapi_partial_shared_vdis"].append(f"VDI {record['name_label']} (a template being made)")
             else:
                 found["xapi_job_vdis"].append(f"VDI {record['name_label']} (unlabelled)")
         info["xapi_sessions"] = len(records["session"])
@@ -548,6 +554,8 @@ class DriverCampaign:
             for path in sorted(xen.iterdir()):
                 if re.fullmatch(r"shared-[0-9a-f]+\.lock", path.name):
                     info["xen_upload_locks"] += 1
+                elif re.fullmatch(r"template-[a-z0-9_]+-[0-9a-f]{16}\.lock|[a-z0-9_]+\.failed", path.name):
+                    info["xen_template_records"] += 1
                 else:
                     found["cache_unknown"].append(str(path))
         for path in sorted(cache.iterdir()) if cache.is_dir() else []:

@@ -88,9 +88,10 @@ def test_release_upload_cut_half_way_leaves_no_half_release(xen_site, xapi_stand
 
 
 @pytest.mark.vm
-def test_vm_that_fails_to_start(xen_site, xapi_standin, make_job, tmp_path, assert_clean_host):
-    xapi_standin.faults.fail_next_start = "BOOTLOADER_FAILED"
-    result = vjobs.run(make_job(["true"]), site=xen_site, outdir=tmp_path / "out")
+def test_vm_that_fails_to_start(make_site, xen_settings, xapi_standin, make_job, tmp_path, assert_clean_host):
+    xapi_standin.faults.fail_next_start = "BOOTLOADER_FAILED"  # a template's start would take it: a cold boot
+    site = make_site(driver="xen", drivers={"xen": {**xen_settings, "template": False}})
+    result = vjobs.run(make_job(["true"]), site=site, outdir=tmp_path / "out")
     assert result.status == "vm_error" and result.error["code"] == "xapi_bootloader_failed"
     assert "could not load the guest kernel" in result.error["message"]
 
@@ -173,8 +174,9 @@ def test_killed_pilot_is_cleaned_from_the_pool_by_gc_and_nothing_else(xen_settin
                             text=True, timeout=120)
         assert gc.returncode == 0, gc.stderr
         assert f"destroyed VM {running[0]}" in gc.stdout
-        names = sorted(r["name_label"] for r in xapi_standin.store.objects["VDI"].values())
-        assert names == ["someone-elses-disk", f"{running[0]}-release"]  # the cached release stays
+        names = sorted(r["name_label"] for r in xapi_standin.store.objects["VDI"].values()
+                       if "vjobs.template" not in r["other_config"])
+        assert names == ["someone-elses-disk", f"{running[0]}-release"]  # the cached release stays (and template)
         assert [r["name_label"] for r in xapi_standin.store.objects["VM"].values()] == ["someone-elses-vm"]
         assert work_leftovers(tmp_path / "work") == []
     finally:

@@ -525,7 +525,7 @@ class KvmTemplateVM(KvmVM):
         """End the template's domain, let go of its slot, and prepare a cold boot."""
         self.destroy()
         if templates_fault:
-            self.pool.memo.remember(self.recipe, reason)
+            self.recipe.memo(self.pool.folder).remember(reason)
         self._attach_cold(reason)
 
     def _attach_cold(self, reason: str) -> None:

@@ -37,7 +37,7 @@ from typing import Callable
 from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec
 from vjobs.drivers.kvm.domain import DomainSettings
 from vjobs.drivers.standins import INITRAMFS, KERNEL, STAND_INS
-from vjobs.drivers.templates import STATE, FailureMemo, Recipe, saved_state, template_cmdline
+from vjobs.drivers.templates import STATE, Recipe, saved_state, template_cmdline
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import TEMPLATE_READY_MARKER
@@ -95,7 +95,6 @@ class TemplatePool:
         self.hold = hold
         self.files = files
         self.progress = progress
-        self.memo = FailureMemo(self.folder)
         self.pool_id = hashlib.sha256(os.fsencode(self.folder.resolve())).hexdigest()[:6]
 
     def domain_name(self, recipe: Recipe, number: int) -> str:
@@ -107,7 +106,7 @@ class TemplatePool:
         ``output``). Raises VMError when none can be had (all MAX_SLOTS busy, a failure within the memo's hour,
         a slot that cannot be made or is not what was saved)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        failed_before = self.memo.raise_if_recent(recipe)
+        failed_before = recipe.memo(self.folder).raise_if_recent()
         fresh = failed_before == "restore"  # a pool whose restore failed is made anew, not trusted again
         for wanted_saved in (True, False):
             for number in range(MAX_SLOTS):
@@ -141,7 +140,7 @@ class TemplatePool:
             if entry.exists():  # made anew after a failed restore: replace it whole
                 shutil.rmtree(entry)
             os.rename(output, entry)
-            self.memo.forget(recipe)
+            recipe.memo(self.folder).forget()
             self.progress(f"template: {entry.name} saved in {manifest['made_s']} s "
                           f"({manifest['state_bytes'] >> 20} MiB)")
             return entry / STATE
@@ -149,14 +148,14 @@ class TemplatePool:
         try:
             build_once(entry, "VM template", lambda: saved_state(entry, recipe), build, hold=self.hold, force=fresh)
         except VMError as error:
-            self.memo.remember(recipe, f"making it failed: {error}", stage="make")
+            recipe.memo(self.folder).remember(f"making it failed: {error}", stage="make")
             raise
         try:
             sums = json.loads((entry / "manifest.json").read_text())["sha256"]
             state, kernel, initramfs = (self.files.verified(entry / name, f"the template {entry.name}", sums[name])
                                         for name in (STATE, KERNEL, INITRAMFS))
         except (OSError, ValueError, KeyError, ImageError) as error:
-            self.memo.remember(recipe, f"its files are not what was saved: {error}")
+            recipe.memo(self.folder).remember(f"its files are not what was saved: {error}")
             raise VMError(f"the template {entry.name} is damaged: {error}", code="template_failed") from error
         return Slot(entry.name, domain, state, kernel, initramfs, lock)
 

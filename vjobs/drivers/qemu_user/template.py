@@ -39,8 +39,7 @@ from pathlib import Path
 from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec, check_unchanged
 from vjobs.drivers.qemu_user import qemu, ram_keeper, shared_ram
 from vjobs.drivers.standins import STAND_INS, write_stand_ins
-from vjobs.drivers.templates import (RESTORE_DEADLINE_S, FailureMemo, Recipe, saved_state, template_cmdline,
-                                     why_not_template)
+from vjobs.drivers.templates import RESTORE_DEADLINE_S, Recipe, saved_state, template_cmdline, why_not_template
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
@@ -137,7 +136,6 @@ class TemplateStore:
         self.hold = hold
         self.files = files
         self.progress = progress
-        self.memo = FailureMemo(self.folder)
 
     def ensure(self, recipe: Recipe, make_vm) -> SavedTemplate:
         """The saved guest for ``recipe``, made with ``make_vm(scratch)`` (a VM for the template guest) when
@@ -146,7 +144,7 @@ class TemplateStore:
         name = f"{recipe.family}-{recipe.key}"
         folder = self.folder / name
         self.folder.mkdir(parents=True, exist_ok=True)
-        failed_before = self.memo.raise_if_recent(recipe)
+        failed_before = recipe.memo(self.folder).raise_if_recent()
         # root's, read-only; not one whose restore failed here before: this process then makes its own
         shared = self.shared and failed_before != "restore" and saved_state(self.shared / name, recipe, also=(RAM,))
         if shared and self.hold.use(shared.parent):
@@ -167,7 +165,7 @@ class TemplateStore:
             if folder.exists():  # made anew after a failed restore: replace it whole
                 shutil.rmtree(folder)
             os.rename(output, folder)
-            self.memo.forget(recipe)
+            recipe.memo(self.folder).forget()
             self.progress(f"template: {folder.name} saved in {manifest['made_s']} s ({ram['stored_bytes'] >> 20} "
                           f"MiB of RAM, {manifest['state_bytes'] >> 10} KiB of devices)")
             return folder / "state"
@@ -196,7 +194,7 @@ class TemplateStore:
 
     def remember_failure(self, recipe: Recipe, reason: str, stage: str = "restore") -> None:
         """Jobs of this shape boot cold for FAILURE_MEMORY_S instead of paying for the same failure each."""
-        self.memo.remember(recipe, reason, stage)
+        recipe.memo(self.folder).remember(reason, stage)
 
 
 def save_template(vm, state: Path, ram: Path) -> dict:

@@ -31,10 +31,13 @@ from typing import Callable, Iterator, Mapping
 
 from vjobs.drivers.contract import (VM, Capabilities, Channel, Check, CheckedFile, Disk, Driver, Stop, VMSpec,
                                     check_disk_formats, check_unchanged, destroyed_on_failure, first_failure)
+from vjobs.drivers.templates import FailureMemo, template_cmdline, why_not_template
 from vjobs.drivers.xen import suspended
+from vjobs.drivers.xen import template as xen_template
 from vjobs.drivers.xen.xapi import Xapi, xapi_errors
 from vjobs.errors import CheckpointError, VjobsError, VMError
 from vjobs.events import Events
+from vjobs.guest.protocol import AGENT_UP_MARKER
 from vjobs.guest.streams import STREAMS_ON_CONSOLE, StreamsOnConsole
 from vjobs.host import locks
 
@@ -129,7 +132,7 @@ class XenDriver(Driver):
                     removed.append(f"destroyed VM {record['name_label']}")
             for ref, record in xapi.api.VDI.get_all_records().items():
                 labels = record.get("other_config", {})
-                if SHARED_KEY in labels and not labels.get(COMPLETE):
+                if (SHARED_KEY in labels or xen_template.TEMPLATE_KEY in labels) and not labels.get(COMPLETE):
                     labels = {key[len(UPLOADER):]: value for key, value in labels.items() if key.startswith(UPLOADER)}
                 if "vjobs.run_id" in labels and is_orphan(labels):
                     with contextlib.suppress(Exception):
@@ -145,11 +148,18 @@ class XenVM(VM):
         self.xapi = Xapi(settings)
         self.sr_name = settings.get("sr")
         self.upload_format = settings.get("upload_format", "vhd")
+        self.template_setting = settings.get("template", "auto")
         self.cache_dir = cache_dir
         self.vm: str | None = None
         self.vdis: dict[str, str] = {}  # disk role -> VDI ref, for the disks this VM owns
         self.vbds: dict[str, str] = {}  # disk role -> VBD ref
         self.suspend_image: str | None = None  # a restore's uploaded suspend VDI, until VM.resume consumes it
+        self.kernel_copies: tuple[Path, Path] | None = None  # what XAPI boots, for a cold boot after a template
+        self.disk_vdis: list[tuple[Disk, str]] = []  # each disk's VDI, in the spec's order
+        self.template: str | None = None  # the template VDI the Suspended VM was made from; None: cold
+        self.template_name = ""
+        self.template_memo: FailureMemo | None = None
+        self.start_record: dict | None = None  # provenance "start", once a template was considered
         self.started = False
         self.console = _Console()
         self.streams: StreamsOnConsole | None = None  # the guest's live channel, carried on the console
@@ -166,6 +176,7 @@ class XenVM(VM):
         boot, restore = self.spec.boot, self.spec.restore
         kernel = boot.kernel.private_copy(self.spec.workdir / "kernel")
         initramfs = boot.initramfs.private_copy(self.spec.workdir / "initramfs")
+        self.kernel_copies = (kernel, initramfs)
         self.xapi.__enter__()
         with xapi_errors(f"{'restoring' if restore else 'starting'} {self.spec.name}", self.xapi.url):
             sr = self._sr()
@@ -174,18 +185,141 @@ class XenVM(VM):
                 saved = suspended.read_suspended_vm(restore.files[suspended.SUSPENDED_VM])
                 record.update(self._suspended_fields(sr, saved))
                 devices = saved["devices"]
-            self.vm = self.xapi.api.VM.create(record)
-            for position, disk in enumerate(self.spec.disks):
+            for disk in self.spec.disks:
                 if disk.cache_key:
                     with self.events.step("shared_vdi", detail=disk.role):
-                        vdi = self._shared_vdi(sr, disk)
+                        self.disk_vdis.append((disk, self._shared_vdi(sr, disk)))
                 else:
-                    vdi = self._job_vdi(sr, disk)
-                self.vbds[disk.role] = self.xapi.api.VBD.create(
-                    self._vbd_record(vdi, position, disk.readonly, devices.get(disk.role)))
+                    self.disk_vdis.append((disk, self._job_vdi(sr, disk)))
+            if restore is None and (why_not := why_not_template(self.spec, self.template_setting)) is None:
+                self._from_template(sr, record)
+            elif restore is None and self.template_setting:
+                self.start_record = {"mode": "cold", "why": why_not}  # as qemu_user says it
+            if self.vm is None:
+                self.vm = self.xapi.api.VM.create(record)
+                self._create_vbds(devices)
         check_unchanged(self.spec)
         for file in restore.files.values() if restore else ():
             file.check_unchanged()
+
+    def _create_vbds(self, devices: Mapping[str, str] = {}) -> None:
+        for position, (disk, vdi) in enumerate(self.disk_vdis):
+            self.vbds[disk.role] = self.xapi.api.VBD.create(
+                self._vbd_record(vdi, position, disk.readonly, devices.get(disk.role)))
+
+    # --- from a template (template.py) -------------------------------------------------------------------
+
+    def _from_template(self, sr: str, record: dict) -> None:
+        """The job's VM made Suspended from a clone of the template for its recipe (found, or made once);
+        on any failure nothing of it is left and ``start_record`` says why the job boots cold."""
+        try:
+            host = self.xapi.api.host.get_record(self.xapi.api.session.get_this_host(self.xapi.handle))
+            recipe = xen_template.recipe(self.spec, host)
+            self.template_name = xen_template.name(recipe)
+            self.template_memo = FailureMemo(self.cache_dir / "xen", xen_template.family(recipe),
+                                             self.template_name)
+            self.template_memo.raise_if_recent()
+            template = self._template_vdi(sr, recipe, record)
+            config = self.xapi.api.VDI.get_other_config(template)
+            clone = self.suspend_image = self.xapi.api.VDI.clone(template, {})
+            for key in (xen_template.TEMPLATE_KEY, COMPLETE):  # a job's clone is no template: gc's with its job
+                self.xapi.api.VDI.remove_from_other_config(clone, key)
+            self._label_vdi(clone, self.labels)  # gc removes it with its job
+            self.vm = self.xapi.api.VM.create({**record, **xen_template.suspended_fields(config),
+                                               "suspend_VDI": clone})
+            self.template = template
+        except Exception as error:  # whatever went wrong, it is not the job's: a cold boot still runs it
+            self._undo_template(f"{error}" or type(error).__name__)
+
+    def _template_vdi(self, sr: str, recipe: dict, job_record: dict) -> str:
+        """The template VDI for ``recipe``, made here when the SR has none (one maker per host at a time)."""
+        name = xen_template.name(recipe)
+        with locks.exclusive(self.cache_dir / "xen" / f"template-{name}.lock"):
+            found = xen_template.find(self.xapi.api.VDI.get_all_records(), sr, name, COMPLETE)
+            if found:
+                return found
+            try:
+                return self._make_template(recipe, job_record)
+            except Exception as error:
+                self.template_memo.remember(f"making it failed: {error}", stage="make")
+                raise
+
+    def _make_template(self, recipe: dict, job_record: dict) -> str:
+        """Boot the template guest once, suspend it when its agent waits, keep a clone of its suspend VDI."""
+        spec = self.spec
+        record = {**job_record, "name_label": f"{spec.name}-template",
+                  "name_description": "vjobs: a template guest being made",
+                  "PV_args": f"{template_cmdline(spec)} console=hvc0 {STREAMS_ON_CONSOLE}"}
+        vm = self.xapi.api.VM.create(record)
+        try:
+            self.xapi.api.VM.start(vm, False, False)
+            consoles = [self.xapi.api.console.get_record(ref) for ref in self.xapi.api.VM.get_consoles(vm)]
+            text = [c for c in consoles if c.get("protocol") == "vt100"]
+            if not text:
+                raise VMError("the template VM has no text console to say it is ready on", code="template_failed")
+            stream, first = self.xapi.open_console(text[0]["location"])
+            try:
+                xen_template.wait_until_ready(stream, first)
+            finally:
+                stream.close()
+            self.xapi.api.VM.suspend(vm)
+            suspended_record = self.xapi.api.VM.get_record(vm)
+            # The maker's labels, under their own prefix, as on a shared VDI's upload: gc removes a template
+            # whose maker died before it was complete (labelled on the suspend VDI first, which a clone copies).
+            uploader = {f"{UPLOADER}{key}": value for key, value in self.labels.items()}
+            self._label_vdi(suspended_record["suspend_VDI"], {xen_template.TEMPLATE_KEY: xen_template.name(recipe),
+                                                              **uploader})
+            template = self.xapi.api.VDI.clone(suspended_record["suspend_VDI"], {})
+            try:
+                self._label_vdi(template, {**xen_template.labels(recipe, suspended_record), **uploader})
+                self.xapi.api.VDI.add_to_other_config(template, COMPLETE, "true")
+                for key in uploader:  # complete: kept by gc from now on, as a release VDI is
+                    self.xapi.api.VDI.remove_from_other_config(template, key)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    self.xapi.api.VDI.destroy(template)
+                raise
+            self.template_memo.forget()
+            return template
+        finally:
+            with contextlib.suppress(Exception):
+                _destroy_vm(self.xapi, vm)  # a Suspended VM's shutdown destroys its own suspend VDI
+
+    def _label_vdi(self, vdi: str, labels: Mapping[str, str]) -> None:
+        """``labels`` into the VDI's other_config, replacing what a clone copied (XAPI's add_to_other_config
+        refuses a key that is there: MAP_DUPLICATE_KEY)."""
+        present = self.xapi.api.VDI.get_other_config(vdi)
+        for key, value in labels.items():
+            if present.get(key) == value:
+                continue
+            if key in present:
+                self.xapi.api.VDI.remove_from_other_config(vdi, key)
+            self.xapi.api.VDI.add_to_other_config(vdi, key, value)
+
+    def _undo_template(self, reason: str) -> None:
+        """Nothing left of the template's attempt; the job's VM to be made cold, and why."""
+        self.console.hold()  # the resumed guest's console ends: the cold boot's goes on as the same stream
+        if self.vm is not None:
+            with contextlib.suppress(Exception):
+                _destroy_vm(self.xapi, self.vm)
+        if self.suspend_image is not None:
+            with contextlib.suppress(Exception):
+                self.xapi.api.VDI.destroy(self.suspend_image)
+        self.vm, self.suspend_image, self.template, self.vbds = None, None, None, {}
+        self.spec.console.write(f"\n[vjobs: starting from the template failed ({reason}); booting cold]\n".encode())
+        self.start_record = {"mode": "cold", "fallback": reason}
+
+    def _start_from_template(self) -> None:
+        """Resume the job's Suspended VM, hot-plug its disks, wait for the agent's "up"."""
+        self.xapi.api.VM.resume(self.vm, False, False)
+        self.suspend_image = None  # XAPI destroyed it
+        self._follow_console()
+        for position, (disk, vdi) in enumerate(self.disk_vdis):
+            vbd = self.vbds[disk.role] = self.xapi.api.VBD.create(self._vbd_record(vdi, position, disk.readonly))
+            self.xapi.api.VBD.plug(vbd)
+        if not self.spec.console.wait_for(AGENT_UP_MARKER, xen_template.UP_DEADLINE_S):
+            raise VMError(f"the resumed agent did not say it was up within {xen_template.UP_DEADLINE_S:g} s",
+                          code="template_failed")
 
     def _suspended_fields(self, sr: str, saved: dict) -> dict:
         """What makes ``VM.create`` give a Suspended VM: the saved suspend image, uploaded into a VDI of its
@@ -202,6 +336,23 @@ class XenVM(VM):
                 "last_boot_CPU_flags": dict(self.spec.restore.identity["cpu"])}
 
     def start(self) -> None:
+        if self.template is not None:
+            try:
+                with xapi_errors(f"resuming {self.spec.name} from its template", self.xapi.url):
+                    self._start_from_template()
+                self.start_record = {"mode": "template", "template": self.template_name}
+                self.started = True
+                return
+            except Exception as error:
+                reason = f"resuming the template {self.template_name} failed: {error or type(error).__name__}"
+                self.template_memo.remember(reason)
+                with contextlib.suppress(Exception):  # made anew once the memo lets jobs try again
+                    self.xapi.api.VDI.destroy(self.template)
+                self._undo_template(reason)
+            with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
+                kernel, initramfs = self.kernel_copies
+                self.vm = self.xapi.api.VM.create(self._vm_record(kernel, initramfs))
+                self._create_vbds()
         with xapi_errors(f"starting {self.spec.name}", self.xapi.url):
             if self.spec.restore is not None:
                 self.xapi.api.VM.resume(self.vm, False, False)
@@ -212,10 +363,12 @@ class XenVM(VM):
         self._follow_console()
 
     def provenance(self) -> dict:
-        return {"start": {"mode": "restored"}} if self.spec.restore is not None else {}
+        if self.spec.restore is not None:
+            return {"start": {"mode": "restored"}}
+        return {"start": self.start_record} if self.start_record else {}
 
     def agent_started(self) -> bool:
-        if self.spec.restore is not None:
+        if self.spec.restore is not None or self.template is not None:
             return self.started  # the agent was up when the guest was saved
         return super().agent_started()
 

@@ -2,8 +2,8 @@
 the session reference, XAPI's first argument, is checked by the dispatcher and not passed on.
 
 Implemented: session.login_with_password / logout / get_this_host; host.get_record / compute_free_memory;
-SR.get_by_name_label; VDI.create / destroy / set_read_only / add_to_other_config /
-remove_from_other_config; VBD.create / destroy; VM.create (Halted, or Suspended with its suspend_VDI) / start /
+SR.get_by_name_label; VDI.create / clone / destroy / set_read_only / add_to_other_config /
+remove_from_other_config; VBD.create / plug / destroy; VM.create (Halted, or Suspended with its suspend_VDI) / start /
 suspend / resume / hard_shutdown / destroy / get_power_state / get_VBDs; console (records only); event.from;
 and for every class get_record, get_all, get_all_records, get_by_uuid, get_by_name_label. See model.py for
 what is simplified."""
@@ -106,6 +106,15 @@ class Calls:
                               physical_utilisation=int(sr["physical_utilisation"]) + size)
             return ref
 
+    def VDI__clone(self, vdi, driver_params=None):
+        """A copy of the VDI, with its name, type, other_config and tags (as XAPI's storage managers copy
+        them; a guess), writable; ``driver_params`` are the storage driver's and ignored here."""
+        source = self.store.get("VDI", vdi)
+        copy = self.VDI__create({key: source[key] for key in ("name_label", "name_description", "type", "SR",
+                                                              "virtual_size", "other_config", "sm_config", "tags")})
+        shutil.copyfile(self.vdi_path(vdi), self.vdi_path(copy))
+        return copy
+
     def vdi_path(self, ref: str) -> Path:
         return self.sr_dir / f"{self.store.get('VDI', ref)['uuid']}.raw"
 
@@ -148,7 +157,7 @@ class Calls:
     def VBD__create(self, record):
         with self.store.lock:
             vm, vdi = self.store.get("VM", record["VM"]), self.store.get("VDI", record["VDI"])
-            if vm["power_state"] not in ("Halted", "Suspended"):  # the stand-in has no VBD.plug
+            if vm["power_state"] not in ("Halted", "Suspended", "Running"):
                 raise XapiFailure("VM_BAD_POWER_STATE", record["VM"], "halted", vm["power_state"].lower())
             if vdi["read_only"] and record.get("mode") != "RO":
                 raise XapiFailure("VDI_READONLY", record["VDI"])
@@ -156,7 +165,7 @@ class Calls:
             if record["userdevice"] in devices:
                 raise XapiFailure("DEVICE_ALREADY_EXISTS", record["userdevice"])
             # As XAPI 1.257.0: a Suspended VM's VBD keeps the currently_attached and device it was created
-            # with (its resume plugs it); any other's starts unplugged.
+            # with (its resume plugs it); any other's starts unplugged (a running VM's waits for VBD.plug).
             suspended = vm["power_state"] == "Suspended"
             ref = self.store.add("VBD", {**record,
                                          "currently_attached": bool(record.get("currently_attached")) and suspended,
@@ -164,6 +173,27 @@ class Calls:
             self.store.modify("VM", record["VM"], VBDs=vm["VBDs"] + [ref])
             self.store.modify("VDI", record["VDI"], VBDs=vdi["VBDs"] + [ref])
             return ref
+
+    def VBD__plug(self, vbd):
+        """Hot-plug the VBD into its running VM (the runner's ``plug``); XAPI's errors for a VM not running
+        and a VBD already attached."""
+        with self.store.lock:
+            record = self.store.get("VBD", vbd)
+            vm = self.store.get("VM", record["VM"])
+            if vm["power_state"] != "Running":
+                raise XapiFailure("VM_BAD_POWER_STATE", record["VM"], "running", vm["power_state"].lower())
+            if record["currently_attached"]:
+                raise XapiFailure("DEVICE_ALREADY_ATTACHED", vbd)
+            vdi = self.store.get("VDI", record["VDI"])
+            disk = Disk(f"xvd{chr(ord('a') + int(record['userdevice']))}", self.vdi_path(record["VDI"]), "raw",
+                        record["mode"] == "RO" or vdi["read_only"])
+            runner = self.runners[record["VM"]]
+        try:
+            runner.plug(disk)
+        except Exception as exc:
+            raise XapiFailure("INTERNAL_ERROR", f"the stand-in could not plug the disk: {exc}") from exc
+        self.store.modify("VBD", vbd, currently_attached=True, device=disk.role)
+        return ""
 
     def VBD__destroy(self, vbd):
         with self.store.lock:

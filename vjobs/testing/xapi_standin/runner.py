@@ -5,13 +5,19 @@ QMP's client is bound to the thread that made it.
 A suspend is qemu_user's ``save_guest`` (QEMU's migration to a file) into a folder, with the identity it
 returned beside it (``IDENTITY``); a resume is a runner made with that folder (``restore_from``), which
 qemu_user restores (its ``SavedGuest``). XAPI's own suspend image is a Xen save image; the stand-in's is this
-folder, packed into the suspend VDI by calls.py."""
+folder, packed into the suspend VDI by calls.py.
+
+A guest started with no disks gets a virtio-scsi controller, the stand-in's model of the PV bus a Xen guest
+always has, onto which ``plug`` (XAPI's ``VBD.plug`` of a running VM) hot-plugs a disk with QMP's ``add-fd``,
+``blockdev-add`` and ``device_add``: in the layout of qemu_user's templates (vjobs/drivers/qemu_user/template.py
+``scsi_disk``), so that a suspend after it is restored with those disks."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import queue
 import re
 import socket
 import threading
@@ -22,6 +28,7 @@ from typing import Callable
 
 from vjobs.config.site import SiteConfig
 from vjobs.drivers.contract import BootImage, Disk, HostContext, Owner, SavedGuest, Stop, VMSpec
+from vjobs.drivers.qemu_user import template as qemu_template
 from vjobs.drivers.registry import load_driver
 from vjobs.guest.console import ConsoleLog
 from vjobs.host.cache import CacheHold
@@ -29,6 +36,8 @@ from vjobs.host.identity import boot_id
 from vjobs.images.checked import CheckedFiles
 
 START_TIMEOUT_S = 60.0
+PLUG_TIMEOUT_S = 30.0
+TICK_S = 0.02  # how often the runner's thread looks for work (a plug, a suspend) while the guest runs
 SUSPEND_TIMEOUT_S = 600.0
 IDENTITY = "identity.json"  # in a suspended guest's folder: what qemu_user's save_guest returned
 # The stand-in plays dom0, whose console daemon streams everything; bounding what vjobs keeps is the xen
@@ -78,6 +87,7 @@ class GuestRunner:
         self.suspend_into: Path | None = None  # asked of the runner's thread by ``suspend``
         self.suspended = threading.Event()
         self.suspend_error: BaseException | None = None
+        self.plugs: queue.Queue[_Plug] = queue.Queue()  # asked of the runner's thread by ``plug``
         self.thread = threading.Thread(target=self._run, name=self.spec.name, daemon=True)
 
     def _saved_guest(self, folder: Path) -> SavedGuest:
@@ -117,6 +127,15 @@ class GuestRunner:
             raise error
         self.thread.join(30)
 
+    def plug(self, disk: Disk) -> None:
+        """Hot-plug ``disk`` into the running guest, as its next SCSI disk; raises what QEMU answered."""
+        request = _Plug(disk)
+        self.plugs.put(request)
+        if not request.done.wait(PLUG_TIMEOUT_S):
+            raise RuntimeError("QEMU did not plug the disk in time")
+        if request.error is not None:
+            raise request.error
+
     def hard_stop(self) -> None:
         """Kill the guest and wait until the runner has reported it halted."""
         self.stop_requested.set()
@@ -132,6 +151,11 @@ class GuestRunner:
             if self.spec.restore is not None and (problem := driver.restore_problem(self.spec.restore.identity)):
                 raise CannotResume(problem)
             vm = self.vm = driver.create(self.spec)
+            if not self.spec.disks and self.spec.restore is None:
+                vm.take_prepared().close()  # the same QEMU, with the bus that disks are hot-plugged onto
+                vm.prepared = vm.prepare(cmdline=self.spec.boot.cmdline, disks=(),
+                                         extra=qemu_template.controller_args())
+                vm.layout = "scsi"
             vm.start()
         except BaseException as exc:  # reported to VM.start's caller
             self.start_error = exc
@@ -143,14 +167,20 @@ class GuestRunner:
         reason = "hard_shutdown"
         try:
             while not self.stop_requested.is_set():
+                while not self.plugs.empty():
+                    self._plug(vm, self.plugs.get())
                 if self.suspend_into is not None and self._suspend(vm):
                     reason = "suspended"
                     break
-                stop = vm.wait_until_stopped(time.monotonic() + 0.5)
+                stop = vm.wait_until_stopped(time.monotonic() + TICK_S)
                 if stop is not Stop.DEADLINE:
                     reason = "halted" if stop is Stop.POWEROFF else "crashed"
                     break
         finally:
+            while not self.plugs.empty():
+                request = self.plugs.get()
+                request.error = RuntimeError("the guest is gone")
+                request.done.set()
             vm.destroy()
             self.spec.console.close()
             self.files.close()
@@ -173,6 +203,40 @@ class GuestRunner:
                 vm.resume()
             self.suspended.set()
             return False
+
+
+    def _plug(self, vm, request: "_Plug") -> None:
+        """On the runner's thread: the disk's file passed to QEMU, its block node and its SCSI device added."""
+        disk, index = request.disk, len(vm.spec.disks)
+        modes = (os.O_RDONLY,) if disk.readonly else (os.O_RDWR, os.O_RDONLY)
+        fds = [os.open(disk.path, mode | os.O_CLOEXEC | os.O_NOFOLLOW) for mode in modes]
+        try:
+            fdset = None
+            for fd in fds:
+                vm.monitor.send_fd_scm(fd)
+                answer = vm.monitor.cmd("add-fd", **({} if fdset is None else {"fdset-id": fdset}))
+                fdset = answer["fdset-id"]
+            node = {"node-name": f"disk{index}", "driver": disk.format, "read-only": disk.readonly,
+                    "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}"}}
+            if not disk.readonly:
+                node["cache"] = {"no-flush": True}
+            vm.monitor.cmd("blockdev-add", **node)
+            vm.monitor.cmd("device_add", **qemu_template.scsi_disk(index))
+            # the guest's shape now: a suspend saves it with this disk, and a resume rebuilds it so
+            vm.spec = self.spec = replace(vm.spec, disks=(*vm.spec.disks, disk))
+        except BaseException as error:
+            request.error = error
+        finally:
+            for fd in fds:
+                os.close(fd)
+            request.done.set()
+
+
+class _Plug:
+    def __init__(self, disk: Disk):
+        self.disk = disk
+        self.error: BaseException | None = None
+        self.done = threading.Event()
 
 
 def _no_default_image() -> BootImage:
