@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any, Mapping
 from vjobs.drivers.contract import VMSpec
 from vjobs.drivers.standins import STAND_INS
 from vjobs.errors import VMError
+from vjobs.images.store import sha256_file
 
 TEMPLATE_ARGUMENT = "vjobs.template"  # on the template guest's kernel command line: the agent waits for a job
 STATE = "state"  # the saved guest, beside its stand-ins (vjobs/drivers/standins.py) and manifest.json
@@ -96,6 +98,22 @@ def saved_state(folder: Path, recipe: Recipe, also: tuple[str, ...] = ()) -> Pat
         return None
     complete = all((folder / name).is_file() for name in (STATE, *STAND_INS, *also))
     return folder / STATE if manifest.get("recipe") == dataclasses.asdict(recipe) and complete else None
+
+
+def install(output: Path, entry: Path, recipe: Recipe, memo_folder: Path, started: float, **extra) -> dict:
+    """A template just saved into the folder ``output`` (its state and stand-ins) made the cache entry
+    ``entry``: its manifest written (the recipe, the files' sums, how long it took since ``started``, and the
+    driver's ``extra`` records), any older entry of that name replaced whole (one made anew after a failed
+    restore), its failure memo (in ``memo_folder``) forgotten. Returns the manifest."""
+    manifest = {"recipe": dataclasses.asdict(recipe), "made_s": round(time.monotonic() - started, 3),
+                "made_at": time.time(), "state_bytes": (output / STATE).stat().st_size, **extra,
+                "sha256": {name: sha256_file(output / name) for name in (STATE, *STAND_INS)}}
+    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if entry.exists():
+        shutil.rmtree(entry)
+    os.rename(output, entry)
+    recipe.memo(memo_folder).forget()
+    return manifest
 
 
 class FailureMemo:

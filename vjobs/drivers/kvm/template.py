@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +35,14 @@ from typing import Callable
 
 from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec
 from vjobs.drivers.kvm.domain import DomainSettings
-from vjobs.drivers.standins import INITRAMFS, KERNEL, STAND_INS
-from vjobs.drivers.templates import STATE, Recipe, saved_state, template_cmdline
+from vjobs.drivers.standins import INITRAMFS, KERNEL
+from vjobs.drivers.templates import STATE, Recipe, install, saved_state, template_cmdline
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import TEMPLATE_READY_MARKER
 from vjobs.host import locks
 from vjobs.host.cache import CacheHold
-from vjobs.images.store import build_once, sha256_file
+from vjobs.images.store import build_once
 
 FORMAT = 1  # of a slot's saved state and manifest; a change makes every slot anew
 MAX_SLOTS = 16  # saved domains per guest shape and account: past this many concurrent jobs, cold boots
@@ -132,15 +131,7 @@ class TemplatePool:
             output.mkdir()
             started = time.monotonic()
             make(output, domain)
-            manifest = {"recipe": dataclasses.asdict(recipe), "domain": domain, "made_at": time.time(),
-                        "made_s": round(time.monotonic() - started, 3),
-                        "state_bytes": (output / STATE).stat().st_size,
-                        "sha256": {name: sha256_file(output / name) for name in (STATE, *STAND_INS)}}
-            (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if entry.exists():  # made anew after a failed restore: replace it whole
-                shutil.rmtree(entry)
-            os.rename(output, entry)
-            recipe.memo(self.folder).forget()
+            manifest = install(output, entry, recipe, self.folder, started, domain=domain)
             self.progress(f"template: {entry.name} saved in {manifest['made_s']} s "
                           f"({manifest['state_bytes'] >> 20} MiB)")
             return entry / STATE

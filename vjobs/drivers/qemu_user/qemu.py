@@ -13,21 +13,19 @@ Two rules hold for every QEMU vjobs starts:
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from vjobs.drivers.contract import CheckedFile, Disk
 from vjobs.drivers.qemu_user.confine import Confinement, preexec, wrap
+from vjobs.drivers.qemu_user.ram_keeper import seal
 from vjobs.guest.streams import STREAMS_PORT
 
 DEFAULT_BINARY = "qemu-system-x86_64"
@@ -109,7 +107,7 @@ class PassedFiles:
         in-memory copy made from the checked descriptor, which any user may reopen and none may change."""
         fd = self._keep(os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
         file.copy_to(fd)
-        _seal(fd)
+        seal(fd)
         return f"/proc/self/fd/{fd}"
 
     def add_ram(self, fd: int) -> str:
@@ -126,21 +124,6 @@ class PassedFiles:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds = []
-
-
-def _seal(fd: int, attempts: int = 50) -> None:
-    """Seal a memfd against any change. The kernel refuses F_SEAL_WRITE with EBUSY while a page just
-    written still has a transient extra reference (seen under load here: a job failed at start); that
-    passes within milliseconds, so try again for up to about a second."""
-    seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-    for attempt in range(attempts):
-        try:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-            return
-        except OSError as error:
-            if error.errno != errno.EBUSY or attempt == attempts - 1:
-                raise
-            time.sleep(0.02)
 
 
 def drive_backends(disks: Sequence[Disk], files: PassedFiles) -> list[str]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +38,12 @@ from pathlib import Path
 from vjobs.drivers.contract import CheckedFile, CheckedFiles, VMSpec, check_unchanged
 from vjobs.drivers.qemu_user import qemu, ram_keeper, shared_ram
 from vjobs.drivers.standins import STAND_INS, write_stand_ins
-from vjobs.drivers.templates import RESTORE_DEADLINE_S, Recipe, saved_state, template_cmdline, why_not_template
+from vjobs.drivers.templates import RESTORE_DEADLINE_S, Recipe, install, saved_state, template_cmdline, why_not_template
 from vjobs.errors import ImageError, VMError
 from vjobs.guest.console import ConsoleLog
 from vjobs.guest.protocol import AGENT_UP_MARKER, TEMPLATE_READY_MARKER
 from vjobs.host.cache import CacheHold
-from vjobs.images.store import build_once, sha256_file
+from vjobs.images.store import build_once
 
 FORMAT = 5  # of the saved state, its stand-ins and its manifest; a change makes every template anew
 CONTROLLER = "vjobs-scsi"
@@ -158,14 +157,7 @@ class TemplateStore:
             vm = make_vm(scratch)
             ram = save_template(vm, output / "state", output / RAM)
             write_stand_ins(vm.spec.boot.kernel, output)
-            manifest = {"recipe": dataclasses.asdict(recipe), "made_s": round(time.monotonic() - started, 3),
-                        "state_bytes": (output / "state").stat().st_size, "made_at": time.time(), "ram": ram,
-                        "sha256": {name: sha256_file(output / name) for name in ("state", *STAND_INS)}}
-            (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if folder.exists():  # made anew after a failed restore: replace it whole
-                shutil.rmtree(folder)
-            os.rename(output, folder)
-            recipe.memo(self.folder).forget()
+            manifest = install(output, folder, recipe, self.folder, started, ram=ram)
             self.progress(f"template: {folder.name} saved in {manifest['made_s']} s ({ram['stored_bytes'] >> 20} "
                           f"MiB of RAM, {manifest['state_bytes'] >> 10} KiB of devices)")
             return folder / "state"
