@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vjobs.config.site import SYSTEM_CACHE_ENV, site_from_dict
+from vjobs.drivers.qemu_user.shared_ram import KEEPERS
 from vjobs.errors import SetupError
 from vjobs.host.cache import CacheHold, seal, trusted
 from vjobs.host.roles import caches
@@ -139,7 +140,8 @@ def test_an_account_restores_the_template_root_made_and_makes_none(pool_accounts
     assert result["status"] == "succeeded", (result["error"], done.stderr)
     assert result["provenance"]["start"] == {"mode": "template", "template": by_root["provenance"]["start"]["template"]}
     assert (system_cache / "templates" / result["provenance"]["start"]["template"]).stat().st_uid == 0
-    assert not list((account.home / ".cache" / "vjobs" / "templates").iterdir())
+    own = account.home / ".cache" / "vjobs" / "templates"
+    assert [path.name for path in own.iterdir()] == [KEEPERS]  # no template; only its own keeper of root's RAM
     assert snapshot(system_cache) == before
 
 

@@ -15,6 +15,7 @@ Hard links within the folder stay one inode. tests/guest/test_erofs.py checks im
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -23,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+COPY_CHUNK = 1 << 20  # a copy by hand, where copy_file_range cannot
 BLOCK = 4096
 SUPER_AT = 1024
 MAGIC = 0xE0F5E1E2
@@ -152,6 +154,15 @@ def _superblock(count: int, blocks: int) -> bytes:
                       blocks, 0, 0, uuid.uuid4().bytes, b"vjobs-inputs", 0, 0, 0, 0).ljust(128, b"\0")
 
 
+def _copy_by_hand(source: int, image: int, offset: int, count: int, at: int) -> int:
+    """Up to ``count`` bytes of ``source`` from ``offset`` into ``image`` at ``at``; how many were copied."""
+    data = os.pread(source, count, offset)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(image, data[written:], at + written)
+    return len(data)
+
+
 def _copy_file(inode: _Inode, image: int) -> None:
     """The file's bytes into its blocks, inside the kernel. A file that changed size since the walk is an
     error: the image would say otherwise."""
@@ -159,7 +170,12 @@ def _copy_file(inode: _Inode, image: int) -> None:
     try:
         done, size = 0, inode.size
         while done < size:
-            copied = os.copy_file_range(fd, image, size - done, done, inode.block * BLOCK + done)
+            try:
+                copied = os.copy_file_range(fd, image, size - done, done, inode.block * BLOCK + done)
+            except OSError as error:  # across file systems on an older kernel, or one that cannot: by hand
+                if error.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                copied = _copy_by_hand(fd, image, done, min(size - done, COPY_CHUNK), inode.block * BLOCK + done)
             if copied == 0:
                 raise OSError(f"{os.fsdecode(inode.path)} shrank while its image was written")
             done += copied

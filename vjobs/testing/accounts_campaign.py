@@ -279,8 +279,10 @@ class Campaign:
         table = process_table()
         left = {"qemu": [f"{p.pid} {' '.join(p.argv[:3])}" for p in table.values()
                          if p.uid in uids and p.is_qemu],
+                # an ended process the campaign (a subreaper) has not reaped yet is gone: a template RAM keeper
+                # that the accounts' gc stopped (vjobs/drivers/qemu_user/shared_ram.py), say
                 "processes": [f"{p.pid} {' '.join(p.argv[:3])}" for p in table.values()
-                              if p.uid in uids and not p.is_qemu],
+                              if p.uid in uids and not p.is_qemu and p.state != "Z"],
                 "job_folders": [], "tokens_held": self.tokens_held()}
         for account in self.accounts:
             left["job_folders"] += work_leftovers(account.work_dir)

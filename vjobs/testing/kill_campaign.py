@@ -542,6 +542,9 @@ class DriverCampaign:
                     info["cache_entries"] += 1
                 elif re.fullmatch(r"[a-z0-9_]+\.failed", path.name):
                     pass  # a template's last failure, remembered on purpose: small
+                elif path.name == "ram-keepers" and path.is_dir():  # qemu_user's keepers' sockets and locks
+                    found["cache_unknown"] += [str(item) for item in sorted(path.iterdir())
+                                               if not re.fullmatch(r"[0-9a-f]{24}\.(lock|sock)", item.name)]
                 elif not re.fullmatch(r"[a-z0-9_]+\.(lock|inuse)", path.name):  # .inuse: a kvm template slot's
                     found["cache_unknown"].append(str(path))
         probes = cache / "probes"

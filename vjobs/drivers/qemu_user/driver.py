@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -53,6 +54,12 @@ class QemuUserDriver(Driver):
             return probecache.remember("qemu-version", self.binary, qemu.version, self.host)
         except (OSError, subprocess.SubprocessError):
             return None
+
+    def collect_garbage(self, is_orphan) -> list[str]:
+        """The keepers of this account's templates' RAM (shared_ram.py): ``vjobs gc`` leaves no process of
+        vjobs running. Guests that run keep their RAM; the next job starts a keeper again."""
+        keepers = self.host.cache_dir / "templates" / shared_ram.KEEPERS
+        return [f"stopped the keeper of a template's RAM (pid {pid})" for pid in shared_ram.stop_keepers(keepers)]
 
     def probe(self) -> Capabilities:
         found = shutil.which(self.binary)
@@ -452,8 +459,11 @@ class TemplateVM(QemuUserVM):
 
 
 def _largest_writable_disk(spec: VMSpec) -> int:
-    """QEMU's file-size limit: it writes nothing but its writable disks, whose sizes are fixed."""
-    return max((disk.path.stat().st_size for disk in spec.disks if not disk.readonly), default=0) or 1 << 20
+    """QEMU's file-size limit: it writes nothing but its writable disks, whose sizes are fixed. A VM started
+    with none gets its disks hot-plugged later (the XAPI stand-in's templates and their resumes), and each
+    may be as large as a disk may be: no limit then (it opens no file of its own either way)."""
+    return max((disk.path.stat().st_size for disk in spec.disks if not disk.readonly), default=0) \
+        or resource.RLIM_INFINITY
 
 
 def _user_network_check(binary: str, host: HostContext | None) -> Check:

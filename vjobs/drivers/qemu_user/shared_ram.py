@@ -129,23 +129,34 @@ def _start_keeper(ram_file: Path, ram_sum: str, socket_path: Path, idle_s: float
 
 
 def stop_keepers(keepers: Path) -> list[int]:
-    """End the keepers that serve from the folder ``keepers`` (a test session's cache, say), each by the PID the
-    kernel gives for its socket's peer; returns those PIDs. Guests that map their RAM keep it."""
+    """End the keepers that serve from the folder ``keepers`` (``vjobs gc``, a test session's end), each by the
+    PID the kernel gives for its socket's peer, and remove their sockets; returns those PIDs. Guests that map
+    their RAM keep it; the next job starts a keeper again."""
     stopped = []
     for socket_path in sorted(keepers.glob("*.sock")) if keepers.is_dir() else []:
-        folder = os.open(keepers, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as connection:
-                connection.settimeout(ASK_TIMEOUT_S)
-                connection.connect(ram_keeper.socket_address(folder, socket_path.name))
-                pid = _peer(connection)[0]
-                _message, fds, _flags, _address = socket.recv_fds(connection, 256, 1)
-                for fd in fds:
-                    os.close(fd)
-        except OSError:
-            continue  # none listens there any more
-        finally:
-            os.close(folder)
-        os.kill(pid, signal.SIGTERM)
-        stopped.append(pid)
+        with locks.exclusive(socket_path.with_suffix(".lock")):  # no job is asking it or starting another
+            pid = _stop_keeper(keepers, socket_path)
+        if pid is not None:
+            stopped.append(pid)
     return stopped
+
+
+def _stop_keeper(keepers: Path, socket_path: Path) -> int | None:
+    """Stop the keeper listening at ``socket_path`` and remove the socket; its PID, or None when none was."""
+    folder = os.open(keepers, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as connection:
+            connection.settimeout(ASK_TIMEOUT_S)
+            connection.connect(ram_keeper.socket_address(folder, socket_path.name))
+            pid = _peer(connection)[0]
+            _message, fds, _flags, _address = socket.recv_fds(connection, 256, 1)
+            for fd in fds:
+                os.close(fd)
+    except OSError:
+        socket_path.unlink(missing_ok=True)  # none listens there any more
+        return None
+    finally:
+        os.close(folder)
+    os.kill(pid, signal.SIGTERM)
+    socket_path.unlink(missing_ok=True)
+    return pid
