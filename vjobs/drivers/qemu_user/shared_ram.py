@@ -72,23 +72,13 @@ def check_sealed(fd: int, ram_bytes: int) -> None:
 def _ask(socket_path: Path, ram_sum: str) -> int | None:
     """The memfd from the keeper listening at ``socket_path``, or None when none listens there or the one that
     does holds other RAM (the template was made anew since it started: it exits once its socket is gone)."""
-    folder = os.open(socket_path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as connection:
-            connection.settimeout(ASK_TIMEOUT_S)
-            try:
-                connection.connect(ram_keeper.socket_address(folder, socket_path.name))
-            except (FileNotFoundError, ConnectionRefusedError):
-                return None  # none yet, or one that exited and left its socket: the caller starts one
-            peer_uid = _peer(connection)[1]
-            try:
-                message, fds, _flags, _address = socket.recv_fds(connection, 256, 1)
-            except ConnectionResetError:
-                message, fds = b"", []
+        answer = _answer(socket_path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None  # none yet, or one that exited and left its socket: the caller starts one
     except OSError as error:
         raise VMError(f"asking the template's RAM keeper failed: {error}", code="template_failed") from error
-    finally:
-        os.close(folder)
+    _pid, peer_uid, message, fds = answer
     if not message and not fds:  # it was exiting (idle, or its template replaced) as we asked
         socket_path.unlink(missing_ok=True)
         return None
@@ -101,6 +91,24 @@ def _ask(socket_path: Path, ram_sum: str) -> int | None:
         socket_path.unlink(missing_ok=True)
         return None
     return fds[0]
+
+
+def _answer(socket_path: Path) -> tuple[int, int, bytes, list[int]]:
+    """Connect to the keeper at ``socket_path`` and take what it sends: (its PID, its UID, the message, the
+    descriptors; an empty message and none when it was exiting). Raises OSError when nobody listens."""
+    folder = os.open(socket_path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as connection:
+            connection.settimeout(ASK_TIMEOUT_S)
+            connection.connect(ram_keeper.socket_address(folder, socket_path.name))
+            pid, uid = _peer(connection)
+            try:
+                message, fds, _flags, _address = socket.recv_fds(connection, 256, 1)
+            except ConnectionResetError:
+                message, fds = b"", []
+            return pid, uid, message, fds
+    finally:
+        os.close(folder)
 
 
 def _peer(connection: socket.socket) -> tuple[int, int]:
@@ -135,28 +143,21 @@ def stop_keepers(keepers: Path) -> list[int]:
     stopped = []
     for socket_path in sorted(keepers.glob("*.sock")) if keepers.is_dir() else []:
         with locks.exclusive(socket_path.with_suffix(".lock")):  # no job is asking it or starting another
-            pid = _stop_keeper(keepers, socket_path)
+            pid = _stop_keeper(socket_path)
         if pid is not None:
             stopped.append(pid)
     return stopped
 
 
-def _stop_keeper(keepers: Path, socket_path: Path) -> int | None:
+def _stop_keeper(socket_path: Path) -> int | None:
     """Stop the keeper listening at ``socket_path`` and remove the socket; its PID, or None when none was."""
-    folder = os.open(keepers, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as connection:
-            connection.settimeout(ASK_TIMEOUT_S)
-            connection.connect(ram_keeper.socket_address(folder, socket_path.name))
-            pid = _peer(connection)[0]
-            _message, fds, _flags, _address = socket.recv_fds(connection, 256, 1)
-            for fd in fds:
-                os.close(fd)
+        pid, _uid, _message, fds = _answer(socket_path)
     except OSError:
-        socket_path.unlink(missing_ok=True)  # none listens there any more
-        return None
-    finally:
-        os.close(folder)
-    os.kill(pid, signal.SIGTERM)
+        pid, fds = None, []  # none listens there any more
+    for fd in fds:
+        os.close(fd)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
     socket_path.unlink(missing_ok=True)
     return pid
