@@ -91,7 +91,16 @@ def test_every_job_gets_the_same_sealed_memory_which_no_one_can_change(tmp_path)
     finally:
         os.close(first)
         os.close(second)
-        assert len(shared_ram.stop_keepers(keepers)) == 1
+        stopped = shared_ram.stop_keepers(keepers)
+        assert len(stopped) == 1 and not running(stopped[0])  # gone when gc says so, not a moment later
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs still (an ended child this test has not reaped is a zombie: it runs no more)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_keeper_of_a_template_made_anew_is_replaced(tmp_path):

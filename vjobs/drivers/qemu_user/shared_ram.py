@@ -35,6 +35,7 @@ KEEPERS = "ram-keepers"  # in the templates folder of the account's own cache
 DEFAULT_IDLE_S = 600.0  # how long a keeper holds a template's RAM with no job starting from it
 LOAD_DEADLINE_S = 60.0  # a keeper's load of a 2 GiB guest's RAM on a loaded host: a few seconds
 ASK_TIMEOUT_S = 5.0
+STOP_WAIT_S = 5.0  # a keeper ends within milliseconds of SIGTERM; freeing gigabytes may take a second
 
 
 def memfd(ram_file: Path, ram_sum: str, ram_bytes: int, keepers: Path, idle_s: float = DEFAULT_IDLE_S) -> int:
@@ -158,6 +159,24 @@ def _stop_keeper(socket_path: Path) -> int | None:
     for fd in fds:
         os.close(fd)
     if pid is not None:
-        os.kill(pid, signal.SIGTERM)
+        _end(pid)
     socket_path.unlink(missing_ok=True)
     return pid
+
+
+def _end(pid: int) -> None:
+    """SIGTERM the keeper ``pid`` and wait until it has exited (SIGKILL after STOP_WAIT_S): a ``vjobs gc`` that
+    says it stopped a keeper leaves none running, even while the kernel frees the RAM that keeper held."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # it exited on its own since it answered
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        if not select.select([pidfd], [], [], STOP_WAIT_S)[0]:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            select.select([pidfd], [], [], STOP_WAIT_S)
+    except ProcessLookupError:
+        pass  # it is gone already
+    finally:
+        os.close(pidfd)
