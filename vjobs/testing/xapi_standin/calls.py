@@ -20,9 +20,8 @@ from typing import Callable
 
 from vjobs.drivers.contract import Disk
 from vjobs.drivers.xen.suspended import features_within  # XAPI's check, as the driver asks it first
-from vjobs.testing.xapi_standin.model import (API_VERSION, MIB, NULL_REF, Faults, Stats, Store, XapiFailure,
-                                              record_for_wire)
-from vjobs.testing.xapi_standin.runner import CannotResume, GuestRunner
+from vjobs.testing.xapi_standin.model import (API_VERSION, MIB, NULL_REF, CannotResume, Faults, Stats, Store,
+                                              XapiFailure, record_for_wire)
 
 SESSION_FREE_CALLS = {"session.login_with_password"}
 # host.cpu_info: the CPU the guests see is QEMU's default TCG model (qemu64, an "AuthenticAMD"), the same on
@@ -32,21 +31,36 @@ CPU_INFO = {"vendor": "AuthenticAMD", "features_pv": "078bfbff-80d82203-00000000
             "features_hvm": "078bfbff-80d82203-00000000-00000000", "cpu_count": "1", "socket_count": "1"}
 
 
+RUNNERS = ("qemu", "xl")  # how started VMs run: QEMU TCG guests here, or Xen PV domains in the dom0 it runs in
+
+
+def runner_class(kind: str):
+    """The runner of started VMs: runner.py's QEMU guests (vjobs' qemu_user driver), or xl_runner.py's Xen
+    domains (stdlib only: imported alone where vjobs' dependencies are absent, in a Xen node's dom0)."""
+    if kind == "xl":
+        from vjobs.testing.xapi_standin.xl_runner import XlRunner
+        return XlRunner
+    from vjobs.testing.xapi_standin.runner import GuestRunner
+    return GuestRunner
+
+
 class Calls:
     def __init__(self, store: Store, state_dir: Path, username: str, password: str, sr_name: str,
-                 sr_size_mib: int, host_memory_mib: int, url: Callable[[], str]):
+                 sr_size_mib: int, host_memory_mib: int, url: Callable[[], str], runner: str = "qemu"):
         self.store, self.state_dir = store, state_dir
+        self.runner_class = runner_class(runner)
         self.username, self.password = username, password
         self.faults, self.stats = Faults(), Stats()
         self.url = url
-        self.runners: dict[str, GuestRunner] = {}
+        self.runners: dict[str, object] = {}  # VM ref -> its runner (runner.py, xl_runner.py)
         self.sr_dir = state_dir / "sr"
         self.sr_dir.mkdir(parents=True, exist_ok=True)
         self.host = store.add("host", {
             "name_label": socket.gethostname(), "hostname": socket.gethostname(), "address": "127.0.0.1",
             "API_version_major": API_VERSION[0], "API_version_minor": API_VERSION[1], "enabled": True,
             "software_version": {"product_brand": "XAPI stand-in (vjobs tests)", "product_version": "0",
-                                 "xen": "none (guests run as QEMU TCG)"},
+                                 "xen": "none (guests run as QEMU TCG)",
+                                 **(self.runner_class.host_facts() if runner == "xl" else {})},
             "capabilities": ["xen-3.0-x86_64"], "memory_total": host_memory_mib * MIB, "resident_VMs": [],
             "cpu_info": dict(CPU_INFO)})
         self.sr = store.add("SR", {"name_label": sr_name, "name_description": "stand-in SR (raw files)",
@@ -256,7 +270,7 @@ class Calls:
             runner.start()
         except BaseException as exc:
             self._halted(vm, "crashed")
-            raise XapiFailure("INTERNAL_ERROR", f"the stand-in could not start QEMU: {exc}") from exc
+            raise XapiFailure("INTERNAL_ERROR", f"the stand-in could not start the guest: {exc}") from exc
         self._running(vm)
         return ""
 
@@ -272,7 +286,7 @@ class Calls:
             self.store.modify("console", console, location=f"{self.url()}/console?ref={console}")
             self.store.modify("VM", vm, consoles=[console], domid=str(len(self.runners)), resident_on=self.host)
 
-    def _runner(self, vm: str, record: dict, suspend_image: Path | None = None) -> GuestRunner:
+    def _runner(self, vm: str, record: dict, suspend_image: Path | None = None):
         disks = []
         for vbd in sorted(record["VBDs"], key=lambda ref: int(self.store.get("VBD", ref)["userdevice"])):
             vbd_record = self.store.get("VBD", vbd)
@@ -289,10 +303,10 @@ class Calls:
             restore_from.mkdir(parents=True)
             with tarfile.open(suspend_image) as image:
                 image.extractall(restore_from, filter="data")
-        runner = GuestRunner(record["name_label"], int(record["VCPUs_at_startup"]),
-                             int(record["memory_static_max"]) // MIB, Path(record["PV_kernel"]),
-                             Path(record["PV_ramdisk"]), record["PV_args"], disks, workdir,
-                             on_halted=lambda reason: self._halted(vm, reason), restore_from=restore_from)
+        runner = self.runner_class(record["name_label"], int(record["VCPUs_at_startup"]),
+                                   int(record["memory_static_max"]) // MIB, Path(record["PV_kernel"]),
+                                   Path(record["PV_ramdisk"]), record["PV_args"], disks, workdir,
+                                   on_halted=lambda reason: self._halted(vm, reason), restore_from=restore_from)
         self.runners[vm] = runner
         return runner
 

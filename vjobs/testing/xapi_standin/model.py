@@ -41,6 +41,10 @@ class XapiFailure(Exception):
         self.details = [code, *(str(p) for p in params)]
 
 
+class CannotResume(RuntimeError):
+    """This host cannot continue the suspended guest (qemu_user's ``restore_problem``, in runner.py)."""
+
+
 @dataclass
 class Faults:
     """Failure injection for tests: each fault fires once and clears itself."""

@@ -34,6 +34,7 @@ from vjobs.guest.console import ConsoleLog
 from vjobs.host.cache import CacheHold
 from vjobs.host.identity import boot_id
 from vjobs.images.checked import CheckedFiles
+from vjobs.testing.xapi_standin.model import CannotResume
 
 START_TIMEOUT_S = 60.0
 PLUG_TIMEOUT_S = 30.0
@@ -43,10 +44,6 @@ IDENTITY = "identity.json"  # in a suspended guest's folder: what qemu_user's sa
 # The stand-in plays dom0, whose console daemon streams everything; bounding what vjobs keeps is the xen
 # driver's job, as it would be against a real pool, so the stand-in's own file is effectively unbounded.
 DOM0_CONSOLE_BYTES = 1 << 40
-
-
-class CannotResume(RuntimeError):
-    """This host's QEMU cannot continue the suspended guest (qemu_user's ``restore_problem``)."""
 
 
 class GuestRunner:

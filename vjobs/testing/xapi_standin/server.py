@@ -26,12 +26,13 @@ class XapiStandin:
     ``start()``/``stop()``. ``faults`` injects failures, ``stats`` counts what was received."""
 
     def __init__(self, state_dir: Path | None = None, *, username: str = "root", password: str = "secret",
-                 sr_name: str = "vjobs-sr", sr_size_mib: int = 4096, host_memory_mib: int = 8192):
+                 sr_name: str = "vjobs-sr", sr_size_mib: int = 4096, host_memory_mib: int = 8192,
+                 runner: str = "qemu"):
         self._own_state = state_dir is None
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="xapi-standin-"))
         self.store = Store()
         self.calls = Calls(self.store, self.state_dir, username, password, sr_name, sr_size_mib,
-                           host_memory_mib, url=lambda: self.url)
+                           host_memory_mib, url=lambda: self.url, runner=runner)
         self.httpd: ThreadingHTTPServer | None = None
         self.thread: threading.Thread | None = None
 
