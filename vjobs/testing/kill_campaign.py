@@ -69,7 +69,8 @@ from vjobs.host.gc import TEMP_FOLDER
 from vjobs.testing.event_pipe import EXIT, STARTUP, Timeline
 from vjobs.testing.host_state import held_tokens
 from vjobs.testing.processes import descendants, process_table
-from vjobs.testing.sites import LIBVIRT_URI, StandinProcess, libvirt_settings, seed_cache, vjobs_command, write_site
+from vjobs.testing.sites import (LIBVIRT_URI, StandinProcess, XapiPool, libvirt_settings, seed_cache, site_document,
+                                 vjobs_command, write_site)
 
 PYTHON = sys.executable
 VJOBS = vjobs_command()
@@ -88,6 +89,7 @@ LEFTOVER_KINDS = (
     "xapi_vbds",
     "xapi_job_vdis",       # a VDI labelled with a vjobs run (vjobs.run_id)
     "xapi_partial_shared_vdis",  # a shared (release/base) VDI without vjobs.complete: a half-done upload
+    "xen_domains",         # a domain the real Xen of a Xen node still runs (--xen-site; none on the stand-in)
     "job_folders",         # anything in work_dir but admission/
     "admission_shares",    # a token of the campaign's host budget folder that a process still holds
     "cache_partials",      # partial builds, .build-* folders, PID-named temporary files, incomplete entries
@@ -142,6 +144,14 @@ def reap_orphans(keep: Iterable[int] = ()) -> None:
                 os.waitpid(proc.pid, os.WNOHANG)
 
 
+def _xapi_of(site_file: Path) -> tuple[str, Path]:
+    """The XAPI URL and password file of a site file's ``[drivers.xen]``."""
+    settings = site_document(str(site_file))[0].get("drivers", {}).get("xen", {})
+    if not settings.get("url") or not settings.get("password_file"):
+        raise CampaignError(f"{site_file}: [drivers.xen] has no url and password_file")
+    return settings["url"], Path(settings["password_file"])
+
+
 # --- the campaign of one driver ------------------------------------------------------------------------
 
 @dataclass
@@ -158,6 +168,7 @@ class Options:
     plain: bool = False
     calibration_runs: int = 2
     only_targets: tuple[str, ...] = ()  # aim targeted kills at these labels only (to reproduce a finding)
+    xen_site: Path | None = None  # xen against this site's XAPI (a Xen node's) instead of a stand-in of its own
     verbose: bool = True
 
     def __post_init__(self) -> None:
@@ -174,7 +185,7 @@ class DriverCampaign:
         self.site = self.root / "site.toml"
         self.budget = self.root / "host-budget"
         self.source_cache = source_cache
-        self.standin: StandinProcess | None = None
+        self.standin: StandinProcess | XapiPool | None = None
         self.killed_pids: set[int] = set()
         self.probe_domains: set[str] = set()  # names of kvm deep-probe domains that a killed vjobs owned
         self.known: dict[str, set[str]] = {kind: set() for kind in LEFTOVER_KINDS}
@@ -202,6 +213,9 @@ class DriverCampaign:
                 "host": {"budget_dir": str(self.budget)}}  # its own, not the node's
         if self.driver == "kvm":
             site["drivers"] = {"kvm": libvirt_settings()}
+        elif self.driver == "xen" and self.options.xen_site:
+            self.standin = XapiPool(*_xapi_of(self.options.xen_site))  # a real Xen's, shared: kept running
+            site["drivers"] = {"xen": self.standin.settings()}
         elif self.driver == "xen":
             self.standin = StandinProcess(self.root / "xapi", password="kill-campaign", sr_size_mib=1 << 20).start()
             site["drivers"] = {"xen": self.standin.settings()}
@@ -211,7 +225,7 @@ class DriverCampaign:
             subprocess.run([*VJOBS, "image", "build", "default", "--site", str(self.site)], check=True)
 
     def close(self) -> None:
-        if self.standin is not None:
+        if isinstance(self.standin, StandinProcess):
             self.standin.stop()
             self.standin = None
 
@@ -394,7 +408,7 @@ class DriverCampaign:
         except ValueError:
             gc = {"rc": done.returncode, "s": round(time.monotonic() - started, 3), "removed": [],
                   "stderr": f"unreadable output: {done.stdout[-500:]}"}
-        reap_orphans(keep=[self.standin.pid] if self.standin else [])
+        reap_orphans(keep=[self.standin.pid] if isinstance(self.standin, StandinProcess) else [])
         leftovers, info = self.count_leftovers()
         new = {kind: sorted(set(items) - self.known[kind]) for kind, items in leftovers.items()}
         for kind, items in leftovers.items():
@@ -427,7 +441,7 @@ class DriverCampaign:
     def _count_processes(self, found: dict[str, list[str]]) -> None:
         table = process_table()
         me = os.getpid()
-        standin = self.standin.pid if self.standin else None
+        standin = self.standin.pid if isinstance(self.standin, StandinProcess) else None
         mine = descendants(me, table)
         standin_tree = descendants(standin, table) if standin else set()
         names = (f"vjobs-kc{self.tag}-", *self.probe_domains)
@@ -487,6 +501,8 @@ class DriverCampaign:
             else:
                 found["xapi_job_vdis"].append(f"VDI {record['name_label']} (unlabelled)")
         info["xapi_sessions"] = len(records["session"])
+        if isinstance(self.standin, XapiPool):
+            found["xen_domains"] += self.standin.domains()
 
     def _count_work(self, found: dict[str, list[str]]) -> None:
         if not self.work.is_dir():
@@ -700,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
                              "targeted kills at these only")
     parser.add_argument("--fail-on-leftovers", action="store_true", help="exit 1 when anything was left")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--xen-site", type=Path, help="run xen against this site's XAPI (the site file "
+                                                      "`python -m vjobs.testing.xen_node --site-out` writes: a "
+                                                      "real Xen) instead of a XAPI stand-in of its own")
     args = parser.parse_args(argv)
     drivers = [d.strip() for d in args.drivers.split(",") if d.strip()]
     unknown = set(drivers) - set(DRIVERS)
@@ -710,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
                           new_release_share=args.new_release_share, reprobe_share=args.reprobe_share,
                           debian_share=args.debian_share, max_release_mib=args.max_release_mib,
                           settle_s=args.settle_s, plain=args.plain, verbose=not args.quiet,
-                          calibration_runs=args.calibration_runs,
+                          calibration_runs=args.calibration_runs, xen_site=args.xen_site,
                           only_targets=tuple(t.strip() for t in args.only_targets.split(",") if t.strip()))
     except ValueError as exc:
         parser.error(f"--only-targets: {exc}")

@@ -136,6 +136,48 @@ def xen_settings(url: str, password_file: Path) -> dict:
             "require_dom0": False}
 
 
+class XapiPool:
+    """A XAPI at ``url`` with the stand-in's user and the password in ``password_file``, as tests look at it:
+    its records, and the domains its hypervisor runs (a Xen node's stand-in, vjobs.testing.xen_node)."""
+
+    def __init__(self, url: str, password_file: Path):
+        self.url, self.password_file = url, Path(password_file)
+
+    def settings(self) -> dict:
+        return xen_settings(self.url, self.password_file)
+
+    def query(self) -> dict[str, dict]:
+        """Every VM, VBD and VDI record, and the sessions but this one, over XAPI's own XML-RPC."""
+        with self._session() as (proxy, session):
+            records = {cls: _value(getattr(proxy, cls).get_all_records(session)) for cls in ("VM", "VBD", "VDI")}
+            records["session"] = {ref: None for ref in _value(proxy.session.get_all(session)) if ref != session}
+        return records
+
+    def domains(self) -> list[str]:
+        """The names of the domains the hypervisor runs, dom0 aside (the stand-in's ``vjobs-testing`` plugin;
+        a real Xen's only: the QEMU stand-in answers XENAPI_MISSING_PLUGIN)."""
+        with self._session() as (proxy, session):
+            host = _value(proxy.session.get_this_host(session, session))
+            return json.loads(_value(proxy.host.call_plugin(session, host, "vjobs-testing", "domains", {})))
+
+    @contextlib.contextmanager
+    def _session(self):
+        proxy = xmlrpc.client.ServerProxy(self.url, allow_none=True)
+        password = self.password_file.read_text().strip()
+        session = _value(proxy.session.login_with_password(XAPI_USERNAME, password, "1.0", "vjobs-testing"))
+        try:
+            yield proxy, session
+        finally:
+            with contextlib.suppress(Exception):
+                proxy.session.logout(session)
+
+
+def _value(answer: dict):
+    if answer.get("Status") != "Success":
+        raise RuntimeError(f"XAPI answered {answer.get('ErrorDescription')}")
+    return answer["Value"]
+
+
 class StandinProcess:
     """The XAPI stand-in (``python -m vjobs.testing.xapi_standin``) as a process of its own, on a free
     loopback port, with its password file and state under ``root``; a context manager that stops it by its
@@ -175,21 +217,7 @@ class StandinProcess:
 
     def query(self) -> dict[str, dict]:
         """Every VM, VBD and VDI record, and the sessions but this one, over XAPI's own XML-RPC."""
-        proxy = xmlrpc.client.ServerProxy(self.url, allow_none=True)
-
-        def value(answer):
-            if answer.get("Status") != "Success":
-                raise RuntimeError(f"the stand-in answered {answer.get('ErrorDescription')}")
-            return answer["Value"]
-
-        session = value(proxy.session.login_with_password(XAPI_USERNAME, self.password, "1.0", "vjobs-testing"))
-        try:
-            records = {cls: value(getattr(proxy, cls).get_all_records(session)) for cls in ("VM", "VBD", "VDI")}
-            records["session"] = {ref: None for ref in value(proxy.session.get_all(session)) if ref != session}
-        finally:
-            with contextlib.suppress(Exception):
-                proxy.session.logout(session)
-        return records
+        return XapiPool(self.url, self.password_file).query()
 
     def stop(self) -> None:
         if self.process is None:

@@ -31,6 +31,7 @@ CPU_INFO = {"vendor": "AuthenticAMD", "features_pv": "078bfbff-80d82203-00000000
             "features_hvm": "078bfbff-80d82203-00000000-00000000", "cpu_count": "1", "socket_count": "1"}
 
 
+TEST_PLUGIN = "vjobs-testing"  # host.call_plugin's plugin of the stand-in's own
 RUNNERS = ("qemu", "xl")  # how started VMs run: QEMU TCG guests here, or Xen PV domains in the dom0 it runs in
 
 
@@ -428,6 +429,18 @@ class Calls:
         for event in answer["events"]:
             event["snapshot"] = record_for_wire(event["snapshot"])
         return answer
+
+    # --- dom0 plugins ------------------------------------------------------------------------------------
+
+    def host__call_plugin(self, host, plugin, fn, args):
+        """XAPI runs a dom0 plugin's function (``/etc/xapi.d/plugins``); the stand-in has one, for tests:
+        ``vjobs-testing`` ``domains``, the names of Xen's own domains but dom0's (JSON), so that a test sees
+        what runs on the hypervisor and not only what the stand-in's records say. On the QEMU runner there
+        is no hypervisor to ask: XAPI's error for a plugin it does not have."""
+        self.store.get("host", host)
+        if plugin != TEST_PLUGIN or fn != "domains" or not hasattr(self.runner_class, "domains"):
+            raise XapiFailure("XENAPI_MISSING_PLUGIN", plugin)
+        return json.dumps(self.runner_class.domains())
 
     # --- the generic accessors every class has ----------------------------------------------------------
 

@@ -66,6 +66,11 @@ class XlRunner:
         version = f"{info.get('xen_major', '?')}.{info.get('xen_minor', '?')}{info.get('xen_extra', '')}"
         return {"xen": version, "product_brand": "XAPI stand-in on a real Xen (vjobs.testing.xen_node)"}
 
+    @staticmethod
+    def domains() -> list[str]:
+        """The names of the domains Xen runs, dom0's aside (``xl list``)."""
+        return [line.split()[0] for line in _xl("list").splitlines()[1:] if line.split()[1:2] != ["0"]]
+
     def start(self) -> None:
         """Build the domain (or restore it) and return once it runs; raises with libxl's message if not."""
         if self.restore_from is not None:
