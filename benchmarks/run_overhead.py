@@ -5,6 +5,8 @@ docs/benchmarks.md.
     .venv/bin/python benchmarks/run_overhead.py [--runs 5] [--site FILE]     the site's own driver choice
     .venv/bin/python benchmarks/run_overhead.py --all-drivers [--runs 5]     qemu_user, kvm (TCG through
                                        libvirtd at qemu:///system) and xen (against the XAPI stand-in)
+    .venv/bin/python benchmarks/run_overhead.py --xen-only --xen-site FILE   xen against the stand-in and
+                                       against a real Xen: FILE from `python -m vjobs.testing.xen_node --site-out`
 
 Prints, per driver set-up: the example job's wall time per phase (median of --runs), and for a CPU-bound
 payload (sha256 of 64 MiB, the same busybox on host and in guest) host time, guest time and their ratio.
@@ -29,7 +31,7 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ is on the path, th
 import vjobs  # noqa: E402
 from vjobs.config.site import SiteConfig, site_from_dict  # noqa: E402
 from vjobs.testing.figures import value_range  # noqa: E402
-from vjobs.testing.sites import example_job, libvirt_settings, write_password, xen_settings  # noqa: E402
+from vjobs.testing.sites import example_job, libvirt_settings, site_document, write_password, xen_settings  # noqa: E402
 
 CPU_PAYLOAD = "dd if=/dev/zero bs=1M count=64 2>/dev/null | busybox sha256sum"
 PHASES = ("probe", "prepare", "attach", "boot", "run", "guest_payload", "collect", "teardown", "total")
@@ -73,21 +75,27 @@ def cpu_ratio(site: SiteConfig, runs: int, scratch: Path) -> float:
 
 @contextlib.contextmanager
 def driver_setups(args, scratch: Path) -> Iterator[list[tuple[str, SiteConfig]]]:
-    if not args.all_drivers:
+    if not (args.all_drivers or args.xen_only):
         yield [("site's choice", vjobs.load_site(args.site))]
         return
     from vjobs.testing.xapi_standin import XapiStandin
 
+    # the work folder in /var/tmp: a Xen node's dom0 sees it at the same path (vjobs.testing.xen_node)
     common = {"cache_dir": str(vjobs.load_site(args.site).cache_dir), "work_dir": str(scratch / "work")}
     password = write_password(scratch / "xapi-password", "secret")
     with XapiStandin(scratch / "xapi", password="secret") as standin:
-        yield [
+        setups = [
             ("qemu_user", site_from_dict({**common, "driver": "qemu_user"})),
             ("kvm (libvirt, virt_type qemu)", site_from_dict({**common, "driver": "kvm",
                                                               "drivers": {"kvm": libvirt_settings()}})),
             ("xen (XAPI stand-in)", site_from_dict({**common, "driver": "xen",
                                                     "drivers": {"xen": xen_settings(standin.url, password)}})),
         ]
+        if args.xen_site:
+            real = site_document(args.xen_site)[0]["drivers"]["xen"]
+            setups.append(("xen (real Xen 4.17, nested)", site_from_dict({**common, "driver": "xen",
+                                                                           "drivers": {"xen": real}})))
+        yield [setup for setup in setups if not args.xen_only or setup[0].startswith("xen")]
 
 
 def arguments(description: str) -> argparse.Namespace:
@@ -95,13 +103,15 @@ def arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--site", default=None)
     parser.add_argument("--all-drivers", action="store_true")
+    parser.add_argument("--xen-only", action="store_true", help="the xen set-ups alone")
+    parser.add_argument("--xen-site", help="also xen against this site's XAPI (a Xen node's: real Xen)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = arguments(__doc__)
     summary = []
-    with tempfile.TemporaryDirectory() as folder, driver_setups(args, Path(folder)) as setups:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as folder, driver_setups(args, Path(folder)) as setups:
         for label, site in setups:
             print(f"{label}:")
             scratch = Path(folder) / label.split()[0]
