@@ -24,7 +24,8 @@ What they give:
 - A site for each of vjobs' own drivers, named ``<driver>_site`` as the conformance suite looks them up:
   ``qemu_user_site``; ``kvm_site`` (a real libvirtd at ``VJOBS_TEST_LIBVIRT_URI``, TCG; skipped where none
   answers, a failure when VJOBS_REQUIRE_LIBVIRT is set); ``xen_site`` (the XAPI stand-in,
-  ``xapi_standin``, with ``xen_settings``).
+  ``xapi_standin``, with ``xen_settings``); ``realxen_site``, the xen driver on a real Xen 4.17 hypervisor:
+  the session's ``xen_node`` (vjobs.testing.xen_node), booted once for the session and always stopped.
 
 A test run on the kvm driver (a ``driver_site`` parameter named ``kvm``) gets the ``libvirt`` mark, as every
 other kvm test has it, so that ``-m "not libvirt"`` leaves it out.
@@ -55,6 +56,7 @@ pytest.register_assert_rewrite("vjobs.testing.conformance")
 MARKERS = {
     "vm": "boots a real virtual machine (slow under TCG; select with -m vm, skip with -m 'not vm')",
     "libvirt": "needs a running libvirtd",
+    "realxen": "boots a real Xen 4.17 hypervisor with a Debian dom0 nested under QEMU TCG (vjobs.testing.xen_node)",
 }
 
 
@@ -323,3 +325,27 @@ def xen_settings(xapi_standin, tmp_path) -> dict:
 def xen_site(make_site, xen_settings) -> SiteConfig:
     """A site pinned to the xen driver, pointed at the XAPI stand-in (not in dom0: require_dom0 = false)."""
     return make_site(driver="xen", drivers={"xen": xen_settings})
+
+
+@pytest.fixture(scope="session")
+def xen_node(cache_dir, session_cache_hold):
+    """One Xen node for the session (vjobs.testing.xen_node): built into the session's cache if need be, booted,
+    and stopped when the session ends. A node that cannot be built or booted fails the tests that use it."""
+    from vjobs.testing.xen_node import image
+    from vjobs.testing.xen_node.node import XenNode
+
+    try:
+        node = XenNode(image.build(cache_dir, hold=session_cache_hold)).start()
+    except Exception as exc:
+        pytest.fail(f"the Xen node did not come up: {exc}")
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def realxen_site(make_site, xen_node) -> SiteConfig:
+    """A site pinned to the xen driver, pointed at the session's Xen node: the stand-in's XenAPI in a real dom0,
+    its VMs real Xen PV domains."""
+    return make_site(driver="xen", drivers={"xen": xen_node.site_settings()})
