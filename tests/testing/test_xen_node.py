@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from vjobs.config.site import load_site
+from vjobs.testing.servers.processes import end_processes
 from vjobs.testing.sites import REPO, XapiPool
 
 pytestmark = [pytest.mark.vm, pytest.mark.realxen]
@@ -52,9 +53,7 @@ def test_the_command_writes_a_site_for_a_real_xen_and_stops_on_sigterm(tmp_path,
         assert command.wait(timeout=60) == 0
         assert not _alive(qemu_pid) and not run_dir.exists()
     finally:
-        if command.poll() is None:
-            command.kill()
-            command.wait()
+        end_processes([command], grace_s=30)  # SIGTERM first: the node removes its run folder
 
 
 def test_the_session_node_runs_a_xapi_on_real_xen(xen_node, realxen_site):

@@ -37,7 +37,8 @@ BUILDER_VERSION = 1
 HYPERVISOR_PACKAGE = "xen-hypervisor-4.17-amd64"
 KERNEL_METAPACKAGE = "linux-image-amd64"  # resolved to the linux-image-6.1.0-N-amd64 it depends on
 ROOT_PACKAGES = ("xen-utils-4.17", "xen-utils-common", "xenstore-utils", "kmod", "mount", "busybox", "procps",
-                 "iproute2", "udev", "python3", "e2fsprogs")
+                 "iproute2", "udev", "python3", "e2fsprogs",
+                 "qemu-utils")  # qemu-img: the stand-in turns imported VHDs into raw VDIs
 # What it takes to mount an ext4 root on virtio_blk, in dependency order (busybox insmod resolves nothing).
 INITRAMFS_MODULES = ("crc16", "mbcache", "jbd2", "crc32c_generic", "ext4", "virtio_ring", "virtio",
                      "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk")
