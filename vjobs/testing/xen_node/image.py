@@ -152,7 +152,6 @@ def _download(scratch: Path, names: list[str], progress: Callable[[str], None]) 
     """``apt-get download`` the packages and unpack them into one folder (``dpkg -x``: no scripts run)."""
     debs, unpacked = scratch / "debs", scratch / "unpacked"
     debs.mkdir()
-    debs.chmod(0o755)  # apt's _apt user downloads into it when apt runs as root
     progress(f"Xen node: apt-get download {' '.join(names)}")
     run_tool(["apt-get", "download", *names], "downloading the Xen node's packages", error=ImageError, cwd=debs)
     for deb in sorted(debs.glob("*.deb")):

@@ -123,7 +123,8 @@ class XenNode:
 
     def console_tail(self, lines: int = LOG_LINES) -> str:
         with contextlib.suppress(OSError):
-            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-lines:])
+            said = [line for line in self.console_log.read_text(errors="replace").splitlines() if line.strip()]
+            return "\n".join(said[-lines:])  # the serial console ends its lines with \r\r\n: no blank ones
         return ""
 
     # --- the boot's files --------------------------------------------------------------------------------
