@@ -345,7 +345,20 @@ def xen_node(cache_dir, session_cache_hold):
 
 
 @pytest.fixture
-def realxen_site(make_site, xen_node) -> SiteConfig:
+def xen_pool(xen_node):
+    """The session's Xen node as tests look at it (vjobs.testing.sites.XapiPool): XAPI's records, Xen's domains."""
+    return sites.XapiPool(xen_node.url, xen_node.password_file)
+
+
+@pytest.fixture
+def realxen_site(make_site, xen_pool) -> SiteConfig:
     """A site pinned to the xen driver, pointed at the session's Xen node: the stand-in's XenAPI in a real dom0,
-    its VMs real Xen PV domains."""
-    return make_site(driver="xen", drivers={"xen": xen_node.site_settings()})
+    its VMs real Xen PV domains. After the test: no VM, VBD or job VDI is left in its XAPI, and Xen runs no
+    domain but dom0."""
+    yield make_site(driver="xen", drivers={"xen": xen_pool.settings()})
+    records = xen_pool.query()
+    job_vdis = [r["name_label"] for r in records["VDI"].values()
+                if not {"vjobs.content_key", "vjobs.template"} & set(r["other_config"])]
+    left = {"VMs": len(records["VM"]), "VBDs": len(records["VBD"]), "job VDIs": job_vdis,
+            "Xen domains": xen_pool.domains()}
+    assert left == {"VMs": 0, "VBDs": 0, "job VDIs": [], "Xen domains": []}, f"left on the Xen node: {left}"

@@ -35,6 +35,7 @@ class XapiStandin:
                            host_memory_mib, url=lambda: self.url, runner=runner)
         self.httpd: ThreadingHTTPServer | None = None
         self.thread: threading.Thread | None = None
+        self.calling = threading.local()  # the Host header of the request each handler thread answers
 
     @property
     def faults(self):
@@ -46,6 +47,11 @@ class XapiStandin:
 
     @property
     def url(self) -> str:
+        """The stand-in's address as the client of the call being answered reached it (its Host header): in a
+        Xen node's dom0 it listens on 0.0.0.0, and the host reaches it through a forwarded loopback port."""
+        reached = getattr(self.calling, "host", None)
+        if reached:
+            return f"http://{reached}"
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
@@ -151,7 +157,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         params, method = xmlrpc.client.loads(body)
-        answer = self.standin.dispatch(method, params)
+        self.standin.calling.host = self.headers.get("Host")
+        try:
+            answer = self.standin.dispatch(method, params)
+        finally:
+            self.standin.calling.host = None
         self._reply(200, xmlrpc.client.dumps((answer,), methodresponse=True).encode(), "text/xml")
 
     def do_PUT(self) -> None:
