@@ -738,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(3)
     report = {"method": {"command": sys.argv, "seed": args.seed, "tag": tag, "subreaper": subreaper,
-                         "options": {k: v for k, v in vars(options).items()}, "host": socket.gethostname(),
+                         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()}, "host": socket.gethostname(),
                          "cpus": os.cpu_count(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
               "drivers": {}}
     failed = False
