@@ -29,7 +29,7 @@ from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
 from vjobs.images.checked import CheckedFiles
 from vjobs.images.cpio import CpioWriter
-from vjobs.images.store import build_once, sha256_file
+from vjobs.images.store import build_once, publish, sha256_file
 
 BUILDER_VERSION = 3
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the current versioned kernel
@@ -167,10 +167,7 @@ def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> Imag
         kernel_package=kernel_package, kernel_version=kernel_version,
         busybox_version=_deb_field(busybox_deb, "Version"), agent_sha256=agent_sha256(),
         modules=tuple(m.path.stem for m in modules), inputs_key=inputs_key())
-    (output / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    if folder.exists():  # force: replace it whole, never leave a half-written image where readers look
-        shutil.rmtree(folder)
-    os.rename(output, folder)
+    publish(output, folder, manifest.to_json())
     return manifest
 
 

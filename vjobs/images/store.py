@@ -7,7 +7,9 @@ The image modules (checked, catalogue, boot, rootfs/) build on it; it imports no
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -49,6 +51,15 @@ def build_once(folder: Path, what: str, load: Callable[[], Built | None], build:
                 remove_unused(stale)
     hold.added(folder)
     return built
+
+
+def publish(output: Path, folder: Path, manifest: dict) -> None:
+    """A build's last step, inside ``build_once``: the manifest written into the finished ``output``, which then
+    takes ``folder``'s place whole (a forced rebuild replaces it), so readers see a complete entry or none."""
+    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.rename(output, folder)
 
 
 def sha256_of(fd: int) -> str:

@@ -9,7 +9,6 @@ fails these tests; none is skipped."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -25,27 +24,16 @@ pytestmark = [pytest.mark.vm, pytest.mark.realxen, pytest.mark.timeout(900)]
 
 
 class TestConformanceOnRealXen(DriverConformance):
+    # A PV console carries what xenconsoled reads from the guest's 2 KiB ring, rate-limited per domain; nested
+    # under TCG that is a few tens of kB/s (400 kB took the payload 23 s; 3 MB did not pass in 120 s). Still
+    # six times the 64 KiB the test keeps.
+    console_flood_bytes = 400_000
+    console_flood_walltime_s = 300
+
     @pytest.fixture(params=["xen"])
     def driver_site(self, request, realxen_site):
         request.getfixturevalue("built_image")
         return "xen", realxen_site
-
-    def test_a_guest_flooding_its_console_leaves_at_most_console_max_mib(self, driver_site, make_job, tmp_path,
-                                                                          assert_clean_host):
-        """As the suite's, with 400 kB instead of 3 MB: a PV console carries what xenconsoled reads from the
-        guest's 2 KiB ring, rate-limited per domain, and nested under TCG that is a few tens of kB/s (the 3 MB
-        did not pass in 120 s). Still six times what is kept."""
-        name, site = driver_site
-        site = dataclasses.replace(site, console_max_mib=0.0625)
-        flood = "yes vjobs-flood-line | head -c 400000 > /dev/console; echo last-line-of-the-flood > /dev/console"
-        result = vjobs.run(make_job(["sh", "-c", flood], walltime_s=300), site=site, outdir=tmp_path / "out")
-        assert result.status == "succeeded", result.error
-        console = (tmp_path / "out" / "console.log").read_bytes()
-        assert len(console) <= 64 * 1024 + 300
-        assert b"vjobs-agent: up" in console[:32 * 1024]
-        assert b"bytes of console output dropped here" in console
-        assert b"last-line-of-the-flood" in console[-32 * 1024:]
-        print(f"400 kB through the console: the payload took {result.timings.get('guest_payload', 0):.1f} s")
 
 
 def test_the_guest_is_a_xen_pv_domain_with_blkfront_disks_and_a_read_only_release(make_job, realxen_site,

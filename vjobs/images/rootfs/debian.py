@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from vjobs.errors import ImageError
 from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
 from vjobs.images.checked import CheckedFiles
-from vjobs.images.store import build_once, sha256_file
+from vjobs.images.store import build_once, publish, sha256_file
 
 NAME = "debian12"
 BUILDER_VERSION = 1
@@ -95,10 +94,7 @@ def _build(scratch: Path, folder: Path, progress: Callable[[str], None]) -> Base
         name=NAME, rootfs=str(folder / "rootfs.squashfs"), rootfs_sha256=sha256_file(output / "rootfs.squashfs"),
         size=(output / "rootfs.squashfs").stat().st_size, suite=SUITE, packages=packages,
         build_seconds=round(time.monotonic() - started, 1), recipe_key=recipe_key())
-    (output / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.rename(output, folder)
+    publish(output, folder, asdict(manifest))
     progress(f"{NAME}: ready in {manifest.build_seconds} s, {manifest.size >> 20} MiB: {folder}")
     return manifest
 

@@ -31,7 +31,7 @@ from vjobs.host.cache import CacheHold
 from vjobs.host.tools import run_tool
 from vjobs.images.cpio import CpioWriter
 from vjobs.images.rootfs.debian import DPKG_FILTERS, SOURCE_DATE_EPOCH, SUITE
-from vjobs.images.store import build_once
+from vjobs.images.store import build_once, publish
 
 BUILDER_VERSION = 1
 HYPERVISOR_PACKAGE = "xen-hypervisor-4.17-amd64"
@@ -140,10 +140,7 @@ def _build(scratch: Path, folder: Path, packages: dict[str, str], progress: Call
                       initramfs=str(folder / "initrd.gz"), root=str(folder / "root.img"), packages=packages,
                       kernel_release=release, build_seconds=round(time.monotonic() - started, 1),
                       key=folder.name.rsplit("-", 1)[1])
-    (output / "manifest.json").write_text(json.dumps(asdict(files), indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.rename(output, folder)
+    publish(output, folder, asdict(files))
     progress(f"Xen node: built in {files.build_seconds} s: {folder}")
     return files
 
