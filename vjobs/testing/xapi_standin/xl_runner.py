@@ -158,8 +158,8 @@ class XlRunner:
             time.sleep(0.05)
 
     def _state(self) -> str | None:
-        """The domain's state letter that stands (``r``, ``b``, ``p``, ``s`` hut down, ``c`` rashed, ``d``
-        ying), or None when there is no such domain."""
+        """The domain's state as ``xl list`` shows it: ``r`` running, ``b`` blocked, ``p`` paused, ``s`` shut
+        down, ``c`` crashed, ``d`` dying; None when there is no such domain."""
         try:
             lines = _xl("list", self.domain).splitlines()
         except RuntimeError:
