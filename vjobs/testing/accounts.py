@@ -101,6 +101,14 @@ class Account:
               **options) -> subprocess.Popen:
         return subprocess.Popen(self.command(argv, env), cwd=cwd or self.home, **options)
 
+    def stop_ram_keepers(self, cache: Path) -> None:
+        """End the template RAM keepers that the account's jobs started from ``cache``, as the account
+        (vjobs/drivers/qemu_user/shared_ram.py). A keeper outlives its job by the site's idle time (ten minutes
+        by default), and a test leaves nothing of an account's running for the next test to find."""
+        stop = ("import pathlib, sys; from vjobs.drivers.qemu_user import shared_ram; "
+                "shared_ram.stop_keepers(pathlib.Path(sys.argv[1]) / 'templates' / shared_ram.KEEPERS)")
+        self.run([self.python, "-I", "-c", stop, str(cache)], timeout=60, check=True)
+
     def own(self, path: Path) -> Path:
         """Gives ``path`` and everything under it to the account (what root set up for it), links not
         followed; returns ``path``."""

@@ -20,8 +20,10 @@ runs ``vjobs gc``, as a pilot does before its next job) at a random moment.
 A job is **lost** when it has no ``result.json`` (SIGKILL aside), a status its kind does not allow, or a
 succeeded job misses its output. What is **left** is counted after every account and root have run
 ``vjobs gc``: QEMU processes of the accounts, folders in their work folders, budget tokens still locked, and
-processes of the accounts. A sampler looks at the process table every ``SAMPLE_S`` and records the most QEMUs
-and vCPUs of the accounts at once; **over budget** counts the samples above ``[host]``.
+processes of the accounts (those that ran before the campaign began are reported apart, as
+``running_before``: an earlier test's are that test's to stop). A sampler looks at the process table every
+``SAMPLE_S`` and records the most QEMUs and vCPUs of the accounts at once; **over budget** counts the samples
+above ``[host]``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from vjobs.host import locks
 from vjobs.host.admission import prepare_host_folder
 from vjobs.testing import accounts as pool
 from vjobs.testing.host_state import work_leftovers
-from vjobs.testing.processes import process_table
+from vjobs.testing.processes import Proc, process_table
 from vjobs.testing.sites import example_job, vjobs_command, write_site
 
 SAMPLE_S = 0.05
@@ -145,6 +147,7 @@ class Campaign:
         prepare_host_folder(load_site(self.sites[0]))  # as root, as scripts/install.sh makes the node's
         self.records: list[dict] = []
         self.lock = threading.Lock()
+        self.running_before: dict[int, Proc] = {}  # the accounts' processes before the first job: not its leftovers
 
     def _folder(self, account: pool.Account) -> Path:
         return self.root / account.name
@@ -169,6 +172,7 @@ class Campaign:
         per_account: dict[int, queue.Queue] = collections.defaultdict(queue.Queue)
         for plan in plans:
             per_account[plan.account].put(plan)
+        self.running_before = self._accounts_processes()
         watch = BudgetWatch({account.uid for account in self.accounts}, self.budget_vcpus)
         watch.start()
         started = time.monotonic()
@@ -188,7 +192,8 @@ class Campaign:
                 "by_kind": _by_kind(self.records),
                 "signalled_before_vjobs_started": sum(bool(r.get("before_vjobs_started")) for r in self.records),
                 "lost": [r for r in self.records if r["lost"]], "records": sorted(self.records, key=lambda r: r["job"]),
-                "gc_failures": gc, "left": self.leftovers()}
+                "gc_failures": gc, "left": self.leftovers(),
+                "running_before": [_described(proc) for proc in self.running_before.values()]}
 
     def _worker(self, plans: queue.Queue) -> None:
         while True:
@@ -242,7 +247,7 @@ class Campaign:
         except (OSError, ValueError):
             if kind.signal_to_vjobs == signal.SIGKILL:
                 return {"status": None, "lost": False}
-            if exit_code == -kind.signal_to_vjobs and not stderr and not outdir.exists():
+            if kind.signal_to_vjobs and exit_code == -kind.signal_to_vjobs and not stderr and not outdir.exists():
                 # Before Python ran vjobs' first line (vjobs/container/signals.py): no VM, no file yet. Counted
                 # apart, as what could not be made to hold, not as lost.
                 return {"status": None, "lost": False, "before_vjobs_started": True}
@@ -274,15 +279,19 @@ class Campaign:
             failures.append(f"root: exit {done.returncode}: {done.stderr[-500:]}")
         return failures
 
-    def leftovers(self) -> dict[str, list[str]]:
+    def _accounts_processes(self) -> dict[int, Proc]:
+        """The accounts' processes now, by PID. An ended process the campaign (a subreaper) has not reaped yet
+        is gone: a template RAM keeper that an account's gc stopped (vjobs/drivers/qemu_user/shared_ram.py),
+        say."""
         uids = {account.uid for account in self.accounts}
-        table = process_table()
-        left = {"qemu": [f"{p.pid} {' '.join(p.argv[:3])}" for p in table.values()
-                         if p.uid in uids and p.is_qemu],
-                # an ended process the campaign (a subreaper) has not reaped yet is gone: a template RAM keeper
-                # that the accounts' gc stopped (vjobs/drivers/qemu_user/shared_ram.py), say
-                "processes": [f"{p.pid} {' '.join(p.argv[:3])}" for p in table.values()
-                              if p.uid in uids and not p.is_qemu and p.state != "Z"],
+        return {p.pid: p for p in process_table().values() if p.uid in uids and p.state != "Z"}
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """What the campaign's jobs left: the accounts' processes that were not running before it began (one
+        of an earlier test's is that test's to stop), job folders and budget tokens still held."""
+        left_running = [p for pid, p in self._accounts_processes().items() if pid not in self.running_before]
+        left = {"qemu": [_described(p) for p in left_running if p.is_qemu],
+                "processes": [_described(p) for p in left_running if not p.is_qemu],
                 "job_folders": [], "tokens_held": self.tokens_held()}
         for account in self.accounts:
             left["job_folders"] += work_leftovers(account.work_dir)
@@ -296,6 +305,10 @@ class Campaign:
                 if token.is_file() and not free:
                     held.append(str(token))
         return held
+
+
+def _described(proc: Proc) -> str:
+    return f"{proc.pid} {' '.join(proc.argv[:3])}"
 
 
 def _read(path: Path) -> str | None:

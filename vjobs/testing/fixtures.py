@@ -20,7 +20,8 @@ What they give:
 - ``system_cache`` (session): the administrator's cache as the accounts see it, the built-in boot image built
   by root, where they can read it; ``VJOBS_SYSTEM_CACHE`` set to it points an account's vjobs at it.
 - ``account_cache(account, debian=False)``: a cache in the account's home, its own, with copies of the
-  session's built-in image (and the Debian base): an account's jobs boot them and build nothing.
+  session's built-in image (and the Debian base): an account's jobs boot them and build nothing. The RAM
+  keepers the account's template jobs started from it are stopped when the test ends.
 - A site for each of vjobs' own drivers, named ``<driver>_site`` as the conformance suite looks them up:
   ``qemu_user_site``; ``kvm_site`` (a real libvirtd at ``VJOBS_TEST_LIBVIRT_URI``, TCG; skipped where none
   answers, a failure when VJOBS_REQUIRE_LIBVIRT is set); ``xen_site`` (the XAPI stand-in,
@@ -95,18 +96,26 @@ def pool_accounts():
         accounts.remove_accounts(made)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def account_cache(request, cache_dir, built_image):
     """``account_cache(account, debian=False)``: ``account.home/cache``, the account's own, holding copies of
-    the session's built-in image and, with ``debian``, of the Debian base (built first if need be)."""
+    the session's built-in image and, with ``debian``, of the Debian base (built first if need be; copied once
+    a session). When the test ends, the template RAM keepers that the account's jobs started from it are
+    stopped, as the account."""
     from vjobs.testing import accounts
+
+    given: dict[str, tuple[accounts.Account, Path]] = {}
 
     def give(account: accounts.Account, *, debian: bool = False) -> Path:
         families = ("default", "debian12") if debian else ("default",)
         if debian:
             request.getfixturevalue("debian_image")
-        return accounts.give_built_images(account, cache_dir, account.home / "cache", families)
-    return give
+        cache = accounts.give_built_images(account, cache_dir, account.home / "cache", families)
+        given[account.name] = (account, cache)
+        return cache
+    yield give
+    for account, cache in given.values():
+        account.stop_ram_keepers(cache)
 
 
 # --- images and the session's cache --------------------------------------------------------------------------
